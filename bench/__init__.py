@@ -1,0 +1,1 @@
+"""Benchmark: wsechod against the websockets deployment-docs example, in one run."""

@@ -1,0 +1,127 @@
+"""Fixtures that start the real wsechod process and watch its log."""
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+# The console script installed next to the interpreter running the tests (the .venv).
+WSECHOD = str(Path(sys.executable).with_name("wsechod"))
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    """The test environment without WSECHOD_* variables, plus ``extra``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WSECHOD_")}
+    env.update(extra)
+    return env
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """Run wsechod to completion (for commands that exit: errors, --check-config)."""
+    return subprocess.run(
+        [WSECHOD, *args],
+        env=env if env is not None else clean_env(),
+        capture_output=True,
+        text=True,
+        timeout=20,
+        check=False,
+    )
+
+
+class Daemon:
+    """A running wsechod, its JSON log read line by line on a thread."""
+
+    def __init__(self, *args: str, env: dict[str, str] | None = None) -> None:
+        argv = [WSECHOD, "--config", "", "--port", "0", "--log-format", "json", *args]
+        self.proc = subprocess.Popen(
+            argv,
+            env=env if env is not None else clean_env(),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        self.events: list[dict[str, Any]] = []
+        self.raw: list[str] = []
+        self._cond = threading.Condition()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def ready(self) -> "Daemon":
+        """Wait for the listening event and learn the port the daemon picked."""
+        listening = self.wait_for("listening")
+        self.address: str = listening["addresses"][0]
+        self.port = int(self.address.rsplit(":", 1)[1])
+        self.url = f"ws://127.0.0.1:{self.port}"
+        return self
+
+    def _read(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            with self._cond:
+                self.raw.append(line)
+                with contextlib.suppress(ValueError):  # tracebacks, if any, stay in .raw
+                    self.events.append(json.loads(line))
+                self._cond.notify_all()
+        with self._cond:
+            self._cond.notify_all()
+
+    def wait_for(self, event: str, timeout: float = 10.0) -> dict[str, Any]:
+        """Block until the log has ``event``; fail with the log if it never comes."""
+
+        def found() -> dict[str, Any] | None:
+            return next((e for e in self.events if e.get("event") == event), None)
+
+        with self._cond:
+            ok = self._cond.wait_for(
+                lambda: found() is not None or not self._reader.is_alive(), timeout
+            )
+            hit = found()
+        if hit is None:
+            raise AssertionError(f"no {event!r} event within {timeout}s (ok={ok}):\n{self.log}")
+        return hit
+
+    @property
+    def log(self) -> str:
+        with self._cond:
+            return "".join(self.raw)
+
+    def signal(self, sig: signal.Signals) -> float:
+        """Send ``sig``; return the monotonic time it was sent."""
+        self.proc.send_signal(sig)
+        return time.monotonic()
+
+    def wait(self, timeout: float) -> int:
+        rc = self.proc.wait(timeout)
+        self._reader.join(5)
+        return rc
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(5)
+        self._reader.join(5)
+
+
+@pytest.fixture
+def start() -> Iterator[Callable[..., Daemon]]:
+    """Start wsechod processes; whatever is still running at the end is killed."""
+    started: list[Daemon] = []
+
+    def _start(*args: str, env: dict[str, str] | None = None) -> Daemon:
+        daemon = Daemon(*args, env=env)
+        started.append(daemon)
+        return daemon.ready()
+
+    yield _start
+    for daemon in started:
+        daemon.kill()

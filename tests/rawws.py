@@ -1,0 +1,77 @@
+"""A deliberately minimal WebSocket client over a plain socket.
+
+It is a third, independent implementation next to websockets and websocket-client, and the
+only one that lets a test misbehave on purpose: send invalid UTF-8, or never answer a close.
+"""
+
+import base64
+import os
+import socket
+import struct
+
+OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG = 0x1, 0x2, 0x8, 0x9, 0xA
+
+
+def connect(port: int, path: str = "/", timeout: float = 10.0) -> socket.socket:
+    sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+    key = base64.b64encode(os.urandom(16)).decode()
+    sock.sendall(
+        (
+            f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
+            f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
+            "Sec-WebSocket-Version: 13\r\n\r\n"
+        ).encode()
+    )
+    head = b""
+    while b"\r\n\r\n" not in head:
+        chunk = sock.recv(1)
+        if not chunk:
+            raise ConnectionError(f"closed during handshake: {head!r}")
+        head += chunk
+    status = head.split(b"\r\n", 1)[0]
+    if b" 101 " not in status:
+        raise ConnectionError(f"handshake refused: {status!r}")
+    return sock
+
+
+def send_frame(sock: socket.socket, opcode: int, payload: bytes, fin: bool = True) -> None:
+    mask = os.urandom(4)
+    first = (0x80 if fin else 0) | opcode
+    n = len(payload)
+    if n < 126:
+        header = struct.pack("!BB", first, 0x80 | n)
+    elif n < 1 << 16:
+        header = struct.pack("!BBH", first, 0x80 | 126, n)
+    else:
+        header = struct.pack("!BBQ", first, 0x80 | 127, n)
+    masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+    sock.sendall(header + mask + masked)
+
+
+def _read_exact(sock: socket.socket, n: int) -> bytes:
+    data = b""
+    while len(data) < n:
+        chunk = sock.recv(n - len(data))
+        if not chunk:
+            raise ConnectionError("connection closed by server")
+        data += chunk
+    return data
+
+
+def read_frame(sock: socket.socket) -> tuple[int, bytes]:
+    first, second = _read_exact(sock, 2)
+    n = second & 0x7F
+    if n == 126:
+        (n,) = struct.unpack("!H", _read_exact(sock, 2))
+    elif n == 127:
+        (n,) = struct.unpack("!Q", _read_exact(sock, 8))
+    return first & 0x0F, _read_exact(sock, n)
+
+
+def read_close(sock: socket.socket) -> tuple[int, str]:
+    """Skip data and control frames until the close frame; return its code and reason."""
+    while True:
+        opcode, payload = read_frame(sock)
+        if opcode == OP_CLOSE:
+            (code,) = struct.unpack("!H", payload[:2])
+            return code, payload[2:].decode()

@@ -1,0 +1,164 @@
+"""Echo behaviour against the real daemon, with three independent client implementations."""
+
+import asyncio
+import http.client
+import os
+from collections.abc import Callable
+
+import pytest
+import websocket  # websocket-client
+from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosedError, InvalidStatus
+
+from tests import rawws
+from tests.conftest import Daemon
+
+MAX_SIZE = 64 * 1024
+SIZES = [1, 2, 125, 126, 127, 65535, MAX_SIZE]
+
+
+def payloads() -> list[str | bytes]:
+    out: list[str | bytes] = []
+    for n in SIZES:
+        out.append(os.urandom(n))
+        out.append(("é" * n)[: n // 2] + "x" * (n - 2 * (n // 2)))  # n UTF-8 bytes
+    return out
+
+
+@pytest.fixture
+def daemon(start: Callable[..., Daemon]) -> Daemon:
+    return start("--max-size", str(MAX_SIZE))
+
+
+def test_websockets_client_echoes_text_and_binary_in_order(daemon: Daemon) -> None:
+    async def main() -> list[str | bytes]:
+        async with connect(daemon.url + "/any/path?q=1", max_size=None) as ws:
+            for message in payloads():  # pipelined: order must hold
+                await ws.send(message)
+            return [await ws.recv() for _ in payloads()]
+
+    received = asyncio.run(main())
+    expected = payloads()
+    assert [type(m) for m in received] == [type(m) for m in expected]
+    assert [len(m) for m in received] == [len(m) for m in expected]
+
+
+def test_echo_is_exact_for_every_size(daemon: Daemon) -> None:
+    async def main() -> None:
+        async with connect(daemon.url, max_size=None) as ws:
+            for message in payloads():
+                await ws.send(message)
+                assert await ws.recv() == message
+
+    asyncio.run(main())
+
+
+def test_websocket_client_library_echoes_text_and_binary(daemon: Daemon) -> None:
+    ws = websocket.create_connection(daemon.url, timeout=10)
+    try:
+        for message in payloads():
+            if isinstance(message, bytes):
+                ws.send_binary(message)
+                opcode, data = ws.recv_data()
+                assert opcode == websocket.ABNF.OPCODE_BINARY
+                assert data == message
+            else:
+                ws.send(message)
+                opcode, data = ws.recv_data()
+                assert opcode == websocket.ABNF.OPCODE_TEXT
+                assert data.decode() == message
+    finally:
+        ws.close()
+
+
+def test_raw_client_gets_fragmented_message_reassembled(daemon: Daemon) -> None:
+    sock = rawws.connect(daemon.port)
+    with sock:
+        rawws.send_frame(sock, rawws.OP_TEXT, b"hello ", fin=False)
+        rawws.send_frame(sock, 0x0, b"world")
+        assert rawws.read_frame(sock) == (rawws.OP_TEXT, b"hello world")
+
+
+def test_oversized_message_closes_1009(daemon: Daemon) -> None:
+    async def main() -> int | None:
+        async with connect(daemon.url, max_size=None) as ws:
+            await ws.send(b"x" * MAX_SIZE)
+            assert len(await ws.recv()) == MAX_SIZE
+            await ws.send(b"x" * (MAX_SIZE + 1))
+            with pytest.raises(ConnectionClosedError) as info:
+                await ws.recv()
+            assert info.value.rcvd is not None
+            return info.value.rcvd.code
+
+    assert asyncio.run(main()) == 1009
+
+
+def test_invalid_utf8_closes_1007(daemon: Daemon) -> None:
+    sock = rawws.connect(daemon.port)
+    with sock:
+        rawws.send_frame(sock, rawws.OP_TEXT, b"ok")
+        assert rawws.read_frame(sock) == (rawws.OP_TEXT, b"ok")
+        rawws.send_frame(sock, rawws.OP_TEXT, b"\xff\xfe broken")
+        code, _ = rawws.read_close(sock)
+    assert code == 1007
+    # An ordinary client error is not a server fault: no traceback in the log.
+    assert "Traceback" not in daemon.log
+
+
+def http_get(port: int, path: str, method: str = "GET") -> tuple[int, str, dict[str, str]]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        conn.request(method, path)
+        response = conn.getresponse()
+        return response.status, response.read().decode(), dict(response.getheaders())
+    finally:
+        conn.close()
+
+
+def test_healthz_is_200_while_serving(daemon: Daemon) -> None:
+    assert http_get(daemon.port, "/healthz")[:2] == (200, "ok\n")
+
+
+def test_plain_http_gets_426_with_one_line_body(daemon: Daemon) -> None:
+    status, body, headers = http_get(daemon.port, "/")
+    assert status == 426
+    assert headers["Upgrade"] == "websocket"
+    assert body.endswith("\n")
+    assert body.count("\n") == 1
+    status, _, headers = http_get(daemon.port, "/", method="POST")
+    assert status == 405
+    assert headers["Allow"] == "GET"
+    assert "Traceback" not in daemon.log
+
+
+def test_max_connections_refuses_with_503(start: Callable[..., Daemon]) -> None:
+    daemon = start("--max-connections", "2")
+
+    async def main() -> None:
+        async with connect(daemon.url) as a, connect(daemon.url) as b:
+            await a.send("a")
+            await b.send("b")
+            assert (await a.recv(), await b.recv()) == ("a", "b")
+            with pytest.raises(InvalidStatus) as info:
+                async with connect(daemon.url):
+                    pass
+            assert info.value.response.status_code == 503
+        # Once one leaves, there is room again.
+        async with connect(daemon.url) as c:
+            await c.send("c")
+            assert await c.recv() == "c"
+
+    asyncio.run(main())
+    assert "max_connections" in daemon.log
+
+
+def test_vanishing_client_leaves_no_traceback(start: Callable[..., Daemon]) -> None:
+    daemon = start("--log-level", "debug")
+    sock = rawws.connect(daemon.port)
+    rawws.send_frame(sock, rawws.OP_BINARY, b"abc")
+    assert rawws.read_frame(sock) == (rawws.OP_BINARY, b"abc")
+    sock.close()  # no close frame: the client just disappears
+    closed = daemon.wait_for("connection closed")
+    assert closed["code"] == 1006
+    assert "Traceback" not in daemon.log
+    assert all(e["level"] in ("debug", "info") for e in daemon.events)

@@ -1,0 +1,210 @@
+"""Lifecycle with real signals: drain under load, second signal, stubborn clients, health."""
+
+import asyncio
+import contextlib
+import signal
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import pytest
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+
+from tests import rawws
+from tests.conftest import Daemon, run_cli
+from tests.test_echo import http_get
+
+CLIENTS = 200
+WINDOW = 4  # messages a client may have sent but not yet seen echoed
+
+
+@dataclass
+class Client:
+    attempted: list[str] = field(default_factory=list)
+    echoed: list[str] = field(default_factory=list)
+    close_code: int | None = None
+    close_reason: str | None = None
+    warm: asyncio.Event = field(default_factory=asyncio.Event)  # had 5 round trips
+
+
+async def chatter(ws: ClientConnection, me: Client, name: str) -> None:
+    """Send numbered messages continuously (at most WINDOW unanswered) until closed."""
+    window = asyncio.Semaphore(WINDOW)
+
+    async def send_forever() -> None:
+        n = 0
+        while True:
+            await window.acquire()
+            message = f"{name}:{n}"
+            me.attempted.append(message)  # before send(): a cancelled send may still be out
+            await ws.send(message)
+            n += 1
+
+    sender = asyncio.create_task(send_forever())
+    try:
+        async for message in ws:
+            assert isinstance(message, str)
+            me.echoed.append(message)
+            window.release()
+            if len(me.echoed) == 5:
+                me.warm.set()
+    finally:
+        sender.cancel()
+        with contextlib.suppress(asyncio.CancelledError, ConnectionClosed):
+            await sender
+    assert ws.protocol.close_rcvd is not None
+    me.close_code = ws.protocol.close_rcvd.code
+    me.close_reason = ws.protocol.close_rcvd.reason
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_drain_under_load_closes_every_client_with_1001(
+    start: Callable[..., Daemon], sig: signal.Signals
+) -> None:
+    drain_timeout = 5.0
+    daemon = start("--drain-timeout", str(drain_timeout))
+    clients = [Client() for _ in range(CLIENTS)]
+
+    async def main() -> tuple[float, BaseException | int]:
+        conns = [await connect(daemon.url, close_timeout=10) for _ in clients]
+        tasks = [
+            asyncio.create_task(chatter(ws, me, str(i)))
+            for i, (ws, me) in enumerate(zip(conns, clients, strict=True))
+        ]
+        # Under load: every client has had several round trips, then a second of traffic.
+        await asyncio.wait_for(asyncio.gather(*(c.warm.wait() for c in clients)), 20)
+        await asyncio.sleep(1.0)
+        sent_at = daemon.signal(sig)
+        await asyncio.to_thread(daemon.wait_for, "stop requested")
+        # A newcomer is refused with HTTP 503 while the drain runs (or finds the port
+        # closed once it has ended).
+        refused: BaseException | int
+        try:
+            async with connect(daemon.url, open_timeout=5) as late:
+                refused = late.protocol.state.value
+        except (InvalidStatus, OSError) as exc:
+            refused = exc
+        await asyncio.wait_for(asyncio.gather(*tasks), drain_timeout + 5)
+        return sent_at, refused
+
+    sent_at, refused = asyncio.run(main())
+    rc = daemon.wait(drain_timeout + 2)
+    elapsed = time.monotonic() - sent_at
+
+    assert rc == 0, daemon.log
+    assert elapsed < drain_timeout + 2
+    if isinstance(refused, InvalidStatus):
+        assert refused.response.status_code == 503
+    else:
+        assert isinstance(refused, ConnectionRefusedError), refused
+    for me in clients:
+        assert (me.close_code, me.close_reason) == (1001, "server shutting down")
+        # Echoes come back intact and in order; nothing but the in-flight tail is missing.
+        assert me.echoed == me.attempted[: len(me.echoed)]
+        assert len(me.attempted) - len(me.echoed) <= WINDOW
+    stop = daemon.wait_for("stop requested")
+    assert (stop["reason"], stop["connections"]) == (sig.name, CLIENTS)
+    drained = daemon.wait_for("drained")
+    assert (drained["connections"], drained["force_closed"]) == (CLIENTS, 0)
+    daemon.wait_for("stopped")
+    assert "Traceback" not in daemon.log
+
+
+def stubborn_client(port: int) -> socket.socket:
+    """A connection that will never answer a close frame (nor read anything after it)."""
+    sock = rawws.connect(port)
+    rawws.send_frame(sock, rawws.OP_TEXT, b"hi")
+    assert rawws.read_frame(sock) == (rawws.OP_TEXT, b"hi")
+    return sock
+
+
+def test_health_turns_503_during_drain_and_second_signal_stops_at_once(
+    start: Callable[..., Daemon],
+) -> None:
+    daemon = start("--drain-timeout", "60", "--close-timeout", "60")
+    assert http_get(daemon.port, "/healthz")[:2] == (200, "ok\n")
+    with stubborn_client(daemon.port) as sock:
+        daemon.signal(signal.SIGTERM)
+        daemon.wait_for("stop requested")
+        assert rawws.read_close(sock) == (1001, "server shutting down")
+        # The stubborn client holds the drain open: the port answers, but only with 503.
+        assert http_get(daemon.port, "/healthz")[:2] == (503, "draining\n")
+
+        async def upgrade() -> int:
+            with pytest.raises(InvalidStatus) as info:
+                async with connect(daemon.url):
+                    pass
+            return info.value.response.status_code
+
+        assert asyncio.run(upgrade()) == 503
+        assert daemon.proc.poll() is None  # still draining: 60 s allowed
+
+        second = daemon.signal(signal.SIGTERM)
+        rc = daemon.wait(5)
+        assert time.monotonic() - second < 2
+    assert rc == 0
+    assert daemon.wait_for("stopping now")["reason"] == "SIGTERM"
+    assert daemon.wait_for("drained")["force_closed"] == 1
+    daemon.wait_for("stopped")
+
+
+@pytest.mark.parametrize("drain_timeout", [0.0, 2.0])
+def test_client_ignoring_close_cannot_hold_exit_past_drain_timeout(
+    start: Callable[..., Daemon], drain_timeout: float
+) -> None:
+    # close_timeout is longer than the drain: only the drain deadline can end this.
+    daemon = start("--drain-timeout", str(drain_timeout), "--close-timeout", "60")
+    with stubborn_client(daemon.port), stubborn_client(daemon.port):
+        sent_at = daemon.signal(signal.SIGTERM)
+        rc = daemon.wait(drain_timeout + 2)
+        elapsed = time.monotonic() - sent_at
+    assert rc == 0
+    assert drain_timeout <= elapsed < drain_timeout + 2
+    drained = daemon.wait_for("drained")
+    assert (drained["connections"], drained["force_closed"]) == (2, 2)
+
+
+def test_idle_server_stops_on_sigint_at_once(start: Callable[..., Daemon]) -> None:
+    daemon = start()
+    sent_at = daemon.signal(signal.SIGINT)
+    assert daemon.wait(5) == 0
+    assert time.monotonic() - sent_at < 2
+    assert daemon.wait_for("drained")["connections"] == 0
+
+
+def test_sighup_does_not_stop_the_server(start: Callable[..., Daemon]) -> None:
+    daemon = start()
+    daemon.signal(signal.SIGHUP)
+    daemon.wait_for("SIGHUP: nothing to reload")
+    assert http_get(daemon.port, "/healthz")[0] == 200
+    assert daemon.proc.poll() is None
+
+
+def test_lifecycle_events_are_logged_in_order(start: Callable[..., Daemon]) -> None:
+    daemon = start()
+    daemon.signal(signal.SIGTERM)
+    assert daemon.wait(5) == 0
+    names = [e["event"] for e in daemon.events]
+    assert names == ["starting", "listening", "stop requested", "drained", "stopped"]
+    assert daemon.events[1]["addresses"] == [f"127.0.0.1:{daemon.port}"]
+
+
+def test_port_in_use_is_one_line_and_exit_1() -> None:
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        result = run_cli("--config", "", "--port", str(port))
+    assert result.returncode == 1
+    assert result.stderr == (
+        f"wsechod: error: cannot listen on 127.0.0.1:{port}: Address already in use\n"
+    )
+
+
+def test_unassignable_address_is_one_line_and_exit_1() -> None:
+    # 192.0.2.1 (TEST-NET-1) is never a local address: bind() fails, nothing is sent.
+    result = run_cli("--config", "", "--host", "192.0.2.1", "--port", "0")
+    assert result.returncode == 1
+    assert "cannot listen on 192.0.2.1:0: Cannot assign requested address" in result.stderr
+    assert result.stderr.count("\n") == 1

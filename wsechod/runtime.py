@@ -1,0 +1,89 @@
+"""Runtime: the event loop, the signals, one stop future and one drain.
+
+``serve()`` is the library entry point: it runs the server on sockets someone else produced
+until ``Lifecycle.stop`` resolves, then drains. ``run()`` is what the CLI calls: it builds the
+uvloop loop and turns SIGTERM/SIGINT into ``Lifecycle.request_stop``, the same call an
+embedding program makes.
+"""
+
+import asyncio
+import os
+import signal
+import socket
+
+import structlog
+import uvloop
+
+from wsechod import __version__
+from wsechod.echo import echo
+from wsechod.server import Server
+from wsechod.settings import Settings
+from wsechod.sockets import addresses
+
+log = structlog.stdlib.get_logger("wsechod")
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+class Lifecycle:
+    """The stop future, and a second one that cuts the drain short ("stop now")."""
+
+    def __init__(self) -> None:
+        loop = asyncio.get_running_loop()
+        self.stop: asyncio.Future[str] = loop.create_future()
+        self.force: asyncio.Future[str] = loop.create_future()
+
+    def request_stop(self, reason: str) -> None:
+        """First call: drain gracefully. Second call: end the drain at once."""
+        if not self.stop.done():
+            self.stop.set_result(reason)
+        elif not self.force.done():
+            self.force.set_result(reason)
+
+
+async def serve(settings: Settings, sockets: list[socket.socket], life: Lifecycle) -> None:
+    """Serve on ``sockets`` until ``life.stop`` resolves, then drain and return."""
+    server = Server(settings, echo)
+    await server.start(sockets)
+    log.info("listening", addresses=addresses(server.sockets), mode="echo", pid=os.getpid())
+
+    reason = await life.stop
+    log.info(
+        "stop requested",
+        reason=reason,
+        connections=len(server.active),
+        drain_timeout=settings.drain_timeout,
+    )
+    life.force.add_done_callback(
+        lambda f: log.warning("stopping now", reason=f.result(), connections=len(server.active))
+    )
+    report = await server.drain(life.force)
+    log.info(
+        "drained",
+        duration=round(report.duration, 3),
+        connections=report.connections,
+        force_closed=report.force_closed,
+    )
+
+
+async def _main(settings: Settings, sockets: list[socket.socket]) -> None:
+    loop = asyncio.get_running_loop()
+    life = Lifecycle()
+    for sig in STOP_SIGNALS:
+        loop.add_signal_handler(sig, life.request_stop, sig.name)
+    # Until there is something to reload, SIGHUP must at least not kill the daemon.
+    loop.add_signal_handler(signal.SIGHUP, lambda: log.info("SIGHUP: nothing to reload"))
+    try:
+        await serve(settings, sockets, life)
+    finally:
+        for sig in (*STOP_SIGNALS, signal.SIGHUP):
+            loop.remove_signal_handler(sig)
+
+
+def run(settings: Settings, sockets: list[socket.socket]) -> int:
+    """Run the daemon in this process until it is stopped; returns the exit status."""
+    log.info("starting", version=__version__, pid=os.getpid())
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(_main(settings, sockets))
+    log.info("stopped")
+    return 0

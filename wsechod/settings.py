@@ -1,0 +1,222 @@
+"""Settings: one frozen object built from defaults < TOML file < WSECHOD_* env < CLI flags.
+
+Every key is declared once, on :class:`Settings`; the TOML key ``foo_bar``, the flag
+``--foo-bar`` and the variable ``WSECHOD_FOO_BAR`` are all derived from that one name, so
+the three sources can never drift apart. Everything that can be checked without touching
+the network or the file system is checked here, so a bad value fails before anything binds
+or detaches.
+"""
+
+import dataclasses
+import difflib
+import json
+import math
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+ENV_PREFIX = "WSECHOD_"
+CONFIG_ENV = ENV_PREFIX + "CONFIG"
+DEFAULT_CONFIG = Path("/etc/wsechod/wsechod.toml")
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
+LOG_FORMATS = ("auto", "console", "json")
+COMPRESSIONS = ("none", "deflate")
+
+T = TypeVar("T")
+
+
+class SettingsError(Exception):
+    """A setting is wrong; the message is one line that names the key and the value."""
+
+
+def _opt(
+    default: T,
+    doc: str,
+    *,
+    minimum: float | None = None,
+    maximum: float | None = None,
+    choices: tuple[str, ...] | None = None,
+) -> T:
+    meta = {"doc": doc, "minimum": minimum, "maximum": maximum, "choices": choices}
+    return field(default=default, metadata=meta)
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """The effective configuration; immutable once loaded so no code path can disagree."""
+
+    host: str = _opt("127.0.0.1", "address to listen on; a name listens on all its addresses")
+    port: int = _opt(8765, "TCP port to listen on; 0 picks a free one", minimum=0, maximum=65535)
+    log_level: str = _opt("info", "least severe level logged", choices=LOG_LEVELS)
+    log_format: str = _opt(
+        "auto",
+        "console for people, json for machines; auto: console on a TTY",
+        choices=LOG_FORMATS,
+    )
+    max_size: int = _opt(
+        2**20, "largest incoming message in bytes; a bigger one closes with 1009", minimum=1
+    )
+    max_queue: int = _opt(
+        16, "incoming frames buffered per connection before reading pauses", minimum=1
+    )
+    write_limit: int = _opt(
+        2**15, "outgoing bytes buffered per connection before sending waits", minimum=1
+    )
+    compression: str = _opt(
+        "none",
+        "permessage-deflate when the client offers it (costs CPU and memory)",
+        choices=COMPRESSIONS,
+    )
+    max_connections: int = _opt(
+        10_000,
+        "open WebSocket connections before new ones get HTTP 503; 0: no limit",
+        minimum=0,
+    )
+    open_timeout: float = _opt(
+        10.0, "seconds a client has to complete the opening handshake; 0: no limit", minimum=0
+    )
+    ping_interval: float = _opt(20.0, "seconds between keepalive pings; 0: no pings", minimum=0)
+    ping_timeout: float = _opt(
+        20.0, "seconds to wait for a pong before dropping the client; 0: wait forever", minimum=0
+    )
+    close_timeout: float = _opt(
+        10.0, "seconds to wait for the client's closing handshake; 0: wait forever", minimum=0
+    )
+    drain_timeout: float = _opt(
+        10.0,
+        "seconds the shutdown waits for connections to close before cutting them",
+        minimum=0,
+    )
+
+
+KEYS: tuple[dataclasses.Field[Any], ...] = dataclasses.fields(Settings)
+KEY_NAMES = tuple(f.name for f in KEYS)
+_BY_NAME = {f.name: f for f in KEYS}
+
+
+def flag_name(key: str) -> str:
+    return "--" + key.replace("_", "-")
+
+
+def env_name(key: str) -> str:
+    return ENV_PREFIX + key.upper()
+
+
+@dataclass(frozen=True, slots=True)
+class Loaded:
+    """Settings plus where each value came from, for ``--check-config`` and error messages."""
+
+    settings: Settings
+    sources: Mapping[str, str]
+    config_path: Path | None
+
+
+def load(cli: Mapping[str, str], environ: Mapping[str, str], config: str | None) -> Loaded:
+    """Merge the sources; ``cli`` holds only the flags that were given, as strings."""
+    config_path = _config_path(config, environ)
+    values: dict[str, Any] = {}
+    sources: dict[str, str] = {name: "default" for name in KEY_NAMES}
+
+    if config_path is not None:
+        where = str(config_path)
+        for key, raw in _read_toml(config_path).items():
+            _check_known(key, f"in {where}")
+            values[key] = _convert(key, raw, where)
+            sources[key] = where
+
+    for var, raw in environ.items():
+        if not var.startswith(ENV_PREFIX) or var == CONFIG_ENV:
+            continue
+        key = var[len(ENV_PREFIX) :].lower()
+        _check_known(key, f"from environment variable {var}")
+        values[key] = _convert(key, raw, var)
+        sources[key] = var
+
+    for key, raw in cli.items():
+        values[key] = _convert(key, raw, flag_name(key))
+        sources[key] = flag_name(key)
+
+    return Loaded(Settings(**values), sources, config_path)
+
+
+def _config_path(config: str | None, environ: Mapping[str, str]) -> Path | None:
+    if config is None:
+        config = environ.get(CONFIG_ENV)
+    if config is None:
+        return DEFAULT_CONFIG if DEFAULT_CONFIG.exists() else None
+    if config == "":
+        return None  # an explicit "no config file", e.g. in tests and units
+    return Path(config)
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as f:
+            return tomllib.load(f)
+    except tomllib.TOMLDecodeError as exc:
+        raise SettingsError(f"invalid TOML in {path}: {exc}") from None
+    except OSError as exc:
+        raise SettingsError(f"cannot read config file {path}: {exc.strerror}") from None
+
+
+def _check_known(key: str, where: str) -> None:
+    if key in _BY_NAME:
+        return
+    close = difflib.get_close_matches(key, KEY_NAMES, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    raise SettingsError(f"unknown key {key!r} {where}{hint}")
+
+
+def _convert(key: str, raw: Any, source: str) -> Any:
+    """Turn a TOML value or an env/CLI string into the key's type, then check its range."""
+    f = _BY_NAME[key]
+    kind = f.type
+    assert isinstance(kind, type)
+    meta = f.metadata
+
+    def bad(why: str) -> SettingsError:
+        return SettingsError(f"invalid {key} {raw!r} (from {source}): {why}")
+
+    value: Any
+    if isinstance(raw, str) and kind is not str:
+        try:
+            value = kind(raw.strip())
+        except ValueError:
+            raise bad(f"expected {'an integer' if kind is int else 'a number'}") from None
+    elif kind is float and isinstance(raw, int | float) and not isinstance(raw, bool):
+        value = float(raw)
+    elif isinstance(raw, kind) and not isinstance(raw, bool):
+        value = raw
+    else:
+        raise bad(f"expected {kind.__name__}, got {type(raw).__name__}")
+
+    if kind is float and not math.isfinite(value):
+        raise bad("must be a finite number")
+    if meta["choices"] is not None:
+        value = value.strip().lower()
+        if value not in meta["choices"]:
+            raise bad("must be one of " + ", ".join(meta["choices"]))
+    lo, hi = meta["minimum"], meta["maximum"]
+    if lo is not None and hi is not None and not lo <= value <= hi:
+        raise bad(f"must be between {lo:g} and {hi:g}")
+    if lo is not None and value < lo:
+        raise bad(f"must be at least {lo:g}")
+    return value
+
+
+def describe(key: str) -> str:
+    """One-line help for a key, shared by ``--help`` and the sample config."""
+    return str(_BY_NAME[key].metadata["doc"])
+
+
+def render(loaded: Loaded) -> str:
+    """The effective settings as TOML, each line saying where its value came from."""
+    lines = [f"# config file: {loaded.config_path or 'none'}"]
+    for key in KEY_NAMES:
+        value = getattr(loaded.settings, key)
+        text = json.dumps(value) if isinstance(value, str) else repr(value)
+        lines.append(f"{key} = {text}  # {loaded.sources[key]}")
+    return "\n".join(lines)

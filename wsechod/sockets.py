@@ -1,0 +1,65 @@
+"""Listening sockets, produced in one place and handed to the server as a list.
+
+Binding happens before the event loop exists (and, later, before the process detaches), so
+"address already in use" and "permission denied" reach the operator's terminal. Whoever
+produced the sockets (this module, or systemd socket activation), the server only sees a list.
+"""
+
+import socket
+
+
+class BindError(Exception):
+    """A listening socket could not be created; the message is one line for the operator."""
+
+
+def bind(host: str, port: int) -> list[socket.socket]:
+    """Listen on every address ``host`` resolves to; with port 0 they all share one port."""
+    try:
+        infos = socket.getaddrinfo(
+            host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
+    except socket.gaierror as exc:
+        raise BindError(f"cannot resolve host {host!r}: {exc.strerror}") from None
+
+    sockets: list[socket.socket] = []
+    seen: set[tuple[int, str]] = set()
+    try:
+        for family, _, _, _, sockaddr in infos:
+            address = str(sockaddr[0])
+            if (family, address) in seen:
+                continue
+            seen.add((family, address))
+            if sockets and port == 0:
+                port = sockets[0].getsockname()[1]
+            sockets.append(_listen(family, address, port))
+    except BaseException:
+        for sock in sockets:
+            sock.close()
+        raise
+    return sockets
+
+
+def _listen(family: int, address: str, port: int) -> socket.socket:
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind((address, port))
+        sock.listen(socket.SOMAXCONN)
+        sock.setblocking(False)
+    except OSError as exc:
+        sock.close()
+        where = format_address((address, port))
+        raise BindError(f"cannot listen on {where}: {exc.strerror or exc}") from None
+    return sock
+
+
+def format_address(sockaddr: tuple[str, int] | tuple[str, int, int, int]) -> str:
+    """``host:port``, with brackets around IPv6 addresses as in URLs."""
+    host, port = sockaddr[0], sockaddr[1]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def addresses(sockets: list[socket.socket]) -> list[str]:
+    return [format_address(sock.getsockname()) for sock in sockets]
