@@ -5,13 +5,23 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 PORT   ?= 8765
 
-.PHONY: setup run test lint typecheck pytest bench clean
+NODE_DEPS := tests/node/node_modules/.package-lock.json
+
+.PHONY: setup node-deps run test lint typecheck pytest bench clean
 
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	touch $@
+
+## Node's ws, the tests' independent client (Node.js itself from Debian if missing).
+node-deps: $(NODE_DEPS)
+
+$(NODE_DEPS): tests/node/package.json tests/node/package-lock.json
+	command -v npm >/dev/null || { apt-get update && apt-get install -y nodejs npm; }
+	npm ci --prefix tests/node --no-audit --no-fund --loglevel=error
 	touch $@
 
 ## Run the daemon in the foreground on $(PORT) (extra flags: make run ARGS="--log-level debug").
@@ -28,7 +38,7 @@ lint: setup
 typecheck: setup
 	$(BIN)/mypy
 
-pytest: setup
+pytest: setup node-deps
 	$(BIN)/pytest $(PYTEST_ARGS)
 
 ## wsechod against the websockets deployment-docs example, in one run.
@@ -36,4 +46,4 @@ bench: setup
 	$(BIN)/python -m bench $(BENCH_ARGS)
 
 clean:
-	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache *.egg-info
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache *.egg-info tests/node/node_modules

@@ -40,8 +40,13 @@ def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.Complet
 class Daemon:
     """A running wsechod, its JSON log read line by line on a thread."""
 
-    def __init__(self, *args: str, env: dict[str, str] | None = None) -> None:
-        argv = [WSECHOD, "--config", "", "--port", "0", "--log-format", "json", *args]
+    def __init__(
+        self,
+        *args: str,
+        env: dict[str, str] | None = None,
+        prefix: tuple[str, ...] = (),
+    ) -> None:
+        argv = [*prefix, WSECHOD, "--config", "", "--port", "0", "--log-format", "json", *args]
         self.proc = subprocess.Popen(
             argv,
             env=env if env is not None else clean_env(),
@@ -117,8 +122,13 @@ def start() -> Iterator[Callable[..., Daemon]]:
     """Start wsechod processes; whatever is still running at the end is killed."""
     started: list[Daemon] = []
 
-    def _start(*args: str, env: dict[str, str] | None = None) -> Daemon:
-        daemon = Daemon(*args, env=env)
+    def _start(
+        *args: str,
+        env: dict[str, str] | None = None,
+        prefix: tuple[str, ...] = (),
+    ) -> Daemon:
+        """``prefix`` is a command that execs wsechod, e.g. prlimit with its options."""
+        daemon = Daemon(*args, env=env, prefix=prefix)
         started.append(daemon)
         return daemon.ready()
 

@@ -2,11 +2,13 @@
 
 import asyncio
 import contextlib
+import resource
 import signal
 import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 from websockets.asyncio.client import ClientConnection, connect
@@ -167,6 +169,16 @@ def test_client_ignoring_close_cannot_hold_exit_past_drain_timeout(
     assert (drained["connections"], drained["force_closed"]) == (2, 2)
 
 
+def test_silent_tcp_client_cannot_hold_exit(start: Callable[..., Daemon]) -> None:
+    # A connection that never sends its handshake is not a WebSocket client yet; it must
+    # not hold the exit until open_timeout (60 s here).
+    daemon = start("--drain-timeout", "0", "--open-timeout", "60")
+    with socket.create_connection(("127.0.0.1", daemon.port)):
+        sent_at = daemon.signal(signal.SIGTERM)
+        assert daemon.wait(5) == 0
+        assert time.monotonic() - sent_at < 2
+
+
 def test_idle_server_stops_on_sigint_at_once(start: Callable[..., Daemon]) -> None:
     daemon = start()
     sent_at = daemon.signal(signal.SIGINT)
@@ -187,9 +199,9 @@ def test_lifecycle_events_are_logged_in_order(start: Callable[..., Daemon]) -> N
     daemon = start()
     daemon.signal(signal.SIGTERM)
     assert daemon.wait(5) == 0
-    names = [e["event"] for e in daemon.events]
+    names = [e["event"] for e in daemon.events if e["event"] != "open files limit raised"]
     assert names == ["starting", "listening", "stop requested", "drained", "stopped"]
-    assert daemon.events[1]["addresses"] == [f"127.0.0.1:{daemon.port}"]
+    assert daemon.wait_for("listening")["addresses"] == [f"127.0.0.1:{daemon.port}"]
 
 
 def test_port_in_use_is_one_line_and_exit_1() -> None:
@@ -208,3 +220,21 @@ def test_unassignable_address_is_one_line_and_exit_1() -> None:
     assert result.returncode == 1
     assert "cannot listen on 192.0.2.1:0: Cannot assign requested address" in result.stderr
     assert result.stderr.count("\n") == 1
+
+
+def test_open_files_soft_limit_is_raised_to_hard(start: Callable[..., Daemon]) -> None:
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    daemon = start(prefix=("prlimit", "--nofile=256:", "--"))
+    raised = daemon.wait_for("open files limit raised")
+    assert (raised["previous"], raised["limit"]) == (256, hard)
+    limits = Path(f"/proc/{daemon.proc.pid}/limits").read_text()
+    assert int(limits.split("Max open files")[1].split()[0]) == hard
+
+
+def test_warns_when_open_files_limit_is_below_max_connections(
+    start: Callable[..., Daemon],
+) -> None:
+    daemon = start("--max-connections", "1000", prefix=("prlimit", "--nofile=512:512", "--"))
+    warning = daemon.wait_for("open files limit is below max_connections")
+    assert (warning["limit"], warning["max_connections"]) == (512, 1000)
+    assert warning["level"] == "warning"

@@ -80,6 +80,9 @@ def _start(loaded: Loaded) -> int:
         return _fail(str(exc), EXIT_FAILURE)
     try:
         return runtime.run(settings, listening)
+    except Exception:
+        logs.log.exception("crashed")
+        return EXIT_FAILURE
     finally:
         for sock in listening:
             sock.close()

@@ -8,6 +8,7 @@ embedding program makes.
 
 import asyncio
 import os
+import resource
 import signal
 import socket
 
@@ -83,7 +84,25 @@ async def _main(settings: Settings, sockets: list[socket.socket]) -> None:
 def run(settings: Settings, sockets: list[socket.socket]) -> int:
     """Run the daemon in this process until it is stopped; returns the exit status."""
     log.info("starting", version=__version__, pid=os.getpid())
+    _raise_open_files_limit(settings.max_connections)
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         runner.run(_main(settings, sockets))
     log.info("stopped")
     return 0
+
+
+def _raise_open_files_limit(max_connections: int) -> None:
+    """Each connection is a file descriptor: lift the soft limit to the hard one, as Go and
+    nginx do, so a default ``ulimit -n`` of 1024 does not quietly cap max_connections."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        log.info("open files limit raised", previous=soft, limit=hard)
+    # Some descriptors are taken by the process itself: listening sockets, logs, the loop.
+    if max_connections and hard != resource.RLIM_INFINITY and max_connections + 64 > hard:
+        log.warning(
+            "open files limit is below max_connections",
+            limit=hard,
+            max_connections=max_connections,
+            hint="raise it (ulimit -n, LimitNOFILE=) or lower max_connections",
+        )
