@@ -5,16 +5,23 @@ permission denied, ...); 2 the configuration is invalid (nothing was started).
 """
 
 import argparse
+import contextlib
+import functools
 import os
+import socket
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from pathlib import Path
 
-from wsechod import __version__, logs, runtime, sockets
+from wsechod import __version__, daemon, logs, privileges, runtime, sockets
+from wsechod.logs import LogError
+from wsechod.pidfile import PidFile, PidFileError
+from wsechod.privileges import Identity
 from wsechod.settings import (
     CONFIG_ENV,
     DEFAULT_CONFIG,
     KEYS,
-    Loaded,
+    Settings,
     SettingsError,
     describe,
     env_name,
@@ -47,13 +54,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     group = parser.add_argument_group("settings")
     for f in KEYS:
-        group.add_argument(
-            flag_name(f.name),
-            dest=f.name,
-            default=argparse.SUPPRESS,
-            metavar=f.name.upper(),
-            help=f"{describe(f.name)} (env {env_name(f.name)}; default: {f.default})",
-        )
+        help_text = f"{describe(f.name)} (env {env_name(f.name)}; default: {f.default!r})"
+        if f.type is bool:
+            group.add_argument(
+                flag_name(f.name),
+                dest=f.name,
+                default=argparse.SUPPRESS,
+                action=argparse.BooleanOptionalAction,
+                help=help_text,
+            )
+        else:
+            group.add_argument(
+                flag_name(f.name),
+                dest=f.name,
+                default=argparse.SUPPRESS,
+                metavar=f.name.upper(),
+                help=help_text,
+            )
     return parser
 
 
@@ -63,29 +80,63 @@ def main(argv: Sequence[str] | None = None) -> int:
     check_only = args.pop("check_config")
     try:
         loaded = load(args, os.environ, config)
+        identity = privileges.resolve(loaded.settings)
     except SettingsError as exc:
         return _fail(str(exc), EXIT_CONFIG)
     if check_only:
         print(render(loaded))
         return EXIT_OK
-    return _start(loaded)
+    return _start(loaded.settings, identity)
 
 
-def _start(loaded: Loaded) -> int:
-    settings = loaded.settings
+def _start(settings: Settings, identity: Identity | None) -> int:
+    """Bind, check the pidfile, then serve here or in a detached daemon.
+
+    Everything up to the fork reports on the terminal; the daemon reports through
+    ``daemon.detach``'s pipe, so the operator sees the same one-line errors either way.
+    """
     logs.configure(settings)
     try:
         listening = sockets.bind(settings.host, settings.port)
     except sockets.BindError as exc:
         return _fail(str(exc), EXIT_FAILURE)
     try:
-        return runtime.run(settings, listening)
-    except Exception:
-        logs.log.exception("crashed")
-        return EXIT_FAILURE
+        pidfile = PidFile(Path(settings.pidfile)) if settings.pidfile else None
+        if pidfile is not None:
+            pidfile.check(None if identity is None else (identity.uid, identity.gid))
+        serve = functools.partial(_serve, settings, listening, pidfile)
+        if settings.daemon:
+            return daemon.detach(listening, pidfile, identity, serve)
+        if identity is not None:
+            identity.drop()
+        with pidfile or contextlib.nullcontext():
+            return serve(None)
+    except (PidFileError, LogError) as exc:
+        return _fail(str(exc), EXIT_FAILURE)
+    except OSError as exc:
+        return _fail(f"{exc.strerror or exc}: {exc.filename or ''}".rstrip(": "), EXIT_FAILURE)
     finally:
         for sock in listening:
             sock.close()
+
+
+def _serve(
+    settings: Settings,
+    listening: list[socket.socket],
+    pidfile: PidFile | None,
+    on_ready: Callable[[], None] | None,
+) -> int:
+    """The part that runs as the final user, in the foreground or in the daemon."""
+    logs.use_destination(settings)
+    if pidfile is not None and pidfile.stale_pid is not None:
+        logs.log.warning(
+            "stale pidfile taken over", pidfile=settings.pidfile, pid=pidfile.stale_pid
+        )
+    try:
+        return runtime.run(settings, listening, on_ready)
+    except Exception:
+        logs.log.exception("crashed")
+        return EXIT_FAILURE
 
 
 def _fail(message: str, status: int) -> int:

@@ -11,11 +11,12 @@ import os
 import resource
 import signal
 import socket
+from collections.abc import Callable
 
 import structlog
 import uvloop
 
-from wsechod import __version__
+from wsechod import __version__, logs
 from wsechod.echo import echo
 from wsechod.server import Server
 from wsechod.settings import Settings
@@ -31,6 +32,7 @@ class Lifecycle:
 
     def __init__(self) -> None:
         loop = asyncio.get_running_loop()
+        self.ready: asyncio.Future[None] = loop.create_future()
         self.stop: asyncio.Future[str] = loop.create_future()
         self.force: asyncio.Future[str] = loop.create_future()
 
@@ -47,6 +49,7 @@ async def serve(settings: Settings, sockets: list[socket.socket], life: Lifecycl
     server = Server(settings, echo)
     await server.start(sockets)
     log.info("listening", addresses=addresses(server.sockets), mode="echo", pid=os.getpid())
+    life.ready.set_result(None)
 
     reason = await life.stop
     log.info(
@@ -67,13 +70,24 @@ async def serve(settings: Settings, sockets: list[socket.socket], life: Lifecycl
     )
 
 
-async def _main(settings: Settings, sockets: list[socket.socket]) -> None:
+def _reload() -> None:
+    """SIGHUP: reopen the log file, so logrotate can move it without losing a line."""
+    if logs.reopen():
+        log.info("log file reopened")
+    else:
+        log.info("SIGHUP: nothing to reload")
+
+
+async def _main(
+    settings: Settings, sockets: list[socket.socket], on_ready: Callable[[], None] | None
+) -> None:
     loop = asyncio.get_running_loop()
     life = Lifecycle()
+    if on_ready is not None:
+        life.ready.add_done_callback(lambda _: on_ready())
     for sig in STOP_SIGNALS:
         loop.add_signal_handler(sig, life.request_stop, sig.name)
-    # Until there is something to reload, SIGHUP must at least not kill the daemon.
-    loop.add_signal_handler(signal.SIGHUP, lambda: log.info("SIGHUP: nothing to reload"))
+    loop.add_signal_handler(signal.SIGHUP, _reload)
     try:
         await serve(settings, sockets, life)
     finally:
@@ -81,12 +95,19 @@ async def _main(settings: Settings, sockets: list[socket.socket]) -> None:
             loop.remove_signal_handler(sig)
 
 
-def run(settings: Settings, sockets: list[socket.socket]) -> int:
-    """Run the daemon in this process until it is stopped; returns the exit status."""
+def run(
+    settings: Settings,
+    sockets: list[socket.socket],
+    on_ready: Callable[[], None] | None = None,
+) -> int:
+    """Run the daemon in this process until it is stopped; returns the exit status.
+
+    ``on_ready`` is called once the server is listening (the daemon's parent waits for it).
+    """
     log.info("starting", version=__version__, pid=os.getpid())
     _raise_open_files_limit(settings.max_connections)
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        runner.run(_main(settings, sockets))
+        runner.run(_main(settings, sockets, on_ready))
     log.info("stopped")
     return 0
 

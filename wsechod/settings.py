@@ -11,6 +11,7 @@ import dataclasses
 import difflib
 import json
 import math
+import os
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -39,8 +40,11 @@ def _opt(
     minimum: float | None = None,
     maximum: float | None = None,
     choices: tuple[str, ...] | None = None,
+    path: tuple[str, ...] | None = None,
 ) -> T:
-    meta = {"doc": doc, "minimum": minimum, "maximum": maximum, "choices": choices}
+    """``path``: the value is a file path, made absolute (a daemon runs in /), except for
+    the words listed, which have a meaning of their own."""
+    meta = {"doc": doc, "minimum": minimum, "maximum": maximum, "choices": choices, "path": path}
     return field(default=default, metadata=meta)
 
 
@@ -90,6 +94,16 @@ class Settings:
         "seconds the shutdown waits for connections to close before cutting them",
         minimum=0,
     )
+    daemon: bool = _opt(False, "detach from the terminal and run in the background")
+    pidfile: str = _opt("", "write the pid here, locked while running; '': none", path=())
+    log_file: str = _opt(
+        "",
+        "log to this file (reopened on SIGHUP) or 'syslog'; '': stderr, or syslog with daemon",
+        path=("syslog",),
+    )
+    syslog_socket: str = _opt("/dev/log", "the syslog daemon's socket, for log_file = 'syslog'")
+    user: str = _opt("", "after binding, run as this user (start as root); '': stay")
+    group: str = _opt("", "after binding, run as this group; '': the user's group")
 
 
 KEYS: tuple[dataclasses.Field[Any], ...] = dataclasses.fields(Settings)
@@ -173,38 +187,58 @@ def _check_known(key: str, where: str) -> None:
 def _convert(key: str, raw: Any, source: str) -> Any:
     """Turn a TOML value or an env/CLI string into the key's type, then check its range."""
     f = _BY_NAME[key]
-    kind = f.type
-    assert isinstance(kind, type)
-    meta = f.metadata
+    assert isinstance(f.type, type)
+    try:
+        return _checked(f.metadata, _typed(f.type, raw))
+    except ValueError as exc:
+        raise SettingsError(f"invalid {key} {raw!r} (from {source}): {exc}") from None
 
-    def bad(why: str) -> SettingsError:
-        return SettingsError(f"invalid {key} {raw!r} (from {source}): {why}")
 
-    value: Any
+def _typed(kind: type, raw: Any) -> Any:
+    if kind is bool:
+        value = _boolean(raw)
+        if value is None:
+            raise ValueError("expected true or false")
+        return value
     if isinstance(raw, str) and kind is not str:
         try:
-            value = kind(raw.strip())
+            return kind(raw.strip())
         except ValueError:
-            raise bad(f"expected {'an integer' if kind is int else 'a number'}") from None
-    elif kind is float and isinstance(raw, int | float) and not isinstance(raw, bool):
-        value = float(raw)
-    elif isinstance(raw, kind) and not isinstance(raw, bool):
-        value = raw
-    else:
-        raise bad(f"expected {kind.__name__}, got {type(raw).__name__}")
+            raise ValueError(f"expected {'an integer' if kind is int else 'a number'}") from None
+    if kind is float and isinstance(raw, int | float) and not isinstance(raw, bool):
+        return float(raw)
+    if isinstance(raw, kind) and not isinstance(raw, bool):
+        return raw
+    raise ValueError(f"expected {kind.__name__}, got {type(raw).__name__}")
 
-    if kind is float and not math.isfinite(value):
-        raise bad("must be a finite number")
+
+def _checked(meta: Mapping[str, Any], value: Any) -> Any:
+    if meta["path"] is not None and value and value not in meta["path"]:
+        value = os.path.abspath(os.path.expanduser(value))
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError("must be a finite number")
     if meta["choices"] is not None:
         value = value.strip().lower()
         if value not in meta["choices"]:
-            raise bad("must be one of " + ", ".join(meta["choices"]))
+            raise ValueError("must be one of " + ", ".join(meta["choices"]))
     lo, hi = meta["minimum"], meta["maximum"]
     if lo is not None and hi is not None and not lo <= value <= hi:
-        raise bad(f"must be between {lo:g} and {hi:g}")
+        raise ValueError(f"must be between {lo:g} and {hi:g}")
     if lo is not None and value < lo:
-        raise bad(f"must be at least {lo:g}")
+        raise ValueError(f"must be at least {lo:g}")
     return value
+
+
+def _boolean(raw: Any) -> bool | None:
+    if isinstance(raw, bool):
+        return raw
+    if isinstance(raw, str):
+        word = raw.strip().lower()
+        if word in ("true", "yes", "on", "1"):
+            return True
+        if word in ("false", "no", "off", "0"):
+            return False
+    return None
 
 
 def describe(key: str) -> str:
@@ -217,6 +251,6 @@ def render(loaded: Loaded) -> str:
     lines = [f"# config file: {loaded.config_path or 'none'}"]
     for key in KEY_NAMES:
         value = getattr(loaded.settings, key)
-        text = json.dumps(value) if isinstance(value, str) else repr(value)
+        text = json.dumps(value)
         lines.append(f"{key} = {text}  # {loaded.sources[key]}")
     return "\n".join(lines)

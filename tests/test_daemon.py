@@ -1,0 +1,322 @@
+"""Daemon mode with a real double fork: readiness, pidfile, log files, privilege drop."""
+
+import functools
+import json
+import os
+import select
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from websockets.exceptions import ConnectionClosedOK
+from websockets.sync.client import connect
+
+from tests.conftest import Daemon, clean_env, run_cli
+
+IS_ROOT = os.geteuid() == 0
+
+
+def read_log(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def wait_for_log(path: Path, event: str, timeout: float = 10.0) -> dict[str, Any]:
+    """Wait until the JSON log file has ``event`` (the file is re-read every 20 ms; the
+    condition, not the interval, ends the wait)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if path.exists():
+            for entry in read_log(path):
+                if entry.get("event") == event:
+                    return entry
+        if time.monotonic() > deadline:
+            raise AssertionError(f"no {event!r} in {path}")
+        time.sleep(0.02)
+
+
+def gone(pid: int, timeout: float) -> bool:
+    """True once ``pid`` has exited (a zombie counts), waiting on a pidfd, not a loop."""
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return True
+    try:
+        return bool(select.select([fd], [], [], timeout)[0])
+    finally:
+        os.close(fd)
+
+
+def stat_fields(pid: int) -> list[str]:
+    """/proc/PID/stat after the command name: state, ppid, pgrp, session, tty_nr, ..."""
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+
+
+def processes_mentioning(marker: str) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cmdline = (entry / "cmdline").read_bytes()
+                state = stat_fields(int(entry.name))[0]
+            except OSError:
+                continue
+            if marker.encode() in cmdline and state != "Z":
+                found.append(int(entry.name))
+    return found
+
+
+class Detached:
+    """A wsechod started with --daemon; its pidfile and log file."""
+
+    def __init__(self, directory: Path, *args: str, log: Path | None = None) -> None:
+        self.pidfile = directory / "run" / "wsechod.pid"
+        self.log = log if log is not None else directory / "wsechod.log"
+        started = time.monotonic()
+        self.result = run_cli(
+            "--config", "", "--port", "0", "--daemon",
+            "--pidfile", str(self.pidfile), "--log-file", str(self.log), *args,
+        )  # fmt: skip
+        self.elapsed = time.monotonic() - started
+
+    @property
+    def pid(self) -> int:
+        return int(self.pidfile.read_text())
+
+    @functools.cached_property
+    def port(self) -> int:
+        address = wait_for_log(self.log, "listening")["addresses"][0]
+        return int(address.rsplit(":", 1)[1])
+
+
+@pytest.fixture
+def detach(tmp_path: Path) -> Iterator[Any]:
+    """Start daemons; any still alive at the end are killed."""
+    started: list[Detached] = []
+
+    def _detach(*args: str, directory: Path = tmp_path, log: Path | None = None) -> Detached:
+        d = Detached(directory, *args, log=log)
+        started.append(d)
+        return d
+
+    yield _detach
+    for d in started:
+        for pid in processes_mentioning(str(d.pidfile)):
+            os.kill(pid, signal.SIGKILL)
+
+
+@pytest.fixture
+def shared_dir() -> Iterator[Path]:
+    """A directory that an unprivileged user can reach (pytest's own are private to root)."""
+    path = Path(tempfile.mkdtemp(prefix="wsechod-test-", dir="/tmp"))
+    path.chmod(0o755)
+    logs = path / "logs"
+    logs.mkdir()
+    os.chown(logs, 65534, 65534)
+    yield path
+    shutil.rmtree(path)
+
+
+def echo_once(port: int, message: str = "hello") -> str:
+    with connect(f"ws://127.0.0.1:{port}/") as ws:
+        ws.send(message)
+        reply = ws.recv(timeout=10)
+        assert isinstance(reply, str)
+        return reply
+
+
+def test_daemon_detaches_serves_and_drains_on_sigterm(detach: Any) -> None:
+    d = detach()
+    assert d.result.returncode == 0, d.result.stderr
+    assert d.result.stderr == ""
+    assert d.elapsed < 5
+    pid = d.pid
+    state, ppid, _pgrp, session, tty_nr = stat_fields(pid)[:5]
+    assert state != "Z"
+    assert int(ppid) != os.getpid()  # not our child: it was double-forked away
+    assert int(tty_nr) == 0  # no controlling terminal
+    assert int(session) != pid  # not a session leader: it can never acquire one
+    assert echo_once(d.port) == "hello"
+
+    with connect(f"ws://127.0.0.1:{d.port}/") as ws:
+        os.kill(pid, signal.SIGTERM)
+        with pytest.raises(ConnectionClosedOK) as info:
+            ws.recv(timeout=10)
+    assert info.value.rcvd is not None
+    assert info.value.rcvd.code == 1001
+    assert gone(pid, 10)
+    assert not d.pidfile.exists()
+    assert wait_for_log(d.log, "drained")["connections"] == 1
+    wait_for_log(d.log, "stopped")
+
+
+def test_stale_pidfile_is_taken_over_with_a_warning(detach: Any, tmp_path: Path) -> None:
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "wsechod.pid").write_text(f"{dead.pid}\n")
+    d = detach()
+    assert d.result.returncode == 0, d.result.stderr
+    assert d.pid not in (dead.pid, os.getpid())
+    assert not gone(d.pid, 0)
+    warning = wait_for_log(d.log, "stale pidfile taken over")
+    assert (warning["pid"], warning["level"]) == (str(dead.pid), "warning")
+    assert echo_once(d.port) == "hello"
+
+
+def test_second_daemon_on_the_same_pidfile_is_refused(detach: Any, tmp_path: Path) -> None:
+    first = detach()
+    assert first.result.returncode == 0, first.result.stderr
+    pid = first.pid
+    second = detach(log=tmp_path / "second.log")
+    assert second.result.returncode == 1
+    assert second.result.stderr == f"wsechod: error: already running (pid {pid})\n"
+    assert first.pid == pid
+    assert echo_once(first.port) == "hello"  # the first one is untouched
+
+
+def test_port_in_use_with_daemon_fails_on_the_terminal(detach: Any) -> None:
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        d = detach("--port", str(port))
+    assert d.result.returncode == 1
+    assert d.result.stderr == (
+        f"wsechod: error: cannot listen on 127.0.0.1:{port}: Address already in use\n"
+    )
+    assert not d.pidfile.exists()
+    assert processes_mentioning(str(d.pidfile)) == []
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        ((), "cannot open log file {missing}/wsechod.log: No such file or directory"),
+        (
+            ("--log-file", "syslog", "--syslog-socket", "{missing}/log"),
+            "cannot log to syslog at {missing}/log: No such file or directory",
+        ),
+    ],
+    ids=["log-file", "syslog"],
+)
+def test_failure_after_the_fork_is_reported_and_nothing_is_left(
+    detach: Any, tmp_path: Path, args: tuple[str, ...], expected: str
+) -> None:
+    missing = tmp_path / "no-such-dir"
+    d = detach(*(a.format(missing=missing) for a in args), log=missing / "wsechod.log")
+    assert d.result.returncode == 1
+    assert d.result.stderr == f"wsechod: error: {expected.format(missing=missing)}\n"
+    assert not d.pidfile.exists()
+    assert processes_mentioning(str(d.pidfile)) == []
+
+
+def test_daemon_without_log_file_logs_to_syslog(detach: Any, tmp_path: Path) -> None:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as syslog:
+        syslog.bind(str(tmp_path / "log"))
+        syslog.settimeout(10)
+        pidfile = tmp_path / "run" / "wsechod.pid"
+        result = run_cli(
+            "--config", "", "--port", "0", "--daemon", "--pidfile", str(pidfile),
+            "--syslog-socket", str(tmp_path / "log"),
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr
+        first = syslog.recv(65536).decode()
+        os.kill(int(pidfile.read_text()), signal.SIGTERM)
+    # <30> is facility daemon (3), severity info (6).
+    assert first.startswith("<30>wsechod: ")
+    assert json.loads(first.removeprefix("<30>wsechod: ").rstrip("\x00"))["event"] == "starting"
+
+
+def test_sighup_reopens_the_log_file_and_no_line_is_lost(detach: Any, tmp_path: Path) -> None:
+    d = detach("--log-level", "debug")
+    assert d.result.returncode == 0, d.result.stderr
+    ports: list[int] = []
+
+    def clients(n: int) -> None:
+        for _ in range(n):
+            with connect(f"ws://127.0.0.1:{d.port}/") as ws:
+                ports.append(ws.local_address[1])
+                ws.send("x")
+                assert ws.recv(timeout=10) == "x"
+
+    clients(5)
+    rotated = d.log.with_suffix(".log.1")
+    d.log.rename(rotated)  # what logrotate does
+    clients(5)  # still written to the renamed file, until SIGHUP
+    pid = d.pid
+    os.kill(pid, signal.SIGHUP)
+    wait_for_log(d.log, "log file reopened")
+    clients(5)
+    os.kill(pid, signal.SIGTERM)
+    assert gone(pid, 10)
+
+    old, new = read_log(rotated), read_log(d.log)
+    opened = [tuple(e["peer"])[1] for e in old + new if e["event"] == "connection open"]
+    assert sorted(opened) == sorted(ports)
+    assert [e["event"] for e in old][:2] == ["starting", "listening"]
+    assert new[0]["event"] == "log file reopened"
+    assert new[-1]["event"] == "stopped"
+    assert all(tuple(e["peer"])[1] in ports[10:] for e in new if "peer" in e)
+
+
+def free_low_port() -> int:
+    """A free port below 1024, which only root may bind."""
+    for port in range(1023, 900, -1):
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    pytest.fail("no free port below 1024")
+
+
+@pytest.mark.skipif(not IS_ROOT, reason="dropping privileges needs the tests to run as root")
+def test_root_binds_a_low_port_then_runs_as_the_requested_user(
+    detach: Any, shared_dir: Path
+) -> None:
+    port = free_low_port()
+    d = detach(
+        "--user", "nobody", "--group", "nogroup", "--port", str(port),
+        directory=shared_dir, log=shared_dir / "logs" / "wsechod.log",
+    )  # fmt: skip
+    assert d.result.returncode == 0, d.result.stderr
+    status = Path(f"/proc/{d.pid}/status").read_text()
+    fields = dict(line.split(":", 1) for line in status.splitlines())
+    assert fields["Uid"].split() == ["65534"] * 4
+    assert fields["Gid"].split() == ["65534"] * 4
+    assert "0" not in fields["Groups"].split()  # none of root's groups kept
+    assert d.pidfile.parent.stat().st_uid == 65534  # the directory was made for the user
+    assert echo_once(port) == "hello"
+    pid = d.pid
+    os.kill(pid, signal.SIGTERM)
+    assert gone(pid, 10)
+    assert not d.pidfile.exists()  # the unprivileged daemon could remove it
+
+
+@pytest.mark.skipif(not IS_ROOT, reason="needs root to start as root and drop to nobody")
+def test_pidfile_directory_the_user_cannot_write_is_reported(detach: Any, shared_dir: Path) -> None:
+    (shared_dir / "run").mkdir()  # exists, owned by root: nobody cannot write there
+    d = detach("--user", "nobody", directory=shared_dir, log=shared_dir / "logs" / "w.log")
+    assert d.result.returncode == 1
+    assert d.result.stderr == (
+        f"wsechod: error: cannot open pidfile {d.pidfile}: Permission denied\n"
+    )
+    assert processes_mentioning(str(d.pidfile)) == []
+
+
+def test_foreground_pidfile_is_written_locked_and_removed(start: Any, tmp_path: Path) -> None:
+    pidfile = tmp_path / "fg.pid"
+    daemon: Daemon = start("--pidfile", str(pidfile))
+    assert pidfile.read_text() == f"{daemon.proc.pid}\n"
+    again = run_cli("--config", "", "--port", "0", "--pidfile", str(pidfile), env=clean_env())
+    assert again.returncode == 1
+    assert again.stderr == f"wsechod: error: already running (pid {daemon.proc.pid})\n"
+    daemon.signal(signal.SIGTERM)
+    assert daemon.wait(5) == 0
+    assert not pidfile.exists()

@@ -1,0 +1,131 @@
+"""The pidfile: written atomically, locked with flock(2) for the life of the process.
+
+A kernel lock, not the file's existence, says whether a daemon is running: the kernel drops
+it when the process dies, however it dies, so a pidfile left by ``kill -9`` or a crash is
+recognised as stale and taken over. The pid is written to a temporary file that is locked
+before it is renamed into place, so readers never see a partial file and there is no moment
+when the path is unlocked.
+
+python-daemon's ``DaemonContext`` takes any context manager as its ``pidfile``; this is one.
+"""
+
+import contextlib
+import fcntl
+import os
+import tempfile
+from pathlib import Path
+from types import TracebackType
+
+
+class PidFileError(Exception):
+    """The pidfile cannot be taken; the message is one line for the operator."""
+
+
+def _try_lock(fd: int) -> bool:
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
+
+
+def _read_pid(path: Path) -> str:
+    with contextlib.suppress(OSError):
+        return path.read_text().strip() or "unknown"
+    return "unknown"
+
+
+class PidFile:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._fds: list[int] = []
+        self._inode: tuple[int, int] | None = None
+        self.stale_pid: str | None = None  # what a stale pidfile said, once acquired
+
+    def check(self, owner: tuple[int, int] | None = None) -> None:
+        """Fail early, before detaching, if a live process holds the pidfile or its
+        directory cannot take it. Taking it for real happens in ``acquire``.
+
+        A missing directory is created (``/run/wsechod`` vanishes at reboot), owned by
+        ``owner`` (uid, gid) when the daemon will drop root, so it can write there.
+        """
+        directory = self.path.parent
+        if not directory.is_dir():
+            try:
+                directory.mkdir(parents=True, mode=0o755)
+                if owner is not None:
+                    os.chown(directory, *owner)
+            except OSError as exc:
+                raise PidFileError(f"cannot create {directory}: {exc.strerror}") from None
+        try:
+            fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            raise PidFileError(f"cannot open pidfile {self.path}: {exc.strerror}") from None
+        else:
+            try:
+                if not _try_lock(fd):
+                    raise PidFileError(f"already running (pid {_read_pid(self.path)})")
+            finally:
+                os.close(fd)
+        try:
+            with tempfile.TemporaryFile(dir=self.path.parent):
+                pass
+        except OSError as exc:
+            where = self.path.parent
+            raise PidFileError(f"cannot write pidfile in {where}: {exc.strerror}") from None
+
+    def acquire(self) -> None:
+        try:
+            current = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except OSError as exc:
+            raise PidFileError(f"cannot open pidfile {self.path}: {exc.strerror}") from None
+        self._fds.append(current)
+        if not _try_lock(current):
+            self.release()
+            raise PidFileError(f"already running (pid {_read_pid(self.path)})")
+        # Whatever the file says, no live process holds its lock: it is stale.
+        self.stale_pid = os.read(current, 64).decode(errors="replace").strip() or None
+        try:
+            fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.")
+        except OSError as exc:
+            self.release()
+            raise PidFileError(f"cannot write pidfile {self.path}: {exc.strerror}") from None
+        self._fds.append(fd)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)  # new file: nobody else can hold it
+            os.write(fd, f"{os.getpid()}\n".encode())
+            os.fchmod(fd, 0o644)
+            os.fsync(fd)
+            os.rename(tmp, self.path)
+        except OSError as exc:
+            os.unlink(tmp)
+            self.release()
+            raise PidFileError(f"cannot write pidfile {self.path}: {exc.strerror}") from None
+        st = os.fstat(fd)
+        self._inode = (st.st_dev, st.st_ino)
+
+    def release(self) -> None:
+        """Remove the pidfile if it is still ours, then drop the locks."""
+        if self._inode is not None:
+            with contextlib.suppress(OSError):
+                st = self.path.stat()
+                if (st.st_dev, st.st_ino) == self._inode:
+                    self.path.unlink()
+            self._inode = None
+        for fd in self._fds:
+            os.close(fd)
+        self._fds.clear()
+
+    def __enter__(self) -> "PidFile":
+        self.acquire()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.release()

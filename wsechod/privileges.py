@@ -1,0 +1,57 @@
+"""Who the daemon runs as: resolve --user/--group early, drop root after binding.
+
+Binding a low port and creating the pidfile directory need root; serving does not. So the
+sockets are bound and the directory is made (and handed to the user) first, then the
+process takes the user's uid, gid and supplementary groups, and keeps nothing of root's.
+"""
+
+import grp
+import os
+import pwd
+from dataclasses import dataclass
+
+from daemon.daemon import change_process_owner
+
+from wsechod.settings import Settings, SettingsError
+
+
+@dataclass(frozen=True, slots=True)
+class Identity:
+    name: str
+    uid: int
+    gid: int
+
+    def set_groups(self) -> None:
+        """The user's supplementary groups instead of root's (needs root)."""
+        os.initgroups(self.name, self.gid)
+
+    def drop(self) -> None:
+        """Become this user for good: groups, then gid, then uid."""
+        self.set_groups()
+        change_process_owner(self.uid, self.gid)
+
+
+def resolve(settings: Settings) -> Identity | None:
+    """The identity to switch to, or None to stay as we are."""
+    if not settings.user and not settings.group:
+        return None
+    if settings.user:
+        try:
+            entry = pwd.getpwnam(settings.user)
+        except KeyError:
+            raise SettingsError(f"invalid user {settings.user!r}: no such user") from None
+        name, uid, gid = entry.pw_name, entry.pw_uid, entry.pw_gid
+    else:
+        entry = pwd.getpwuid(os.getuid())
+        name, uid, gid = entry.pw_name, entry.pw_uid, entry.pw_gid
+    if settings.group:
+        try:
+            gid = grp.getgrnam(settings.group).gr_gid
+        except KeyError:
+            raise SettingsError(f"invalid group {settings.group!r}: no such group") from None
+    if os.geteuid() != 0 and (uid, gid) != (os.geteuid(), os.getegid()):
+        raise SettingsError(
+            f"invalid user {settings.user!r}/group {settings.group!r}: "
+            "switching identity needs root"
+        )
+    return Identity(name, uid, gid)
