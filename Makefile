@@ -20,9 +20,12 @@ $(STAMP): pyproject.toml
 node-deps: $(NODE_DEPS)
 
 $(NODE_DEPS): tests/node/package.json tests/node/package-lock.json
-	command -v npm >/dev/null || { apt-get update && apt-get install -y nodejs npm; }
-	npm ci --prefix tests/node --no-audit --no-fund --loglevel=error
-	touch $@
+	@if ! command -v npm >/dev/null; then \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update && apt-get install -y nodejs npm; \
+	  else echo "WARNING: no npm and not root: the Node client tests will be skipped" >&2; \
+	       exit 0; fi; \
+	fi; \
+	npm ci --prefix tests/node --no-audit --no-fund --loglevel=error && touch $@
 
 ## Run the daemon in the foreground on $(PORT) (extra flags: make run ARGS="--log-level debug").
 run: setup

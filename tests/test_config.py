@@ -1,7 +1,9 @@
 """Settings: sources, precedence and the errors an operator sees (exit status 2)."""
 
+import re
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -33,10 +35,19 @@ def check_config(*args: str, env: dict[str, str] | None = None) -> dict[str, str
         ([], {"WSECHOD_PORT": "-5"}, "invalid port '-5' (from WSECHOD_PORT)"),
         (["--log-level", "loud"], {}, "invalid log_level 'loud'"),
         (["--log-format", "xml"], {}, "invalid log_format 'xml'"),
-        (["--max-size", "0"], {}, "invalid max_size '0' (from --max-size): must be at least 1"),
+        (
+            ["--max-size", "0"],
+            {},
+            "invalid max_size '0' (from --max-size): must be between 1 and 1073741824",
+        ),
         (["--drain-timeout", "-1"], {}, "invalid drain_timeout '-1'"),
         (["--drain-timeout", "nan"], {}, "invalid drain_timeout 'nan'"),
         ([], {"WSECHOD_PROT": "1"}, "unknown key 'prot' from environment variable WSECHOD_PROT"),
+        (["--port", "8_0"], {}, "invalid port '8_0' (from --port): expected an integer"),
+        (["--write-limit", "2147483648"], {}, "must be between 1 and 1073741824"),
+        ([], {"WSECHOD_DAEMON": "maybe"}, "invalid daemon 'maybe' (from WSECHOD_DAEMON)"),
+        (["--bogus", "1"], {}, "unrecognized arguments: --bogus 1"),
+        (["--user", "no-such-user-here"], {}, "invalid user 'no-such-user-here': no such user"),
     ],
 )
 def test_bad_value_is_one_line_and_exit_2(
@@ -58,13 +69,15 @@ def test_bad_value_is_one_line_and_exit_2(
         ("port = true\n", "invalid port True (from {path}): expected int, got bool"),
         ('log_level = "loud"\n', "invalid log_level 'loud' (from {path})"),
         ("port = = 1\n", "invalid TOML in {path}: "),
+        ("port = 1\n\udcff\n", "invalid TOML in {path}: not UTF-8 at byte 9"),
+        ("daemon = 'yes please'\n", "invalid daemon 'yes please' (from {path})"),
     ],
 )
 def test_bad_config_file_is_one_line_and_exit_2(
     content: str, expected: str, tmp_path: Path
 ) -> None:
     path = tmp_path / "wsechod.toml"
-    path.write_text(content)
+    path.write_bytes(content.encode(errors="surrogateescape"))
     result = run_cli("--config", str(path))
     assert result.returncode == 2
     assert expected.format(path=path) in result.stderr
@@ -101,14 +114,23 @@ def test_check_config_names_each_source(tmp_path: Path) -> None:
     assert 'host = "127.0.0.1"  # default' in result.stdout
 
 
-def test_sample_config_is_valid_and_complete() -> None:
+def test_sample_config_is_valid_and_shows_every_default() -> None:
     sample = Path(__file__).parents[1] / "etc" / "wsechod.toml"
     result = run_cli("--check-config", "--config", str(sample))
     assert result.returncode == 0, result.stderr
-    keys = [line.split(" = ")[0] for line in result.stdout.splitlines()[1:]]
-    text = sample.read_text()
-    for key in keys:
-        assert f"\n# {key} = " in text or f"\n{key} = " in text, f"{key} missing from sample"
+    # Uncommented, the sample's "# key = value" lines must be exactly the defaults.
+    lines = [ln[2:] for ln in sample.read_text().splitlines() if re.match(r"# \w+ = ", ln)]
+    shown = tomllib.loads("\n".join(lines))
+    assert shown == {f.name: f.default for f in KEYS}
+
+
+def test_booleans_from_env_and_file(tmp_path: Path) -> None:
+    path = tmp_path / "wsechod.toml"
+    path.write_text("daemon = true\n")
+    assert check_config("--config", str(path))["daemon"] == "true"
+    env = clean_env(WSECHOD_DAEMON="0", WSECHOD_CONFIG=str(path))
+    assert check_config(env=env)["daemon"] == "false"  # env beats file; "0" is false
+    assert check_config("--no-daemon", "--config", str(path))["daemon"] == "false"
 
 
 def test_version_and_module_entry_point() -> None:

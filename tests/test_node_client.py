@@ -1,11 +1,14 @@
 """Node's ws library as a client: an implementation that shares no code with ours."""
 
 import json
+import os
+import select
 import shutil
 import signal
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -15,10 +18,10 @@ NODE_DIR = Path(__file__).with_name("node")
 NODE = shutil.which("node")
 
 if NODE is None or not (NODE_DIR / "node_modules" / "ws").is_dir():
-    pytest.fail(
-        "Node.js and tests/node/node_modules are needed: run `make node-deps` (make test does)",
-        pytrace=False,
-    )
+    WHY = "Node.js and tests/node/node_modules are missing: `make node-deps` installs them"
+    if os.environ.get("CI"):
+        pytest.fail(f"{WHY}; CI must run these tests", pytrace=False)
+    pytest.skip(f"SKIPPED LOUDLY: {WHY}", allow_module_level=True)
 
 
 def node_client(url: str, mode: str, *extra: str) -> subprocess.Popen[str]:
@@ -39,15 +42,23 @@ def test_node_ws_echoes_text_and_binary_of_every_size(start: Callable[..., Daemo
     assert json.loads(out.splitlines()[-1]) == {"ok": True, "count": 14}
 
 
+def read_json_line(proc: subprocess.Popen[str], timeout: float = 10) -> Any:
+    assert proc.stdout is not None
+    if not select.select([proc.stdout], [], [], timeout)[0]:
+        raise AssertionError(f"no output from the Node client within {timeout} s")
+    return json.loads(proc.stdout.readline())
+
+
 def test_node_ws_client_gets_1001_on_sigterm(start: Callable[..., Daemon]) -> None:
-    daemon = start("--drain-timeout", "5")
+    daemon = start("--drain-timeout", "5", "--log-level", "debug")
     client = node_client(daemon.url, "chatter")
-    assert client.stdout is not None
-    assert json.loads(client.stdout.readline()) == {"event": "warm"}
+    assert read_json_line(client) == {"event": "warm"}
     daemon.signal(signal.SIGTERM)
-    closed = json.loads(client.stdout.readline())
+    closed = read_json_line(client)
     assert client.wait(10) == 0
     assert (closed["code"], closed["reason"]) == (1001, "server shutting down")
-    assert closed["prefix"] is True
-    assert closed["sent"] - closed["echoed"] <= 1  # ping-pong: at most one in flight
+    assert closed["prefix"] is True  # echoes intact and in order
     assert daemon.wait(7) == 0
+    # The server took in all the client sent, and all it echoed reached the client.
+    server = daemon.wait_for("connection closed")
+    assert (server["received"], server["sent"]) == (closed["sent"], closed["echoed"])

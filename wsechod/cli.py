@@ -8,10 +8,12 @@ import argparse
 import contextlib
 import functools
 import os
+import signal
 import socket
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import NoReturn
 
 from wsechod import __version__, daemon, logs, privileges, runtime, sockets
 from wsechod.logs import LogError
@@ -33,8 +35,14 @@ from wsechod.settings import (
 EXIT_OK, EXIT_FAILURE, EXIT_CONFIG = 0, 1, 2
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        """One line, like every other wsechod error, instead of the usage block."""
+        self.exit(EXIT_CONFIG, f"wsechod: error: {message} (see wsechod --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="wsechod",
         description="WebSocket echo server daemon. Every setting can also be given as a key "
         "in the config file or as a WSECHOD_<KEY> environment variable; flags win over the "
@@ -75,6 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # Hold SIGTERM/SIGINT/SIGHUP until the event loop handles them: one that arrives while
+    # starting up then becomes an ordinary graceful stop instead of a kill or a traceback.
+    signal.pthread_sigmask(signal.SIG_BLOCK, runtime.HANDLED_SIGNALS)
     args = vars(build_parser().parse_args(argv))
     config = args.pop("config")
     check_only = args.pop("check_config")

@@ -41,7 +41,11 @@ def detach(
     if child:
         os.close(write_end)
         try:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
             return _wait_until_ready(read_end)
+        except KeyboardInterrupt:
+            print("wsechod: interrupted; the daemon may still be starting", file=sys.stderr)
+            return 130
         finally:
             os.close(read_end)
             os.waitpid(child, 0)  # it exits as soon as it has forked again

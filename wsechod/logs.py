@@ -21,6 +21,10 @@ from wsechod.settings import Settings
 log = structlog.stdlib.get_logger("wsechod")
 
 SYSLOG = "syslog"
+# Structured tracebacks without local variables: they could hold what a client sent.
+_TRACEBACKS = structlog.processors.ExceptionRenderer(
+    structlog.tracebacks.ExceptionDictTransformer(show_locals=False)
+)
 
 
 class LogError(Exception):
@@ -104,7 +108,7 @@ def _install(handler: logging.Handler, settings: Settings, tty: bool) -> None:
         fmt = "console" if tty else "json"
     render: list[Processor] = [structlog.stdlib.ProcessorFormatter.remove_processors_meta]
     if fmt == "json":
-        render += [structlog.processors.dict_tracebacks, structlog.processors.JSONRenderer()]
+        render += [_TRACEBACKS, structlog.processors.JSONRenderer()]
     else:
         render.append(structlog.dev.ConsoleRenderer(colors=tty))
     handler.setFormatter(

@@ -25,6 +25,7 @@ from wsechod.sockets import addresses
 log = structlog.stdlib.get_logger("wsechod")
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+HANDLED_SIGNALS = {*STOP_SIGNALS, signal.SIGHUP}
 
 
 class Lifecycle:
@@ -88,10 +89,15 @@ async def _main(
     for sig in STOP_SIGNALS:
         loop.add_signal_handler(sig, life.request_stop, sig.name)
     loop.add_signal_handler(signal.SIGHUP, _reload)
+    # The CLI blocks these until now, so that one sent during start-up waits for us.
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED_SIGNALS)
     try:
         await serve(settings, sockets, life)
     finally:
-        for sig in (*STOP_SIGNALS, signal.SIGHUP):
+        # Stopped: later signals wait, unanswered, until the process exits (status 0)
+        # rather than kill it with a traceback on the way out.
+        signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED_SIGNALS)
+        for sig in HANDLED_SIGNALS:
             loop.remove_signal_handler(sig)
 
 

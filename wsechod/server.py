@@ -23,7 +23,17 @@ from websockets.http11 import Request, Response
 from wsechod import __version__
 from wsechod.settings import Settings
 
-Handler = Callable[[ServerConnection], Awaitable[None]]
+
+@dataclass(slots=True)
+class Tally:
+    """Messages a handler took from its client and sent back to it; logged at close, so
+    an operator (and the drain test) can see that nothing vanished in between."""
+
+    received: int = 0
+    sent: int = 0
+
+
+Handler = Callable[[ServerConnection, Tally], Awaitable[None]]
 # An HTTP answer given instead of the upgrade: status, one-line body, extra headers.
 Reply = tuple[http.HTTPStatus, str, dict[str, str]]
 
@@ -57,6 +67,7 @@ class Server:
         self.draining = False
         self.active: set[ServerConnection] = set()
         self._idle = asyncio.Event()
+        self._late = 0  # connections whose handshake completed during the drain
         self._servers: list[WsServer] = []
         # Operations endpoints, answered on the WebSocket port (design: HTTP for operations).
         self._endpoints: dict[str, Callable[[], Reply]] = {"/healthz": self._health}
@@ -82,7 +93,11 @@ class Server:
 
     def _process_request(self, ws: ServerConnection, request: Request) -> Response | None:
         """Answer what is not a WebSocket session before websockets tries the upgrade."""
-        refusal = self._refusal(request)
+        try:
+            refusal = self._refusal(request)
+        except Exception as exc:  # a hostile request must not become a traceback
+            log.warning("bad request", peer=ws.remote_address, error=repr(exc))
+            refusal = http.HTTPStatus.BAD_REQUEST, "bad request\n", {}
         if refusal is None:
             return None
         status, text, headers = refusal
@@ -98,7 +113,7 @@ class Server:
             return endpoint()
         if self.draining:
             return http.HTTPStatus.SERVICE_UNAVAILABLE, "server is shutting down\n", {}
-        if "websocket" not in request.headers.get("Upgrade", "").lower():
+        if "websocket" not in ",".join(request.headers.get_all("Upgrade")).lower():
             text = "this is a WebSocket server; connect with a WebSocket client\n"
             return http.HTTPStatus.UPGRADE_REQUIRED, text, {"Upgrade": "websocket"}
         limit = self.settings.max_connections
@@ -115,19 +130,29 @@ class Server:
 
     async def _handle(self, ws: ServerConnection) -> None:
         self.active.add(ws)
+        tally = Tally()
         log.debug("connection open", peer=ws.remote_address, path=ws.request and ws.request.path)
         try:
             if self.draining:  # the handshake finished just as the drain began
+                self._late += 1
                 await ws.close(CloseCode.GOING_AWAY, SHUTDOWN_REASON)
             else:
-                await self.handler(ws)
+                await self.handler(ws, tally)
         except ConnectionClosed:
-            pass  # a client vanishing is ordinary; the close code is logged below
+            pass  # a client vanishing is ordinary; the close codes are logged below
         finally:
             self.active.discard(ws)
             if not self.active:
                 self._idle.set()
-            log.debug("connection closed", peer=ws.remote_address, code=ws.close_code)
+            sent, rcvd = ws.protocol.close_sent, ws.protocol.close_rcvd
+            log.debug(
+                "connection closed",
+                peer=ws.remote_address,
+                code_sent=sent and sent.code,
+                code_received=rcvd and rcvd.code,
+                received=tally.received,
+                sent=tally.sent,
+            )
 
     @property
     def sockets(self) -> list[socket.socket]:
@@ -164,4 +189,5 @@ class Server:
         _, pending = await asyncio.wait([*waiters, *closing], timeout=ABORT_GRACE)
         for task in pending:
             task.cancel()
-        return DrainReport(len(connections), len(left), time.monotonic() - started)
+        closed = len(connections) + self._late
+        return DrainReport(closed, len(left), time.monotonic() - started)

@@ -12,6 +12,7 @@ import difflib
 import json
 import math
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -61,13 +62,22 @@ class Settings:
         choices=LOG_FORMATS,
     )
     max_size: int = _opt(
-        2**20, "largest incoming message in bytes; a bigger one closes with 1009", minimum=1
+        2**20,
+        "largest incoming message in bytes; a bigger one closes with 1009",
+        minimum=1,
+        maximum=2**30,
     )
     max_queue: int = _opt(
-        16, "incoming frames buffered per connection before reading pauses", minimum=1
+        16,
+        "incoming frames buffered per connection before reading pauses",
+        minimum=1,
+        maximum=2**16,
     )
     write_limit: int = _opt(
-        2**15, "outgoing bytes buffered per connection before sending waits", minimum=1
+        2**15,
+        "outgoing bytes buffered per connection before sending waits",
+        minimum=1,
+        maximum=2**30,
     )
     compression: str = _opt(
         "none",
@@ -172,6 +182,8 @@ def _read_toml(path: Path) -> dict[str, Any]:
             return tomllib.load(f)
     except tomllib.TOMLDecodeError as exc:
         raise SettingsError(f"invalid TOML in {path}: {exc}") from None
+    except UnicodeDecodeError as exc:
+        raise SettingsError(f"invalid TOML in {path}: not UTF-8 at byte {exc.start}") from None
     except OSError as exc:
         raise SettingsError(f"cannot read config file {path}: {exc.strerror}") from None
 
@@ -194,17 +206,24 @@ def _convert(key: str, raw: Any, source: str) -> Any:
         raise SettingsError(f"invalid {key} {raw!r} (from {source}): {exc}") from None
 
 
+_INT = r"[+-]?[0-9]+"
+_FLOAT = r"[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?"
+
+
 def _typed(kind: type, raw: Any) -> Any:
     if kind is bool:
         value = _boolean(raw)
         if value is None:
             raise ValueError("expected true or false")
         return value
-    if isinstance(raw, str) and kind is not str:
-        try:
-            return kind(raw.strip())
-        except ValueError:
-            raise ValueError(f"expected {'an integer' if kind is int else 'a number'}") from None
+    if isinstance(raw, str):
+        raw = raw.strip()
+        if kind is str:
+            return raw
+        # Plain ASCII numbers only: Python would also take "8_0" and other scripts' digits.
+        if not re.fullmatch(_INT if kind is int else _FLOAT, raw):
+            raise ValueError(f"expected {'an integer' if kind is int else 'a number'}")
+        return kind(raw)
     if kind is float and isinstance(raw, int | float) and not isinstance(raw, bool):
         return float(raw)
     if isinstance(raw, kind) and not isinstance(raw, bool):
@@ -223,9 +242,9 @@ def _checked(meta: Mapping[str, Any], value: Any) -> Any:
             raise ValueError("must be one of " + ", ".join(meta["choices"]))
     lo, hi = meta["minimum"], meta["maximum"]
     if lo is not None and hi is not None and not lo <= value <= hi:
-        raise ValueError(f"must be between {lo:g} and {hi:g}")
+        raise ValueError(f"must be between {lo} and {hi}")
     if lo is not None and value < lo:
-        raise ValueError(f"must be at least {lo:g}")
+        raise ValueError(f"must be at least {lo}")
     return value
 
 
