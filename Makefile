@@ -7,7 +7,8 @@ PORT   ?= 8765
 
 NODE_DEPS := tests/node/node_modules/.package-lock.json
 
-.PHONY: setup node-deps run test lint typecheck pytest bench clean
+.PHONY: setup node-deps systemd-tools run test lint typecheck pytest bench clean \
+        install install-units install-systemd
 
 setup: $(STAMP)
 
@@ -27,6 +28,11 @@ $(NODE_DEPS): tests/node/package.json tests/node/package-lock.json
 	fi; \
 	npm ci --prefix tests/node --no-audit --no-fund --loglevel=error && touch $@
 
+## systemd-analyze and systemd-socket-activate for the tests (Debian package systemd).
+systemd-tools:
+	@command -v systemd-socket-activate >/dev/null && command -v systemd-analyze >/dev/null \
+	  || { apt-get update && apt-get install -y systemd; }
+
 ## Run the daemon in the foreground on $(PORT) (extra flags: make run ARGS="--log-level debug").
 run: setup
 	$(BIN)/wsechod --port $(PORT) $(ARGS)
@@ -41,7 +47,7 @@ lint: setup
 typecheck: setup
 	$(BIN)/mypy
 
-pytest: setup node-deps
+pytest: setup node-deps systemd-tools
 	$(BIN)/pytest $(PYTEST_ARGS)
 
 ## wsechod against the websockets deployment-docs example, in one run.
@@ -50,3 +56,25 @@ bench: setup
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache *.egg-info tests/node/node_modules
+
+## Install for production: a virtualenv in $(PREFIX) with wsechod in it.
+PREFIX  ?= /opt/wsechod
+WSECHOD ?= $(PREFIX)/bin/wsechod
+install:
+	$(PYTHON) -m venv $(PREFIX)
+	$(PREFIX)/bin/python -m pip install --quiet --disable-pip-version-check .
+
+## The systemd units, with ExecStart pointing at $(WSECHOD), into $(DESTDIR)/etc/systemd/system.
+install-units:
+	install -d $(DESTDIR)/etc/systemd/system
+	for unit in systemd/*.service systemd/*.socket; do \
+	  sed 's|@WSECHOD@|$(WSECHOD)|' $$unit > $(DESTDIR)/etc/systemd/system/$$(basename $$unit); \
+	  chmod 644 $(DESTDIR)/etc/systemd/system/$$(basename $$unit); \
+	done
+
+## Units, the sample config (never overwriting yours), then tell systemd.
+install-systemd: install-units
+	install -d $(DESTDIR)/etc/wsechod
+	[ -e $(DESTDIR)/etc/wsechod/wsechod.toml ] || \
+	  install -m 644 etc/wsechod.toml $(DESTDIR)/etc/wsechod/wsechod.toml
+	if [ -z "$(DESTDIR)" ] && [ -d /run/systemd/system ]; then systemctl daemon-reload; fi

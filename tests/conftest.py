@@ -45,6 +45,7 @@ class Daemon:
         *args: str,
         env: dict[str, str] | None = None,
         prefix: tuple[str, ...] = (),
+        pass_fds: tuple[int, ...] = (),
     ) -> None:
         argv = [*prefix, WSECHOD, "--config", "", "--port", "0", "--log-format", "json", *args]
         self.proc = subprocess.Popen(
@@ -54,6 +55,7 @@ class Daemon:
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
+            pass_fds=pass_fds,
         )
         self.events: list[dict[str, Any]] = []
         self.raw: list[str] = []
@@ -126,9 +128,10 @@ def start() -> Iterator[Callable[..., Daemon]]:
         *args: str,
         env: dict[str, str] | None = None,
         prefix: tuple[str, ...] = (),
+        pass_fds: tuple[int, ...] = (),
     ) -> Daemon:
         """``prefix`` is a command that execs wsechod, e.g. prlimit with its options."""
-        daemon = Daemon(*args, env=env, prefix=prefix)
+        daemon = Daemon(*args, env=env, prefix=prefix, pass_fds=pass_fds)
         started.append(daemon)
         return daemon.ready()
 

@@ -14,6 +14,12 @@ OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG = 0x1, 0x2, 0x8, 0x9, 0xA
 
 def connect(port: int, path: str = "/", timeout: float = 10.0) -> socket.socket:
     sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+    send_handshake(sock, port, path)
+    read_handshake(sock)
+    return sock
+
+
+def send_handshake(sock: socket.socket, port: int, path: str = "/") -> None:
     key = base64.b64encode(os.urandom(16)).decode()
     sock.sendall(
         (
@@ -22,6 +28,9 @@ def connect(port: int, path: str = "/", timeout: float = 10.0) -> socket.socket:
             "Sec-WebSocket-Version: 13\r\n\r\n"
         ).encode()
     )
+
+
+def read_handshake(sock: socket.socket) -> None:
     head = b""
     while b"\r\n\r\n" not in head:
         chunk = sock.recv(1)
@@ -31,7 +40,6 @@ def connect(port: int, path: str = "/", timeout: float = 10.0) -> socket.socket:
     status = head.split(b"\r\n", 1)[0]
     if b" 101 " not in status:
         raise ConnectionError(f"handshake refused: {status!r}")
-    return sock
 
 
 def send_frame(sock: socket.socket, opcode: int, payload: bytes, fin: bool = True) -> None:

@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import NoReturn
 
-from wsechod import __version__, daemon, logs, privileges, runtime, sockets
+from wsechod import __version__, daemon, logs, privileges, runtime, sockets, systemd
 from wsechod.logs import LogError
 from wsechod.pidfile import PidFile, PidFileError
 from wsechod.privileges import Identity
@@ -96,6 +96,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(str(exc), EXIT_CONFIG)
     if check_only:
         print(render(loaded))
+        activation = systemd.describe_activation()
+        print(f"# listening sockets: {activation or 'bound from host and port'}")
         return EXIT_OK
     return _start(loaded.settings, identity)
 
@@ -108,8 +110,8 @@ def _start(settings: Settings, identity: Identity | None) -> int:
     """
     logs.configure(settings)
     try:
-        listening = sockets.bind(settings.host, settings.port)
-    except sockets.BindError as exc:
+        listening = systemd.listen_fds() or sockets.bind(settings.host, settings.port)
+    except (sockets.BindError, systemd.ActivationError) as exc:
         return _fail(str(exc), EXIT_FAILURE)
     try:
         pidfile = PidFile(Path(settings.pidfile)) if settings.pidfile else None

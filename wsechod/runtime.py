@@ -16,7 +16,7 @@ from collections.abc import Callable
 import structlog
 import uvloop
 
-from wsechod import __version__, logs
+from wsechod import __version__, logs, systemd
 from wsechod.echo import echo
 from wsechod.server import Server
 from wsechod.settings import Settings
@@ -26,6 +26,7 @@ log = structlog.stdlib.get_logger("wsechod")
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 HANDLED_SIGNALS = {*STOP_SIGNALS, signal.SIGHUP}
+STATUS_INTERVAL = 10.0  # seconds between STATUS= updates to systemd
 
 
 class Lifecycle:
@@ -36,6 +37,15 @@ class Lifecycle:
         self.ready: asyncio.Future[None] = loop.create_future()
         self.stop: asyncio.Future[str] = loop.create_future()
         self.force: asyncio.Future[str] = loop.create_future()
+        self.server: Server | None = None  # set once serving, for status reports
+
+    def status(self) -> str:
+        """One human line for systemd's STATUS=: mode, addresses, open connections."""
+        if self.server is None:
+            return "starting"
+        where = ", ".join(addresses(self.server.sockets))
+        state = "draining" if self.server.draining else "echo"
+        return f"{state} on {where}: {len(self.server.active)} connections"
 
     def request_stop(self, reason: str) -> None:
         """First call: drain gracefully. Second call: end the drain at once."""
@@ -49,6 +59,7 @@ async def serve(settings: Settings, sockets: list[socket.socket], life: Lifecycl
     """Serve on ``sockets`` until ``life.stop`` resolves, then drain and return."""
     server = Server(settings, echo)
     await server.start(sockets)
+    life.server = server
     log.info("listening", addresses=addresses(server.sockets), mode="echo", pid=os.getpid())
     life.ready.set_result(None)
 
@@ -71,12 +82,26 @@ async def serve(settings: Settings, sockets: list[socket.socket], life: Lifecycl
     )
 
 
-def _reload() -> None:
+def _reload(notifier: systemd.Notifier, life: Lifecycle) -> None:
     """SIGHUP: reopen the log file, so logrotate can move it without losing a line."""
+    notifier.reloading()
     if logs.reopen():
         log.info("log file reopened")
     else:
         log.info("SIGHUP: nothing to reload")
+    notifier.send(READY=1, STATUS=life.status())
+
+
+async def _report(notifier: systemd.Notifier, life: Lifecycle) -> None:
+    """Keep systemd's STATUS= current and, when asked for, pet the watchdog. It runs on the
+    event loop, so a wedged loop stops the pings and systemd restarts the service."""
+    interval = min(notifier.watchdog_interval or STATUS_INTERVAL, STATUS_INTERVAL)
+    while True:
+        if notifier.watchdog_interval is not None:
+            notifier.send(WATCHDOG=1, STATUS=life.status())
+        else:
+            notifier.send(STATUS=life.status())
+        await asyncio.sleep(interval)
 
 
 async def _main(
@@ -84,11 +109,27 @@ async def _main(
 ) -> None:
     loop = asyncio.get_running_loop()
     life = Lifecycle()
-    if on_ready is not None:
-        life.ready.add_done_callback(lambda _: on_ready())
+    notifier = systemd.Notifier()
+
+    reporter: asyncio.Task[None] | None = None
+
+    def ready(_: object) -> None:
+        nonlocal reporter
+        notifier.ready(life.status())
+        if notifier.enabled:
+            reporter = loop.create_task(_report(notifier, life))
+        if on_ready is not None:
+            on_ready()
+
+    def stopping(_: object) -> None:
+        active = 0 if life.server is None else len(life.server.active)
+        notifier.send(STOPPING=1, STATUS=f"stopping: draining {active} connections")
+
+    life.ready.add_done_callback(ready)
+    life.stop.add_done_callback(stopping)
     for sig in STOP_SIGNALS:
         loop.add_signal_handler(sig, life.request_stop, sig.name)
-    loop.add_signal_handler(signal.SIGHUP, _reload)
+    loop.add_signal_handler(signal.SIGHUP, _reload, notifier, life)
     # The CLI blocks these until now, so that one sent during start-up waits for us.
     signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED_SIGNALS)
     try:
@@ -99,6 +140,9 @@ async def _main(
         signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED_SIGNALS)
         for sig in HANDLED_SIGNALS:
             loop.remove_signal_handler(sig)
+        if reporter is not None:
+            reporter.cancel()
+        notifier.close()
 
 
 def run(
@@ -123,8 +167,12 @@ def _raise_open_files_limit(max_connections: int) -> None:
     nginx do, so a default ``ulimit -n`` of 1024 does not quietly cap max_connections."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < hard:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-        log.info("open files limit raised", previous=soft, limit=hard)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (OSError, ValueError) as exc:  # e.g. a seccomp filter without @resources
+            log.warning("cannot raise open files limit", limit=soft, error=str(exc))
+        else:
+            log.info("open files limit raised", previous=soft, limit=hard)
     # Some descriptors are taken by the process itself: listening sockets, logs, the loop.
     if max_connections and hard != resource.RLIM_INFINITY and max_connections + 64 > hard:
         log.warning(
