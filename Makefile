@@ -7,7 +7,7 @@ PORT   ?= 8765
 
 NODE_DEPS := tests/node/node_modules/.package-lock.json
 
-.PHONY: setup node-deps systemd-tools run test lint typecheck pytest bench clean \
+.PHONY: setup node-deps systemd-tools redis run test lint typecheck pytest bench clean \
         install install-units install-systemd
 
 setup: $(STAMP)
@@ -33,6 +33,10 @@ systemd-tools:
 	@command -v systemd-socket-activate >/dev/null && command -v systemd-analyze >/dev/null \
 	  || { apt-get update && apt-get install -y systemd; }
 
+## redis-server for the relay tests (Debian package redis-server).
+redis:
+	@command -v redis-server >/dev/null || { apt-get update && apt-get install -y redis-server; }
+
 ## Run the daemon in the foreground on $(PORT) (extra flags: make run ARGS="--log-level debug").
 run: setup
 	$(BIN)/wsechod --port $(PORT) $(ARGS)
@@ -47,7 +51,7 @@ lint: setup
 typecheck: setup
 	$(BIN)/mypy
 
-pytest: setup node-deps systemd-tools
+pytest: setup node-deps systemd-tools redis
 	$(BIN)/pytest $(PYTEST_ARGS)
 
 ## wsechod against the websockets deployment-docs example, in one run.

@@ -42,7 +42,7 @@ def rss_bytes(pid: int) -> int:
     return int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * PAGE
 
 
-def start(name: str, core: int) -> tuple[subprocess.Popen[str], int]:
+def start(name: str, core: int, *extra: str) -> tuple[subprocess.Popen[str], int]:
     pin = ["taskset", "-c", str(core)] if TWO_CORES and shutil.which("taskset") else []
     if name == "wsechod":
         cmd = [
@@ -57,6 +57,7 @@ def start(name: str, core: int) -> tuple[subprocess.Popen[str], int]:
             "console",
             "--max-connections",
             "0",
+            *extra,
         ]
     else:
         cmd = [sys.executable, "-m", "bench.baseline", "0"]
@@ -100,6 +101,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=32)
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--idle", type=int, default=1000)
+    parser.add_argument("--receivers", type=int, default=20, help="relay fan-out receivers")
     args = parser.parse_args()
     if args.connections < 1 or args.idle < 1 or args.seconds <= 0:
         parser.error("--connections, --idle and --seconds must be positive")
@@ -127,6 +129,21 @@ def main() -> None:
         f"CPU per message x{ours.cpu_us / base.cpu_us:.2f}, "
         f"memory per idle connection x{ours.idle_kib / base.idle_kib:.2f} (lower is better "
         "for CPU and memory)"
+    )
+    proc, port = start("wsechod", 0, "--mode", "relay")
+    try:
+        cpu0 = cpu_seconds(proc.pid)
+        deliveries = uvloop.run(
+            load.fan_out(port, args.receivers, os.urandom(args.size), args.seconds)
+        )
+        cpu = cpu_seconds(proc.pid) - cpu0
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    print(
+        f"relay fan-out, 1 publisher to {args.receivers} receivers on one channel, "
+        f"{args.size}-byte messages: {deliveries / args.seconds:.0f} deliveries/s, "
+        f"{cpu / deliveries * 1e6:.2f} µs CPU per delivery"
     )
 
 

@@ -22,9 +22,9 @@ def masked_frame(payload: bytes) -> bytes:
 class PingPong(asyncio.Protocol):
     """Handshake, then send one frame each time the previous echo has fully arrived."""
 
-    def __init__(self, host: str, port: int, payload: bytes) -> None:
+    def __init__(self, host: str, port: int, payload: bytes, path: str = "/") -> None:
         self.request = (
-            f"GET / HTTP/1.1\r\nHost: {host}:{port}\r\nUpgrade: websocket\r\n"
+            f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\nUpgrade: websocket\r\n"
             "Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
             f"Sec-WebSocket-Key: {base64.b64encode(os.urandom(16)).decode()}\r\n\r\n"
         ).encode()
@@ -63,16 +63,58 @@ class PingPong(asyncio.Protocol):
         self.running = False
 
 
-async def open_clients(port: int, n: int, payload: bytes) -> list[PingPong]:
+class Sink(PingPong):
+    """A relay receiver: counts whole frames of the known size, never sends."""
+
+    progress: asyncio.Event
+
+    def data_received(self, data: bytes) -> None:
+        if not self.open.done():
+            super().data_received(data)
+            return
+        self.pending += len(data)
+        self.count += self.pending // self.echo_size
+        self.pending %= self.echo_size
+        self.progress.set()
+
+
+async def open_clients(
+    port: int, n: int, payload: bytes, path: str = "/", kind: type[PingPong] = PingPong
+) -> list[PingPong]:
     loop = asyncio.get_running_loop()
     clients = []
     for _ in range(n):
         _, proto = await loop.create_connection(
-            lambda: PingPong("127.0.0.1", port, payload), "127.0.0.1", port
+            lambda: kind("127.0.0.1", port, payload, path), "127.0.0.1", port
         )
         await proto.open
         clients.append(proto)
     return clients
+
+
+async def fan_out(port: int, receivers: int, payload: bytes, seconds: float) -> int:
+    """One publisher, ``receivers`` sinks on one relay channel; returns deliveries made.
+    The publisher keeps at most WINDOW messages ahead of the slowest receiver."""
+    window = 256
+    progress = asyncio.Event()
+    sinks = await open_clients(port, receivers, payload, "/bench", Sink)
+    for sink in sinks:
+        sink.count, sink.pending = 0, 0
+        sink.progress = progress  # type: ignore[attr-defined]
+    (publisher,) = await open_clients(port, 1, payload, "/bench")
+    deadline = asyncio.get_running_loop().time() + seconds
+    sent = 0
+    while asyncio.get_running_loop().time() < deadline:
+        if min(s.count for s in sinks) < sent - window:
+            progress.clear()
+            await progress.wait()
+            continue
+        for _ in range(32):
+            publisher.transport.write(publisher.frame)
+        sent += 32
+    total = sum(s.count for s in sinks)
+    close_all([*sinks, publisher])
+    return total
 
 
 async def run_for(clients: list[PingPong], seconds: float) -> int:

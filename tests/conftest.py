@@ -82,11 +82,17 @@ class Daemon:
         with self._cond:
             self._cond.notify_all()
 
-    def wait_for(self, event: str, timeout: float = 10.0) -> dict[str, Any]:
-        """Block until the log has ``event``; fail with the log if it never comes."""
+    def wait_for(
+        self,
+        event: str,
+        timeout: float = 10.0,
+        where: Callable[[dict[str, Any]], bool] = lambda _: True,
+    ) -> dict[str, Any]:
+        """Block until the log has ``event`` (matching ``where``); fail with the log if it
+        never comes."""
 
         def found() -> dict[str, Any] | None:
-            return next((e for e in self.events if e.get("event") == event), None)
+            return next((e for e in self.events if e.get("event") == event and where(e)), None)
 
         with self._cond:
             ok = self._cond.wait_for(

@@ -16,8 +16,10 @@ from collections.abc import Callable
 import structlog
 import uvloop
 
-from wsechod import __version__, logs, systemd
+from wsechod import __version__, brokers, logs, systemd
+from wsechod.channels import Hub
 from wsechod.echo import echo
+from wsechod.relay import make_relay
 from wsechod.server import Server
 from wsechod.settings import Settings
 from wsechod.sockets import addresses
@@ -44,7 +46,7 @@ class Lifecycle:
         if self.server is None:
             return "starting"
         where = ", ".join(addresses(self.server.sockets))
-        state = "draining" if self.server.draining else "echo"
+        state = "draining" if self.server.draining else self.server.settings.mode
         return f"{state} on {where}: {len(self.server.active)} connections"
 
     def request_stop(self, reason: str) -> None:
@@ -57,10 +59,16 @@ class Lifecycle:
 
 async def serve(settings: Settings, sockets: list[socket.socket], life: Lifecycle) -> None:
     """Serve on ``sockets`` until ``life.stop`` resolves, then drain and return."""
-    server = Server(settings, echo)
+    hub: Hub | None = None
+    if settings.mode == "relay":
+        hub = Hub(settings, brokers.create(settings))
+        await hub.broker.start(hub.deliver)
+        server = Server(settings, make_relay(hub), hub.admit, hub.broker.degraded)
+    else:
+        server = Server(settings, echo)
     await server.start(sockets)
     life.server = server
-    log.info("listening", addresses=addresses(server.sockets), mode="echo", pid=os.getpid())
+    log.info("listening", addresses=addresses(server.sockets), mode=settings.mode, pid=os.getpid())
     life.ready.set_result(None)
 
     reason = await life.stop
@@ -74,11 +82,14 @@ async def serve(settings: Settings, sockets: list[socket.socket], life: Lifecycl
         lambda f: log.warning("stopping now", reason=f.result(), connections=len(server.active))
     )
     report = await server.drain(life.force)
+    if hub is not None:
+        await hub.broker.close()  # unsubscribes: the connection goes away
     log.info(
         "drained",
         duration=round(report.duration, 3),
         connections=report.connections,
         force_closed=report.force_closed,
+        **({} if hub is None else {"dropped": hub.dropped}),
     )
 
 

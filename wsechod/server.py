@@ -31,6 +31,7 @@ class Tally:
 
     received: int = 0
     sent: int = 0
+    dropped: int = 0  # relay: messages not delivered because this client read too slowly
 
 
 Handler = Callable[[ServerConnection, Tally], Awaitable[None]]
@@ -61,9 +62,19 @@ class DrainReport:
 class Server:
     """Serves one handler on a list of listening sockets, and drains them on request."""
 
-    def __init__(self, settings: Settings, handler: Handler) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        handler: Handler,
+        admit: Callable[[str], Reply | None] | None = None,
+        degraded: Callable[[], str | None] | None = None,
+    ) -> None:
+        """``admit(path)`` may refuse an upgrade with an HTTP reply (relay limits);
+        ``degraded()`` says why the service works only partly (/healthz shows it)."""
         self.settings = settings
         self.handler = handler
+        self.admit = admit
+        self.degraded = degraded
         self.draining = False
         self.active: set[ServerConnection] = set()
         self._idle = asyncio.Event()
@@ -120,13 +131,15 @@ class Server:
         if limit and len(self.active) >= limit:
             log.warning("connection refused", reason="max_connections", limit=limit)
             return http.HTTPStatus.SERVICE_UNAVAILABLE, "too many connections\n", {}
-        return None
+        return None if self.admit is None else self.admit(request.path)
 
     def _health(self) -> Reply:
         """200 while serving, 503 while draining, so load balancers stop sending clients."""
         if self.draining:
             return http.HTTPStatus.SERVICE_UNAVAILABLE, "draining\n", {}
-        return http.HTTPStatus.OK, "ok\n", {}
+        why = None if self.degraded is None else self.degraded()
+        # Still 200: this instance serves its own clients; the body tells what is missing.
+        return http.HTTPStatus.OK, "ok\n" if why is None else f"degraded: {why}\n", {}
 
     async def _handle(self, ws: ServerConnection) -> None:
         self.active.add(ws)
@@ -152,6 +165,7 @@ class Server:
                 code_received=rcvd and rcvd.code,
                 received=tally.received,
                 sent=tally.sent,
+                dropped=tally.dropped,
             )
 
     @property

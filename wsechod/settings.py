@@ -14,6 +14,7 @@ import math
 import os
 import re
 import tomllib
+import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +27,9 @@ DEFAULT_CONFIG = Path("/etc/wsechod/wsechod.toml")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("auto", "console", "json")
 COMPRESSIONS = ("none", "deflate")
+MODES = ("echo", "relay")
+SLOW_CONSUMER_POLICIES = ("drop", "close")
+BROKER_SCHEMES = ("redis", "rediss", "unix")
 
 T = TypeVar("T")
 
@@ -42,10 +46,18 @@ def _opt(
     maximum: float | None = None,
     choices: tuple[str, ...] | None = None,
     path: tuple[str, ...] | None = None,
+    url: bool = False,
 ) -> T:
     """``path``: the value is a file path, made absolute (a daemon runs in /), except for
     the words listed, which have a meaning of their own."""
-    meta = {"doc": doc, "minimum": minimum, "maximum": maximum, "choices": choices, "path": path}
+    meta = {
+        "doc": doc,
+        "minimum": minimum,
+        "maximum": maximum,
+        "choices": choices,
+        "path": path,
+        "url": url,
+    }
     return field(default=default, metadata=meta)
 
 
@@ -102,6 +114,32 @@ class Settings:
     drain_timeout: float = _opt(
         10.0,
         "seconds the shutdown waits for connections to close before cutting them",
+        minimum=0,
+    )
+    mode: str = _opt(
+        "echo", "echo: messages come back; relay: they go to the path's others", choices=MODES
+    )
+    relay_echo: bool = _opt(False, "relay: also send each message back to its sender")
+    broker: str = _opt(
+        "memory",
+        "relay: 'memory' (this process only) or redis://host:port/db to share channels",
+        url=True,
+    )
+    max_channels: int = _opt(10_000, "relay: channels (paths) at once; beyond: HTTP 503", minimum=1)
+    max_channel_members: int = _opt(
+        1_000, "relay: clients on one channel; beyond: HTTP 503", minimum=1
+    )
+    max_path_length: int = _opt(
+        256, "relay: longest channel name (path); longer: HTTP 414", minimum=1, maximum=8192
+    )
+    slow_consumer: str = _opt(
+        "drop",
+        "relay: a receiver that stops reading gets its messages dropped, or closed (1008)",
+        choices=SLOW_CONSUMER_POLICIES,
+    )
+    slow_consumer_timeout: float = _opt(
+        2.0,
+        "relay: seconds a receiver may stay above write_limit before it counts as slow",
         minimum=0,
     )
     daemon: bool = _opt(False, "detach from the terminal and run in the background")
@@ -232,6 +270,10 @@ def _typed(kind: type, raw: Any) -> Any:
 
 
 def _checked(meta: Mapping[str, Any], value: Any) -> Any:
+    if meta.get("url") and value != "memory":
+        url = urllib.parse.urlsplit(value)
+        if url.scheme not in BROKER_SCHEMES or not (url.hostname or url.path):
+            raise ValueError("expected memory or redis://host:port/db")
     if meta["path"] is not None and value and value not in meta["path"]:
         value = os.path.abspath(os.path.expanduser(value))
     if isinstance(value, float) and not math.isfinite(value):

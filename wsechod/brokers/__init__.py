@@ -1,0 +1,19 @@
+"""Brokers carry relay messages between wsechod instances; the Hub sees only this interface.
+
+``memory`` (the default) is one process on its own. ``redis`` shares channels through Redis
+pub/sub. A broker never blocks the relay: publishing queues, and when the broker is down the
+instance keeps relaying between its own clients and reports itself ``degraded``.
+"""
+
+from wsechod.brokers.base import Broker, Deliver
+from wsechod.brokers.memory import MemoryBroker
+from wsechod.brokers.redis import RedisBroker
+from wsechod.settings import Settings
+
+__all__ = ["Broker", "Deliver", "create"]
+
+
+def create(settings: Settings) -> Broker:
+    if settings.broker == "memory":
+        return MemoryBroker()
+    return RedisBroker(settings.broker)

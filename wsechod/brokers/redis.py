@@ -1,0 +1,151 @@
+"""Redis pub/sub between instances (redis-py's asyncio client).
+
+Each instance subscribes only to the channels it has members on (Redis channel
+``wsechod:<path>``) and publishes each relayed message once, prefixed with its own random
+id and the frame type, so it can ignore its own messages when Redis echoes them back: a
+client never gets a message twice. Publishing goes through one bounded queue and one task,
+so a slow or absent Redis never blocks the relay and per-sender order is kept.
+
+When Redis is unreachable the instance keeps relaying between its own members, reports
+``degraded``, and reconnects with exponential backoff (0.1 s to 5 s), resubscribing to its
+channels. Messages published while Redis is down do not reach other instances.
+"""
+
+import asyncio
+import os
+
+import redis.asyncio as aioredis
+import structlog
+from redis.exceptions import RedisError
+from websockets.typing import Data
+
+from wsechod.brokers.base import Deliver
+
+log = structlog.stdlib.get_logger("wsechod.broker")
+
+PREFIX = "wsechod:"
+CONTROL = PREFIX + "\0control"  # always subscribed: keeps the subscriber connection alive
+TEXT, BINARY = b"t", b"b"
+ID_SIZE = 8
+OUTBOX = 10_000  # messages queued for Redis before new ones are dropped
+BACKOFF_MIN, BACKOFF_MAX = 0.1, 5.0
+
+
+class RedisBroker:
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.id = os.urandom(ID_SIZE)
+        self.channels: set[str] = set()
+        self.connected = False
+        self.unsent = 0  # messages that could not be handed to Redis
+        self._outbox: asyncio.Queue[tuple[str, bytes]] = asyncio.Queue(OUTBOX)
+        self._changes: asyncio.Queue[None] = asyncio.Queue()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._deliver: Deliver | None = None
+
+    async def start(self, deliver: Deliver) -> None:
+        self._deliver = deliver
+        self._tasks = [
+            asyncio.create_task(self._subscriber()),
+            asyncio.create_task(self._publisher()),
+        ]
+
+    def subscribe(self, channel: str) -> None:
+        self.channels.add(channel)
+        self._changes.put_nowait(None)
+
+    def unsubscribe(self, channel: str) -> None:
+        self.channels.discard(channel)
+        self._changes.put_nowait(None)
+
+    def publish(self, channel: str, message: Data) -> None:
+        if not self.connected:
+            self.unsent += 1
+            return
+        if isinstance(message, str):
+            payload = self.id + TEXT + message.encode()
+        else:
+            payload = self.id + BINARY + bytes(message)
+        try:
+            self._outbox.put_nowait((PREFIX + channel, payload))
+        except asyncio.QueueFull:
+            self.unsent += 1
+
+    def degraded(self) -> str | None:
+        return None if self.connected else "redis broker unreachable"
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def _publisher(self) -> None:
+        client = aioredis.from_url(self.url)
+        try:
+            while True:
+                channel, payload = await self._outbox.get()
+                # A second try gets a fresh connection when Redis came back since the last
+                # publish; a second failure means it is down (the subscriber notices).
+                for attempt in (1, 2):
+                    try:
+                        await client.publish(channel, payload)
+                        break
+                    except (RedisError, OSError) as exc:
+                        if attempt == 2:
+                            self.unsent += 1
+                            log.debug("publish failed", channel=channel, error=str(exc))
+        finally:
+            await client.aclose()
+
+    async def _subscriber(self) -> None:
+        backoff = BACKOFF_MIN
+        while True:
+            client = aioredis.from_url(self.url)
+            pubsub = client.pubsub()
+            try:
+                await pubsub.subscribe(CONTROL)
+                subscribed: set[str] = set()
+                subscribed = await self._sync(pubsub, subscribed)
+                self.connected = True
+                backoff = BACKOFF_MIN
+                log.info("broker connected", url=self.url, channels=len(subscribed))
+                while True:
+                    message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=0.2)
+                    if message is not None:
+                        await self._received(message)
+                    if not self._changes.empty():
+                        while not self._changes.empty():
+                            self._changes.get_nowait()
+                        subscribed = await self._sync(pubsub, subscribed)
+            except (RedisError, OSError) as exc:
+                if self.connected:
+                    log.warning("broker unreachable: relaying locally only", error=str(exc))
+                self.connected = False
+            finally:
+                await pubsub.aclose()  # type: ignore[no-untyped-call]
+                await client.aclose()
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, BACKOFF_MAX)
+
+    async def _sync(self, pubsub: aioredis.client.PubSub, subscribed: set[str]) -> set[str]:
+        """Make the Redis subscriptions match the channels with local members."""
+        wanted = set(self.channels)
+        if added := wanted - subscribed:
+            await pubsub.subscribe(*(PREFIX + c for c in added))
+        if removed := subscribed - wanted:
+            await pubsub.unsubscribe(*(PREFIX + c for c in removed))
+        if wanted != subscribed:
+            log.debug("broker subscriptions", channels=sorted(wanted))
+        return wanted
+
+    async def _received(self, message: dict[str, object]) -> None:
+        payload = message.get("data")
+        channel = message.get("channel")
+        if not isinstance(payload, bytes) or not isinstance(channel, bytes):
+            return
+        if payload[:ID_SIZE] == self.id or len(payload) < ID_SIZE + 1:
+            return  # our own message coming back: already delivered locally
+        kind, body = payload[ID_SIZE : ID_SIZE + 1], payload[ID_SIZE + 1 :]
+        data: Data = body.decode() if kind == TEXT else body
+        assert self._deliver is not None
+        await self._deliver(channel.decode()[len(PREFIX) :], data)
