@@ -18,7 +18,7 @@ import pytest
 from websockets.exceptions import ConnectionClosedOK
 from websockets.sync.client import connect
 
-from tests.conftest import Daemon, clean_env, run_cli
+from tests.conftest import WSECHOD, Daemon, clean_env, run_cli
 
 IS_ROOT = os.geteuid() == 0
 
@@ -134,14 +134,21 @@ def echo_once(port: int, message: str = "hello") -> str:
 def test_daemon_detaches_serves_and_drains_on_sigterm(detach: Any) -> None:
     d = detach()
     assert d.result.returncode == 0, d.result.stderr
+    # Ready means listening: the event is in the log the moment the command returns.
+    assert "listening" in [e["event"] for e in read_log(d.log)]
     assert d.result.stderr == ""
     assert d.elapsed < 5
     pid = d.pid
     state, ppid, _pgrp, session, tty_nr = stat_fields(pid)[:5]
     assert state != "Z"
     assert int(ppid) != os.getpid()  # not our child: it was double-forked away
+    assert int(session) != os.getsid(0)  # a session of its own (setsid)...
+    assert int(session) != pid  # ...that it does not lead: it can never get a terminal
     assert int(tty_nr) == 0  # no controlling terminal
-    assert int(session) != pid  # not a session leader: it can never acquire one
+    assert os.readlink(f"/proc/{pid}/cwd") == "/"
+    assert "Umask:\t0022" in Path(f"/proc/{pid}/status").read_text()
+    for fd in (0, 1, 2):
+        assert os.readlink(f"/proc/{pid}/fd/{fd}") == "/dev/null"
     assert echo_once(d.port) == "hello"
 
     with connect(f"ws://127.0.0.1:{d.port}/") as ws:
@@ -225,8 +232,12 @@ def test_daemon_without_log_file_logs_to_syslog(detach: Any, tmp_path: Path) -> 
             "--syslog-socket", str(tmp_path / "log"),
         )  # fmt: skip
         assert result.returncode == 0, result.stderr
-        first = syslog.recv(65536).decode()
-        os.kill(int(pidfile.read_text()), signal.SIGTERM)
+        pid = int(pidfile.read_text())
+        try:
+            first = syslog.recv(65536).decode()
+        finally:
+            os.kill(pid, signal.SIGTERM)
+        assert gone(pid, 10)
     # <30> is facility daemon (3), severity info (6).
     assert first.startswith("<30>wsechod: ")
     assert json.loads(first.removeprefix("<30>wsechod: ").rstrip("\x00"))["event"] == "starting"
@@ -290,7 +301,8 @@ def test_root_binds_a_low_port_then_runs_as_the_requested_user(
     fields = dict(line.split(":", 1) for line in status.splitlines())
     assert fields["Uid"].split() == ["65534"] * 4
     assert fields["Gid"].split() == ["65534"] * 4
-    assert "0" not in fields["Groups"].split()  # none of root's groups kept
+    expected = sorted(str(g) for g in os.getgrouplist("nobody", 65534))
+    assert sorted(fields["Groups"].split()) == expected  # nobody's groups, none of root's
     assert d.pidfile.parent.stat().st_uid == 65534  # the directory was made for the user
     assert echo_once(port) == "hello"
     pid = d.pid
@@ -319,4 +331,49 @@ def test_foreground_pidfile_is_written_locked_and_removed(start: Any, tmp_path: 
     assert again.stderr == f"wsechod: error: already running (pid {daemon.proc.pid})\n"
     daemon.signal(signal.SIGTERM)
     assert daemon.wait(5) == 0
+    assert not pidfile.exists()
+
+
+def test_failed_log_reopen_keeps_the_daemon_and_the_old_file(detach: Any, tmp_path: Path) -> None:
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    d = detach(log=logs / "wsechod.log")
+    assert d.result.returncode == 0, d.result.stderr
+    pid, port = d.pid, d.port
+    moved = tmp_path / "moved"
+    logs.rename(moved)  # the log's directory is gone: reopening the path must fail
+    os.kill(pid, signal.SIGHUP)
+    warning = wait_for_log(moved / "wsechod.log", "cannot reopen log file")
+    assert warning["level"] == "warning"
+    assert echo_once(port) == "hello"  # still serving, still logging to the old file
+    os.kill(pid, signal.SIGTERM)
+    assert gone(pid, 10)
+    wait_for_log(moved / "wsechod.log", "stopped")
+
+
+def test_interrupted_start_leaves_nothing_running(tmp_path: Path) -> None:
+    """Ctrl-C (here SIGTERM) on the command while the daemon is stuck starting up: the
+    daemon is stopped and its pidfile removed, not left half-started."""
+    fifo = tmp_path / "log.fifo"
+    os.mkfifo(fifo)  # opening it for writing blocks: the daemon cannot become ready
+    pidfile = tmp_path / "run" / "wsechod.pid"
+    launcher = subprocess.Popen(
+        [WSECHOD, "--config", "", "--port", "0", "--daemon", "--pidfile", str(pidfile),
+         "--log-file", str(fifo)],
+        env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 10
+        while not pidfile.exists():  # the daemon has detached and written its pidfile
+            assert time.monotonic() < deadline, "the daemon never wrote its pidfile"
+            time.sleep(0.02)
+        launcher.send_signal(signal.SIGTERM)
+        _, err = launcher.communicate(timeout=15)
+    finally:
+        launcher.kill()
+        for pid in processes_mentioning(str(pidfile)):
+            os.kill(pid, signal.SIGKILL)
+    assert launcher.returncode == 128 + signal.SIGTERM
+    assert "interrupted" in err
+    assert processes_mentioning(str(pidfile)) == []
     assert not pidfile.exists()

@@ -8,7 +8,6 @@ import argparse
 import contextlib
 import functools
 import os
-import signal
 import socket
 import sys
 from collections.abc import Callable, Sequence
@@ -83,9 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    # Hold SIGTERM/SIGINT/SIGHUP until the event loop handles them: one that arrives while
-    # starting up then becomes an ordinary graceful stop instead of a kill or a traceback.
-    signal.pthread_sigmask(signal.SIG_BLOCK, runtime.HANDLED_SIGNALS)
+    runtime.catch_early_signals()
     args = vars(build_parser().parse_args(argv))
     config = args.pop("config")
     check_only = args.pop("check_config")
@@ -145,10 +142,20 @@ def _serve(
         logs.log.warning(
             "stale pidfile taken over", pidfile=settings.pidfile, pid=pidfile.stale_pid
         )
+    started = False
+
+    def ready() -> None:
+        nonlocal started
+        started = True
+        if on_ready is not None:
+            on_ready()
+
     try:
-        return runtime.run(settings, listening, on_ready)
+        return runtime.run(settings, listening, ready)
     except Exception:
         logs.log.exception("crashed")
+        if on_ready is not None and not started:
+            raise  # a daemon that never became ready: its launcher must say why
         return EXIT_FAILURE
 
 

@@ -86,7 +86,12 @@ def reopen() -> bool:
     """Reopen the log file at its path (after logrotate moved it); False if there is none."""
     for handler in logging.getLogger().handlers:
         if isinstance(handler, logging.FileHandler):
-            stream = open(handler.baseFilename, "a", encoding="utf-8")  # noqa: SIM115
+            try:
+                stream = open(handler.baseFilename, "a", encoding="utf-8")  # noqa: SIM115
+            except OSError as exc:
+                # Keep writing where we were rather than lose the log (or the daemon).
+                log.warning("cannot reopen log file", path=handler.baseFilename, error=exc.strerror)
+                return True
             old = handler.setStream(stream)
             if old is not None:
                 old.close()

@@ -13,6 +13,7 @@ import contextlib
 import fcntl
 import os
 import tempfile
+import time
 from pathlib import Path
 from types import TracebackType
 
@@ -29,10 +30,30 @@ def _try_lock(fd: int) -> bool:
     return True
 
 
-def _read_pid(path: Path) -> str:
-    with contextlib.suppress(OSError):
-        return path.read_text().strip() or "unknown"
-    return "unknown"
+def _holder(path: Path) -> str:
+    """The pid of the live process holding the pidfile. A starter that just won the lock
+    may not have renamed its pid into place yet, so read again for a moment rather than
+    name an old pid or none."""
+    deadline = time.monotonic() + 2.0
+    text = ""
+    while True:
+        with contextlib.suppress(OSError):
+            text = path.read_text().strip()
+        if text.isdigit() and _alive(int(text)):
+            return text
+        if time.monotonic() > deadline:
+            return text or "unknown"
+        time.sleep(0.01)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 class PidFile:
@@ -58,7 +79,9 @@ class PidFile:
             except OSError as exc:
                 raise PidFileError(f"cannot create {directory}: {exc.strerror}") from None
         try:
-            fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+            # Non-blocking and no symlinks: a FIFO or a planted link must not hang or redirect us.
+            flags = os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOFOLLOW
+            fd = os.open(self.path, flags)
         except FileNotFoundError:
             pass
         except OSError as exc:
@@ -66,7 +89,7 @@ class PidFile:
         else:
             try:
                 if not _try_lock(fd):
-                    raise PidFileError(f"already running (pid {_read_pid(self.path)})")
+                    raise PidFileError(f"already running (pid {_holder(self.path)})")
             finally:
                 os.close(fd)
         try:
@@ -84,7 +107,7 @@ class PidFile:
         self._fds.append(current)
         if not _try_lock(current):
             self.release()
-            raise PidFileError(f"already running (pid {_read_pid(self.path)})")
+            raise PidFileError(f"already running (pid {_holder(self.path)})")
         # Whatever the file says, no live process holds its lock: it is stale.
         self.stale_pid = os.read(current, 64).decode(errors="replace").strip() or None
         try:

@@ -49,7 +49,9 @@ def resolve(settings: Settings) -> Identity | None:
             gid = grp.getgrnam(settings.group).gr_gid
         except KeyError:
             raise SettingsError(f"invalid group {settings.group!r}: no such group") from None
-    if os.geteuid() != 0 and (uid, gid) != (os.geteuid(), os.getegid()):
+    if (uid, gid) == (os.geteuid(), os.getegid()) and os.geteuid() != 0:
+        return None  # already that user: nothing to switch (and no root to do it)
+    if os.geteuid() != 0:
         raise SettingsError(
             f"invalid user {settings.user!r}/group {settings.group!r}: "
             "switching identity needs root"

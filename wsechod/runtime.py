@@ -30,6 +30,25 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 HANDLED_SIGNALS = {*STOP_SIGNALS, signal.SIGHUP}
 STATUS_INTERVAL = 10.0  # seconds between STATUS= updates to systemd
 
+# Stop signals that arrived before the event loop could handle them.
+_early_stops: list[str] = []
+
+
+def catch_early_signals() -> None:
+    """Until the loop runs: a first SIGTERM/SIGINT is kept and becomes a graceful stop as
+    soon as the server is up; a second one ends start-up at once (it may be stuck, say on a
+    name lookup); SIGHUP is ignored (there is nothing to reopen yet)."""
+
+    def early(signum: int, _: object) -> None:
+        if signum == signal.SIGHUP:
+            return
+        if _early_stops:
+            raise SystemExit(128 + signum)
+        _early_stops.append(signal.Signals(signum).name)
+
+    for sig in HANDLED_SIGNALS:
+        signal.signal(sig, early)
+
 
 class Lifecycle:
     """The stop future, and a second one that cuts the drain short ("stop now")."""
@@ -141,8 +160,9 @@ async def _main(
     for sig in STOP_SIGNALS:
         loop.add_signal_handler(sig, life.request_stop, sig.name)
     loop.add_signal_handler(signal.SIGHUP, _reload, notifier, life)
-    # The CLI blocks these until now, so that one sent during start-up waits for us.
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED_SIGNALS)
+    for name in _early_stops:  # sent while we were starting
+        life.request_stop(name)
+    _early_stops.clear()
     try:
         await serve(settings, sockets, life)
     finally:

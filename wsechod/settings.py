@@ -149,7 +149,9 @@ class Settings:
         "log to this file (reopened on SIGHUP) or 'syslog'; '': stderr, or syslog with daemon",
         path=("syslog",),
     )
-    syslog_socket: str = _opt("/dev/log", "the syslog daemon's socket, for log_file = 'syslog'")
+    syslog_socket: str = _opt(
+        "/dev/log", "the syslog daemon's socket, for log_file = 'syslog'", path=()
+    )
     user: str = _opt("", "after binding, run as this user (start as root); '': stay")
     group: str = _opt("", "after binding, run as this group; '': the user's group")
 

@@ -90,7 +90,7 @@ class RedisBroker:
                     try:
                         await client.publish(channel, payload)
                         break
-                    except (RedisError, OSError) as exc:
+                    except Exception as exc:  # this task must not die
                         if attempt == 2:
                             self.unsent += 1
                             log.debug("publish failed", channel=channel, error=str(exc))
@@ -120,6 +120,9 @@ class RedisBroker:
             except (RedisError, OSError) as exc:
                 if self.connected:
                     log.warning("broker unreachable: relaying locally only", error=str(exc))
+                self.connected = False
+            except Exception:  # a bug must not end cross-instance relay for good
+                log.exception("broker subscriber failed; reconnecting")
                 self.connected = False
             finally:
                 await pubsub.aclose()  # type: ignore[no-untyped-call]
