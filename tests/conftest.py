@@ -67,7 +67,8 @@ class Daemon:
         """Wait for the listening event and learn the port the daemon picked."""
         listening = self.wait_for("listening")
         self.address: str = listening["addresses"][0]
-        self.port = int(self.address.rsplit(":", 1)[1])
+        # TCP "host:port"; a Unix socket (path or @name) has no port.
+        self.port = int(self.address.rsplit(":", 1)[1]) if ":" in self.address else 0
         self.url = f"ws://127.0.0.1:{self.port}"
         return self
 

@@ -107,14 +107,15 @@ def _start(settings: Settings, identity: Identity | None) -> int:
     """
     logs.configure(settings)
     try:
-        listening = systemd.listen_fds() or sockets.bind(settings.host, settings.port)
+        inherited = systemd.listen_fds()
+        listening = inherited or sockets.bind(settings.host, settings.port)
     except (sockets.BindError, systemd.ActivationError) as exc:
         return _fail(str(exc), EXIT_FAILURE)
     try:
         pidfile = PidFile(Path(settings.pidfile)) if settings.pidfile else None
         if pidfile is not None:
             pidfile.check(None if identity is None else (identity.uid, identity.gid))
-        serve = functools.partial(_serve, settings, listening, pidfile)
+        serve = functools.partial(_serve, settings, listening, pidfile, bool(inherited))
         if settings.daemon:
             return daemon.detach(listening, pidfile, identity, serve)
         if identity is not None:
@@ -134,6 +135,7 @@ def _serve(
     settings: Settings,
     listening: list[socket.socket],
     pidfile: PidFile | None,
+    handoff: bool,
     on_ready: Callable[[], None] | None,
 ) -> int:
     """The part that runs as the final user, in the foreground or in the daemon."""
@@ -151,7 +153,7 @@ def _serve(
             on_ready()
 
     try:
-        return runtime.run(settings, listening, ready)
+        return runtime.run(settings, listening, ready, handoff)
     except Exception:
         logs.log.exception("crashed")
         if on_ready is not None and not started:

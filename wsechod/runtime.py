@@ -76,15 +76,18 @@ class Lifecycle:
             self.force.set_result(reason)
 
 
-async def serve(settings: Settings, sockets: list[socket.socket], life: Lifecycle) -> None:
-    """Serve on ``sockets`` until ``life.stop`` resolves, then drain and return."""
+async def serve(
+    settings: Settings, sockets: list[socket.socket], life: Lifecycle, handoff: bool = False
+) -> None:
+    """Serve on ``sockets`` until ``life.stop`` resolves, then drain and return.
+    ``handoff``: the sockets came from systemd (see ``Server``)."""
     hub: Hub | None = None
     if settings.mode == "relay":
         hub = Hub(settings, brokers.create(settings))
         await hub.broker.start(hub.deliver)
-        server = Server(settings, make_relay(hub), hub.admit, hub.broker.degraded)
+        server = Server(settings, make_relay(hub), hub.admit, hub.broker.degraded, handoff)
     else:
-        server = Server(settings, echo)
+        server = Server(settings, echo, handoff=handoff)
     await server.start(sockets)
     life.server = server
     log.info("listening", addresses=addresses(server.sockets), mode=settings.mode, pid=os.getpid())
@@ -135,7 +138,10 @@ async def _report(notifier: systemd.Notifier, life: Lifecycle) -> None:
 
 
 async def _main(
-    settings: Settings, sockets: list[socket.socket], on_ready: Callable[[], None] | None
+    settings: Settings,
+    sockets: list[socket.socket],
+    on_ready: Callable[[], None] | None,
+    handoff: bool,
 ) -> None:
     loop = asyncio.get_running_loop()
     life = Lifecycle()
@@ -164,7 +170,7 @@ async def _main(
         life.request_stop(name)
     _early_stops.clear()
     try:
-        await serve(settings, sockets, life)
+        await serve(settings, sockets, life, handoff)
     finally:
         # Stopped: later signals wait, unanswered, until the process exits (status 0)
         # rather than kill it with a traceback on the way out.
@@ -180,15 +186,17 @@ def run(
     settings: Settings,
     sockets: list[socket.socket],
     on_ready: Callable[[], None] | None = None,
+    handoff: bool = False,
 ) -> int:
     """Run the daemon in this process until it is stopped; returns the exit status.
 
-    ``on_ready`` is called once the server is listening (the daemon's parent waits for it).
+    ``on_ready`` is called once the server is listening (the daemon's parent waits for it);
+    ``handoff``: the sockets came from systemd socket activation.
     """
     log.info("starting", version=__version__, pid=os.getpid())
     _raise_open_files_limit(settings.max_connections)
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        runner.run(_main(settings, sockets, on_ready))
+        runner.run(_main(settings, sockets, on_ready, handoff))
     log.info("stopped")
     return 0
 

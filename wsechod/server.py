@@ -68,9 +68,13 @@ class Server:
         handler: Handler,
         admit: Callable[[str], Reply | None] | None = None,
         degraded: Callable[[], str | None] | None = None,
+        handoff: bool = False,
     ) -> None:
         """``admit(path)`` may refuse an upgrade with an HTTP reply (relay limits);
-        ``degraded()`` says why the service works only partly (/healthz shows it)."""
+        ``degraded()`` says why the service works only partly (/healthz shows it);
+        ``handoff``: the sockets belong to systemd, which keeps them open for the next
+        process, so a drain stops accepting at once and newcomers wait for that process."""
+        self.handoff = handoff
         self.settings = settings
         self.handler = handler
         self.admit = admit
@@ -175,11 +179,15 @@ class Server:
     async def drain(self, force: asyncio.Future[str]) -> DrainReport:
         """Refuse new clients, close open ones with 1001, cut what is left at the deadline.
 
-        The listening sockets stay open until the end so that health checks and new clients
-        get a definite HTTP 503 instead of a refused or hanging connection.
+        Our own listening sockets stay open until the end so that health checks and new
+        clients get a definite HTTP 503 instead of a refused or hanging connection; sockets
+        handed over by systemd stop being accepted at once (see ``handoff``).
         """
         started = time.monotonic()
         self.draining = True
+        if self.handoff:
+            for server in self._servers:
+                server.close(close_connections=False)
         connections = list(self.active)
         closing = {
             asyncio.create_task(ws.close(CloseCode.GOING_AWAY, SHUTDOWN_REASON))

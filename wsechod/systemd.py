@@ -29,6 +29,7 @@ class Notifier:
         address = env.get("NOTIFY_SOCKET", "")
         self._address = "\0" + address[1:] if address.startswith("@") else address
         self._socket: socket.socket | None = None
+        self._failing = False
         if self._address:
             self._socket = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
         # The watchdog is ours only if systemd meant this process (sd_watchdog_enabled).
@@ -49,9 +50,14 @@ class Notifier:
             return
         message = "\n".join(f"{key}={value}" for key, value in fields.items())
         try:
-            self._socket.sendto(message.encode(), self._address)
+            # Never block the event loop on a manager that is not reading.
+            self._socket.sendto(message.encode(), socket.MSG_DONTWAIT, self._address)
         except OSError as exc:
-            log.warning("sd_notify failed", socket=self._address, error=exc.strerror)
+            if not self._failing:  # once per outage, not once per ping
+                log.warning("sd_notify failed", socket=self._address, error=exc.strerror)
+            self._failing = True
+        else:
+            self._failing = False
 
     def ready(self, status: str) -> None:
         self.send(READY=1, MAINPID=os.getpid(), STATUS=status)
