@@ -1,6 +1,7 @@
 """Relay mode: channels by path, limits, slow consumers, and Redis between instances."""
 
 import asyncio
+import contextlib
 import shutil
 import signal
 import socket
@@ -361,4 +362,57 @@ def test_redis_outage_keeps_local_relay_and_resumes_without_duplicates(
         time.sleep(0.05)
     assert health(one) == "ok\n"
     asyncio.run(cross_instance_round())  # cross-instance relay is back, exactly once
+    assert "Traceback" not in one.log + two.log
+
+
+@pytest.mark.timeout(60)
+def test_sigterm_under_load_with_redis_exits_within_the_drain(
+    start: Callable[..., Daemon], redis_server: RedisServer
+) -> None:
+    daemon = relay(start, "--broker", redis_server.url, "--drain-timeout", "2")
+
+    async def main() -> float:
+        conns = [await connect(f"{daemon.url}/busy") for _ in range(3)]
+
+        async def flood(ws: ClientConnection) -> None:
+            with contextlib.suppress(Exception):
+                while True:
+                    await ws.send(bytes(1024))
+
+        async def swallow(ws: ClientConnection) -> None:
+            with contextlib.suppress(Exception):
+                async for _ in ws:
+                    pass
+
+        tasks = [asyncio.create_task(f(ws)) for ws in conns for f in (flood, swallow)]
+        await asyncio.sleep(1.0)  # a second of load through Redis
+        sent_at = daemon.signal(signal.SIGTERM)
+        await asyncio.wait(tasks, timeout=10)
+        return sent_at
+
+    sent_at = asyncio.run(main())
+    assert daemon.wait(5) == 0, daemon.log
+    assert time.monotonic() - sent_at < 2 + 2
+    daemon.wait_for("stopped")
+
+
+def test_malformed_message_in_redis_does_not_stop_the_relay(
+    start: Callable[..., Daemon], redis_server: RedisServer
+) -> None:
+    one = relay(start, "--broker", redis_server.url)
+    two = relay(start, "--broker", redis_server.url)
+
+    async def main() -> None:
+        since = len(one.events), len(two.events)
+        async with connect(f"{one.url}/room") as p, connect(f"{two.url}/room") as q:
+            await asyncio.to_thread(subscribed, one, "/room", since[0])
+            await asyncio.to_thread(subscribed, two, "/room", since[1])
+            poison = redis.Redis(port=redis_server.port)
+            poison.publish("wsechod:/room", b"12345678t\xff")  # not UTF-8
+            poison.publish("wsechod:/room", b"x")  # too short to be anybody's
+            await p.send("after the poison")
+            assert await asyncio.wait_for(q.recv(), 10) == "after the poison"
+
+    asyncio.run(main())
+    two.wait_for("malformed message from redis dropped")
     assert "Traceback" not in one.log + two.log

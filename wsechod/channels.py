@@ -44,6 +44,7 @@ class Hub:
         self.skipped: set[ServerConnection] = set()  # slow consumers not written to
         self.dropped = 0  # messages not delivered to slow consumers, in total
         self._closing: set[asyncio.Task[None]] = set()
+        self._watched: set[ServerConnection] = set()  # lagging behind remote messages
 
     def admit(self, path: str) -> Reply | None:
         """Refuse, before the handshake, a channel name or a member over the limits."""
@@ -68,7 +69,9 @@ class Hub:
 
     def leave(self, channel: str, ws: ServerConnection) -> None:
         members = self.channels.get(channel, {})
-        members.pop(ws, None)
+        tally = members.pop(ws, None)
+        if tally is not None and tally.dropped:
+            log.info("slow consumer left", peer=ws.remote_address, dropped=tally.dropped)
         self.skipped.discard(ws)
         if not members:
             self.channels.pop(channel, None)
@@ -83,10 +86,19 @@ class Hub:
             await self._hold(lagging)
 
     async def deliver(self, channel: str, message: Data) -> None:
-        """A message from another instance: to every member here."""
-        lagging = self._fan_out(channel, message, None)
-        if lagging:
-            await self._hold(lagging)
+        """A message from another instance: to every member here. Nobody can be held up
+        here (the broker serves every channel), so a lagging receiver is only watched."""
+        for ws in self._fan_out(channel, message, None):
+            if ws not in self._watched:
+                self._watched.add(ws)
+                asyncio.get_running_loop().call_later(
+                    self.settings.slow_consumer_timeout, self._judge, ws
+                )
+
+    def _judge(self, ws: ServerConnection) -> None:
+        self._watched.discard(ws)
+        if ws.paused and ws.protocol.state is State.OPEN and ws not in self.skipped:
+            self._slow(ws)
 
     def _fan_out(
         self, channel: str, message: Data, exclude: ServerConnection | None
@@ -113,9 +125,11 @@ class Hub:
     async def _hold(self, lagging: list[ServerConnection]) -> None:
         """Hold this publisher until the lagging receivers drain, for a bounded time."""
         drains = [asyncio.ensure_future(ws.drain()) for ws in lagging]
-        _, pending = await asyncio.wait(drains, timeout=self.settings.slow_consumer_timeout)
+        done, pending = await asyncio.wait(drains, timeout=self.settings.slow_consumer_timeout)
         for drain in pending:
             drain.cancel()
+        for drain in done:
+            drain.exception()  # a receiver that vanished meanwhile is not an error here
         for ws in lagging:
             if ws.paused and ws.protocol.state is State.OPEN and ws not in self.skipped:
                 self._slow(ws)

@@ -105,7 +105,7 @@ async def serve(
     )
     report = await server.drain(life.force)
     if hub is not None:
-        await hub.broker.close()  # unsubscribes: the connection goes away
+        await hub.broker.close()  # bounded; dropping the connection unsubscribes
     log.info(
         "drained",
         duration=round(report.duration, 3),

@@ -16,6 +16,8 @@ import os
 
 import redis.asyncio as aioredis
 import structlog
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 from websockets.typing import Data
 
@@ -29,6 +31,27 @@ TEXT, BINARY = b"t", b"b"
 ID_SIZE = 8
 OUTBOX = 10_000  # messages queued for Redis before new ones are dropped
 BACKOFF_MIN, BACKOFF_MAX = 0.1, 5.0
+SOCKET_TIMEOUT = 5.0
+HEALTH_CHECK_INTERVAL = 5.0
+CLOSE_TIMEOUT = 1.0
+
+
+def _client(url: str) -> aioredis.Redis:
+    """No retries inside redis-py: a retried PUBLISH can be delivered twice, and a retried
+    command keeps a cancelled task alive. Timeouts and pings notice a hung Redis."""
+    return aioredis.from_url(
+        url,
+        retry=Retry(NoBackoff(), 0),
+        socket_timeout=SOCKET_TIMEOUT,
+        socket_connect_timeout=SOCKET_TIMEOUT,
+        health_check_interval=HEALTH_CHECK_INTERVAL,
+    )
+
+
+def _stopping() -> bool:
+    """redis-py may turn our cancellation into a ConnectionError; do not retry then."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
 
 
 class RedisBroker:
@@ -38,6 +61,8 @@ class RedisBroker:
         self.channels: set[str] = set()
         self.connected = False
         self.unsent = 0  # messages that could not be handed to Redis
+        self.malformed = 0  # messages from Redis that were not ours to read
+        self.generation = 0  # bumped on each (re)connection: the publisher starts afresh
         self._outbox: asyncio.Queue[tuple[str, bytes]] = asyncio.Queue(OUTBOX)
         self._changes: asyncio.Queue[None] = asyncio.Queue()
         self._tasks: list[asyncio.Task[None]] = []
@@ -75,38 +100,41 @@ class RedisBroker:
         return None if self.connected else "redis broker unreachable"
 
     async def close(self) -> None:
+        """Stop relaying through Redis; dropping the subscriber connection unsubscribes."""
         for task in self._tasks:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._tasks:
+            await asyncio.wait(self._tasks, timeout=CLOSE_TIMEOUT)
 
     async def _publisher(self) -> None:
-        client = aioredis.from_url(self.url)
+        client, generation = _client(self.url), self.generation
         try:
             while True:
                 channel, payload = await self._outbox.get()
-                # A second try gets a fresh connection when Redis came back since the last
-                # publish; a second failure means it is down (the subscriber notices).
-                for attempt in (1, 2):
-                    try:
-                        await client.publish(channel, payload)
-                        break
-                    except Exception as exc:  # this task must not die
-                        if attempt == 2:
-                            self.unsent += 1
-                            log.debug("publish failed", channel=channel, error=str(exc))
+                if generation != self.generation:  # Redis came back: no stale connection
+                    await client.aclose()
+                    client, generation = _client(self.url), self.generation
+                try:
+                    await client.publish(channel, payload)  # at most once: never retried
+                except Exception as exc:  # this task must not die
+                    if _stopping():
+                        raise
+                    self.unsent += 1
+                    log.debug("publish failed", channel=channel, error=str(exc))
         finally:
             await client.aclose()
 
     async def _subscriber(self) -> None:
         backoff = BACKOFF_MIN
         while True:
-            client = aioredis.from_url(self.url)
+            client = _client(self.url)
             pubsub = client.pubsub()
             try:
                 await pubsub.subscribe(CONTROL)
                 subscribed: set[str] = set()
                 subscribed = await self._sync(pubsub, subscribed)
                 self.connected = True
+                self.generation += 1
                 backoff = BACKOFF_MIN
                 log.info("broker connected", url=self.url, channels=len(subscribed))
                 while True:
@@ -118,10 +146,14 @@ class RedisBroker:
                             self._changes.get_nowait()
                         subscribed = await self._sync(pubsub, subscribed)
             except (RedisError, OSError) as exc:
+                if _stopping():
+                    raise asyncio.CancelledError from exc
                 if self.connected:
                     log.warning("broker unreachable: relaying locally only", error=str(exc))
                 self.connected = False
             except Exception:  # a bug must not end cross-instance relay for good
+                if _stopping():
+                    raise
                 log.exception("broker subscriber failed; reconnecting")
                 self.connected = False
             finally:
@@ -146,9 +178,17 @@ class RedisBroker:
         channel = message.get("channel")
         if not isinstance(payload, bytes) or not isinstance(channel, bytes):
             return
-        if payload[:ID_SIZE] == self.id or len(payload) < ID_SIZE + 1:
+        if payload[:ID_SIZE] == self.id:
             return  # our own message coming back: already delivered locally
         kind, body = payload[ID_SIZE : ID_SIZE + 1], payload[ID_SIZE + 1 :]
-        data: Data = body.decode() if kind == TEXT else body
+        try:
+            if kind not in (TEXT, BINARY):
+                raise ValueError(f"unknown frame type {kind!r}")
+            data: Data = body.decode() if kind == TEXT else body
+            name = channel.decode()[len(PREFIX) :]
+        except ValueError as exc:  # UnicodeDecodeError too: someone else's message
+            self.malformed += 1
+            log.warning("malformed message from redis dropped", error=str(exc))
+            return
         assert self._deliver is not None
-        await self._deliver(channel.decode()[len(PREFIX) :], data)
+        await self._deliver(name, data)
