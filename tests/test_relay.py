@@ -416,3 +416,65 @@ def test_malformed_message_in_redis_does_not_stop_the_relay(
     asyncio.run(main())
     two.wait_for("malformed message from redis dropped")
     assert "Traceback" not in one.log + two.log
+
+
+@pytest.mark.timeout(120)
+def test_many_publishers_cannot_pile_up_behind_a_stopped_reader(
+    start: Callable[..., Daemon],
+) -> None:
+    """Eight clients publish at once (and read each other, as channel members do) past a
+    client that never reads; incoming buffering is kept small (max_queue 2) so that what
+    is measured is the outgoing side."""
+    daemon = relay(start, "--max-queue", "2", "--close-timeout", "1")
+    publishers, per_publisher, chunk = 8, 8, 256 * 1024
+    url = f"{daemon.url}/crowd"
+    slow = rawws.connect(daemon.port, "/crowd")
+    slow.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    baseline = rss_kib(daemon.proc.pid)
+    peak = [baseline]
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.wait(0.02):
+            peak[0] = max(peak[0], rss_kib(daemon.proc.pid))
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+
+    async def main() -> dict[int, list[int]]:
+        got: dict[int, list[int]] = {p: [] for p in range(publishers)}
+        async with connect(url, max_size=None) as fast:
+            pubs = [await connect(url, max_size=None) for _ in range(publishers)]
+
+            async def publish(p: int) -> None:
+                for i in range(per_publisher):
+                    await pubs[p].send(bytes([p, i]) + bytes(chunk - 2))
+
+            async def discard(ws: ClientConnection) -> None:  # publishers read the channel too
+                with contextlib.suppress(Exception):
+                    async for _ in ws:
+                        pass
+
+            async def read() -> None:
+                for _ in range(publishers * per_publisher):
+                    message = await asyncio.wait_for(fast.recv(), 30)
+                    assert isinstance(message, bytes)
+                    got[message[0]].append(message[1])
+
+            readers = [asyncio.create_task(discard(ws)) for ws in pubs]
+            await asyncio.gather(read(), *(publish(p) for p in range(publishers)))
+            for ws in pubs:
+                await ws.close()
+            await asyncio.gather(*readers)
+        return got
+
+    try:
+        got = asyncio.run(main())
+    finally:
+        done.set()
+        sampler.join()
+        slow.close()
+    growth_mib = (peak[0] - baseline) / 1024
+    print(f"8 publishers, 16 MiB, one stopped reader: server RSS grew {growth_mib:.1f} MiB")
+    assert got == {p: list(range(per_publisher)) for p in range(publishers)}
+    assert growth_mib < 24

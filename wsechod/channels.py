@@ -1,13 +1,13 @@
 """Channels for relay mode: who is on which path, and fan-out that a slow reader cannot stall.
 
 A message is encoded once and written to every receiver with websockets' ``broadcast()``.
-Writing never waits, so the publisher, not the receivers, absorbs the back-pressure: when a
-receiver's write buffer is above ``write_limit``, the publisher's handler waits (and so stops
-reading its own socket) until the receiver drains. A receiver still above the limit after
-``slow_consumer_timeout`` is a slow consumer: per ``slow_consumer`` it is skipped (its
-messages dropped and counted) until it catches up, or closed. Either way a client that stops
-reading holds at most ``write_limit`` plus one message of the server's memory, and holds up
-the others for at most ``slow_consumer_timeout``.
+Writing never waits, so the publisher, not the receivers, absorbs the back-pressure: while a
+receiver's write buffer is above ``write_limit``, a publisher's handler waits before writing
+(and so stops reading its own socket) until the receiver drains. A receiver still above the
+limit after ``slow_consumer_timeout`` is a slow consumer: per ``slow_consumer`` it is skipped
+(its messages dropped and counted) until it catches up, or closed. Either way a client that
+stops reading holds at most ``write_limit`` plus one message per publisher that was already
+writing, and holds the others up for at most ``slow_consumer_timeout``.
 """
 
 import asyncio
@@ -78,12 +78,26 @@ class Hub:
             self.broker.unsubscribe(channel)
 
     async def publish(self, channel: str, message: Data, sender: ServerConnection) -> None:
-        """A local client's message: to the other members here, and to other instances."""
+        """A local client's message: to the other members here, and to other instances.
+
+        It waits *before* writing while a receiver is above ``write_limit``, so however
+        many clients publish at once, none adds to a buffer that is already full.
+        """
         exclude = None if self.settings.relay_echo else sender
-        lagging = self._fan_out(channel, message, exclude)
-        self.broker.publish(channel, message)
-        if lagging:
+        while lagging := self._lagging(channel, exclude):
             await self._hold(lagging)
+        self._fan_out(channel, message, exclude)
+        self.broker.publish(channel, message)
+
+    def _lagging(self, channel: str, exclude: ServerConnection | None) -> list[ServerConnection]:
+        return [
+            ws
+            for ws in self.channels.get(channel, ())
+            if ws.paused
+            and ws is not exclude
+            and ws not in self.skipped
+            and ws.protocol.state is State.OPEN
+        ]
 
     async def deliver(self, channel: str, message: Data) -> None:
         """A message from another instance: to every member here. Nobody can be held up

@@ -3,8 +3,9 @@
 Each instance subscribes only to the channels it has members on (Redis channel
 ``wsechod:<path>``) and publishes each relayed message once, prefixed with its own random
 id and the frame type, so it can ignore its own messages when Redis echoes them back: a
-client never gets a message twice. Publishing goes through one bounded queue and one task,
-so a slow or absent Redis never blocks the relay and per-sender order is kept.
+client never gets a message twice. Publishing goes through one queue (bounded in bytes) and
+one task, so a slow or absent Redis never blocks the relay and per-sender order is kept;
+nothing is retried, so delivery between instances is at most once.
 
 When Redis is unreachable the instance keeps relaying between its own members, reports
 ``degraded``, and reconnects with exponential backoff (0.1 s to 5 s), resubscribing to its
@@ -29,7 +30,7 @@ PREFIX = "wsechod:"
 CONTROL = PREFIX + "\0control"  # always subscribed: keeps the subscriber connection alive
 TEXT, BINARY = b"t", b"b"
 ID_SIZE = 8
-OUTBOX = 10_000  # messages queued for Redis before new ones are dropped
+OUTBOX_BYTES = 64 * 2**20  # queued for Redis before new messages are dropped (slow Redis)
 BACKOFF_MIN, BACKOFF_MAX = 0.1, 5.0
 SOCKET_TIMEOUT = 5.0
 HEALTH_CHECK_INTERVAL = 5.0
@@ -63,7 +64,8 @@ class RedisBroker:
         self.unsent = 0  # messages that could not be handed to Redis
         self.malformed = 0  # messages from Redis that were not ours to read
         self.generation = 0  # bumped on each (re)connection: the publisher starts afresh
-        self._outbox: asyncio.Queue[tuple[str, bytes]] = asyncio.Queue(OUTBOX)
+        self._outbox: asyncio.Queue[tuple[str, bytes]] = asyncio.Queue()
+        self._queued = 0  # bytes in the outbox
         self._changes: asyncio.Queue[None] = asyncio.Queue()
         self._tasks: list[asyncio.Task[None]] = []
         self._deliver: Deliver | None = None
@@ -91,10 +93,11 @@ class RedisBroker:
             payload = self.id + TEXT + message.encode()
         else:
             payload = self.id + BINARY + bytes(message)
-        try:
-            self._outbox.put_nowait((PREFIX + channel, payload))
-        except asyncio.QueueFull:
+        if self._queued + len(payload) > OUTBOX_BYTES:
             self.unsent += 1
+            return
+        self._queued += len(payload)
+        self._outbox.put_nowait((PREFIX + channel, payload))
 
     def degraded(self) -> str | None:
         return None if self.connected else "redis broker unreachable"
@@ -111,6 +114,7 @@ class RedisBroker:
         try:
             while True:
                 channel, payload = await self._outbox.get()
+                self._queued -= len(payload)
                 if generation != self.generation:  # Redis came back: no stale connection
                     await client.aclose()
                     client, generation = _client(self.url), self.generation
