@@ -26,7 +26,11 @@ from tests.test_echo import http_get
 
 ROOT = Path(__file__).parents[1]
 UNITS = ROOT / "systemd"
-HARNESS = ROOT.parent / "shared" / "systemd" / "harness.sh"
+# The private-systemd harness lives beside the project (../shared); SYSTEMD_HARNESS may
+# point elsewhere.
+HARNESS = Path(
+    os.environ.get("SYSTEMD_HARNESS", ROOT.parent / "shared" / "systemd" / "harness.sh")
+)
 
 for tool in ("systemd-analyze", "systemd-socket-activate"):
     if shutil.which(tool) is None:
@@ -333,9 +337,7 @@ def test_units_are_hardened(tmp_path: Path, unit: str) -> None:
 
 def harness_reason() -> str | None:
     if not HARNESS.exists():
-        if os.environ.get("CI"):
-            pytest.fail(f"{HARNESS} is missing; CI must run the real-systemd tests")
-        return f"{HARNESS} is not beside the project"
+        return f"{HARNESS} is not beside the project (set SYSTEMD_HARNESS)"
     if os.geteuid() != 0:
         return "the systemd harness needs root"
     if Path("/run/systemd/system").exists():
@@ -351,12 +353,18 @@ def harness_reason() -> str | None:
     return None
 
 
+HARNESS_REASON = harness_reason()
+
+
 @pytest.mark.timeout(180)
-@pytest.mark.skipif(harness_reason() is not None, reason=str(harness_reason()))
 @pytest.mark.parametrize("socket_activated", [False, True], ids=["service", "socket"])
 def test_unit_runs_under_a_real_systemd(tmp_path: Path, socket_activated: bool) -> None:
     """Start (READY=1), is-active, reload (SIGHUP), stop (SIGTERM, exit 0): the shipped
     hardened unit, with only ExecStart pointed at this checkout."""
+    if HARNESS_REASON is not None:
+        if os.environ.get("CI") and not HARNESS.exists():
+            pytest.fail(f"CI must run the real-systemd tests: {HARNESS_REASON}")
+        pytest.skip(HARNESS_REASON)
     units = installed_units(tmp_path / "root")
     work = tmp_path / "unit"
     work.mkdir()
