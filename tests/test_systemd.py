@@ -28,9 +28,7 @@ ROOT = Path(__file__).parents[1]
 UNITS = ROOT / "systemd"
 # The private-systemd harness lives beside the project (../shared); SYSTEMD_HARNESS may
 # point elsewhere.
-HARNESS = Path(
-    os.environ.get("SYSTEMD_HARNESS", ROOT.parent / "shared" / "systemd" / "harness.sh")
-)
+HARNESS = Path(os.environ.get("SYSTEMD_HARNESS", ROOT.parent / "shared" / "systemd" / "harness.sh"))
 
 for tool in ("systemd-analyze", "systemd-socket-activate"):
     if shutil.which(tool) is None:
