@@ -29,6 +29,7 @@ log = structlog.stdlib.get_logger("wsechod")
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 HANDLED_SIGNALS = {*STOP_SIGNALS, signal.SIGHUP}
 STATUS_INTERVAL = 10.0  # seconds between STATUS= updates to systemd
+FINISH_TIMEOUT = 1.0  # seconds for leftover tasks to end once the drain is over
 
 # Stop signals that arrived before the event loop could handle them.
 _early_stops: list[str] = []
@@ -103,9 +104,12 @@ async def serve(
     life.force.add_done_callback(
         lambda f: log.warning("stopping now", reason=f.result(), connections=len(server.active))
     )
+    # Cross-instance relay ends with the stop (dropping the connection unsubscribes); the
+    # broker closes while the connections drain, within the same deadline.
+    closing = None if hub is None else asyncio.ensure_future(hub.broker.close())
     report = await server.drain(life.force)
-    if hub is not None:
-        await hub.broker.close()  # bounded; dropping the connection unsubscribes
+    if closing is not None:
+        await closing
     log.info(
         "drained",
         duration=round(report.duration, 3),
@@ -195,10 +199,28 @@ def run(
     """
     log.info("starting", version=__version__, pid=os.getpid())
     _raise_open_files_limit(settings.max_connections)
-    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        runner.run(_main(settings, sockets, on_ready, handoff))
+    loop = uvloop.new_event_loop()
+    try:
+        loop.run_until_complete(_main(settings, sockets, on_ready, handoff))
+        _finish(loop)
+    finally:
+        loop.close()
     log.info("stopped")
     return 0
+
+
+def _finish(loop: asyncio.AbstractEventLoop) -> None:
+    """Cancel what is left, but wait for it only so long: asyncio.Runner would wait forever
+    for a library task that does not end when cancelled (seen: a redis-py write to a busy
+    Redis), and a daemon that was told to stop must stop."""
+    left = asyncio.all_tasks(loop)
+    for task in left:
+        task.cancel()
+    if left:
+        _, stuck = loop.run_until_complete(asyncio.wait(left, timeout=FINISH_TIMEOUT))
+        for task in stuck:
+            log.warning("task did not stop; exiting anyway", task=task.get_name())
+    loop.run_until_complete(loop.shutdown_asyncgens())
 
 
 def _raise_open_files_limit(max_connections: int) -> None:

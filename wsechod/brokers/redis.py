@@ -141,14 +141,7 @@ class RedisBroker:
                 self.generation += 1
                 backoff = BACKOFF_MIN
                 log.info("broker connected", url=self.url, channels=len(subscribed))
-                while True:
-                    message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=0.2)
-                    if message is not None:
-                        await self._received(message)
-                    if not self._changes.empty():
-                        while not self._changes.empty():
-                            self._changes.get_nowait()
-                        subscribed = await self._sync(pubsub, subscribed)
+                await self._relay(pubsub, subscribed)
             except (RedisError, OSError) as exc:
                 if _stopping():
                     raise asyncio.CancelledError from exc
@@ -165,6 +158,23 @@ class RedisBroker:
                 await client.aclose()
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, BACKOFF_MAX)
+
+    async def _relay(self, pubsub: aioredis.client.PubSub, subscribed: set[str]) -> None:
+        """Deliver what other instances publish, and follow local joins and leaves."""
+        while True:
+            if _stopping():
+                raise asyncio.CancelledError
+            message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=0.2)
+            if message is not None:
+                await self._received(message)
+            else:
+                # get_message() can return at once without yielding (a connection redis-py
+                # has given up on): yield, so that a cancel can reach us.
+                await asyncio.sleep(0)
+            if not self._changes.empty():
+                while not self._changes.empty():
+                    self._changes.get_nowait()
+                subscribed = await self._sync(pubsub, subscribed)
 
     async def _sync(self, pubsub: aioredis.client.PubSub, subscribed: set[str]) -> set[str]:
         """Make the Redis subscriptions match the channels with local members."""
