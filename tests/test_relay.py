@@ -139,6 +139,26 @@ def rss_kib(pid: int) -> int:
     return int(status.split("VmRSS:")[1].split()[0])
 
 
+class RssPeak:
+    """Samples a process's resident memory on a thread; ``growth_mib`` once stopped."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.baseline = self.peak = rss_kib(pid)
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._sample)
+        self._thread.start()
+
+    def _sample(self) -> None:
+        while not self._done.wait(0.02):
+            self.peak = max(self.peak, rss_kib(self.pid))
+
+    def stop(self) -> float:
+        self._done.set()
+        self._thread.join()
+        return (self.peak - self.baseline) / 1024
+
+
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("policy", ["drop", "close"])
 def test_slow_consumer_cannot_grow_memory_or_hold_up_others(
@@ -150,16 +170,7 @@ def test_slow_consumer_cannot_grow_memory_or_hold_up_others(
     url = f"{daemon.url}/firehose"
     slow = rawws.connect(daemon.port, "/firehose")  # handshakes, then never reads
     slow.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    peak = [rss_kib(daemon.proc.pid)]
-    baseline = peak[0]
-    done = threading.Event()
-
-    def sample() -> None:
-        while not done.wait(0.02):
-            peak[0] = max(peak[0], rss_kib(daemon.proc.pid))
-
-    sampler = threading.Thread(target=sample)
-    sampler.start()
+    rss = RssPeak(daemon.proc.pid)
 
     async def main() -> list[int]:
         async with connect(url, max_size=None) as fast, connect(url) as publisher:
@@ -180,10 +191,8 @@ def test_slow_consumer_cannot_grow_memory_or_hold_up_others(
     try:
         got = asyncio.run(main())
     finally:
-        done.set()
-        sampler.join()
+        growth_mib = rss.stop()
         slow.close()
-    growth_mib = (peak[0] - baseline) / 1024
     print(f"slow consumer ({policy}): server RSS grew {growth_mib:.1f} MiB for 50 MiB relayed")
     assert got == list(range(count))  # the fast reader got everything, in order
     assert growth_mib < 32  # the bound the README states
@@ -430,16 +439,7 @@ def test_many_publishers_cannot_pile_up_behind_a_stopped_reader(
     url = f"{daemon.url}/crowd"
     slow = rawws.connect(daemon.port, "/crowd")
     slow.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    baseline = rss_kib(daemon.proc.pid)
-    peak = [baseline]
-    done = threading.Event()
-
-    def sample() -> None:
-        while not done.wait(0.02):
-            peak[0] = max(peak[0], rss_kib(daemon.proc.pid))
-
-    sampler = threading.Thread(target=sample)
-    sampler.start()
+    rss = RssPeak(daemon.proc.pid)
 
     async def main() -> dict[int, list[int]]:
         got: dict[int, list[int]] = {p: [] for p in range(publishers)}
@@ -471,10 +471,8 @@ def test_many_publishers_cannot_pile_up_behind_a_stopped_reader(
     try:
         got = asyncio.run(main())
     finally:
-        done.set()
-        sampler.join()
+        growth_mib = rss.stop()
         slow.close()
-    growth_mib = (peak[0] - baseline) / 1024
     print(f"8 publishers, 16 MiB, one stopped reader: server RSS grew {growth_mib:.1f} MiB")
     assert got == {p: list(range(per_publisher)) for p in range(publishers)}
     assert growth_mib < 24
