@@ -403,6 +403,10 @@ def test_sigterm_under_load_with_redis_exits_within_the_drain(
     assert daemon.wait(5) == 0, daemon.log
     assert time.monotonic() - sent_at < 2 + 2
     daemon.wait_for("stopped")
+    # Nothing is left subscribed in Redis.
+    assert redis.Redis(port=redis_server.port).pubsub_numsub("wsechod:/busy") == [
+        (b"wsechod:/busy", 0)
+    ]
 
 
 def test_malformed_message_in_redis_does_not_stop_the_relay(
