@@ -72,6 +72,8 @@ class Lifecycle:
     def request_stop(self, reason: str) -> None:
         """First call: drain gracefully. Second call: end the drain at once."""
         if not self.stop.done():
+            if self.server is not None:
+                self.server.stop_accepting()  # synchronously, before anyone hears of it
             self.stop.set_result(reason)
         elif not self.force.done():
             self.force.set_result(reason)

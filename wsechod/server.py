@@ -172,6 +172,17 @@ class Server:
                 dropped=tally.dropped,
             )
 
+    def stop_accepting(self) -> None:
+        """With systemd's sockets: stop accepting now, before the stop is announced.
+
+        websockets' ``Server.close()`` only schedules the close, so a handed-over socket
+        would accept for at least one more loop pass; the asyncio server under it closes
+        its listeners synchronously.
+        """
+        if self.handoff:
+            for server in self._servers:
+                server.server.close()
+
     @property
     def sockets(self) -> list[socket.socket]:
         return [sock for server in self._servers for sock in server.sockets]
@@ -185,9 +196,7 @@ class Server:
         """
         started = time.monotonic()
         self.draining = True
-        if self.handoff:
-            for server in self._servers:
-                server.close(close_connections=False)
+        self.stop_accepting()
         connections = list(self.active)
         closing = {
             asyncio.create_task(ws.close(CloseCode.GOING_AWAY, SHUTDOWN_REASON))

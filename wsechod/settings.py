@@ -304,6 +304,21 @@ def _boolean(raw: Any) -> bool | None:
     return None
 
 
+def redact_url(url: str) -> str:
+    """``url`` with its password (and a user name standing alone) replaced by ``***``,
+    for logs and ``--check-config``: a Redis password must never reach a log."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.password is None and parts.username is None:
+        return url
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    if parts.port is not None:
+        host += f":{parts.port}"
+    user = "" if parts.password is None else (parts.username or "")
+    return urllib.parse.urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+
+
 def describe(key: str) -> str:
     """One-line help for a key, shared by ``--help`` and the sample config."""
     return str(_BY_NAME[key].metadata["doc"])
