@@ -25,6 +25,11 @@ def clean_env(**extra: str) -> dict[str, str]:
     return env
 
 
+def peer_port(event: dict[str, Any]) -> int:
+    """The client's port in a log event's ``peer`` ("host:port")."""
+    return int(str(event["peer"]).rsplit(":", 1)[1])
+
+
 def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     """Run wsechod to completion (for commands that exit: errors, --check-config)."""
     return subprocess.run(

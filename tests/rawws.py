@@ -9,7 +9,7 @@ import os
 import socket
 import struct
 
-OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG = 0x1, 0x2, 0x8, 0x9, 0xA
+OP_CONT, OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA
 
 
 def connect(port: int, path: str = "/", timeout: float = 10.0) -> socket.socket:
@@ -67,13 +67,20 @@ def _read_exact(sock: socket.socket, n: int) -> bytes:
 
 
 def read_frame(sock: socket.socket) -> tuple[int, bytes]:
+    opcode, _, payload = read_frame_fin(sock)
+    return opcode, payload
+
+
+def read_frame_fin(sock: socket.socket) -> tuple[int, bool, bytes]:
+    """The next frame: opcode, FIN bit, payload (server frames are never masked)."""
     first, second = _read_exact(sock, 2)
+    assert not second & 0x80, "the server masked a frame"
     n = second & 0x7F
     if n == 126:
         (n,) = struct.unpack("!H", _read_exact(sock, 2))
     elif n == 127:
         (n,) = struct.unpack("!Q", _read_exact(sock, 8))
-    return first & 0x0F, _read_exact(sock, n)
+    return first & 0x0F, bool(first & 0x80), _read_exact(sock, n)
 
 
 def read_close(sock: socket.socket) -> tuple[int, str]:

@@ -18,7 +18,7 @@ import pytest
 from websockets.exceptions import ConnectionClosedOK
 from websockets.sync.client import connect
 
-from tests.conftest import WSECHOD, Daemon, clean_env, run_cli
+from tests.conftest import WSECHOD, Daemon, clean_env, peer_port, run_cli
 
 IS_ROOT = os.geteuid() == 0
 
@@ -267,12 +267,12 @@ def test_sighup_reopens_the_log_file_and_no_line_is_lost(detach: Any, tmp_path: 
     assert gone(pid, 10)
 
     old, new = read_log(rotated), read_log(d.log)
-    opened = [tuple(e["peer"])[1] for e in old + new if e["event"] == "connection open"]
+    opened = [peer_port(e) for e in old + new if e["event"] == "connection open"]
     assert sorted(opened) == sorted(ports)
     assert [e["event"] for e in old][:2] == ["starting", "listening"]
     assert new[0]["event"] == "log file reopened"
     assert new[-1]["event"] == "stopped"
-    assert all(tuple(e["peer"])[1] in ports[10:] for e in new if "peer" in e)
+    assert all(peer_port(e) in ports[10:] for e in new if "peer" in e)
 
 
 def free_low_port() -> int:

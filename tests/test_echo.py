@@ -76,12 +76,16 @@ def test_websocket_client_library_echoes_text_and_binary(daemon: Daemon) -> None
         ws.close()
 
 
-def test_raw_client_gets_fragmented_message_reassembled(daemon: Daemon) -> None:
+def test_fragments_are_echoed_as_they_arrive(daemon: Daemon) -> None:
     sock = rawws.connect(daemon.port)
     with sock:
         rawws.send_frame(sock, rawws.OP_TEXT, b"hello ", fin=False)
-        rawws.send_frame(sock, 0x0, b"world")
-        assert rawws.read_frame(sock) == (rawws.OP_TEXT, b"hello world")
+        # Streamed: the first fragment comes back before the second is even sent.
+        assert rawws.read_frame_fin(sock) == (rawws.OP_TEXT, False, b"hello ")
+        rawws.send_frame(sock, rawws.OP_PING, b"between")  # control frames may interleave
+        assert rawws.read_frame_fin(sock) == (rawws.OP_PONG, True, b"between")
+        rawws.send_frame(sock, rawws.OP_CONT, b"world")
+        assert rawws.read_frame_fin(sock) == (rawws.OP_CONT, True, b"world")
 
 
 def test_oversized_message_closes_1009(daemon: Daemon) -> None:
@@ -132,8 +136,17 @@ def test_plain_http_gets_426_with_one_line_body(daemon: Daemon) -> None:
     assert body.count("\n") == 1
     status, _, headers = http_get(daemon.port, "/", method="POST")
     assert status == 405
-    assert headers["Allow"] == "GET"
+    assert headers["Allow"] == "GET, HEAD"
     assert "Traceback" not in daemon.log
+
+
+def test_head_is_answered_wherever_get_is(daemon: Daemon) -> None:
+    """HTTP requires HEAD wherever GET works: same status and headers, no body."""
+    for path, status in (("/healthz", 200), ("/", 426)):
+        got, body, headers = http_get(daemon.port, path, method="HEAD")
+        _, get_body, _ = http_get(daemon.port, path)
+        assert (got, body) == (status, "")
+        assert headers["Content-Length"] == str(len(get_body.encode()))
 
 
 def test_max_connections_refuses_with_503(start: Callable[..., Daemon]) -> None:

@@ -16,7 +16,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.protocol import State
 
 from tests import rawws
-from tests.conftest import Daemon, run_cli
+from tests.conftest import Daemon, peer_port, run_cli
 from tests.test_echo import http_get
 
 CLIENTS = 200
@@ -107,7 +107,7 @@ def test_drain_under_load_closes_every_client_with_1001(
         assert refused.response.status_code == 503
     else:
         assert isinstance(refused, ConnectionRefusedError), refused
-    tallies = {e["peer"][1]: e for e in daemon.events if e["event"] == "connection closed"}
+    tallies = {peer_port(e): e for e in daemon.events if e["event"] == "connection closed"}
     for me in clients:
         assert (me.close_code, me.close_reason) == (1001, "server shutting down")
         # Echoes come back intact and in order.

@@ -1,12 +1,11 @@
-"""Runtime: the event loop, the signals, one stop future and one drain.
-
-``serve()`` is the library entry point: it runs the server on sockets someone else produced
-until ``Lifecycle.stop`` resolves, then drains. ``run()`` is what the CLI calls: it builds the
-uvloop loop and turns SIGTERM/SIGINT into ``Lifecycle.request_stop``, the same call an
-embedding program makes.
+"""The process runner: what the CLI adds around ``lifecycle.serve`` when wsechod owns
+the process. It builds the uvloop loop, captures the signals (turning SIGTERM/SIGINT into
+``Lifecycle.request_stop``, the same call an embedding program makes), tells systemd
+about readiness, reloads and the watchdog, and makes sure the process ends.
 """
 
 import asyncio
+import functools
 import os
 import resource
 import signal
@@ -16,18 +15,13 @@ from collections.abc import Callable
 import structlog
 import uvloop
 
-from wsechod import __version__, brokers, logs, systemd
-from wsechod.channels import Hub
-from wsechod.echo import echo
-from wsechod.relay import make_relay
-from wsechod.server import Server
+from wsechod import __version__, logs, systemd
+from wsechod.lifecycle import RELOAD_SIGNALS, STOP_SIGNALS, Lifecycle, capture_signals, serve
 from wsechod.settings import Settings
-from wsechod.sockets import addresses
 
 log = structlog.stdlib.get_logger("wsechod")
 
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
-HANDLED_SIGNALS = {*STOP_SIGNALS, signal.SIGHUP}
+HANDLED_SIGNALS = {*STOP_SIGNALS, *RELOAD_SIGNALS}
 STATUS_INTERVAL = 10.0  # seconds between STATUS= updates to systemd
 FINISH_TIMEOUT = 1.0  # seconds for leftover tasks to end once the drain is over
 
@@ -38,10 +32,10 @@ _early_stops: list[str] = []
 def catch_early_signals() -> None:
     """Until the loop runs: a first SIGTERM/SIGINT is kept and becomes a graceful stop as
     soon as the server is up; a second one ends start-up at once (it may be stuck, say on a
-    name lookup); SIGHUP is ignored (there is nothing to reopen yet)."""
+    name lookup); SIGHUP and SIGUSR1 are ignored (there is nothing to reopen yet)."""
 
     def early(signum: int, _: object) -> None:
-        if signum == signal.SIGHUP:
+        if signum in RELOAD_SIGNALS:
             return
         if _early_stops:
             raise SystemExit(128 + signum)
@@ -51,83 +45,14 @@ def catch_early_signals() -> None:
         signal.signal(sig, early)
 
 
-class Lifecycle:
-    """The stop future, and a second one that cuts the drain short ("stop now")."""
-
-    def __init__(self) -> None:
-        loop = asyncio.get_running_loop()
-        self.ready: asyncio.Future[None] = loop.create_future()
-        self.stop: asyncio.Future[str] = loop.create_future()
-        self.force: asyncio.Future[str] = loop.create_future()
-        self.server: Server | None = None  # set once serving, for status reports
-
-    def status(self) -> str:
-        """One human line for systemd's STATUS=: mode, addresses, open connections."""
-        if self.server is None:
-            return "starting"
-        where = ", ".join(addresses(self.server.sockets))
-        state = "draining" if self.server.draining else self.server.settings.mode
-        return f"{state} on {where}: {len(self.server.active)} connections"
-
-    def request_stop(self, reason: str) -> None:
-        """First call: drain gracefully. Second call: end the drain at once."""
-        if not self.stop.done():
-            if self.server is not None:
-                self.server.stop_accepting()  # synchronously, before anyone hears of it
-            self.stop.set_result(reason)
-        elif not self.force.done():
-            self.force.set_result(reason)
-
-
-async def serve(
-    settings: Settings, sockets: list[socket.socket], life: Lifecycle, handoff: bool = False
-) -> None:
-    """Serve on ``sockets`` until ``life.stop`` resolves, then drain and return.
-    ``handoff``: the sockets came from systemd (see ``Server``)."""
-    hub: Hub | None = None
-    if settings.mode == "relay":
-        hub = Hub(settings, brokers.create(settings))
-        await hub.broker.start(hub.deliver)
-        server = Server(settings, make_relay(hub), hub.admit, hub.broker.degraded, handoff)
-    else:
-        server = Server(settings, echo, handoff=handoff)
-    await server.start(sockets)
-    life.server = server
-    log.info("listening", addresses=addresses(server.sockets), mode=settings.mode, pid=os.getpid())
-    life.ready.set_result(None)
-
-    reason = await life.stop
-    log.info(
-        "stop requested",
-        reason=reason,
-        connections=len(server.active),
-        drain_timeout=settings.drain_timeout,
-    )
-    life.force.add_done_callback(
-        lambda f: log.warning("stopping now", reason=f.result(), connections=len(server.active))
-    )
-    # Cross-instance relay ends with the stop (dropping the connection unsubscribes); the
-    # broker closes while the connections drain, within the same deadline.
-    closing = None if hub is None else asyncio.ensure_future(hub.broker.close())
-    report = await server.drain(life.force)
-    if closing is not None:
-        await closing
-    log.info(
-        "drained",
-        duration=round(report.duration, 3),
-        connections=report.connections,
-        force_closed=report.force_closed,
-        **({} if hub is None else {"dropped": hub.dropped}),
-    )
-
-
-def _reload(notifier: systemd.Notifier, life: Lifecycle) -> None:
-    """SIGHUP: reopen the log file, so logrotate can move it without losing a line."""
+def _reload(notifier: systemd.Notifier, life: Lifecycle, signame: str) -> None:
+    """SIGHUP (or SIGUSR1, which logrotate configs written for nginx send): reopen the
+    log file, so it can be moved without losing a line."""
     notifier.reloading()
     if logs.reopen():
-        log.info("log file reopened")
+        log.info("log file reopened", signal=signame)
     else:
-        log.info("SIGHUP: nothing to reload")
+        log.info(f"{signame}: nothing to reload")
     notifier.send(READY=1, STATUS=life.status())
 
 
@@ -152,10 +77,9 @@ async def _main(
     loop = asyncio.get_running_loop()
     life = Lifecycle()
     notifier = systemd.Notifier()
-
     reporter: asyncio.Task[None] | None = None
 
-    def ready(_: object) -> None:
+    def ready() -> None:
         nonlocal reporter
         notifier.ready(life.status())
         if notifier.enabled:
@@ -164,28 +88,23 @@ async def _main(
             on_ready()
 
     def stopping(_: object) -> None:
-        active = 0 if life.server is None else len(life.server.active)
+        active = 0 if life.engine is None else len(life.engine.connections)
         notifier.send(STOPPING=1, STATUS=f"stopping: draining {active} connections")
 
-    life.ready.add_done_callback(ready)
     life.stop.add_done_callback(stopping)
-    for sig in STOP_SIGNALS:
-        loop.add_signal_handler(sig, life.request_stop, sig.name)
-    loop.add_signal_handler(signal.SIGHUP, _reload, notifier, life)
-    for name in _early_stops:  # sent while we were starting
-        life.request_stop(name)
-    _early_stops.clear()
-    try:
-        await serve(settings, sockets, life, handoff)
-    finally:
-        # Stopped: later signals wait, unanswered, until the process exits (status 0)
-        # rather than kill it with a traceback on the way out.
-        signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED_SIGNALS)
-        for sig in HANDLED_SIGNALS:
-            loop.remove_signal_handler(sig)
-        if reporter is not None:
-            reporter.cancel()
-        notifier.close()
+    with capture_signals(life, functools.partial(_reload, notifier, life)):
+        for name in _early_stops:  # sent while we were starting
+            life.request_stop(name)
+        _early_stops.clear()
+        try:
+            await serve(settings, sockets, life, handoff=handoff, ready=ready)
+        finally:
+            # Stopped: later signals wait, unanswered, until the process exits (status 0)
+            # rather than kill it with a traceback on the way out.
+            signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED_SIGNALS)
+            if reporter is not None:
+                reporter.cancel()
+            notifier.close()
 
 
 def run(

@@ -1,12 +1,10 @@
-"""The interface between the relay's Hub and a broker."""
+"""The interface between the relay and a broker."""
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import Protocol
 
-from websockets.typing import Data
-
-# Called with (channel, message) for each message another instance published.
-Deliver = Callable[[str, Data], Awaitable[None]]
+# Called with (channel, payload, text) for each message another instance published.
+Deliver = Callable[[str, bytes, bool], None]
 
 
 class Broker(Protocol):
@@ -16,9 +14,17 @@ class Broker(Protocol):
 
     def unsubscribe(self, channel: str) -> None: ...
 
-    def publish(self, channel: str, message: Data) -> None: ...
+    def publish(self, channel: str, payload: bytes, text: bool) -> None: ...
+
+    def writable(self) -> bool:
+        """False while published messages cannot leave fast enough: hold publishers."""
+
+    def when_writable(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` (soon, on the loop) once ``writable()`` is true again."""
 
     def degraded(self) -> str | None:
         """Why cross-instance relay is not working right now, or None."""
+
+    def stats(self) -> dict[str, int]: ...
 
     async def close(self) -> None: ...

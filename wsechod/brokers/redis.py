@@ -14,13 +14,13 @@ channels. Messages published while Redis is down do not reach other instances.
 
 import asyncio
 import os
+from collections.abc import Callable
 
 import redis.asyncio as aioredis
 import structlog
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
-from websockets.typing import Data
 
 from wsechod.brokers.base import Deliver
 
@@ -85,19 +85,25 @@ class RedisBroker:
         self.channels.discard(channel)
         self._changes.put_nowait(None)
 
-    def publish(self, channel: str, message: Data) -> None:
+    def publish(self, channel: str, body: bytes, text: bool) -> None:
         if not self.connected:
             self.unsent += 1
             return
-        if isinstance(message, str):
-            payload = self.id + TEXT + message.encode()
-        else:
-            payload = self.id + BINARY + bytes(message)
+        payload = self.id + (TEXT if text else BINARY) + body
         if self._queued + len(payload) > OUTBOX_BYTES:
             self.unsent += 1
             return
         self._queued += len(payload)
         self._outbox.put_nowait((PREFIX + channel, payload))
+
+    def writable(self) -> bool:
+        return True
+
+    def when_writable(self, callback: Callable[[], None]) -> None:
+        asyncio.get_running_loop().call_soon(callback)
+
+    def stats(self) -> dict[str, int]:
+        return {"unsent": self.unsent, "malformed": self.malformed}
 
     def degraded(self) -> str | None:
         return None if self.connected else "redis broker unreachable"
@@ -198,11 +204,12 @@ class RedisBroker:
         try:
             if kind not in (TEXT, BINARY):
                 raise ValueError(f"unknown frame type {kind!r}")
-            data: Data = body.decode() if kind == TEXT else body
+            if kind == TEXT:
+                body.decode()
             name = channel.decode()[len(PREFIX) :]
         except ValueError as exc:  # UnicodeDecodeError too: someone else's message
             self.malformed += 1
             log.warning("malformed message from redis dropped", error=str(exc))
             return
         assert self._deliver is not None
-        await self._deliver(name, data)
+        self._deliver(name, body, kind == TEXT)

@@ -1,0 +1,61 @@
+"""HTTP admission: what a request gets before any upgrade, as a function from the request
+to a reply (or None: go on with the WebSocket handshake).
+
+Operations endpoints live on the WebSocket port (``/healthz``), so a load balancer checks
+the very socket clients use. Refusals are decided here, before the 101, so that a client
+over a limit gets a definite HTTP status rather than a WebSocket that closes at once.
+"""
+
+import http
+from collections.abc import Callable, Sized
+from typing import Protocol
+
+import structlog
+
+from wsechod import ratelimit
+from wsechod.engine import Application, Reply, Request
+
+warn = ratelimit.RateLimitedLog(structlog.stdlib.get_logger("wsechod.admission"))
+
+ALLOW = {"Allow": "GET, HEAD"}
+
+
+class State(Protocol):
+    @property
+    def draining(self) -> bool: ...
+
+    @property
+    def connections(self) -> Sized: ...
+
+
+def admission(
+    state: State, app: Application, max_connections: int
+) -> Callable[[Request], Reply | None]:
+    def admit(request: Request) -> Reply | None:  # noqa: PLR0911 - one answer per rule
+        if request.method not in ("GET", "HEAD"):
+            return Reply(http.HTTPStatus.METHOD_NOT_ALLOWED, "only GET is served\n", ALLOW)
+        if request.route == "/healthz":
+            return health(state, app)
+        if state.draining:
+            return Reply(http.HTTPStatus.SERVICE_UNAVAILABLE, "server is shutting down\n")
+        if "websocket" not in ",".join(request.headers.get_all("Upgrade")).lower():
+            text = "this is a WebSocket server; connect with a WebSocket client\n"
+            return Reply(http.HTTPStatus.UPGRADE_REQUIRED, text, {"Upgrade": "websocket"})
+        if request.method != "GET":
+            return Reply(http.HTTPStatus.METHOD_NOT_ALLOWED, "upgrades use GET\n", ALLOW)
+        if max_connections and len(state.connections) >= max_connections:
+            warn.warning("connection refused", reason="max_connections", limit=max_connections)
+            return Reply(http.HTTPStatus.SERVICE_UNAVAILABLE, "too many connections\n")
+        return app.admit(request.path)
+
+    return admit
+
+
+def health(state: State, app: Application) -> Reply:
+    """200 while serving, 503 while draining, so load balancers stop sending clients.
+    Still 200 when degraded: this instance serves its own clients; the body says what is
+    missing."""
+    if state.draining:
+        return Reply(http.HTTPStatus.SERVICE_UNAVAILABLE, "draining\n")
+    why = app.degraded()
+    return Reply(http.HTTPStatus.OK, "ok\n" if why is None else f"degraded: {why}\n")

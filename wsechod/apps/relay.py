@@ -1,0 +1,341 @@
+"""Relay: clients on the same path form a channel; what one sends, the others receive.
+
+A message is framed once and the same bytes are written to every member. Flow control,
+per channel:
+
+- A receiver whose write buffer goes above ``write_limit`` is *behind*. While a member
+  of a channel is behind, the channel's publishers are held: the server stops reading
+  them, and the message each had just sent waits with it (so a receiver gets at most one
+  message per publisher beyond ``write_limit``, and a publisher's order is kept).
+- A receiver is *slow* when it stays behind for ``slow_consumer_timeout``, or when it is
+  the one member holding its channel back for more than a tenth of the time (a leaky
+  bucket: the time it alone holds publishers is charged, a tenth of real time leaks
+  away, and more than ``slow_consumer_timeout`` in the bucket is slow). A reader that
+  keeps up, even at the channel's full speed, is never charged; one that drains just
+  fast enough to stay under the first rule is caught by the second.
+- A slow receiver no longer holds anyone: with ``slow_consumer = "drop"`` its messages
+  are dropped (counted) until its buffer has drained, with ``"close"`` it is closed with
+  1008. Messages from other instances (the broker) are never held; a receiver they push
+  past ``write_limit + max_size`` is slow at once.
+
+So a client that stops reading costs at most ``write_limit + max_size`` of memory and
+holds its channel for at most ``slow_consumer_timeout``; a slow reader never paces the
+channel for the others for long.
+"""
+
+import asyncio
+import http
+import re
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+import structlog
+
+from wsechod import ratelimit
+from wsechod.brokers.base import Broker
+from wsechod.engine import Connection, Prepared, Reply, prepare
+
+log = structlog.stdlib.get_logger("wsechod.relay")
+warn = ratelimit.logger("wsechod.relay")
+
+# RFC 3986 path characters: anything else in a channel name is refused with 400.
+_PATH = re.compile(r"/[A-Za-z0-9._~!$&'()*+,;=:@%/-]*")
+SLOW_REASON = "slow consumer"
+LEAK = 0.1  # share of the time a receiver may alone hold its channel back, indefinitely
+POLICIES = ("drop", "close")
+
+
+def channel_of(path: str) -> str:
+    """The channel is the request path, without the query string."""
+    return path.partition("?")[0]
+
+
+class Member:
+    """A connection's place in its channel."""
+
+    __slots__ = (
+        "behind_since",
+        "channel",
+        "conn",
+        "debt",
+        "debt_at",
+        "parts",
+        "pending",
+        "slow",
+        "text",
+        "timer",
+    )
+
+    def __init__(self, conn: Connection, channel: "Channel") -> None:
+        self.conn = conn
+        self.channel = channel
+        self.parts: bytearray | None = None  # a fragmented message being reassembled
+        self.text = False
+        self.pending: tuple[bytes, bool] | None = None  # held with its publisher
+        self.slow = False
+        self.behind_since = 0.0
+        self.timer: asyncio.TimerHandle | None = None
+        self.debt = 0.0  # seconds it alone held the channel, leaking at LEAK per second
+        self.debt_at = 0.0
+
+
+class Channel:
+    __slots__ = ("alone_since", "behind", "broker_wait", "members", "name", "waiting")
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.members: dict[Connection, Member] = {}
+        self.behind: set[Member] = set()  # receivers above write_limit, not slow
+        self.waiting: deque[Member] = deque()  # publishers held, each with one message
+        self.alone_since = 0.0  # when ``behind`` last shrank to one member
+        self.broker_wait = False  # a release is registered with the broker
+
+
+class Relay:
+    """The relay application and its channel hub."""
+
+    def __init__(
+        self,
+        broker: Broker,
+        *,
+        echo: bool = False,
+        write_limit: int = 2**15,
+        max_size: int = 2**20,
+        max_channels: int = 10_000,
+        max_channel_members: int = 1_000,
+        max_path_length: int = 256,
+        slow_consumer: str = "drop",
+        slow_consumer_timeout: float = 2.0,
+    ) -> None:
+        self.broker = broker
+        self.echo = echo
+        self.cap = write_limit + max_size  # a receiver's buffer never grows past this
+        self.max_channels = max_channels
+        self.max_channel_members = max_channel_members
+        self.max_path_length = max_path_length
+        self.policy = slow_consumer
+        self.timeout = slow_consumer_timeout
+        self.channels: dict[str, Channel] = {}
+        self.stats = {"dropped": 0, "slow_dropping": 0, "slow_closed": 0, "remote": 0}
+        self._now: Callable[[], float] = asyncio.get_running_loop().time
+
+    # --- admission -------------------------------------------------------------------
+
+    def admit(self, path: str) -> Reply | None:
+        """Refuse, before the handshake, a channel name or a member over the limits."""
+        name = channel_of(path)
+        if len(name) > self.max_path_length:
+            return Reply(http.HTTPStatus.REQUEST_URI_TOO_LONG, "channel name too long\n")
+        if not _PATH.fullmatch(name):
+            return Reply(http.HTTPStatus.BAD_REQUEST, "invalid character in channel name\n")
+        channel = self.channels.get(name)
+        if channel is None and len(self.channels) >= self.max_channels:
+            warn.warning("connection refused", reason="max_channels", limit=self.max_channels)
+            return Reply(http.HTTPStatus.SERVICE_UNAVAILABLE, "too many channels\n")
+        if channel is not None and len(channel.members) >= self.max_channel_members:
+            warn.warning(
+                "connection refused", reason="max_channel_members", limit=self.max_channel_members
+            )
+            return Reply(http.HTTPStatus.SERVICE_UNAVAILABLE, "channel is full\n")
+        return None
+
+    def degraded(self) -> str | None:
+        return self.broker.degraded()
+
+    # --- membership ------------------------------------------------------------------
+
+    def opened(self, conn: Connection) -> None:
+        name = channel_of(conn.path)
+        channel = self.channels.get(name)
+        if channel is None:
+            channel = self.channels[name] = Channel(name)
+            self.broker.subscribe(name)
+        member = Member(conn, channel)
+        channel.members[conn] = member
+        conn.app_data = member
+
+    def closed(self, conn: Connection) -> None:
+        member: Member = conn.app_data
+        channel = member.channel
+        channel.members.pop(conn, None)
+        if member.timer is not None:
+            member.timer.cancel()
+        if member.slow and conn.dropped:
+            log.info("slow consumer left", peer=conn.peer, dropped=conn.dropped)
+        if member in channel.behind:
+            self._not_behind(member)
+        # A publisher held with its message: the message was received whole, so it still
+        # goes out when the channel moves (``_release`` skips resuming the gone client).
+        if not channel.members and not channel.waiting:
+            del self.channels[channel.name]
+            self.broker.unsubscribe(channel.name)
+
+    # --- messages --------------------------------------------------------------------
+
+    def data(self, conn: Connection, payload: bytes, text: bool, first: bool, last: bool) -> None:
+        member: Member = conn.app_data
+        if not last:
+            if first:
+                member.parts, member.text = bytearray(payload), text
+            elif member.parts is not None:
+                member.parts += payload
+            return
+        if not first and member.parts is not None:
+            member.parts += payload
+            payload, text, member.parts = bytes(member.parts), member.text, None
+        channel = member.channel
+        if channel.behind or channel.waiting or not self.broker.writable():
+            member.pending = (payload, text)
+            conn.pause_reading()
+            channel.waiting.append(member)
+            self._wait_for_broker(channel)
+            return
+        self._fan_out(channel, prepare(payload, text), None if self.echo else member)
+        self.broker.publish(channel.name, payload, text)
+
+    def deliver(self, name: str, payload: bytes, text: bool) -> None:
+        """A message from another instance: to every member here, never held (the broker
+        serves every channel); a receiver it pushes past the cap is slow at once."""
+        channel = self.channels.get(name)
+        if channel is not None:
+            self.stats["remote"] += 1
+            self._fan_out(channel, prepare(payload, text), None)
+
+    def _fan_out(self, channel: Channel, message: Prepared, exclude: Member | None) -> None:
+        for member in list(channel.members.values()):
+            if member is exclude:
+                continue
+            conn = member.conn
+            if conn.blocked:
+                if member.slow:
+                    conn.dropped += 1
+                    self.stats["dropped"] += 1
+                    continue
+                if conn.buffered > self.cap:
+                    self._slow(member)
+                    if member.slow:  # dropping, not closing
+                        conn.dropped += 1
+                        self.stats["dropped"] += 1
+                    continue
+            elif member.slow:
+                self._caught_up(member)
+            conn.send_prepared(message)
+
+    # --- flow control ----------------------------------------------------------------
+
+    def blocked(self, conn: Connection) -> None:
+        member: Member | None = conn.app_data
+        if member is None or member.slow or not conn.open:
+            return
+        channel = member.channel
+        now = self._now()
+        member.behind_since = now
+        channel.behind.add(member)
+        if len(channel.behind) == 1:
+            channel.alone_since = now
+        member.timer = asyncio.get_running_loop().call_later(self.timeout, self._timeout, member)
+
+    def unblocked(self, conn: Connection) -> None:
+        member: Member | None = conn.app_data
+        if member is None:
+            return
+        if member.slow:
+            self._caught_up(member)
+        elif member in member.channel.behind:
+            self._charge(member)
+            if not member.slow:
+                self._not_behind(member)
+
+    def _not_behind(self, member: Member) -> None:
+        channel = member.channel
+        channel.behind.discard(member)
+        if member.timer is not None:
+            member.timer.cancel()
+            member.timer = None
+        if len(channel.behind) == 1:
+            channel.alone_since = self._now()
+        elif not channel.behind:
+            self._release(channel)
+
+    def _charge(self, member: Member) -> None:
+        """The last receiver to drain is charged the time it alone held publishers who
+        had someone else to deliver to."""
+        channel = member.channel
+        if len(channel.behind) != 1 or not self._starving(channel, member):
+            return
+        now = self._now()
+        held = now - max(member.behind_since, channel.alone_since)
+        member.debt = max(0.0, member.debt - (now - member.debt_at) * LEAK) + held
+        member.debt_at = now
+        if member.debt > self.timeout:
+            self._slow(member)
+
+    def _starving(self, channel: Channel, lagging: Member) -> bool:
+        """Whether a held message has a receiver other than ``lagging`` waiting for it
+        (in a one-publisher, one-reader stream the reader's pace is the stream's)."""
+        waiting = channel.waiting
+        if not waiting:
+            return False
+        if len(waiting) > 1 or self.echo:
+            return len(channel.members) > 1
+        publisher = waiting[0]
+        return any(m is not lagging and m is not publisher for m in channel.members.values())
+
+    def _timeout(self, member: Member) -> None:
+        member.timer = None
+        if member in member.channel.behind:
+            self._slow(member)
+
+    def _slow(self, member: Member) -> None:
+        conn = member.conn
+        if member in member.channel.behind:
+            self._not_behind(member)
+        if self.policy == "close":
+            self.stats["slow_closed"] += 1
+            warn.warning("slow consumer: closing", peer=conn.peer, channel=member.channel.name)
+            conn.close(1008, SLOW_REASON)
+            return
+        member.slow = True
+        self.stats["slow_dropping"] += 1
+        warn.warning(
+            "slow consumer: dropping its messages", peer=conn.peer, channel=member.channel.name
+        )
+
+    def _caught_up(self, member: Member) -> None:
+        member.slow = False
+        member.debt = 0.0
+        log.debug("slow consumer caught up", peer=member.conn.peer, dropped=member.conn.dropped)
+
+    def _wait_for_broker(self, channel: Channel) -> None:
+        if not self.broker.writable() and not channel.broker_wait:
+            channel.broker_wait = True
+            self.broker.when_writable(lambda: self._broker_ready(channel))
+
+    def _broker_ready(self, channel: Channel) -> None:
+        channel.broker_wait = False
+        self._release(channel)
+
+    def _release(self, channel: Channel) -> None:
+        """Nobody is behind any more: let the held publishers go, in the order they came,
+        as long as nobody falls behind again."""
+        waiting = channel.waiting
+        while waiting and not channel.behind:
+            if not self.broker.writable():
+                self._wait_for_broker(channel)
+                return
+            member = waiting.popleft()
+            assert member.pending is not None
+            payload, text = member.pending
+            member.pending = None
+            self._fan_out(channel, prepare(payload, text), None if self.echo else member)
+            self.broker.publish(channel.name, payload, text)
+            if member.conn in channel.members:
+                member.conn.resume_reading()
+        if not channel.members and not waiting and self.channels.get(channel.name) is channel:
+            del self.channels[channel.name]
+            self.broker.unsubscribe(channel.name)
+
+    def counts(self) -> dict[str, Any]:
+        members = sum(len(c.members) for c in self.channels.values())
+        return {"channels": len(self.channels), "members": members, **self.stats}

@@ -1,0 +1,23 @@
+"""The engine: WebSocket connections on uvloop with one ``asyncio.Protocol`` each and no
+Task per connection or message; applications see only ``interface``."""
+
+from wsechod.engine.frames import frame
+from wsechod.engine.interface import Application, Connection, Prepared, Reply, Request
+from wsechod.engine.server import Engine, Options
+
+__all__ = [
+    "Application",
+    "Connection",
+    "Engine",
+    "Options",
+    "Prepared",
+    "Reply",
+    "Request",
+    "frame",
+    "prepare",
+]
+
+
+def prepare(payload: bytes, text: bool) -> Prepared:
+    """Frame a message once, for writing the same bytes to many connections."""
+    return Prepared(payload, text, frame(0x1 if text else 0x2, payload))

@@ -1,0 +1,505 @@
+"""One open WebSocket connection: an ``asyncio.Protocol`` that parses frames as bytes
+arrive and hands each frame's payload to the application, in stream order.
+
+No Task, queue or coroutine: the event loop calls ``data_received`` and everything a
+frame causes (the echo, the pong, the close) is written before the next frame is read,
+so answers leave in the order their causes arrived, and a protocol violation is answered
+after everything that came before it.
+
+Memory per connection is bounded whatever the client sends: one frame being assembled
+(at most ``max_size``), the transport's buffer (reading stops once it holds more than
+``write_limit``; one frame may overshoot it), and what was read but not yet parsed while
+reading is paused (at most one read, 256 KiB with uvloop).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import codecs
+from typing import TYPE_CHECKING, Any
+
+import structlog
+from websockets.exceptions import PayloadTooBig, ProtocolError
+from websockets.extensions import Extension
+from websockets.frames import Frame, Opcode
+from websockets.speedups import apply_mask
+
+from wsechod.engine import frames as f
+from wsechod.engine.interface import Application, Prepared
+
+if TYPE_CHECKING:
+    from wsechod.engine.server import Engine
+
+# States. Reading goes on in CLOSING (we sent a close frame and wait for the client's);
+# in CLOSED nothing more is parsed.
+OPEN, CLOSING, CLOSED = 1, 2, 3
+# Why reading is paused: our own write buffer is full, or the application asked.
+PAUSED_WRITE, PAUSED_APP = 1, 2
+# A frame bigger than this is unmasked from a memoryview instead of a copy.
+_VIEW_FROM = 4096
+_Decoder = codecs.getincrementaldecoder("utf-8")
+_HEADERS = f._HEADERS
+
+log = structlog.stdlib.get_logger("wsechod.engine")
+
+
+class WebSocket(asyncio.Protocol):
+    """Takes over the transport from the handshake once the 101 has been written."""
+
+    __slots__ = (
+        "_app",
+        "_buf",
+        "_checked",
+        "_compressed",
+        "_engine",
+        "_ext",
+        "_max_size",
+        "_msg",
+        "_msg_size",
+        "_need",
+        "_parsing",
+        "_pause",
+        "_ping",
+        "_ping_at",
+        "_state",
+        "_t",
+        "_timer",
+        "_utf8",
+        "app_data",
+        "blocked",
+        "bytes_in",
+        "bytes_out",
+        "code_received",
+        "code_sent",
+        "dropped",
+        "opened_at",
+        "path",
+        "peer",
+        "received",
+        "sent",
+    )
+
+    def __init__(
+        self,
+        engine: Engine,
+        transport: asyncio.Transport,
+        path: str,
+        peer: str,
+        extension: Extension | None,
+    ) -> None:
+        self._engine = engine
+        self._app: Application = engine.app
+        self._t = transport
+        self._ext = extension
+        self._max_size = engine.options.max_size
+        self._buf: bytearray | None = None  # bytes read but not parsed yet
+        self._need = 0  # with _buf: how many bytes the frame at its start needs
+        self._msg = 0  # opcode of the fragmented message in progress, 0 if none
+        self._msg_size = 0
+        self._compressed = False  # the message in progress is compressed
+        self._utf8: Any = None  # incremental decoder of a text message in progress
+        self._pause = 0
+        self._parsing = False
+        self._state = OPEN
+        self._timer: asyncio.TimerHandle | None = None
+        self._ping: bytes | None = None  # keepalive ping awaiting its pong
+        self._ping_at = engine.loop.time()
+        self._checked = 0  # bytes of the text frame still arriving already checked
+        self.path = path
+        self.peer = peer
+        self.app_data: Any = None
+        self.blocked = False
+        self.received = self.sent = self.dropped = 0
+        self.bytes_in = self.bytes_out = 0
+        self.code_sent: int | None = None
+        self.code_received: int | None = None
+        self.opened_at = self._ping_at
+        limit = engine.options.write_limit
+        transport.set_write_buffer_limits(high=limit, low=limit // 4)
+        self._keepalive_later(engine.options.ping_interval)
+
+    # --- what applications call ------------------------------------------------------
+
+    @property
+    def open(self) -> bool:
+        return self._state == OPEN
+
+    @property
+    def buffered(self) -> int:
+        return self._t.get_write_buffer_size()
+
+    def send(self, payload: bytes, text: bool, first: bool = True, last: bool = True) -> None:
+        if self._state != OPEN:
+            return
+        opcode = (f.OP_TEXT if text else f.OP_BINARY) if first else f.OP_CONT
+        rsv1 = False
+        if self._ext is not None:
+            encoded = self._ext.encode(Frame(Opcode(opcode), payload, last))
+            payload, rsv1 = bytes(encoded.data), encoded.rsv1
+        n = len(payload)
+        if n < 126:
+            head = _HEADERS[(0x80 if last else 0) | (0x40 if rsv1 else 0) | opcode][n]
+        else:
+            head = f.header(opcode, n, last, rsv1)
+        self._t.write(head + payload)
+        self.bytes_out += n
+        if last:
+            self.sent += 1
+
+    def send_prepared(self, message: Prepared) -> None:
+        if self._state != OPEN:
+            return
+        if self._ext is not None:
+            self.send(message.payload, message.text)
+            return
+        self._t.write(message.frame)
+        self.bytes_out += len(message.payload)
+        self.sent += 1
+
+    def close(self, code: int, reason: str = "") -> None:
+        """Our side starts the closing handshake (drain, slow consumer, keepalive)."""
+        if self._state != OPEN:
+            return
+        self._write_close(code, reason)
+        self._state = CLOSING
+        self._close_later()
+
+    def pause_reading(self) -> None:
+        self._hold(PAUSED_APP)
+
+    def resume_reading(self) -> None:
+        self._release(PAUSED_APP)
+
+    # --- asyncio.Protocol ------------------------------------------------------------
+
+    def data_received(self, data: bytes) -> None:
+        if self._state == CLOSED:
+            return  # 7.1.7 / 1.4: after the close, what arrives is discarded
+        buf = self._buf
+        if buf is None:
+            used = self._parse(data)
+            if used < len(data):
+                self._buf = bytearray(data[used:] if used else data)
+            return
+        buf += data
+        if len(buf) < self._need:
+            if (self._msg or buf[0] & 0x0F) == f.OP_TEXT:
+                self._check_partial_text(buf)
+            return
+        self._continue()
+
+    def eof_received(self) -> bool | None:
+        return False  # the client closed its side: close ours (connection_lost follows)
+
+    def pause_writing(self) -> None:
+        self.blocked = True
+        self._hold(PAUSED_WRITE)
+        self._app.blocked(self)
+
+    def resume_writing(self) -> None:
+        self.blocked = False
+        self._app.unblocked(self)
+        self._release(PAUSED_WRITE)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._state = CLOSED
+        self._buf = None
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._engine.closed(self)
+
+    # --- parsing ---------------------------------------------------------------------
+
+    def _continue(self) -> None:
+        """Parse what is buffered (after more data, or once reading may go on)."""
+        buf = self._buf
+        assert buf is not None
+        used = self._parse(buf)
+        if self._buf is not None:  # not closed meanwhile
+            del buf[:used]
+            if not buf:
+                self._buf = None
+
+    def _parse(self, buf: bytes | bytearray) -> int:  # noqa: PLR0912 - the hot path, inline
+        """Handle every whole frame at the start of ``buf``; return the bytes used."""
+        end = len(buf)
+        pos = 0
+        self._need = 0
+        self._parsing = True
+        try:
+            while end - pos >= 2 and not self._pause and self._state != CLOSED:
+                b0 = buf[pos]
+                b1 = buf[pos + 1]
+                length = b1 & 0x7F
+                start = pos + 6
+                if length == 126:
+                    if end - pos < 8:
+                        break
+                    length = (buf[pos + 2] << 8) | buf[pos + 3]
+                    start = pos + 8
+                elif length == 127:
+                    if end - pos < 14:
+                        break
+                    length = int.from_bytes(buf[pos + 2 : pos + 10], "big")
+                    start = pos + 14
+                if not b1 & 0x80:
+                    return self._fail(f.PROTOCOL_ERROR, "incorrect masking", end)
+                opcode = b0 & 0x0F
+                if opcode & 0x8:
+                    if opcode > f.OP_PONG or b0 & 0x70:
+                        return self._fail(f.PROTOCOL_ERROR, "invalid control frame", end)
+                    if not b0 & 0x80 or length > f.MAX_CONTROL_PAYLOAD:
+                        return self._fail(f.PROTOCOL_ERROR, "control frame too long", end)
+                elif why := self._check_data_header(b0, opcode, length):
+                    code = f.MESSAGE_TOO_BIG if why == "message too big" else f.PROTOCOL_ERROR
+                    return self._fail(code, why, end)
+                stop = start + length
+                if stop > end:
+                    self._need = stop - pos
+                    break
+                mask = buf[start - 4 : start]
+                if length > _VIEW_FROM:
+                    with memoryview(buf) as view:
+                        payload = apply_mask(view[start:stop], mask)
+                else:
+                    payload = apply_mask(buf[start:stop], mask)
+                pos = stop
+                self.bytes_in += length
+                if opcode & 0x8:
+                    self._control(opcode, payload)
+                else:
+                    self._data(opcode, b0, payload)
+        finally:
+            self._parsing = False
+        if self._state == CLOSED:
+            return end
+        return pos
+
+    def _check_data_header(self, b0: int, opcode: int, length: int) -> str | None:
+        """Why a data frame's header is a protocol violation, before its payload."""
+        if opcode > f.OP_BINARY:
+            return "reserved opcode"
+        if b0 & 0x70 and (b0 & 0x70 != f.RSV1 or self._ext is None or opcode == f.OP_CONT):
+            return "reserved bits set"
+        if opcode == f.OP_CONT:
+            if not self._msg:
+                return "unexpected continuation frame"
+        elif self._msg:
+            return "expected a continuation frame"
+        if self._msg_size + length > self._max_size:
+            return "message too big"
+        return None
+
+    def _data(self, opcode: int, b0: int, payload: bytes) -> None:  # noqa: PLR0912
+        fin = b0 & 0x80
+        if opcode:
+            text = opcode == f.OP_TEXT
+            first = True
+            self._compressed = bool(b0 & 0x40)
+        else:
+            text = self._msg == f.OP_TEXT
+            first = False
+        if self._compressed:
+            payload = self._inflate(opcode, fin, b0 & 0x40, payload)
+            if self._state == CLOSED:
+                return
+        if text:
+            if self._checked:
+                payload_rest = payload[self._checked :]
+                self._checked = 0
+                if not self._text_ok(payload_rest, bool(fin)):
+                    return
+            elif first and fin:
+                if not payload.isascii():
+                    try:
+                        payload.decode()
+                    except UnicodeDecodeError as exc:
+                        self._fail(f.INVALID_DATA, f"invalid UTF-8 at byte {exc.start}")
+                        return
+            elif not self._text_ok(payload, bool(fin)):
+                return
+        if fin:
+            self._msg = 0
+            self._msg_size = 0
+            self.received += 1
+        else:
+            if first:
+                self._msg = opcode
+            self._msg_size += len(payload)
+        if self._state != OPEN:
+            return  # closing: counted, not answered (RFC 6455 forbids data after a close)
+        try:
+            self._app.data(self, payload, text, first, bool(fin))
+        except Exception:
+            log.exception("application failed on a message")
+            self._fail(f.INTERNAL_ERROR, "internal error")
+
+    def _inflate(self, opcode: int, fin: int, rsv1: int, payload: bytes) -> bytes:
+        assert self._ext is not None
+        frame = Frame(Opcode(opcode), payload, bool(fin), bool(rsv1))
+        try:
+            data = self._ext.decode(frame, max_size=self._max_size - self._msg_size).data
+        except PayloadTooBig:
+            self._fail(f.MESSAGE_TOO_BIG, "message too big")
+            return b""
+        except ProtocolError as exc:
+            self._fail(f.PROTOCOL_ERROR, str(exc))
+            return b""
+        if fin:
+            self._compressed = False
+        return bytes(data)
+
+    def _text_ok(self, payload: bytes, final: bool) -> bool:
+        """UTF-8 across the frames of a text message: fail at the first bad byte."""
+        decoder = self._utf8
+        if decoder is None:
+            decoder = self._utf8 = _Decoder()
+        try:
+            decoder.decode(payload, final)
+        except UnicodeDecodeError as exc:
+            self._fail(f.INVALID_DATA, f"invalid UTF-8 at byte {exc.start}")
+            return False
+        if final:
+            self._utf8 = None
+        return True
+
+    def _check_partial_text(self, buf: bytearray) -> None:
+        """A big text frame still arriving: check what has come so far, so that invalid
+        UTF-8 is refused at once rather than after the rest of the frame (or never, if
+        the client stalls). ``_checked`` bytes are already fed to the message's decoder;
+        the frame's completion feeds only the rest."""
+        if self._compressed or buf[0] & 0x40:
+            return
+        length = buf[1] & 0x7F
+        start = 14 if length == 127 else 8 if length == 126 else 6
+        checked = self._checked
+        if len(buf) - start - checked < 65536:
+            return  # worth it for big frames only; small ones complete soon enough
+        mask = bytes(buf[start - 4 : start])
+        turn = checked % 4
+        mask = mask[turn:] + mask[:turn]
+        with memoryview(buf) as view:
+            seen = apply_mask(view[start + checked :], mask)
+        if self._text_ok(seen, False):
+            self._checked = checked + len(seen)
+
+    def _control(self, opcode: int, payload: bytes) -> None:
+        if opcode == f.OP_PING:
+            n = len(payload)
+            self._t.write(_HEADERS[0x80 | f.OP_PONG][n] + payload)
+        elif opcode == f.OP_PONG:
+            if payload == self._ping:
+                self._ping = None
+        else:
+            self._close_received(payload)
+
+    def _close_received(self, payload: bytes) -> None:
+        code: int | None = None
+        if payload:
+            if len(payload) == 1:
+                self._fail(f.PROTOCOL_ERROR, "close frame too short")
+                return
+            code = int.from_bytes(payload[:2], "big")
+            if not f.valid_peer_code(code):
+                self._fail(f.PROTOCOL_ERROR, f"invalid close code {code}")
+                return
+            try:
+                payload[2:].decode()
+            except UnicodeDecodeError:
+                self._fail(f.INVALID_DATA, "invalid UTF-8 in close reason")
+                return
+        self.code_received = f.NO_STATUS if code is None else code
+        if self._state == OPEN:
+            # 5.5.1: answer with a close frame, echoing the code. A close between the
+            # fragments of a message is a normal close too: the message is abandoned.
+            self._write_close(code)
+        self._state = CLOSED
+        self._close_later()
+        self._t.close()  # 7.1.1: the server closes the TCP connection first
+
+    # --- closing ---------------------------------------------------------------------
+
+    def _write_close(self, code: int | None, reason: str = "") -> None:
+        payload = f.close_payload(code, reason)
+        self._t.write(_HEADERS[0x80 | f.OP_CLOSE][len(payload)] + payload)
+        self.code_sent = f.NO_STATUS if code is None else code
+
+    def _fail(self, code: int, reason: str, result: int = 0) -> int:
+        """7.1.7 Fail the WebSocket Connection: a close frame with ``code`` if none was
+        sent yet, then stop reading frames. Our side of TCP is shut after the close
+        frame, and the client's bytes are discarded until it closes its side, so that
+        closing early cannot turn into a reset that destroys the close frame."""
+        if self._state == CLOSED:
+            return result
+        if self._state == OPEN:
+            self._write_close(code, reason)
+        self._state = CLOSED
+        self._engine.failed(self, code, reason)
+        self._close_later()
+        if self._t.can_write_eof():
+            self._t.write_eof()
+        else:
+            self._t.close()
+        return result
+
+    def _close_later(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        timeout = self._engine.options.close_timeout
+        if timeout:
+            self._timer = self._engine.loop.call_later(timeout, self.abort)
+
+    def abort(self) -> None:
+        """Drop the TCP connection now (deadlines: close, keepalive, drain)."""
+        self._state = CLOSED
+        self._t.abort()
+
+    # --- flow control ----------------------------------------------------------------
+
+    def _hold(self, reason: int) -> None:
+        if not self._pause:
+            self._t.pause_reading()
+        self._pause |= reason
+
+    def _release(self, reason: int) -> None:
+        if not self._pause & reason:
+            return
+        self._pause &= ~reason
+        if self._pause or self._state == CLOSED:
+            return
+        if self._buf is not None and not self._parsing:
+            self._continue()  # what was read before the pause comes first
+        if not self._pause and self._state != CLOSED:
+            self._t.resume_reading()
+
+    # --- keepalive -------------------------------------------------------------------
+
+    def _keepalive_later(self, delay: float) -> None:
+        if delay:
+            self._timer = self._engine.loop.call_later(delay, self._keepalive)
+
+    def _keepalive(self) -> None:
+        """Ping every ``ping_interval``; no pong within ``ping_timeout``: fail with 1011.
+        The ping is written even when the buffer is full, and a client that does not
+        read cannot answer it, so it is dropped at the deadline however full it is."""
+        self._timer = None
+        if self._state != OPEN:
+            return
+        options = self._engine.options
+        now = self._engine.loop.time()
+        if self._ping is None:
+            if now - self._ping_at >= options.ping_interval:
+                self._ping_at = now
+                self._ping = self._engine.next_ping()
+                self._t.write(_HEADERS[0x80 | f.OP_PING][len(self._ping)] + self._ping)
+        elif options.ping_timeout and now - self._ping_at >= options.ping_timeout:
+            self._fail(f.INTERNAL_ERROR, "keepalive ping timeout")
+            if self.buffered:  # it does not read: the close frame cannot reach it
+                self.abort()
+            return
+        due = self._ping_at + options.ping_interval
+        if self._ping is not None and options.ping_timeout:
+            due = min(due, self._ping_at + options.ping_timeout)
+        self._keepalive_later(max(due - now, 0.001))

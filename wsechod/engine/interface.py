@@ -1,0 +1,112 @@
+"""What the engine offers applications, and what it asks of them.
+
+Applications (echo, relay) are plain callbacks on a connection: they never see frames,
+HTTP, sockets or the event loop's transports, so they can be tested and swapped without
+the engine, and the engine can change its I/O without touching them.
+"""
+
+import http
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """An HTTP answer given instead of the upgrade: a status and a one-line body."""
+
+    status: http.HTTPStatus
+    body: str
+    headers: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    """The parts of an HTTP request that admission decides on."""
+
+    method: str
+    path: str  # with the query string
+    headers: Any  # websockets.datastructures.Headers: get(), get_all(), case-insensitive
+    peer: str
+
+    @property
+    def route(self) -> str:
+        """The path without the query string."""
+        return self.path.partition("?")[0]
+
+
+class Prepared:
+    """A message framed once for many receivers (relay fan-out): connections without
+    compression write ``frame`` as it is; a compressing connection uses ``payload``."""
+
+    __slots__ = ("frame", "payload", "text")
+
+    def __init__(self, payload: bytes, text: bool, frame: bytes) -> None:
+        self.payload = payload
+        self.text = text
+        self.frame = frame
+
+
+class Connection(Protocol):
+    """One open WebSocket connection, as an application sees it."""
+
+    path: str  # the request path, query string included
+    peer: str  # "host:port", or the Unix socket's name
+    received: int  # whole messages received from the client
+    sent: int  # whole messages sent to the client
+    dropped: int  # messages an application chose not to send (relay slow consumers)
+    app_data: Any  # free for the application's per-connection state
+
+    @property
+    def open(self) -> bool:
+        """True until a close frame has been sent or received: sends are accepted."""
+
+    @property
+    def buffered(self) -> int:
+        """Bytes accepted by ``send`` and not yet written to the socket."""
+
+    @property
+    def blocked(self) -> bool:
+        """Whether ``buffered`` went above ``write_limit`` and has not drained since."""
+
+    def send(self, payload: bytes, text: bool, first: bool = True, last: bool = True) -> None:
+        """Send one frame of a message (a whole message by default). Ignored once the
+        connection is closing: RFC 6455 forbids data after a close frame."""
+
+    def send_prepared(self, message: Prepared) -> None:
+        """Send a whole message framed by ``prepare`` (the same bytes for everyone)."""
+
+    def close(self, code: int, reason: str = "") -> None:
+        """Start the closing handshake; the connection goes away when it completes or
+        after ``close_timeout``."""
+
+    def pause_reading(self) -> None:
+        """Stop reading from this client (it is sending faster than others can take)."""
+
+    def resume_reading(self) -> None:
+        """Undo ``pause_reading``; reading goes on once nothing else holds it."""
+
+
+class Application(Protocol):
+    """The callbacks the engine makes. They run on the event loop and must not block."""
+
+    def admit(self, path: str) -> Reply | None:
+        """Before the upgrade: refuse the request with a reply, or None to accept."""
+
+    def opened(self, conn: Connection) -> None: ...
+
+    def data(self, conn: Connection, payload: bytes, text: bool, first: bool, last: bool) -> None:
+        """One frame's payload: ``first`` and ``last`` frame of its message."""
+
+    def blocked(self, conn: Connection) -> None:
+        """``conn`` has more than ``write_limit`` bytes waiting to be written; the engine
+        has stopped reading from it until it drains."""
+
+    def unblocked(self, conn: Connection) -> None:
+        """``conn`` has drained (below a quarter of ``write_limit``)."""
+
+    def closed(self, conn: Connection) -> None:
+        """The connection is gone; nothing can be sent to it any more."""
+
+    def degraded(self) -> str | None:
+        """Why the application works only partly (``/healthz`` shows it), or None."""

@@ -1,0 +1,243 @@
+"""The engine: listening sockets in, one protocol object per connection, a table of the
+open ones for counts, the drain and metrics.
+
+It knows nothing of signals, pidfiles or settings files: it is given its options, an
+application, an admission function and a list of listening sockets, and it is told when
+to stop accepting, when to close everyone and when to cut what is left.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import itertools
+import logging
+import socket
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import structlog
+from websockets.extensions.permessage_deflate import enable_server_permessage_deflate
+
+from wsechod import ratelimit
+from wsechod.engine.connection import WebSocket
+from wsechod.engine.handshake import Handshake
+from wsechod.engine.interface import Application, Reply, Request
+from wsechod.sockets import format_address
+
+log = structlog.stdlib.get_logger("wsechod.engine")
+warn = ratelimit.logger("wsechod.engine")
+
+# Accept errors that mean "out of file descriptors" (or kernel memory): clients are being
+# turned away, which an operator must hear about, at a bounded rate.
+_EXHAUSTED = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
+
+
+@dataclass(frozen=True, slots=True)
+class Options:
+    """Limits and deadlines of the engine; 0 disables a timeout (and max_connections)."""
+
+    max_size: int = 2**20
+    write_limit: int = 2**15
+    max_connections: int = 0
+    open_timeout: float = 10.0
+    ping_interval: float = 20.0
+    ping_timeout: float = 20.0
+    close_timeout: float = 10.0
+    compression: bool = False
+
+
+class Engine:
+    """Serves one application on a list of listening sockets."""
+
+    def __init__(
+        self,
+        options: Options,
+        app: Application,
+        admit: Callable[[Request], Reply | None] | None = None,
+    ) -> None:
+        self.options = options
+        self.app = app
+        self.loop = asyncio.get_running_loop()
+        self.connections: set[WebSocket] = set()  # the table of open connections
+        self.handshakes: set[Handshake] = set()  # accepted, not upgraded yet
+        self.extensions = enable_server_permessage_deflate(None) if options.compression else None
+        self.draining = False
+        self.stats: Counter[str] = Counter()  # plain counts: read at scrape time, not locked
+        self._admit = admit
+        self._servers: list[asyncio.AbstractServer] = []
+        self._sockets: list[socket.socket] = []
+        self._idle: asyncio.Future[None] | None = None
+        self._no_handshakes: asyncio.Future[None] | None = None
+        self._pings = itertools.count()
+        self._previous_handler: Any = None
+        # Per-connection events are debug lines; deciding once spares a structlog call per
+        # connection when nobody reads them.
+        self._debug = logging.getLogger("wsechod.engine").isEnabledFor(logging.DEBUG)
+
+    # --- listening -------------------------------------------------------------------
+
+    async def listen(self, sockets: list[socket.socket]) -> None:
+        self._sockets = list(sockets)
+        for sock in sockets:
+            server = await self.loop.create_server(lambda: Handshake(self), sock=sock)
+            self._servers.append(server)
+        self._previous_handler = self.loop.get_exception_handler()
+        self.loop.set_exception_handler(self._loop_exception)
+
+    @property
+    def addresses(self) -> list[str]:
+        return [format_address(sock.getsockname()) for sock in self._sockets if sock.fileno() >= 0]
+
+    def stop_accepting(self) -> None:
+        """Synchronous: once this returns, no new connection is accepted (what is still in
+        the kernel's backlog stays there, for whoever owns the socket next)."""
+        for server in self._servers:
+            server.close()
+        self._servers.clear()
+
+    # --- the table -------------------------------------------------------------------
+
+    def set_admission(self, admit: Callable[[Request], Reply | None]) -> None:
+        """Admission reads the engine's state (draining, connections), so it comes after."""
+        self._admit = admit
+
+    def admit(self, request: Request) -> Reply | None:
+        return None if self._admit is None else self._admit(request)
+
+    def opened(self, ws: WebSocket) -> None:
+        self.connections.add(ws)
+        self.stats["connections_opened"] += 1
+        if self._debug:
+            log.debug("connection open", peer=ws.peer, path=ws.path)
+        try:
+            self.app.opened(ws)
+        except Exception:
+            log.exception("application failed on open")
+            ws.close(1011, "internal error")
+
+    def closed(self, ws: WebSocket) -> None:
+        if ws not in self.connections:
+            return
+        self.connections.discard(ws)
+        stats = self.stats
+        stats["connections_closed"] += 1
+        stats["messages_in"] += ws.received
+        stats["messages_out"] += ws.sent
+        stats["bytes_in"] += ws.bytes_in
+        stats["bytes_out"] += ws.bytes_out
+        try:
+            self.app.closed(ws)
+        except Exception:
+            log.exception("application failed on close")
+        if self._debug:
+            log.debug(
+                "connection closed",
+                peer=ws.peer,
+                code_sent=ws.code_sent,
+                code_received=ws.code_received,
+                received=ws.received,
+                sent=ws.sent,
+                dropped=ws.dropped,
+            )
+        if not self.connections and self._idle is not None and not self._idle.done():
+            self._idle.set_result(None)
+
+    def failed(self, ws: WebSocket, code: int, reason: str) -> None:
+        """A connection failed (protocol violation, keepalive): the client's doing, so
+        it is counted and logged at debug only."""
+        self.stats[f"failed_{code}"] += 1
+        if self._debug:
+            log.debug("connection failed", peer=ws.peer, code=code, reason=reason)
+
+    def refused(self, reason: str, peer: str, detail: str = "") -> None:
+        """A handshake answered with an HTTP error instead of the upgrade."""
+        self.stats[f"refused_{reason.replace(' ', '_')}"] += 1
+        if self._debug:
+            log.debug("handshake refused", peer=peer, reason=reason, detail=detail)
+
+    def handshake_done(self, handshake: Handshake) -> None:
+        self.handshakes.discard(handshake)
+        waiter = self._no_handshakes
+        if not self.handshakes and waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def next_ping(self) -> bytes:
+        return next(self._pings).to_bytes(4, "big")
+
+    def peer_of(self, transport: asyncio.BaseTransport) -> str:
+        name = transport.get_extra_info("peername")
+        return format_address(name) if name else "unix"
+
+    # --- stopping --------------------------------------------------------------------
+
+    def close_all(self, code: int, reason: str) -> int:
+        """Send every open connection a close frame at once; returns how many."""
+        connections = list(self.connections)
+        for ws in connections:
+            ws.close(code, reason)
+        return len(connections)
+
+    async def wait_closed(self, within: float, force: asyncio.Future[Any]) -> None:
+        """Until the table is empty, ``within`` seconds have passed or ``force`` resolves."""
+        if not self.connections:
+            return
+        self._idle = self.loop.create_future()
+        try:
+            await asyncio.wait(
+                [self._idle, force], timeout=within, return_when=asyncio.FIRST_COMPLETED
+            )
+        finally:
+            self._idle = None
+
+    async def finish_handshakes(self, within: float) -> None:
+        """After the listeners have closed: connections accepted just before get a short
+        time to send their request and hear 503, rather than a silent close."""
+        if not self.handshakes:
+            return
+        self._no_handshakes = self.loop.create_future()
+        try:
+            await asyncio.wait([self._no_handshakes], timeout=within)
+        finally:
+            self._no_handshakes = None
+
+    def abort_all(self) -> int:
+        """Cut every connection still open or still in its handshake; returns how many
+        WebSocket connections had to be cut."""
+        stop_listening = list(self.handshakes)
+        for handshake in stop_listening:
+            handshake.abort()
+        left = list(self.connections)
+        for ws in left:
+            ws.abort()
+        return len(left)
+
+    def close_sockets(self) -> None:
+        """The listening sockets we own are closed last, so that clients arriving during
+        the drain get a definite 503 rather than a refused connection."""
+        self.stop_accepting()
+        for sock in self._sockets:
+            sock.close()
+
+    # --- accept errors ---------------------------------------------------------------
+
+    def _loop_exception(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        """uvloop reports failed accepts here; running out of file descriptors turns
+        clients away, so it is logged (rate-limited, with a count), not swallowed."""
+        exc = context.get("exception")
+        if isinstance(exc, OSError) and exc.errno in _EXHAUSTED:
+            self.stats["accept_failed"] += 1
+            warn.warning(
+                "cannot accept connections",
+                error=exc.strerror,
+                connections=len(self.connections),
+                hint="raise the open files limit (ulimit -n, LimitNOFILE=) or lower "
+                "max_connections",
+            )
+            return
+        if self._previous_handler is not None:
+            self._previous_handler(loop, context)
+        else:
+            loop.default_exception_handler(context)

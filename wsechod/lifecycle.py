@@ -1,0 +1,199 @@
+"""The one owner of start, stop and every shutdown deadline.
+
+``serve()`` runs in three plain phases: start (application, broker, engine, listening),
+serve until ``Lifecycle.stop`` resolves, then drain. Whatever asks for the stop (a
+signal, an embedding program, a supervisor) calls ``request_stop``; nothing polls a
+flag. The second call resolves ``force`` and cuts the drain short.
+
+Nothing here knows of pidfiles, daemons or systemd: a process runner (``wsechod.run``)
+or an embedding program gives the sockets and hears about readiness through callbacks.
+"""
+
+import asyncio
+import contextlib
+import os
+import signal
+import socket
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import structlog
+
+from wsechod import brokers
+from wsechod.admission import admission
+from wsechod.apps.echo import Echo
+from wsechod.apps.relay import Relay
+from wsechod.engine import Application, Engine, Options
+from wsechod.settings import Settings
+
+log = structlog.stdlib.get_logger("wsechod")
+
+SHUTDOWN_CODE, SHUTDOWN_REASON = 1001, "server shutting down"
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+RELOAD_SIGNALS = (signal.SIGHUP, signal.SIGUSR1)
+HANDSHAKE_GRACE = 0.2  # seconds a connection accepted at the very end has to ask
+BROKER_CLOSE_TIMEOUT = 1.0  # seconds the broker gets to unsubscribe, within the drain
+
+
+@dataclass(frozen=True, slots=True)
+class DrainReport:
+    connections: int
+    force_closed: int
+    duration: float
+
+
+class Lifecycle:
+    """The stop future, and a second one that cuts the drain short ("stop now")."""
+
+    def __init__(self) -> None:
+        loop = asyncio.get_running_loop()
+        self.stop: asyncio.Future[str] = loop.create_future()
+        self.force: asyncio.Future[str] = loop.create_future()
+        self.engine: Engine | None = None  # set once serving
+        self.handoff = False  # the sockets belong to systemd: stop accepting at once
+        self.mode = "echo"
+
+    def request_stop(self, reason: str) -> None:
+        """First call: drain gracefully. Second call: end the drain at once.
+
+        What must not wait for the next loop pass happens here, synchronously, before
+        anyone hears of the stop: ``/healthz`` turns 503, and systemd's sockets stop
+        being accepted so newcomers stay in the backlog for the next process.
+        """
+        if not self.stop.done():
+            if self.engine is not None:
+                self.engine.draining = True
+                if self.handoff:
+                    self.engine.stop_accepting()
+            self.stop.set_result(reason)
+        elif not self.force.done():
+            self.force.set_result(reason)
+
+    def status(self) -> str:
+        """One human line: mode, addresses, open connections (systemd's STATUS=)."""
+        if self.engine is None:
+            return "starting"
+        where = ", ".join(self.engine.addresses)
+        state = "draining" if self.engine.draining else self.mode
+        return f"{state} on {where}: {len(self.engine.connections)} connections"
+
+
+@contextlib.contextmanager
+def capture_signals(life: Lifecycle, reload: Callable[[str], None] | None = None) -> Iterator[None]:
+    """SIGTERM/SIGINT request the stop (twice: force it); SIGHUP/SIGUSR1 call ``reload``.
+    The handlers that were there before are put back on exit. Only a process that owns
+    its signals (the CLI) uses this; an embedding program stops through ``request_stop``.
+    """
+    loop = asyncio.get_running_loop()
+    handled = [*STOP_SIGNALS, *(RELOAD_SIGNALS if reload is not None else ())]
+    previous = {sig: signal.getsignal(sig) for sig in handled}
+    for sig in STOP_SIGNALS:
+        loop.add_signal_handler(sig, life.request_stop, sig.name)
+    if reload is not None:
+        for sig in RELOAD_SIGNALS:
+            loop.add_signal_handler(sig, reload, sig.name)
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            loop.remove_signal_handler(sig)
+            if handler is not None:
+                signal.signal(sig, handler)
+
+
+def options(settings: Settings) -> Options:
+    return Options(
+        max_size=settings.max_size,
+        write_limit=settings.write_limit,
+        max_connections=settings.max_connections,
+        open_timeout=settings.open_timeout,
+        ping_interval=settings.ping_interval,
+        ping_timeout=settings.ping_timeout,
+        close_timeout=settings.close_timeout,
+        compression=settings.compression == "deflate",
+    )
+
+
+def application(settings: Settings) -> tuple[Application, brokers.Broker | None]:
+    if settings.mode != "relay":
+        return Echo(), None
+    broker = brokers.create(settings)
+    relay = Relay(
+        broker,
+        echo=settings.relay_echo,
+        write_limit=settings.write_limit,
+        max_size=settings.max_size,
+        max_channels=settings.max_channels,
+        max_channel_members=settings.max_channel_members,
+        max_path_length=settings.max_path_length,
+        slow_consumer=settings.slow_consumer,
+        slow_consumer_timeout=settings.slow_consumer_timeout,
+    )
+    return relay, broker
+
+
+async def serve(
+    settings: Settings,
+    sockets: list[socket.socket],
+    life: Lifecycle,
+    *,
+    handoff: bool = False,
+    ready: Callable[[], None] | None = None,
+) -> DrainReport:
+    """Serve on ``sockets`` until ``life.stop`` resolves, then drain and return."""
+    # Start.
+    app, broker = application(settings)
+    if broker is not None:
+        assert isinstance(app, Relay)
+        await broker.start(app.deliver)
+    engine = Engine(options(settings), app)
+    engine.set_admission(admission(engine, app, settings.max_connections))
+    await engine.listen(sockets)
+    life.engine, life.handoff, life.mode = engine, handoff, settings.mode
+    log.info("listening", addresses=engine.addresses, mode=settings.mode, pid=os.getpid())
+    if ready is not None:
+        ready()
+
+    # Serve.
+    reason = await life.stop
+
+    # Drain.
+    started = time.monotonic()
+    log.info(
+        "stop requested",
+        reason=reason,
+        connections=len(engine.connections),
+        drain_timeout=settings.drain_timeout,
+    )
+    life.force.add_done_callback(
+        lambda f: log.warning(
+            "stopping now", reason=f.result(), connections=len(engine.connections)
+        )
+    )
+    closing = None if broker is None else asyncio.ensure_future(_close_broker(broker))
+    closed = engine.close_all(SHUTDOWN_CODE, SHUTDOWN_REASON)
+    await engine.wait_closed(settings.drain_timeout, life.force)
+    engine.close_sockets()
+    await engine.finish_handshakes(min(HANDSHAKE_GRACE, settings.open_timeout or HANDSHAKE_GRACE))
+    cut = engine.abort_all()
+    await asyncio.sleep(0)  # the cut connections' connection_lost: their counts are logged
+    if closing is not None:
+        await closing
+    report = DrainReport(closed, cut, time.monotonic() - started)
+    extra = {} if not isinstance(app, Relay) else {"dropped": app.stats["dropped"]}
+    log.info(
+        "drained",
+        duration=round(report.duration, 3),
+        connections=report.connections,
+        force_closed=report.force_closed,
+        **extra,
+    )
+    return report
+
+
+async def _close_broker(broker: brokers.Broker) -> None:
+    """Cross-instance relay ends with the stop (dropping the connection unsubscribes); it
+    gets a bounded time, inside the drain."""
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(broker.close(), BROKER_CLOSE_TIMEOUT)
