@@ -150,3 +150,28 @@ def start() -> Iterator[Callable[..., Daemon]]:
     yield _start
     for daemon in started:
         daemon.kill()
+
+
+def rss_kib(pid: int) -> int:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(status.split("VmRSS:")[1].split()[0])
+
+
+class RssPeak:
+    """Samples a process's resident memory on a thread; ``growth_mib`` once stopped."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.baseline = self.peak = rss_kib(pid)
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._sample)
+        self._thread.start()
+
+    def _sample(self) -> None:
+        while not self._done.wait(0.02):
+            self.peak = max(self.peak, rss_kib(self.pid))
+
+    def stop(self) -> float:
+        self._done.set()
+        self._thread.join()
+        return (self.peak - self.baseline) / 1024

@@ -276,3 +276,73 @@ def test_warns_when_open_files_limit_is_below_max_connections(
     warning = daemon.wait_for("open files limit is below max_connections")
     assert (warning["limit"], warning["max_connections"]) == (512, 1000)
     assert warning["level"] == "warning"
+
+
+class IdleClient(asyncio.Protocol):
+    """A connection that only answers the server's close frame (and records its code)."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.buffer = b""
+        self.upgraded = asyncio.get_running_loop().create_future()
+        self.code: int | None = None
+        self.gone = asyncio.get_running_loop().create_future()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        transport.write(rawws.handshake_request(self.port))
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        if not self.upgraded.done():
+            head, sep, self.buffer = self.buffer.partition(b"\r\n\r\n")
+            if not sep:
+                self.buffer = head
+                return
+            self.upgraded.set_result(b" 101 " in head.split(b"\r\n", 1)[0])
+        if len(self.buffer) >= 4 and self.buffer[0] == 0x88:
+            self.code = int.from_bytes(self.buffer[2:4], "big")
+            self.transport.write(rawws.frame(rawws.OP_CLOSE, self.buffer[2:4]))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.gone.done():
+            self.gone.set_result(None)
+
+
+@pytest.mark.timeout(180)
+def test_ten_thousand_idle_connections_all_get_1001_and_the_process_exits_0(
+    start: Callable[..., Daemon],
+) -> None:
+    """The time this takes goes to the benchmark; here: everyone is told, nobody is cut."""
+    count = 10_000
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard < count + 100:
+        pytest.skip(f"the open files limit ({hard}) is below {count} connections")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    daemon = start("--max-connections", "0", "--drain-timeout", "60")
+
+    async def main() -> list[IdleClient]:
+        loop = asyncio.get_running_loop()
+        clients: list[IdleClient] = []
+        for _ in range(count):
+            _, client = await loop.create_connection(
+                lambda: IdleClient(daemon.port), "127.0.0.1", daemon.port
+            )
+            clients.append(client)
+            if len(clients) % 500 == 0:  # keep the accept backlog short
+                assert all(await asyncio.gather(*(c.upgraded for c in clients[-500:])))
+        assert all(await asyncio.gather(*(c.upgraded for c in clients)))
+        daemon.signal(signal.SIGTERM)
+        await asyncio.wait_for(asyncio.gather(*(c.gone for c in clients)), 120)
+        return clients
+
+    try:
+        clients = asyncio.run(main())
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert daemon.wait(30) == 0
+    assert [c.code for c in clients] == [1001] * count
+    drained = daemon.wait_for("drained")
+    assert (drained["connections"], drained["force_closed"]) == (count, 0)
+    print(f"drain of {count} idle connections: {drained['duration']} s (server's own figure)")

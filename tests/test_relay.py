@@ -6,7 +6,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
@@ -18,7 +17,7 @@ from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect as sync_connect
 
 from tests import rawws
-from tests.conftest import Daemon, run_cli
+from tests.conftest import Daemon, RssPeak, run_cli
 from tests.test_echo import http_get
 
 REDIS_SERVER = shutil.which("redis-server")
@@ -132,31 +131,6 @@ def test_channel_limits_get_http_errors(start: Callable[..., Daemon]) -> None:
             assert status("/three") == 503  # no third channel
     assert status("/three") == 101  # once the others left
     assert "Traceback" not in daemon.log
-
-
-def rss_kib(pid: int) -> int:
-    status = Path(f"/proc/{pid}/status").read_text()
-    return int(status.split("VmRSS:")[1].split()[0])
-
-
-class RssPeak:
-    """Samples a process's resident memory on a thread; ``growth_mib`` once stopped."""
-
-    def __init__(self, pid: int) -> None:
-        self.pid = pid
-        self.baseline = self.peak = rss_kib(pid)
-        self._done = threading.Event()
-        self._thread = threading.Thread(target=self._sample)
-        self._thread.start()
-
-    def _sample(self) -> None:
-        while not self._done.wait(0.02):
-            self.peak = max(self.peak, rss_kib(self.pid))
-
-    def stop(self) -> float:
-        self._done.set()
-        self._thread.join()
-        return (self.peak - self.baseline) / 1024
 
 
 @pytest.mark.timeout(120)

@@ -138,10 +138,13 @@ class WebSocket(asyncio.Protocol):
             payload, rsv1 = bytes(encoded.data), encoded.rsv1
         n = len(payload)
         if n < 126:
-            head = _HEADERS[(0x80 if last else 0) | (0x40 if rsv1 else 0) | opcode][n]
-        else:
-            head = f.header(opcode, n, last, rsv1)
-        self._t.write(head + payload)
+            self._t.write(
+                _HEADERS[(0x80 if last else 0) | (0x40 if rsv1 else 0) | opcode][n] + payload
+            )
+        elif n < _VIEW_FROM:
+            self._t.write(f.header(opcode, n, last, rsv1) + payload)
+        else:  # no copy of a big payload: the transport keeps both parts
+            self._t.writelines((f.header(opcode, n, last, rsv1), payload))
         self.bytes_out += n
         if last:
             self.sent += 1
@@ -216,10 +219,10 @@ class WebSocket(asyncio.Protocol):
         buf = self._buf
         assert buf is not None
         used = self._parse(buf)
-        if self._buf is not None:  # not closed meanwhile
-            del buf[:used]
-            if not buf:
-                self._buf = None
+        if self._buf is not None and used:  # not closed meanwhile
+            # A fresh buffer for the rest: deleting the front of a bytearray keeps its
+            # allocation, which would pin a whole max_size frame per idle connection.
+            self._buf = bytearray(buf[used:]) if used < len(buf) else None
 
     def _parse(self, buf: bytes | bytearray) -> int:  # noqa: PLR0912 - the hot path, inline
         """Handle every whole frame at the start of ``buf``; return the bytes used."""
@@ -238,11 +241,15 @@ class WebSocket(asyncio.Protocol):
                         break
                     length = (buf[pos + 2] << 8) | buf[pos + 3]
                     start = pos + 8
+                    if length < 126:  # 5.2: the minimal number of bytes MUST be used
+                        return self._fail(f.PROTOCOL_ERROR, "non-minimal length", end)
                 elif length == 127:
                     if end - pos < 14:
                         break
                     length = int.from_bytes(buf[pos + 2 : pos + 10], "big")
                     start = pos + 14
+                    if length < 0x10000 or length >> 63:  # 5.2: minimal, top bit 0
+                        return self._fail(f.PROTOCOL_ERROR, "invalid length", end)
                 if not b1 & 0x80:
                     return self._fail(f.PROTOCOL_ERROR, "incorrect masking", end)
                 opcode = b0 & 0x0F
