@@ -39,7 +39,17 @@ def test_node_ws_echoes_text_and_binary_of_every_size(start: Callable[..., Daemo
     client = node_client(daemon.url + "/node", "echo", "65536")
     out, err = client.communicate(timeout=30)
     assert client.returncode == 0, err
-    assert json.loads(out.splitlines()[-1]) == {"ok": True, "count": 14}
+    assert json.loads(out.splitlines()[-1]) == {"ok": True, "count": 14, "extensions": ""}
+
+
+def test_node_ws_with_permessage_deflate(start: Callable[..., Daemon]) -> None:
+    daemon = start("--max-size", "65536", "--compression", "deflate")
+    client = node_client(daemon.url, "echo", "65536", "deflate")
+    out, err = client.communicate(timeout=30)
+    assert client.returncode == 0, err
+    summary = json.loads(out.splitlines()[-1])
+    assert (summary["ok"], summary["count"]) == (True, 14)
+    assert summary["extensions"].startswith("permessage-deflate")
 
 
 def read_json_line(proc: subprocess.Popen[str], timeout: float = 10) -> Any:

@@ -6,6 +6,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
@@ -454,3 +455,77 @@ def test_many_publishers_cannot_pile_up_behind_a_stopped_reader(
     print(f"8 publishers, 16 MiB, one stopped reader: server RSS grew {growth_mib:.1f} MiB")
     assert got == {p: list(range(per_publisher)) for p in range(publishers)}
     assert growth_mib < 24
+
+
+class SlowReader(threading.Thread):
+    """A raw client that keeps reading, one frame every ``pause`` seconds: slower than
+    the channel, never stopped (so it drains within any single timeout)."""
+
+    def __init__(self, port: int, path: str, pause: float) -> None:
+        super().__init__(daemon=True)
+        self.sock = socket.socket()
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connect
+        self.sock.settimeout(10)
+        self.sock.connect(("127.0.0.1", port))
+        rawws.send_handshake(self.sock, port, path)
+        rawws.read_handshake(self.sock)
+        self.pause = pause
+        self.count = 0
+        self.stop = threading.Event()
+        self.start()
+
+    def run(self) -> None:
+        with contextlib.suppress(OSError):
+            while not self.stop.wait(self.pause):
+                if rawws.read_frame(self.sock)[0] == rawws.OP_CLOSE:
+                    return
+                self.count += 1
+
+    def close(self) -> None:
+        self.stop.set()
+        self.sock.close()
+
+
+@pytest.mark.timeout(60)
+def test_a_slow_reader_that_keeps_draining_cannot_slow_a_fast_one(
+    start: Callable[..., Daemon],
+) -> None:
+    # It drains well within the timeout each time (the kernel's buffers free up in
+    # steps), so it is the lag window, not the timeout, that has to catch it.
+    daemon = relay(start, "--slow-consumer-timeout", "2")
+    url = f"{daemon.url}/race"
+    count, size = 1000, 16 * 1024  # 16 MiB: more than the kernel's socket buffers hold
+    slow = SlowReader(daemon.port, "/race", pause=0.01)  # 100 messages/s at most
+
+    async def main() -> tuple[list[int], int]:
+        async with connect(url, max_size=None) as fast, connect(url) as publisher:
+            got: list[int] = []
+            progress = asyncio.Event()
+
+            async def read() -> None:
+                while len(got) < count:
+                    message = await asyncio.wait_for(fast.recv(), 30)
+                    assert isinstance(message, bytes)
+                    got.append(int.from_bytes(message[:4], "big"))
+                    progress.set()
+
+            reader = asyncio.create_task(read())
+            for i in range(count):  # at most 16 messages ahead of the fast reader
+                while i - len(got) > 16:
+                    progress.clear()
+                    await progress.wait()
+                await publisher.send(i.to_bytes(4, "big") + bytes(size - 4))
+            await reader
+            return got, slow.count
+
+    try:
+        got, slow_read = asyncio.run(main())
+    finally:
+        slow.close()
+    print(f"the fast reader got {len(got)} messages while the slow one read {slow_read}")
+    assert got == list(range(count))
+    # Had the slow reader paced the channel, the fast one could not have been more than
+    # the socket buffers (a few hundred messages) ahead of it.
+    assert slow_read < count // 2
+    warning = daemon.wait_for("slow consumer: dropping its messages")
+    assert warning["channel"] == "/race"

@@ -1,10 +1,10 @@
-// Node's ws as an independent client: `node client.mjs URL echo|chatter`.
+// Node's ws as an independent client: `node client.mjs URL echo|chatter [MAXSIZE] [deflate]`.
 // echo: send text and binary messages of many sizes, check every echo, print a JSON summary.
 // chatter: ping-pong numbered messages until the server closes, then print what happened.
 import WebSocket from "ws";
 
-const [url, mode, maxSize = "65536"] = process.argv.slice(2);
-const ws = new WebSocket(url, { perMessageDeflate: false, maxPayload: 0 });
+const [url, mode, maxSize = "65536", compression = "none"] = process.argv.slice(2);
+const ws = new WebSocket(url, { perMessageDeflate: compression === "deflate", maxPayload: 0 });
 const print = (obj) => process.stdout.write(JSON.stringify(obj) + "\n");
 
 function messages() {
@@ -30,7 +30,7 @@ if (mode === "echo") {
       process.exit(1);
     }
     if (++i === todo.length) {
-      print({ ok: true, count: i });
+      print({ ok: true, count: i, extensions: ws.extensions });
       ws.close(1000);
     } else {
       ws.send(todo[i].data, { binary: todo[i].binary });

@@ -6,17 +6,18 @@ per channel:
 - A receiver whose write buffer goes above ``write_limit`` is *behind*. While a member
   of a channel is behind, the channel's publishers are held: the server stops reading
   them, and the message each had just sent waits with it (so a receiver gets at most one
-  message per publisher beyond ``write_limit``, and a publisher's order is kept).
+  message beyond ``write_limit``, and each publisher's order is kept).
 - A receiver is *slow* when it stays behind for ``slow_consumer_timeout``, or when it is
   the one member holding its channel back for more than a tenth of the time (a leaky
   bucket: the time it alone holds publishers is charged, a tenth of real time leaks
   away, and more than ``slow_consumer_timeout`` in the bucket is slow). A reader that
   keeps up, even at the channel's full speed, is never charged; one that drains just
   fast enough to stay under the first rule is caught by the second.
-- A slow receiver no longer holds anyone: with ``slow_consumer = "drop"`` its messages
-  are dropped (counted) until its buffer has drained, with ``"close"`` it is closed with
-  1008. Messages from other instances (the broker) are never held; a receiver they push
-  past ``write_limit + max_size`` is slow at once.
+- A slow receiver no longer holds anyone: with ``slow_consumer = "drop"`` it gets what
+  fits under ``write_limit`` and the rest is dropped (counted), until its bucket has
+  leaked down to half the limit; with ``"close"`` it is closed with 1008. Messages from
+  other instances (the broker) are never held; a receiver they push past
+  ``write_limit + max_size`` is slow at once.
 
 So a client that stops reading costs at most ``write_limit + max_size`` of memory and
 holds its channel for at most ``slow_consumer_timeout``; a slow reader never paces the
@@ -203,22 +204,18 @@ class Relay:
             self._fan_out(channel, prepare(payload, text), None)
 
     def _fan_out(self, channel: Channel, message: Prepared, exclude: Member | None) -> None:
-        for member in list(channel.members.values()):
+        for member in channel.members.values():
             if member is exclude:
                 continue
             conn = member.conn
             if conn.blocked:
+                if not member.slow and conn.buffered > self.cap:
+                    self._slow(member)  # pushed past the cap by messages nobody held
                 if member.slow:
                     conn.dropped += 1
                     self.stats["dropped"] += 1
                     continue
-                if conn.buffered > self.cap:
-                    self._slow(member)
-                    if member.slow:  # dropping, not closing
-                        conn.dropped += 1
-                        self.stats["dropped"] += 1
-                    continue
-            elif member.slow:
+            elif member.slow and self._leaked(member) < self.timeout / 2:
                 self._caught_up(member)
             conn.send_prepared(message)
 
@@ -238,11 +235,7 @@ class Relay:
 
     def unblocked(self, conn: Connection) -> None:
         member: Member | None = conn.app_data
-        if member is None:
-            return
-        if member.slow:
-            self._caught_up(member)
-        elif member in member.channel.behind:
+        if member is not None and member in member.channel.behind:
             self._charge(member)
             if not member.slow:
                 self._not_behind(member)
@@ -264,12 +257,17 @@ class Relay:
         channel = member.channel
         if len(channel.behind) != 1 or not self._starving(channel, member):
             return
-        now = self._now()
-        held = now - max(member.behind_since, channel.alone_since)
-        member.debt = max(0.0, member.debt - (now - member.debt_at) * LEAK) + held
-        member.debt_at = now
+        held = self._now() - max(member.behind_since, channel.alone_since)
+        member.debt = self._leaked(member) + held
         if member.debt > self.timeout:
             self._slow(member)
+
+    def _leaked(self, member: Member) -> float:
+        """The member's debt now that LEAK per second has leaked away since last time."""
+        now = self._now()
+        member.debt = max(0.0, member.debt - (now - member.debt_at) * LEAK)
+        member.debt_at = now
+        return member.debt
 
     def _starving(self, channel: Channel, lagging: Member) -> bool:
         """Whether a held message has a receiver other than ``lagging`` waiting for it
@@ -285,6 +283,7 @@ class Relay:
     def _timeout(self, member: Member) -> None:
         member.timer = None
         if member in member.channel.behind:
+            member.debt = self._leaked(member) + self._now() - member.behind_since
             self._slow(member)
 
     def _slow(self, member: Member) -> None:
@@ -303,8 +302,9 @@ class Relay:
         )
 
     def _caught_up(self, member: Member) -> None:
+        """Drained, and its debt has leaked down to half the limit: it may hold its
+        channel again."""
         member.slow = False
-        member.debt = 0.0
         log.debug("slow consumer caught up", peer=member.conn.peer, dropped=member.conn.dropped)
 
     def _wait_for_broker(self, channel: Channel) -> None:
