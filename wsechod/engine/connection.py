@@ -39,6 +39,7 @@ PAUSED_WRITE, PAUSED_APP = 1, 2
 _VIEW_FROM = 4096
 _Decoder = codecs.getincrementaldecoder("utf-8")
 _HEADERS = f._HEADERS
+_TEXT, _BINARY = _HEADERS[0x80 | f.OP_TEXT], _HEADERS[0x80 | f.OP_BINARY]
 
 log = structlog.stdlib.get_logger("wsechod.engine")
 
@@ -130,6 +131,12 @@ class WebSocket(asyncio.Protocol):
 
     def send(self, payload: bytes, text: bool, first: bool = True, last: bool = True) -> None:
         if self._state != OPEN:
+            return
+        n = len(payload)
+        if n < 126 and first and last and self._ext is None:  # the common case, inline
+            self._t.write((_TEXT if text else _BINARY)[n] + payload)
+            self.bytes_out += n
+            self.sent += 1
             return
         opcode = (f.OP_TEXT if text else f.OP_BINARY) if first else f.OP_CONT
         rsv1 = False
@@ -224,18 +231,48 @@ class WebSocket(asyncio.Protocol):
             # allocation, which would pin a whole max_size frame per idle connection.
             self._buf = bytearray(buf[used:]) if used < len(buf) else None
 
-    def _parse(self, buf: bytes | bytearray) -> int:  # noqa: PLR0911, PLR0912 - hot path, inline
+    def _parse(self, buf: bytes | bytearray) -> int:  # noqa: PLR0911, PLR0912, PLR0915 - inline
         """Handle every whole frame at the start of ``buf``; return the bytes used."""
         end = len(buf)
         pos = 0
         self._need = 0
         self._parsing = True
         try:
+            max_size = self._max_size
             while end - pos >= 2 and not self._pause and self._state != CLOSED:
                 b0 = buf[pos]
                 b1 = buf[pos + 1]
                 length = b1 & 0x7F
                 start = pos + 6
+                if (
+                    (b0 == 0x82 or b0 == 0x81)  # noqa: PLR1714 - faster than "in" here
+                    and length < 126
+                    and b1 & 0x80
+                    and not self._msg
+                    and length <= max_size
+                ):
+                    # The common case, inline: a whole message in one small masked frame.
+                    stop = start + length
+                    if stop > end:
+                        self._need = stop - pos
+                        break
+                    payload = apply_mask(buf[start:stop], buf[pos + 2 : start])
+                    pos = stop
+                    self.bytes_in += length
+                    text = b0 == 0x81
+                    if text and not payload.isascii():
+                        try:
+                            payload.decode()
+                        except UnicodeDecodeError as exc:
+                            return self._fail(f.INVALID_DATA, f"invalid UTF-8 at {exc.start}", end)
+                    self.received += 1
+                    if self._state == OPEN:
+                        try:
+                            self._app.data(self, payload, text, True, True)
+                        except Exception:
+                            log.exception("application failed on a message")
+                            return self._fail(f.INTERNAL_ERROR, "internal error", end)
+                    continue
                 if length == 126:
                     if end - pos < 8:
                         break
