@@ -10,12 +10,10 @@ import http
 from collections.abc import Callable, Sized
 from typing import Protocol
 
-import structlog
-
 from wsechod import ratelimit
 from wsechod.engine import Application, Reply, Request
 
-warn = ratelimit.RateLimitedLog(structlog.stdlib.get_logger("wsechod.admission"))
+warn = ratelimit.logger("wsechod.admission")
 
 ALLOW = {"Allow": "GET, HEAD"}
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import structlog
 
-from wsechod import brokers
+from wsechod import brokers, ratelimit
 from wsechod.admission import admission
 from wsechod.apps.echo import Echo
 from wsechod.apps.relay import Relay
@@ -181,6 +181,7 @@ async def serve(
     if closing is not None:
         await closing
     report = DrainReport(closed, cut, time.monotonic() - started)
+    ratelimit.flush_all()
     extra = {} if not isinstance(app, Relay) else {"dropped": app.stats["dropped"]}
     log.info(
         "drained",

@@ -7,6 +7,7 @@ is bounded by the number of reasons, not by the number of events.
 
 import asyncio
 import time
+import weakref
 from typing import Any
 
 import structlog
@@ -21,36 +22,49 @@ class RateLimitedLog:
     def __init__(self, logger: Any, interval: float = INTERVAL) -> None:
         self._log = logger
         self._interval = interval
-        self._until: dict[str, float] = {}  # event -> end of its quiet window
-        self._repeats: dict[str, tuple[int, dict[str, Any]]] = {}  # held back meanwhile
+        self._until: dict[str, float] = {}  # event and reason -> end of its quiet window
+        self._repeats: dict[str, tuple[int, str, dict[str, Any]]] = {}  # held back
+        _ALL.add(self)
 
     def warning(self, event: str, **fields: Any) -> None:
+        """One line per event and ``reason`` field per interval."""
+        key = f"{event}\0{fields.get('reason', '')}"
         now = time.monotonic()
-        if now >= self._until.get(event, 0.0):
-            self._until[event] = now + self._interval
-            self._log.warning(event, count=1, **fields)
+        if now >= self._until.get(key, 0.0):
+            self._until[key] = now + self._interval
+            held = self._repeats.pop(key, (0, event, fields))[0]  # if no timer could report
+            self._log.warning(event, count=1 + held, **fields)
             return
-        count, _ = self._repeats.get(event, (0, fields))
+        count, _, _ = self._repeats.get(key, (0, event, fields))
         if count == 0:
             try:
-                loop = asyncio.get_running_loop()
+                loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
             except RuntimeError:  # no loop: the next event outside the window reports
                 loop = None
             if loop is not None:
-                loop.call_at(loop.time() + self._until[event] - now, self._flush, event)
-        self._repeats[event] = (count + 1, fields)  # the latest fields stand for the batch
+                loop.call_later(self._until[key] - now, self._flush, key)
+        self._repeats[key] = (count + 1, event, fields)  # the latest fields stand for all
 
-    def _flush(self, event: str) -> None:
-        count, fields = self._repeats.pop(event, (0, {}))
+    def _flush(self, key: str) -> None:
+        count, event, fields = self._repeats.pop(key, (0, "", {}))
         if count:
-            self._until[event] = time.monotonic() + self._interval
+            self._until[key] = time.monotonic() + self._interval
             self._log.warning(event, count=count, **fields)
 
     def flush(self) -> None:
         """Log every count still held back (at shutdown)."""
-        for event in list(self._repeats):
-            self._flush(event)
+        for key in list(self._repeats):
+            self._flush(key)
+
+
+_ALL: weakref.WeakSet[RateLimitedLog] = weakref.WeakSet()
 
 
 def logger(name: str) -> RateLimitedLog:
     return RateLimitedLog(structlog.stdlib.get_logger(name))
+
+
+def flush_all() -> None:
+    """At shutdown: every count still held back is logged, so none goes unreported."""
+    for limited in list(_ALL):
+        limited.flush()

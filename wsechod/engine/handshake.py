@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import email.utils
 import http
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import structlog
 from websockets.http11 import Request as WsRequest
@@ -60,9 +60,11 @@ class Handshake(asyncio.Protocol):
         self.peer = ""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport) or hasattr(transport, "write")
-        self._t = transport  # type: ignore[assignment]
+        self._t = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
         self.peer = self._engine.peer_of(transport)
+        if self._engine.out_of_fds():
+            self._answer(Reply(http.HTTPStatus.SERVICE_UNAVAILABLE, "server is at capacity\n"))
+            return
         self._engine.handshakes.add(self)
         timeout = self._engine.options.open_timeout
         if timeout:

@@ -12,6 +12,8 @@ import asyncio
 import errno
 import itertools
 import logging
+import os
+import resource
 import socket
 from collections import Counter
 from collections.abc import Callable
@@ -33,6 +35,9 @@ warn = ratelimit.logger("wsechod.engine")
 # Accept errors that mean "out of file descriptors" (or kernel memory): clients are being
 # turned away, which an operator must hear about, at a bounded rate.
 _EXHAUSTED = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
+# File descriptors kept free for what is not a client: a handshake being refused, log
+# files reopened, broker connections, DNS.
+FD_HEADROOM = 16
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,6 +78,7 @@ class Engine:
         self._no_handshakes: asyncio.Future[None] | None = None
         self._pings = itertools.count()
         self._previous_handler: Any = None
+        self._fd_limit = self._fd_base = 0
         # Per-connection events are debug lines; deciding once spares a structlog call per
         # connection when nobody reads them.
         self._debug = logging.getLogger("wsechod.engine").isEnabledFor(logging.DEBUG)
@@ -80,6 +86,11 @@ class Engine:
     # --- listening -------------------------------------------------------------------
 
     async def listen(self, sockets: list[socket.socket]) -> None:
+        self._fd_limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        try:
+            self._fd_base = len(os.listdir("/proc/self/fd"))
+        except OSError:
+            self._fd_base = 64  # no /proc: a guess on the safe side
         self._sockets = list(sockets)
         for sock in sockets:
             server = await self.loop.create_server(lambda: Handshake(self), sock=sock)
@@ -99,6 +110,27 @@ class Engine:
         self._servers.clear()
 
     # --- the table -------------------------------------------------------------------
+
+    def out_of_fds(self) -> bool:
+        """Whether accepting one more client would leave too few file descriptors.
+
+        When the process runs out, the event loop's accept (libuv) quietly accepts and
+        closes the clients it cannot keep: nobody would hear of it. Refusing before that
+        point gives the client a 503 and the operator a log line."""
+        if self._fd_limit == resource.RLIM_INFINITY:
+            return False
+        in_use = self._fd_base + len(self.connections) + len(self.handshakes)
+        if in_use + FD_HEADROOM < self._fd_limit:
+            return False
+        self.stats["refused_open_files_limit"] += 1
+        warn.warning(
+            "connection refused",
+            reason="open files limit",
+            limit=self._fd_limit,
+            connections=len(self.connections),
+            hint="raise the open files limit (ulimit -n, LimitNOFILE=) or lower max_connections",
+        )
+        return True
 
     def set_admission(self, admit: Callable[[Request], Reply | None]) -> None:
         """Admission reads the engine's state (draining, connections), so it comes after."""
