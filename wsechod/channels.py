@@ -84,10 +84,25 @@ class Hub:
         many clients publish at once, none adds to a buffer that is already full.
         """
         exclude = None if self.settings.relay_echo else sender
+        while not self.broker.writable():  # other instances are behind: pace this publisher
+            await self._writable()
         while lagging := self._lagging(channel, exclude):
             await self._hold(lagging)
         self._fan_out(channel, message, exclude)
-        self.broker.publish(channel, message)
+        if isinstance(message, str):
+            self.broker.publish(channel, message.encode(), True)
+        else:
+            self.broker.publish(channel, bytes(message), False)
+
+    async def _writable(self) -> None:
+        ready = asyncio.get_running_loop().create_future()
+
+        def wake() -> None:
+            if not ready.done():  # this handler may have been cancelled meanwhile
+                ready.set_result(None)
+
+        self.broker.when_writable(wake)
+        await ready
 
     def _lagging(self, channel: str, exclude: ServerConnection | None) -> list[ServerConnection]:
         return [
@@ -99,9 +114,10 @@ class Hub:
             and ws.protocol.state is State.OPEN
         ]
 
-    async def deliver(self, channel: str, message: Data) -> None:
+    def deliver(self, channel: str, payload: bytes, text: bool) -> None:
         """A message from another instance: to every member here. Nobody can be held up
         here (the broker serves every channel), so a lagging receiver is only watched."""
+        message: Data = payload.decode() if text else payload
         for ws in self._fan_out(channel, message, None):
             if ws not in self._watched:
                 self._watched.add(ws)

@@ -1,12 +1,15 @@
-"""The interface between the relay's Hub and a broker."""
+"""The interface between the relay and a broker.
 
-from collections.abc import Awaitable, Callable
+It speaks bytes and plain callbacks, not websockets types, so that any relay engine can
+drive it: payloads are bytes with a ``text`` flag, and remote messages arrive through a
+synchronous callback on the event loop (a broker must never wait on its consumer).
+"""
+
+from collections.abc import Callable
 from typing import Protocol
 
-from websockets.typing import Data
-
-# Called with (channel, message) for each message another instance published.
-Deliver = Callable[[str, Data], Awaitable[None]]
+# Called on the loop with (channel, payload, text) for each message another instance published.
+Deliver = Callable[[str, bytes, bool], None]
 
 
 class Broker(Protocol):
@@ -16,9 +19,20 @@ class Broker(Protocol):
 
     def unsubscribe(self, channel: str) -> None: ...
 
-    def publish(self, channel: str, message: Data) -> None: ...
+    def publish(self, channel: str, payload: bytes, text: bool) -> None:
+        """Queue a local message for other instances; never blocks, never raises."""
+
+    def writable(self) -> bool:
+        """False while messages are queued above the high-water mark and the broker is
+        healthy: the caller should stop reading its publishers until ``when_writable``."""
+
+    def when_writable(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` once, with ``loop.call_soon``, as soon as ``writable()``."""
 
     def degraded(self) -> str | None:
         """Why cross-instance relay is not working right now, or None."""
+
+    def stats(self) -> dict[str, int]:
+        """Counters for logs and metrics (published, delivered, lost, ...)."""
 
     async def close(self) -> None: ...

@@ -1,6 +1,7 @@
 """The in-process broker: every member is local, so there is nothing to carry."""
 
-from websockets.typing import Data
+import asyncio
+from collections.abc import Callable
 
 from wsechod.brokers.base import Deliver
 
@@ -15,11 +16,20 @@ class MemoryBroker:
     def unsubscribe(self, channel: str) -> None:
         pass
 
-    def publish(self, channel: str, message: Data) -> None:
+    def publish(self, channel: str, payload: bytes, text: bool) -> None:
         pass
+
+    def writable(self) -> bool:
+        return True
+
+    def when_writable(self, callback: Callable[[], None]) -> None:
+        asyncio.get_running_loop().call_soon(callback)
 
     def degraded(self) -> str | None:
         return None
+
+    def stats(self) -> dict[str, int]:
+        return {}
 
     async def close(self) -> None:
         pass
