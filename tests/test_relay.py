@@ -591,8 +591,8 @@ def test_fast_publisher_is_paced_not_dropped_while_redis_is_healthy(
     """75 MiB as fast as one client can send: more than any outbox holds, so the publisher
     must be slowed to what Redis takes, and every message reach the other instance."""
     one = relay(start, "--broker", redis_server.url)
-    # The receiver reads as fast as it can, but with 64 KiB messages it is nearly always
-    # above write_limit: it must not be judged a slow consumer in this test.
+    # The receiver reads as fast as it can; a slow-consumer verdict (one sample of its
+    # write buffer, see the known limits) is not what this test is about.
     two = relay(start, "--broker", redis_server.url, "--slow-consumer-timeout", "30")
     count, chunk = 1200, 64 * 1024
     rss = RssPeak(one.proc.pid)

@@ -341,7 +341,11 @@ class RedisBroker:
         while True:
             while not self._outbox:
                 self._mail.clear()
-                await self._mail.wait()
+                try:
+                    async with asyncio.timeout(PING_INTERVAL):
+                        await self._mail.wait()
+                except TimeoutError:
+                    await self._idle_ping(conn)
             batch: list[tuple[bytes, bytes, int]] = []
             size = 0
             while self._outbox and len(batch) < BATCH_MESSAGES and size < BATCH_BYTES:
@@ -372,6 +376,16 @@ class RedisBroker:
                 if self._paused and self._queued <= LOW_WATER:
                     self._paused = False
                     self._wake()
+
+    async def _idle_ping(self, conn: AbstractConnection) -> None:
+        """An idle publisher connection is pinged too: Redis's ``timeout`` would close it,
+        and the next message would be lost finding out."""
+        try:
+            async with asyncio.timeout(PUBLISH_TIMEOUT):
+                await conn.send_command("PING", check_health=False)
+                await conn.read_response()
+        except (RedisError, OSError) as exc:
+            raise self._failure(exc, PUBLISH_TIMEOUT) from None
 
     def _received(self, channel: object, payload: object) -> None:
         if not isinstance(payload, bytes) or not isinstance(channel, bytes):
