@@ -568,6 +568,7 @@ def test_hung_redis_is_reported_within_seconds_and_relay_recovers(
             )
             print(f"reconnected {time.monotonic() - resumed:.2f} s after SIGCONT: {back}")
             assert len(warnings(daemon, "broker unresponsive")) == 1  # retries were quiet
+            assert back["lost"] >= (flood + 1 if daemon is one else 0)  # counted
         assert health(one) == health(two) == "ok\n"
         await asyncio.to_thread(subscribed, one, "/late", since[0])
         await asyncio.to_thread(subscribed, two, "/late", since[1])

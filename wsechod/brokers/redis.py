@@ -109,7 +109,7 @@ class RedisBroker:
         self._ping_seq = self._ponged = 0
         self._logged: tuple[str, str] | None = None  # the failure last logged
         self._down_since: float | None = None
-        self._lost_before = 0  # self.lost when the outage began
+        self._lost_before = 0  # counts["lost"] when the outage began
         self._unconfirmed_before = 0  # counts["unconfirmed"] when the session began
         self._ever_connected = False
 
@@ -136,16 +136,16 @@ class RedisBroker:
         if self.state != CONNECTED:
             self.counts["lost"] += 1
             if self.state != CLOSED:
-                self._warn.warning(f"broker {self.state}: message not sent", lost=self.lost)
+                lost = self.counts["lost"]
+                self._warn.warning(f"broker {self.state}: message not sent", lost=lost)
             return
         data = b"".join((self.id, TEXT if text else BINARY, payload))
         name = (PREFIX + channel).encode()
         size = len(data) + len(name) + OVERHEAD
         if self._queued + size > OUTBOX_LIMIT:
             self.counts["lost"] += 1
-            self._warn.warning(
-                "broker outbox full: message dropped", limit=OUTBOX_LIMIT, lost=self.lost
-            )
+            lost = self.counts["lost"]
+            self._warn.warning("broker outbox full: message dropped", limit=OUTBOX_LIMIT, lost=lost)
             return
         self._outbox.append((name, data, size))
         self._queued += size
@@ -172,10 +172,6 @@ class RedisBroker:
         failed: refused by Redis (an error reply); malformed: not ours to read;
         reconnects: sessions after the first."""
         return dict(self.counts)
-
-    @property
-    def lost(self) -> int:
-        return self.counts["lost"] + self.counts["unconfirmed"] + self.counts["failed"]
 
     async def close(self) -> None:
         """Stop relaying through Redis; dropping the subscriber connection unsubscribes."""
@@ -422,7 +418,7 @@ class RedisBroker:
             self.counts["reconnects"] += 1
         if self._down_since is not None:
             fields["down_seconds"] = round(time.monotonic() - self._down_since, 1)
-            fields["lost"] = self.lost - self._lost_before
+            fields["lost"] = self.counts["lost"] - self._lost_before
             self._down_since = None
         self._ever_connected = True
         log.info("broker connected", **fields)
@@ -436,7 +432,7 @@ class RedisBroker:
         unconfirmed = self.counts["unconfirmed"] - self._unconfirmed_before
         if self._down_since is None:
             self._down_since = time.monotonic()
-            self._lost_before = self.lost - discarded - unconfirmed
+            self._lost_before = self.counts["lost"] - discarded
         if (down.state, down.kind) != self._logged:
             self._logged = down.state, down.kind
             fields: dict[str, Any] = {"url": self.shown, "error": down.error}
