@@ -223,6 +223,9 @@ class RedisBroker:
                 task.cancel()
             if tasks:
                 await asyncio.wait(tasks, timeout=CLOSE_TIMEOUT)
+            for task in tasks:  # a second failure is a consequence of the first: no report
+                if task.done() and not task.cancelled():
+                    task.exception()
             for conn in conns:
                 with contextlib.suppress(Exception):
                     await conn.disconnect(nowait=True)
