@@ -10,6 +10,7 @@ import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
@@ -215,23 +216,29 @@ def test_invalid_broker_is_a_config_error() -> None:
 # --- Redis ---------------------------------------------------------------------------------
 
 
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
 class RedisServer:
-    def __init__(self, directory: Path) -> None:
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            self.port = probe.getsockname()[1]
+    def __init__(self, directory: Path, port: int = 0, password: str | None = None) -> None:
+        self.port = port or free_port()
         self.directory = directory
+        self.password = password
         self.proc: subprocess.Popen[bytes] | None = None
         self.start()
 
     def start(self) -> None:
         assert REDIS_SERVER is not None
+        auth = [] if self.password is None else ["--requirepass", self.password]
         self.proc = subprocess.Popen(
             [REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", str(self.directory)],
+             "--appendonly", "no", "--dir", str(self.directory), *auth],
             stdout=subprocess.DEVNULL,
         )  # fmt: skip
-        client = redis.Redis(port=self.port, socket_connect_timeout=1)
+        client = redis.Redis(port=self.port, password=self.password, socket_connect_timeout=1)
         deadline = time.monotonic() + 10
         while True:  # ready when it answers PING
             try:
@@ -243,8 +250,19 @@ class RedisServer:
 
     def kill(self) -> None:
         assert self.proc is not None
-        self.proc.kill()
+        self.proc.kill()  # SIGKILL ends a stopped process too
         self.proc.wait(10)
+
+    def pause(self) -> float:
+        """SIGSTOP: Redis hangs, its connections stay open; returns when."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGSTOP)
+        return time.monotonic()
+
+    def resume(self) -> float:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGCONT)
+        return time.monotonic()
 
     @property
     def url(self) -> str:
@@ -252,11 +270,38 @@ class RedisServer:
 
 
 @pytest.fixture
-def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path)
-    yield server
-    if server.proc is not None and server.proc.poll() is None:
-        server.kill()
+def make_redis(tmp_path: Path) -> Iterator[Callable[..., RedisServer]]:
+    """Start redis-servers (each on a free port unless told); all are killed at the end."""
+    servers: list[RedisServer] = []
+
+    def _make(port: int = 0, password: str | None = None) -> RedisServer:
+        directory = tmp_path / f"redis{len(servers)}"
+        directory.mkdir()
+        servers.append(RedisServer(directory, port, password))
+        return servers[-1]
+
+    yield _make
+    for server in servers:
+        if server.proc is not None and server.proc.poll() is None:
+            server.kill()
+
+
+@pytest.fixture
+def redis_server(make_redis: Callable[..., RedisServer]) -> RedisServer:
+    return make_redis()
+
+
+def health(daemon: Daemon) -> str:
+    return http_get(daemon.port, "/healthz")[1]
+
+
+def wait_health(daemon: Daemon, body: str, timeout: float = 10) -> float:
+    """Poll /healthz until it answers ``body``; returns when it did."""
+    deadline = time.monotonic() + timeout
+    while (got := health(daemon)) != body:
+        assert time.monotonic() < deadline, f"/healthz still says {got!r}:\n{daemon.log}"
+        time.sleep(0.02)
+    return time.monotonic()
 
 
 def subscribed(daemon: Daemon, channel: str, since: int, timeout: float = 10) -> None:
@@ -273,6 +318,23 @@ def subscribed(daemon: Daemon, channel: str, since: int, timeout: float = 10) ->
 
 def connected_count(daemon: Daemon) -> int:
     return sum(1 for e in daemon.events if e["event"] == "broker connected")
+
+
+async def cross_instance_round(one: Daemon, two: Daemon, channel: str = "/room") -> None:
+    """p (on one) and q (on two) each send once; each must get exactly the other's."""
+    since = len(one.events), len(two.events)
+    async with connect(f"{one.url}{channel}") as p, connect(f"{two.url}{channel}") as q:
+        await asyncio.to_thread(subscribed, one, channel, since[0])
+        await asyncio.to_thread(subscribed, two, channel, since[1])
+        await p.send("from p")
+        await q.send("from q")
+        assert await asyncio.wait_for(q.recv(), 10) == "from p"
+        assert await asyncio.wait_for(p.recv(), 10) == "from q"
+        # Nothing more arrives (a duplicate would come right behind the original).
+        await p.send("fence p")
+        await q.send("fence q")
+        assert await asyncio.wait_for(q.recv(), 10) == "fence p"
+        assert await asyncio.wait_for(p.recv(), 10) == "fence q"
 
 
 def test_two_instances_share_channels_through_redis_exactly_once(
@@ -300,41 +362,19 @@ def test_redis_outage_keeps_local_relay_and_resumes_without_duplicates(
     one = relay(start, "--broker", redis_server.url)
     two = relay(start, "--broker", redis_server.url)
 
-    def health(daemon: Daemon) -> str:
-        return http_get(daemon.port, "/healthz")[1]
-
-    async def cross_instance_round() -> None:
-        """p (on one) and q (on two) each send once; each must get exactly the other's."""
-        since = len(one.events), len(two.events)
-        async with connect(f"{one.url}/room") as p, connect(f"{two.url}/room") as q:
-            await asyncio.to_thread(subscribed, one, "/room", since[0])
-            await asyncio.to_thread(subscribed, two, "/room", since[1])
-            await p.send("from p")
-            await q.send("from q")
-            assert await asyncio.wait_for(q.recv(), 10) == "from p"
-            assert await asyncio.wait_for(p.recv(), 10) == "from q"
-            # Nothing more arrives (a duplicate would come right behind the original).
-            await p.send("fence p")
-            await q.send("fence q")
-            assert await asyncio.wait_for(q.recv(), 10) == "fence p"
-            assert await asyncio.wait_for(p.recv(), 10) == "fence q"
-
     async def local_round(daemon: Daemon) -> None:
         async with connect(f"{daemon.url}/local") as a, connect(f"{daemon.url}/local") as b:
             await a.send("still relaying")
             assert await asyncio.wait_for(b.recv(), 10) == "still relaying"
 
-    asyncio.run(cross_instance_round())
+    asyncio.run(cross_instance_round(one, two))
     assert health(one) == "ok\n"
 
     redis_server.kill()
     for daemon in (one, two):
-        deadline = time.monotonic() + 10
-        while health(daemon) != "degraded: redis broker unreachable\n":
-            assert time.monotonic() < deadline, daemon.log
-            time.sleep(0.05)
+        wait_health(daemon, "degraded: redis broker unreachable\n")
         asyncio.run(local_round(daemon))  # local members are still served
-        daemon.wait_for("broker unreachable: relaying locally only")
+        daemon.wait_for("broker unreachable")
 
     before = (connected_count(one), connected_count(two))
     redis_server.start()
@@ -345,7 +385,7 @@ def test_redis_outage_keeps_local_relay_and_resumes_without_duplicates(
         assert time.monotonic() < deadline, one.log + two.log
         time.sleep(0.05)
     assert health(one) == "ok\n"
-    asyncio.run(cross_instance_round())  # cross-instance relay is back, exactly once
+    asyncio.run(cross_instance_round(one, two))  # cross-instance relay is back, exactly once
     assert "Traceback" not in one.log + two.log
 
 
@@ -529,3 +569,172 @@ def test_a_slow_reader_that_keeps_draining_cannot_slow_a_fast_one(
     assert slow_read < count // 2
     warning = daemon.wait_for("slow consumer: dropping its messages")
     assert warning["channel"] == "/race"
+
+
+def warnings(daemon: Daemon, event: str) -> list[dict[str, Any]]:
+    return [e for e in daemon.events if e["event"] == event and e["level"] == "warning"]
+
+
+@pytest.mark.timeout(60)
+def test_hung_redis_is_reported_within_seconds_and_relay_recovers(
+    start: Callable[..., Daemon], redis_server: RedisServer
+) -> None:
+    """Redis stopped with SIGSTOP: its connections stay open and nothing answers."""
+    one = relay(start, "--broker", redis_server.url)
+    two = relay(start, "--broker", redis_server.url)
+    asyncio.run(cross_instance_round(one, two))
+    flood, chunk = 2000, 1024  # more than the outbox's high-water mark
+
+    async def local_flood() -> None:
+        """Local relay goes on at full speed: nothing waits for Redis, nothing is paced."""
+        async with connect(f"{one.url}/local") as a, connect(f"{one.url}/local") as b:
+            for i in range(flood):
+                await a.send(i.to_bytes(4, "big") + bytes(chunk - 4))
+            for i in range(flood):
+                assert (await asyncio.wait_for(b.recv(), 10))[:4] == i.to_bytes(4, "big")
+
+    async def main() -> None:
+        since = len(one.events), len(two.events)
+        stopped = redis_server.pause()
+        try:
+            for daemon in (one, two):
+                body = "degraded: redis broker unresponsive\n"
+                seen = await asyncio.to_thread(wait_health, daemon, body, 6)
+                print(f"hung Redis reported after {seen - stopped:.2f} s")
+                assert seen - stopped < 4
+                warned = warnings(daemon, "broker unresponsive")
+                assert warned[0]["error"].startswith("no answer"), warned
+            await local_flood()
+            # A channel joined now is subscribed once Redis is back.
+            p, q = await connect(f"{one.url}/late"), await connect(f"{two.url}/late")
+            await p.send("sent during the hang")  # not sent (counted), so never delivered late
+            for daemon in (one, two):  # a reconnection attempt timed out, quietly
+                await asyncio.to_thread(daemon.wait_for, "broker retry failed", 6)
+        finally:
+            resumed = redis_server.resume()
+
+        for daemon in (one, two):
+            back = await asyncio.to_thread(
+                daemon.wait_for, "broker connected", 10, lambda e: "down_seconds" in e
+            )
+            print(f"reconnected {time.monotonic() - resumed:.2f} s after SIGCONT: {back}")
+            assert len(warnings(daemon, "broker unresponsive")) == 1  # one line, not per retry
+            assert back["lost"] >= (flood + 1 if daemon is one else 0)  # counted
+        assert health(one) == health(two) == "ok\n"
+        await asyncio.to_thread(subscribed, one, "/late", since[0])
+        await asyncio.to_thread(subscribed, two, "/late", since[1])
+        await p.send("sent after the hang")
+        assert await asyncio.wait_for(q.recv(), 10) == "sent after the hang"
+        await p.close()
+        await q.close()
+
+    asyncio.run(main())
+    asyncio.run(cross_instance_round(one, two))
+    # What could not reach Redis was counted and logged, rate-limited (a line a second).
+    lost = warnings(one, "broker unresponsive: message not sent")
+    assert 1 <= len(lost) <= 5, lost
+    assert "Traceback" not in one.log + two.log
+
+
+@pytest.mark.timeout(90)
+def test_fast_publisher_is_paced_not_dropped_while_redis_is_healthy(
+    start: Callable[..., Daemon], redis_server: RedisServer
+) -> None:
+    """75 MiB as fast as one client can send: more than any outbox holds, so the publisher
+    must be slowed to what Redis takes, and every message reach the other instance."""
+    one = relay(start, "--broker", redis_server.url)
+    # The receiver reads as fast as it can, but messages from Redis cannot be held for it:
+    # what it may fall behind by is its write_limit + max_size (16 MiB here), which this
+    # test is not about.
+    two = relay(start, "--broker", redis_server.url, "--max-size", str(16 * 2**20))
+    count, chunk = 1200, 64 * 1024
+    rss = RssPeak(one.proc.pid)
+
+    async def main() -> list[int]:
+        since = len(one.events), len(two.events)
+        async with (
+            connect(f"{two.url}/fire", max_size=None) as sub,
+            connect(f"{one.url}/fire") as pub,
+        ):
+            await asyncio.to_thread(subscribed, one, "/fire", since[0])
+            await asyncio.to_thread(subscribed, two, "/fire", since[1])
+            got: list[int] = []
+
+            async def read() -> None:
+                while len(got) < count:
+                    message = await asyncio.wait_for(sub.recv(), 10)
+                    assert isinstance(message, bytes) and len(message) == chunk
+                    got.append(int.from_bytes(message[:4], "big"))
+
+            reader = asyncio.create_task(read())
+            for i in range(count):
+                await pub.send(i.to_bytes(4, "big") + bytes(chunk - 4))
+            await reader
+            return got
+
+    try:
+        got = asyncio.run(main())
+    finally:
+        growth_mib = rss.stop()
+    print(f"75 MiB through Redis: publishing instance's RSS grew {growth_mib:.1f} MiB")
+    assert got == list(range(count))  # all of them, in order
+    assert growth_mib < 32  # the outbox stays near its high-water mark
+    assert not [e for e in one.events if e["level"] == "warning"], one.log
+
+
+@pytest.mark.timeout(30)
+def test_unreachable_redis_is_logged_once_then_each_change(
+    start: Callable[..., Daemon], make_redis: Callable[..., RedisServer]
+) -> None:
+    port = free_port()  # nothing listens there (yet)
+    url = f"redis://127.0.0.1:{port}/0"
+    daemon = relay(start, "--broker", url)
+    down = daemon.wait_for("broker unreachable")  # logged before "listening"
+    assert down["level"] == "warning" and down["url"] == url
+    assert "refused" in down["error"].lower(), down
+    assert health(daemon) == "degraded: redis broker unreachable\n"
+    # Retries fail the same way: at debug level only.
+    daemon.wait_for("broker retry failed", where=lambda _: retries(daemon) >= 3)
+    assert len(warnings(daemon, "broker unreachable")) == 1
+
+    make_redis(port=port)
+    daemon.wait_for("broker connected")
+    wait_health(daemon, "ok\n")
+    events = [e["event"] for e in daemon.events if e["level"] != "debug"]
+    broker = [e for e in events if e.startswith("broker")]
+    assert broker == ["broker unreachable", "broker connected"]
+    assert events.index("broker unreachable") < events.index("listening")
+
+
+def retries(daemon: Daemon) -> int:
+    return sum(1 for e in daemon.events if e["event"] == "broker retry failed")
+
+
+@pytest.mark.timeout(30)
+def test_wrong_redis_password_is_reported_and_no_password_is_logged(
+    start: Callable[..., Daemon], make_redis: Callable[..., RedisServer]
+) -> None:
+    server = make_redis(password="s3cret-pass")
+    wrong = relay(start, "--broker", f"redis://default:wrong-pass-42@127.0.0.1:{server.port}/0")
+    right = relay(start, "--broker", f"redis://:s3cret-pass@127.0.0.1:{server.port}/0")
+
+    down = wrong.wait_for("broker unreachable")
+    assert down["url"] == f"redis://default:***@127.0.0.1:{server.port}/0"
+    assert down["error"].startswith("authentication failed"), down
+    assert health(wrong) == "degraded: redis broker unreachable\n"
+    up = right.wait_for("broker connected")
+    assert up["url"] == f"redis://:***@127.0.0.1:{server.port}/0"
+    assert health(right) == "ok\n"
+
+    async def local_round() -> None:  # the right one relays through Redis
+        async with connect(f"{right.url}/x") as a, connect(f"{right.url}/x") as b:
+            await a.send("hello")
+            assert await asyncio.wait_for(b.recv(), 10) == "hello"
+
+    asyncio.run(local_round())
+    for daemon in (wrong, right):
+        daemon.signal(signal.SIGTERM)
+        assert daemon.wait(10) == 0
+        daemon.wait_for("broker closed")
+        assert "s3cret-pass" not in daemon.log
+        assert "wrong-pass-42" not in daemon.log

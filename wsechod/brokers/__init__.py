@@ -1,8 +1,9 @@
 """Brokers carry relay messages between wsechod instances; the Hub sees only this interface.
 
 ``memory`` (the default) is one process on its own. ``redis`` shares channels through Redis
-pub/sub. A broker never blocks the relay: publishing queues, and when the broker is down the
-instance keeps relaying between its own clients and reports itself ``degraded``.
+pub/sub. A broker never blocks the relay: publishing queues (``writable()`` asks the relay to
+pace its publishers while the queue is long and Redis healthy), and when the broker is down
+the instance keeps relaying between its own clients and reports itself ``degraded``.
 """
 
 from wsechod.brokers.base import Broker, Deliver

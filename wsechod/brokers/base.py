@@ -1,9 +1,14 @@
-"""The interface between the relay and a broker."""
+"""The interface between the relay and a broker.
+
+It speaks bytes and plain callbacks, not websockets types, so that any relay engine can
+drive it: payloads are bytes with a ``text`` flag, and remote messages arrive through a
+synchronous callback on the event loop (a broker must never wait on its consumer).
+"""
 
 from collections.abc import Callable
 from typing import Protocol
 
-# Called with (channel, payload, text) for each message another instance published.
+# Called on the loop with (channel, payload, text) for each message another instance published.
 Deliver = Callable[[str, bytes, bool], None]
 
 
@@ -14,17 +19,20 @@ class Broker(Protocol):
 
     def unsubscribe(self, channel: str) -> None: ...
 
-    def publish(self, channel: str, payload: bytes, text: bool) -> None: ...
+    def publish(self, channel: str, payload: bytes, text: bool) -> None:
+        """Queue a local message for other instances; never blocks, never raises."""
 
     def writable(self) -> bool:
-        """False while published messages cannot leave fast enough: hold publishers."""
+        """False while messages are queued above the high-water mark and the broker is
+        healthy: the caller should stop reading its publishers until ``when_writable``."""
 
     def when_writable(self, callback: Callable[[], None]) -> None:
-        """Call ``callback`` (soon, on the loop) once ``writable()`` is true again."""
+        """Call ``callback`` once, with ``loop.call_soon``, as soon as ``writable()``."""
 
     def degraded(self) -> str | None:
         """Why cross-instance relay is not working right now, or None."""
 
-    def stats(self) -> dict[str, int]: ...
+    def stats(self) -> dict[str, int]:
+        """Counters for logs and metrics (published, delivered, lost, ...)."""
 
     async def close(self) -> None: ...

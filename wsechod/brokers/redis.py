@@ -1,215 +1,468 @@
-"""Redis pub/sub between instances (redis-py's asyncio client).
+"""Redis pub/sub between instances, on redis-py's asyncio connections driven directly.
 
 Each instance subscribes only to the channels it has members on (Redis channel
 ``wsechod:<path>``) and publishes each relayed message once, prefixed with its own random
 id and the frame type, so it can ignore its own messages when Redis echoes them back: a
-client never gets a message twice. Publishing goes through one queue (bounded in bytes) and
-one task, so a slow or absent Redis never blocks the relay and per-sender order is kept;
-nothing is retried, so delivery between instances is at most once.
+client never gets a message twice. Nothing is retried, so delivery between instances is at
+most once, and every loss is counted (``stats()``) and logged, rate-limited.
 
-When Redis is unreachable the instance keeps relaying between its own members, reports
-``degraded``, and reconnects with exponential backoff (0.1 s to 5 s), resubscribing to its
-channels. Messages published while Redis is down do not reach other instances.
+A session with Redis is two connections: the subscriber (SUBSCRIBE, and a PING every
+``PING_INTERVAL`` that Redis must answer within ``PING_TIMEOUT``) and the publisher
+(pipelined PUBLISH batches, answered within ``PUBLISH_TIMEOUT``). Every wait on Redis has a
+deadline, because a hung Redis (stopped, swapping, partitioned) answers nothing and closes
+nothing: without deadlines it would look healthy forever. Any failure ends the session:
+both connections are dropped, the state (``unreachable``: refused, reset, authentication;
+``unresponsive``: a deadline passed) shows in ``degraded()`` and is logged once, and the
+broker reconnects with backoff, silently until the state changes, then resubscribes.
+
+Publishing never blocks the relay: messages wait in an outbox for the publisher task. While
+Redis is healthy and the outbox holds more than ``HIGH_WATER`` bytes, ``writable()`` is
+False and the relay stops reading its publishers until it is back under ``LOW_WATER``, so a
+fast publisher is paced to what Redis takes instead of losing messages. While Redis is
+degraded nothing is paced (local relay goes on at full speed) and messages for other
+instances are dropped and counted.
 """
 
 import asyncio
+import contextlib
 import os
+import time
+import urllib.parse
+from collections import deque
 from collections.abc import Callable
+from typing import Any
 
-import redis.asyncio as aioredis
 import structlog
+from redis.asyncio.connection import AbstractConnection, ConnectionPool, parse_url
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import RedisError
+from redis.exceptions import AuthenticationError, RedisError, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from wsechod.brokers.base import Deliver
+from wsechod.ratelimit import RateLimitedLog
+from wsechod.settings import redact_url
 
 log = structlog.stdlib.get_logger("wsechod.broker")
 
 PREFIX = "wsechod:"
-CONTROL = PREFIX + "\0control"  # always subscribed: keeps the subscriber connection alive
+CONTROL = PREFIX + "\0control"  # always subscribed: keeps the subscriber in pub/sub mode
 TEXT, BINARY = b"t", b"b"
 ID_SIZE = 8
-OUTBOX_BYTES = 64 * 2**20  # queued for Redis before new messages are dropped (slow Redis)
-BACKOFF_MIN, BACKOFF_MAX = 0.1, 5.0
-SOCKET_TIMEOUT = 5.0
-HEALTH_CHECK_INTERVAL = 5.0
+
+# Deadlines, in seconds. Redis answers a PING in well under a millisecond; a second and a
+# half without an answer is a hang, not load. Detection takes at most about
+# PING_INTERVAL + PING_TIMEOUT + GRACE (2.6 s).
+CONNECT_TIMEOUT = 2.0  # TCP connect, AUTH, SELECT and a first PING
+PING_INTERVAL = 1.0
+PING_TIMEOUT = 1.5
+PUBLISH_TIMEOUT = 2.0  # for one batch (at most BATCH_BYTES) to be answered
+GRACE = 0.1  # a late answer is looked for once more: a stalled event loop is not a hung Redis
+BACKOFF_MIN, BACKOFF_MAX = 0.1, 2.0
 CLOSE_TIMEOUT = 1.0
 
+# The outbox, in bytes: payload + channel name + OVERHEAD per message (the Python objects),
+# so that many tiny messages are bounded too.
+HIGH_WATER = 2**20  # above it (Redis healthy), publishers are paced...
+LOW_WATER = 256 * 2**10  # ...until the outbox is back under this
+OUTBOX_LIMIT = 16 * 2**20  # beyond it messages are dropped (callers that ignore writable())
+OVERHEAD = 64
+BATCH_BYTES = 256 * 2**10  # one pipelined round trip carries at most this...
+BATCH_MESSAGES = 1024  # ...and this many messages
 
-def _client(url: str) -> aioredis.Redis:
-    """No retries inside redis-py: a retried PUBLISH can be delivered twice, and a retried
-    command keeps a cancelled task alive. Timeouts and pings notice a hung Redis."""
-    return aioredis.from_url(
-        url,
-        retry=Retry(NoBackoff(), 0),
-        socket_timeout=SOCKET_TIMEOUT,
-        socket_connect_timeout=SOCKET_TIMEOUT,
-        health_check_interval=HEALTH_CHECK_INTERVAL,
-    )
+CONNECTING, CONNECTED = "connecting", "connected"
+UNREACHABLE, UNRESPONSIVE, CLOSED = "unreachable", "unresponsive", "closed"
 
 
-def _stopping() -> bool:
-    """redis-py may turn our cancellation into a ConnectionError; do not retry then."""
-    task = asyncio.current_task()
-    return task is not None and task.cancelling() > 0
+class _Down(Exception):
+    """The session with Redis is over: the state it leaves the broker in, and why."""
+
+    def __init__(self, state: str, error: str, kind: str) -> None:
+        super().__init__(error)
+        self.state, self.error, self.kind = state, error, kind
 
 
 class RedisBroker:
     def __init__(self, url: str) -> None:
         self.url = url
+        self.shown = redact_url(url)  # the only form of the URL that reaches a log
+        password = urllib.parse.urlsplit(url).password
+        self._secret = urllib.parse.unquote(password) if password else None
         self.id = os.urandom(ID_SIZE)
         self.channels: set[str] = set()
-        self.connected = False
-        self.unsent = 0  # messages that could not be handed to Redis
-        self.malformed = 0  # messages from Redis that were not ours to read
-        self.generation = 0  # bumped on each (re)connection: the publisher starts afresh
-        self._outbox: asyncio.Queue[tuple[str, bytes]] = asyncio.Queue()
-        self._queued = 0  # bytes in the outbox
-        self._changes: asyncio.Queue[None] = asyncio.Queue()
-        self._tasks: list[asyncio.Task[None]] = []
+        self.state = CONNECTING
+        self.counts = dict.fromkeys(
+            ("published", "delivered", "lost", "unconfirmed", "failed", "malformed", "reconnects"),
+            0,
+        )
+        self._warn = RateLimitedLog(log)
         self._deliver: Deliver | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._outcome: asyncio.Future[None] | None = None  # the first attempt's
+        self._outbox: deque[tuple[bytes, bytes, int]] = deque()  # (channel, payload, size)
+        self._queued = 0  # bytes in the outbox and in flight
+        self._paused = False  # above HIGH_WATER, not yet back under LOW_WATER
+        self._waiters: list[Callable[[], None]] = []
+        self._mail = asyncio.Event()  # the outbox is not empty
+        self._changed = asyncio.Event()  # local channels changed
+        self._pong = asyncio.Event()
+        self._ping_seq = self._ponged = 0
+        self._logged: tuple[str, str] | None = None  # the failure last logged
+        self._down_since: float | None = None
+        self._lost_before = 0  # counts["lost"] when the outage began
+        self._unconfirmed_before = 0  # counts["unconfirmed"] when the session began
+        self._ever_connected = False
+
+    # --- the Broker interface -------------------------------------------------------------
 
     async def start(self, deliver: Deliver) -> None:
+        """Start connecting; return once the first attempt succeeded or failed (bounded),
+        so that a normal start is not reported degraded and a bad URL, port or password
+        is logged before ``listening``."""
         self._deliver = deliver
-        self._tasks = [
-            asyncio.create_task(self._subscriber()),
-            asyncio.create_task(self._publisher()),
-        ]
+        self._outcome = asyncio.get_running_loop().create_future()
+        self._task = asyncio.create_task(self._run(), name="redis broker")
+        await asyncio.wait([self._outcome], timeout=2 * CONNECT_TIMEOUT + PING_TIMEOUT + 1)
 
     def subscribe(self, channel: str) -> None:
         self.channels.add(channel)
-        self._changes.put_nowait(None)
+        self._changed.set()
 
     def unsubscribe(self, channel: str) -> None:
         self.channels.discard(channel)
-        self._changes.put_nowait(None)
+        self._changed.set()
 
-    def publish(self, channel: str, body: bytes, text: bool) -> None:
-        if not self.connected:
-            self.unsent += 1
+    def publish(self, channel: str, payload: bytes, text: bool) -> None:
+        if self.state != CONNECTED:
+            self.counts["lost"] += 1
+            if self.state != CLOSED:
+                lost = self.counts["lost"]
+                self._warn.warning(f"broker {self.state}: message not sent", lost=lost)
             return
-        payload = self.id + (TEXT if text else BINARY) + body
-        if self._queued + len(payload) > OUTBOX_BYTES:
-            self.unsent += 1
+        data = b"".join((self.id, TEXT if text else BINARY, payload))
+        name = (PREFIX + channel).encode()
+        size = len(data) + len(name) + OVERHEAD
+        if self._queued + size > OUTBOX_LIMIT:
+            self.counts["lost"] += 1
+            lost = self.counts["lost"]
+            self._warn.warning("broker outbox full: message dropped", limit=OUTBOX_LIMIT, lost=lost)
             return
-        self._queued += len(payload)
-        self._outbox.put_nowait((PREFIX + channel, payload))
+        self._outbox.append((name, data, size))
+        self._queued += size
+        if self._queued > HIGH_WATER:
+            self._paused = True
+        self._mail.set()
 
     def writable(self) -> bool:
-        return True
+        return not self._paused or self.state != CONNECTED
 
     def when_writable(self, callback: Callable[[], None]) -> None:
-        asyncio.get_running_loop().call_soon(callback)
-
-    def stats(self) -> dict[str, int]:
-        return {"unsent": self.unsent, "malformed": self.malformed}
+        if self.writable():
+            asyncio.get_running_loop().call_soon(callback)
+        else:
+            self._waiters.append(callback)
 
     def degraded(self) -> str | None:
-        return None if self.connected else "redis broker unreachable"
+        return None if self.state == CONNECTED else f"redis broker {self.state}"
+
+    def stats(self) -> dict[str, int]:
+        """published: answered by Redis; delivered: from other instances to local members;
+        lost: never sent (Redis down, outbox full, or queued when the session failed);
+        unconfirmed: sent, but the session failed before Redis answered (maybe relayed);
+        failed: refused by Redis (an error reply); malformed: not ours to read;
+        reconnects: sessions after the first."""
+        return dict(self.counts)
 
     async def close(self) -> None:
         """Stop relaying through Redis; dropping the subscriber connection unsubscribes."""
-        for task in self._tasks:
-            task.cancel()
-        if self._tasks:
-            await asyncio.wait(self._tasks, timeout=CLOSE_TIMEOUT)
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.wait([self._task], timeout=CLOSE_TIMEOUT)
+        self._discard()
+        self.state = CLOSED
+        self._wake()
+        self._warn.flush()
+        log.info("broker closed", url=self.shown, **self.counts)
 
-    async def _publisher(self) -> None:
-        client, generation = _client(self.url), self.generation
-        try:
-            while True:
-                channel, payload = await self._outbox.get()
-                self._queued -= len(payload)
-                if generation != self.generation:  # Redis came back: no stale connection
-                    await client.aclose()
-                    client, generation = _client(self.url), self.generation
-                try:
-                    await client.publish(channel, payload)  # at most once: never retried
-                except Exception as exc:  # this task must not die
-                    if _stopping():
-                        raise
-                    self.unsent += 1
-                    log.debug("publish failed", channel=channel, error=str(exc))
-        finally:
-            await client.aclose()
+    # --- sessions -------------------------------------------------------------------------
 
-    async def _subscriber(self) -> None:
+    async def _run(self) -> None:
         backoff = BACKOFF_MIN
         while True:
-            client = _client(self.url)
-            pubsub = client.pubsub()
             try:
-                await pubsub.subscribe(CONTROL)
-                subscribed: set[str] = set()
-                subscribed = await self._sync(pubsub, subscribed)
-                self.connected = True
-                self.generation += 1
-                backoff = BACKOFF_MIN
-                log.info("broker connected", url=self.url, channels=len(subscribed))
-                await self._relay(pubsub, subscribed)
-            except (RedisError, OSError) as exc:
-                if _stopping():
-                    raise asyncio.CancelledError from exc
-                if self.connected:
-                    log.warning("broker unreachable: relaying locally only", error=str(exc))
-                self.connected = False
-            except Exception:  # a bug must not end cross-instance relay for good
-                if _stopping():
-                    raise
-                log.exception("broker subscriber failed; reconnecting")
-                self.connected = False
-            finally:
-                await pubsub.aclose()  # type: ignore[no-untyped-call]
-                await client.aclose()
+                await self._session()
+            except _Down as down:
+                if self.state == CONNECTED:
+                    backoff = BACKOFF_MIN
+                self._went_down(down)
+            except Exception as exc:  # a bug must not end cross-instance relay for good
+                log.exception("broker session failed")
+                self._went_down(_Down(UNREACHABLE, repr(exc), "bug"))
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, BACKOFF_MAX)
 
-    async def _relay(self, pubsub: aioredis.client.PubSub, subscribed: set[str]) -> None:
-        """Deliver what other instances publish, and follow local joins and leaves."""
+    async def _session(self) -> None:
+        """Connect, then read, ping and publish until something fails (raises ``_Down``)."""
+        conns: list[AbstractConnection] = []
+        tasks: list[asyncio.Task[None]] = []
+        try:
+            conns.append(await self._open())
+            conns.append(await self._open())
+            subscriber, publisher = conns
+            tasks = [
+                asyncio.create_task(self._read(subscriber)),
+                asyncio.create_task(self._keepalive(subscriber)),
+                asyncio.create_task(self._send(publisher)),
+            ]
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                task.result()
+            raise _Down(UNREACHABLE, "session ended", "bug")  # the tasks never return
+        finally:
+            for task in tasks:
+                task.cancel()
+            if tasks:
+                await asyncio.wait(tasks, timeout=CLOSE_TIMEOUT)
+            for task in tasks:  # a second failure is a consequence of the first: no report
+                if task.done() and not task.cancelled():
+                    task.exception()
+            for conn in conns:
+                with contextlib.suppress(Exception):
+                    await conn.disconnect(nowait=True)
+
+    async def _open(self) -> AbstractConnection:
+        """A connection that has answered a PING, within CONNECT_TIMEOUT. No retries and no
+        timeouts inside redis-py: a retried PUBLISH can be delivered twice, and our own
+        deadlines cover every wait."""
+        try:
+            options: dict[str, Any] = {**parse_url(self.url)}
+            options.update(
+                socket_timeout=None,
+                socket_connect_timeout=CONNECT_TIMEOUT,
+                retry=Retry(NoBackoff(), 0),
+                health_check_interval=0,
+                protocol=2,  # pub/sub replies as plain replies (RESP3 hands them to a hook)
+            )
+            pool = ConnectionPool(**options)
+        except (ValueError, TypeError) as exc:
+            raise _Down(UNREACHABLE, self._scrub(f"invalid broker URL: {exc}"), "url") from None
+        conn: AbstractConnection = pool.make_connection()  # type: ignore[no-untyped-call]
+        try:
+            async with asyncio.timeout(CONNECT_TIMEOUT):
+                await conn.connect()  # type: ignore[no-untyped-call]
+                await conn.send_command("PING", check_health=False)
+                await conn.read_response()
+        except BaseException as exc:  # cancelled too: never leave a socket behind
+            with contextlib.suppress(Exception):
+                await conn.disconnect(nowait=True)
+            if isinstance(exc, RedisError | OSError):
+                raise self._failure(exc, CONNECT_TIMEOUT) from None
+            raise
+        return conn
+
+    def _failure(self, exc: BaseException, deadline: float) -> _Down:
+        if isinstance(exc, TimeoutError | RedisTimeoutError):  # ours, or the TCP connect's
+            return _Down(UNRESPONSIVE, f"no answer within {deadline:g} s", "timeout")
+        if isinstance(exc, AuthenticationError):
+            return _Down(UNREACHABLE, self._scrub(f"authentication failed: {exc}"), "auth")
+        error = str(exc) or type(exc).__name__
+        return _Down(UNREACHABLE, self._scrub(error), type(exc).__name__)
+
+    def _scrub(self, text: str) -> str:
+        """No password in a log line, even if an error message quotes one."""
+        return text if not self._secret else text.replace(self._secret, "***")
+
+    async def _read(self, conn: AbstractConnection) -> None:
+        """The subscriber's replies: messages, and the answers to our pings. No deadline
+        here: the pings are what notices a Redis that has gone quiet."""
         while True:
-            if _stopping():
-                raise asyncio.CancelledError
-            message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=0.2)
-            if message is not None:
-                await self._received(message)
-            else:
-                # get_message() can return at once without yielding (a connection redis-py
-                # has given up on): yield, so that a cancel can reach us.
-                await asyncio.sleep(0)
-            if not self._changes.empty():
-                while not self._changes.empty():
-                    self._changes.get_nowait()
-                subscribed = await self._sync(pubsub, subscribed)
+            try:
+                reply = await conn.read_response()
+            except (RedisError, OSError) as exc:
+                raise self._failure(exc, PING_TIMEOUT) from None
+            if not isinstance(reply, list) or len(reply) < 2:
+                continue
+            if reply[0] == b"message" and len(reply) == 3:
+                self._received(reply[1], reply[2])
+            elif reply[0] == b"pong":
+                with contextlib.suppress(ValueError):
+                    self._ponged = max(self._ponged, int(reply[1]))
+                    self._pong.set()
 
-    async def _sync(self, pubsub: aioredis.client.PubSub, subscribed: set[str]) -> set[str]:
-        """Make the Redis subscriptions match the channels with local members."""
-        wanted = set(self.channels)
-        if added := wanted - subscribed:
-            await pubsub.subscribe(*(PREFIX + c for c in added))
-        if removed := subscribed - wanted:
-            await pubsub.unsubscribe(*(PREFIX + c for c in removed))
-        if wanted != subscribed:
-            log.debug("broker subscriptions", channels=sorted(wanted))
-        return wanted
+    async def _keepalive(self, conn: AbstractConnection) -> None:
+        """Follow local joins and leaves, and ping; each round ends with a PING, whose
+        answer also confirms the (un)subscriptions sent before it."""
+        loop = asyncio.get_running_loop()
+        subscribed: set[str] | None = None  # None: not even CONTROL yet
+        while True:
+            began = loop.time()
+            self._changed.clear()
+            wanted = set(self.channels)
+            commands: list[tuple[Any, ...]] = []
+            added = wanted - (subscribed or set())
+            if subscribed is None or added:
+                extra = [CONTROL] if subscribed is None else []
+                commands.append(("SUBSCRIBE", *extra, *(PREFIX + c for c in sorted(added))))
+            if removed := (subscribed or set()) - wanted:
+                commands.append(("UNSUBSCRIBE", *(PREFIX + c for c in sorted(removed))))
+            self._ping_seq += 1
+            commands.append(("PING", str(self._ping_seq)))
+            await self._round_trip(conn, commands, self._ping_seq)
+            if subscribed is None:
+                self._up()
+            if wanted != subscribed:
+                log.debug("broker subscriptions", channels=sorted(wanted))
+            subscribed = wanted
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(max(0.0, began + PING_INTERVAL - loop.time())):
+                    await self._changed.wait()
 
-    async def _received(self, message: dict[str, object]) -> None:
-        payload = message.get("data")
-        channel = message.get("channel")
+    async def _round_trip(
+        self, conn: AbstractConnection, commands: list[tuple[Any, ...]], seq: int
+    ) -> None:
+        try:
+            async with asyncio.timeout(PING_TIMEOUT):
+                await conn.send_packed_command(conn.pack_commands(commands), check_health=False)
+                while self._ponged < seq:
+                    self._pong.clear()
+                    await self._pong.wait()
+        except TimeoutError:
+            await asyncio.sleep(GRACE)  # the answer may be waiting behind a stalled loop
+            if self._ponged < seq:
+                raise _Down(
+                    UNRESPONSIVE, f"no answer to PING within {PING_TIMEOUT:g} s", "timeout"
+                ) from None
+        except (RedisError, OSError) as exc:
+            raise self._failure(exc, PING_TIMEOUT) from None
+
+    async def _send(self, conn: AbstractConnection) -> None:
+        """Publish the outbox in pipelined batches, in order, each within PUBLISH_TIMEOUT."""
+        while True:
+            while not self._outbox:
+                self._mail.clear()
+                try:
+                    async with asyncio.timeout(PING_INTERVAL):
+                        await self._mail.wait()
+                except TimeoutError:
+                    await self._idle_ping(conn)
+            batch: list[tuple[bytes, bytes, int]] = []
+            size = 0
+            while self._outbox and len(batch) < BATCH_MESSAGES and size < BATCH_BYTES:
+                batch.append(self._outbox.popleft())
+                size += batch[-1][2]
+            answered = 0
+            try:
+                async with asyncio.timeout(PUBLISH_TIMEOUT):
+                    packed = conn.pack_commands([("PUBLISH", c, p) for c, p, _ in batch])
+                    await conn.send_packed_command(packed, check_health=False)
+                    for _ in batch:
+                        try:
+                            await conn.read_response()
+                            self.counts["published"] += 1
+                        except ResponseError as exc:  # e.g. an ACL without PUBLISH rights
+                            self.counts["failed"] += 1
+                            self._warn.warning("broker refused a message", error=str(exc))
+                        answered += 1
+            except TimeoutError:
+                raise _Down(
+                    UNRESPONSIVE, f"no answer to PUBLISH within {PUBLISH_TIMEOUT:g} s", "timeout"
+                ) from None
+            except (RedisError, OSError) as exc:
+                raise self._failure(exc, PUBLISH_TIMEOUT) from None
+            finally:
+                self.counts["unconfirmed"] += len(batch) - answered
+                self._queued -= size
+                if self._paused and self._queued <= LOW_WATER:
+                    self._paused = False
+                    self._wake()
+
+    async def _idle_ping(self, conn: AbstractConnection) -> None:
+        """An idle publisher connection is pinged too: Redis's ``timeout`` would close it,
+        and the next message would be lost finding out."""
+        try:
+            async with asyncio.timeout(PUBLISH_TIMEOUT):
+                await conn.send_command("PING", check_health=False)
+                await conn.read_response()
+        except (RedisError, OSError) as exc:
+            raise self._failure(exc, PUBLISH_TIMEOUT) from None
+
+    def _received(self, channel: object, payload: object) -> None:
         if not isinstance(payload, bytes) or not isinstance(channel, bytes):
             return
         if payload[:ID_SIZE] == self.id:
             return  # our own message coming back: already delivered locally
-        kind, body = payload[ID_SIZE : ID_SIZE + 1], payload[ID_SIZE + 1 :]
+        kind = payload[ID_SIZE : ID_SIZE + 1]
+        body = payload[ID_SIZE + 1 :]
         try:
             if kind not in (TEXT, BINARY):
                 raise ValueError(f"unknown frame type {kind!r}")
             if kind == TEXT:
-                body.decode()
+                body.decode()  # a text frame must be UTF-8: check it once, here
             name = channel.decode()[len(PREFIX) :]
         except ValueError as exc:  # UnicodeDecodeError too: someone else's message
-            self.malformed += 1
-            log.warning("malformed message from redis dropped", error=str(exc))
+            self.counts["malformed"] += 1
+            self._warn.warning("malformed message from redis dropped", error=str(exc))
             return
         assert self._deliver is not None
-        self._deliver(name, body, kind == TEXT)
+        self.counts["delivered"] += 1
+        try:
+            self._deliver(name, body, kind == TEXT)
+        except Exception as exc:  # a relay bug must not end cross-instance relay
+            self._warn.warning("broker delivery failed", error=repr(exc))
+
+    # --- state ----------------------------------------------------------------------------
+
+    def _up(self) -> None:
+        self.state = CONNECTED
+        self._logged = None
+        self._unconfirmed_before = self.counts["unconfirmed"]
+        fields: dict[str, Any] = {"url": self.shown, "channels": len(self.channels)}
+        if self._ever_connected:
+            self.counts["reconnects"] += 1
+        if self._down_since is not None:
+            fields["down_seconds"] = round(time.monotonic() - self._down_since, 1)
+            fields["lost"] = self.counts["lost"] - self._lost_before
+            self._down_since = None
+        self._ever_connected = True
+        log.info("broker connected", **fields)
+        self._settle()
+
+    def _went_down(self, down: _Down) -> None:
+        """Log a new kind of failure once (a retry failing the same way stays quiet)."""
+        was_connected = self.state == CONNECTED
+        self.state = down.state
+        discarded = self._discard()
+        unconfirmed = self.counts["unconfirmed"] - self._unconfirmed_before
+        if self._down_since is None:
+            self._down_since = time.monotonic()
+            self._lost_before = self.counts["lost"] - discarded
+        if (down.state, down.kind) != self._logged:
+            self._logged = down.state, down.kind
+            fields: dict[str, Any] = {"url": self.shown, "error": down.error}
+            if was_connected:  # what this failure cost: queued, and sent but unanswered
+                fields.update(discarded=discarded, unconfirmed=unconfirmed)
+            log.warning(f"broker {down.state}", **fields)
+        else:
+            log.debug("broker retry failed", url=self.shown, error=down.error)
+        self._settle()
+
+    def _discard(self) -> int:
+        """Empty the outbox (Redis is gone), counting its messages as lost."""
+        discarded = len(self._outbox)
+        self._queued -= sum(size for _, _, size in self._outbox)
+        self._outbox.clear()
+        self.counts["lost"] += discarded
+        self._paused = False
+        return discarded
+
+    def _settle(self) -> None:
+        if self._outcome is not None and not self._outcome.done():
+            self._outcome.set_result(None)
+        self._wake()
+
+    def _wake(self) -> None:
+        if self.writable():
+            loop = asyncio.get_running_loop()
+            for callback in self._waiters:
+                loop.call_soon(callback)
+            self._waiters.clear()
