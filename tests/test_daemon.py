@@ -19,6 +19,8 @@ from websockets.exceptions import ConnectionClosedOK
 from websockets.sync.client import connect
 
 from tests.conftest import WSECHOD, Daemon, clean_env, run_cli
+from wsechod import pidfile as pidfile_module
+from wsechod.pidfile import PidFile, PidFileError
 
 IS_ROOT = os.geteuid() == 0
 
@@ -377,3 +379,52 @@ def test_interrupted_start_leaves_nothing_running(tmp_path: Path) -> None:
     assert "interrupted" in err
     assert processes_mentioning(str(pidfile)) == []
     assert not pidfile.exists()
+
+
+def test_pidfile_replaced_between_open_and_lock_is_not_shared(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A starter pauses between opening the pidfile and locking it; meanwhile the holder
+    exits and a third starter takes over. The paused one must not become a second holder."""
+    path = tmp_path / "wsechod.pid"
+    holder, third, paused = PidFile(path), PidFile(path), PidFile(path)
+    holder.acquire()
+    real_lock = pidfile_module._try_lock
+    interleaved: list[int] = []
+
+    def lock_after_a_takeover(fd: int) -> bool:
+        if not interleaved:
+            interleaved.append(fd)
+            holder.release()  # the holder exits, removing its pidfile...
+            third.acquire()  # ...and a third starter takes the path over
+        return real_lock(fd)
+
+    monkeypatch.setattr(pidfile_module, "_try_lock", lock_after_a_takeover)
+    try:
+        with pytest.raises(PidFileError, match=rf"^already running \(pid {os.getpid()}\)$"):
+            paused.acquire()
+        assert interleaved, "the interleaving did not happen"
+        st = path.stat()
+        assert (st.st_dev, st.st_ino) == third._inode  # the third one's file, untouched
+    finally:
+        paused.release()
+        third.release()
+    assert not path.exists()
+
+
+def test_pidfile_that_keeps_being_replaced_is_not_taken(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "wsechod.pid"
+    real_lock = pidfile_module._try_lock
+
+    def replaced_before_each_lock(fd: int) -> bool:
+        path.unlink()
+        path.write_text("1\n")  # another file at the path each time
+        return real_lock(fd)
+
+    monkeypatch.setattr(pidfile_module, "_try_lock", replaced_before_each_lock)
+    starter = PidFile(path)
+    with pytest.raises(PidFileError, match="it keeps being replaced"):
+        starter.acquire()
+    assert starter._fds == []  # nothing held
