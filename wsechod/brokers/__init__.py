@@ -7,7 +7,6 @@ instance keeps relaying between its own clients and reports itself ``degraded``.
 
 from wsechod.brokers.base import Broker, Deliver
 from wsechod.brokers.memory import MemoryBroker
-from wsechod.brokers.redis import RedisBroker
 from wsechod.settings import Settings
 
 __all__ = ["Broker", "Deliver", "create"]
@@ -16,4 +15,8 @@ __all__ = ["Broker", "Deliver", "create"]
 def create(settings: Settings) -> Broker:
     if settings.broker == "memory":
         return MemoryBroker()
+    # Imported here: redis-py is an optional extra (wsechod[redis]), needed by this broker
+    # only; settings validation has already said so if it is missing.
+    from wsechod.brokers.redis import RedisBroker  # noqa: PLC0415
+
     return RedisBroker(settings.broker)
