@@ -42,7 +42,7 @@ class LogError(Exception):
     """The log destination cannot be opened; the message is one line for the operator."""
 
 
-class _JournalHandler(logging.StreamHandler):  # type: ignore[type-arg]
+class _JournalHandler(logging.StreamHandler[TextIO]):
     """stderr to journald: each line prefixed with its priority, as sd-daemon(3) says."""
 
     def format(self, record: logging.LogRecord) -> str:
