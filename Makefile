@@ -1,4 +1,5 @@
-# Everything runs from a project-local virtualenv built from pyproject.toml.
+# Everything runs from a project-local virtualenv built from pyproject.toml, with $(PYTHON)
+# (3.11 or newer): make setup PYTHON=python3.12 picks another interpreter.
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
@@ -7,14 +8,33 @@ PORT   ?= 8765
 
 NODE_DEPS := tests/node/node_modules/.package-lock.json
 
-.PHONY: setup node-deps systemd-tools redis run test lint typecheck pytest bench clean \
-        install install-units install-systemd
+.PHONY: setup python-version node-deps systemd-tools redis run test lint typecheck pytest \
+        bench clean install install-units install-systemd
 
-setup: $(STAMP)
+# An interpreter's version and installation ("3.11.7 /usr"); a venv's python gives its base's.
+PY_ID := import os, sys; print("%d.%d.%d" % sys.version_info[:3], os.path.realpath(sys.base_prefix))
+# "ok", or what $(PYTHON) is instead.
+PYTHON_OK = $(shell v=$$($(PYTHON) --version 2>/dev/null); case "$$v" in \
+  ("Python 3.1"[1-9]*|"Python 3."[2-9][0-9]*|"Python "[4-9]*) echo ok;; \
+  (*) echo "$${v:-not a Python that runs}";; esac)
+
+## .venv, rebuilt from scratch when another interpreter made it (or it no longer runs).
+setup: python-version
+	@want=$$($(PYTHON) -c '$(PY_ID)'); have=$$($(BIN)/python -c '$(PY_ID)' 2>/dev/null); \
+	if [ -e $(VENV) ] && [ "$$have" != "$$want" ]; then \
+	  echo "$(VENV) was made by Python $${have:-that no longer runs}, not by $(PYTHON)" \
+	       "($$want): rebuilding it" >&2; \
+	  rm -rf $(VENV); \
+	fi
+	@$(MAKE) --no-print-directory $(STAMP)
+
+## Fail first, in one line, rather than deep inside pip.
+python-version:
+	$(if $(filter ok,$(PYTHON_OK)),@:,$(error wsechod needs Python 3.11 or newer and $(PYTHON) is $(PYTHON_OK): choose one with make setup PYTHON=python3.12))
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev,redis]'
 	touch $@
 
 ## Node's ws, the tests' independent client (Node.js itself from Debian if missing).
@@ -64,9 +84,9 @@ clean:
 ## Install for production: a virtualenv in $(PREFIX) with wsechod in it.
 PREFIX  ?= /opt/wsechod
 WSECHOD ?= $(PREFIX)/bin/wsechod
-install:
+install: python-version
 	$(PYTHON) -m venv $(PREFIX)
-	$(PREFIX)/bin/python -m pip install --quiet --disable-pip-version-check .
+	$(PREFIX)/bin/python -m pip install --quiet --disable-pip-version-check '.[redis]'
 
 ## The systemd units, with ExecStart pointing at $(WSECHOD), into $(DESTDIR)/etc/systemd/system.
 install-units:

@@ -3,6 +3,7 @@
 import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -16,6 +17,7 @@ import pytest
 
 # The console script installed next to the interpreter running the tests (the .venv).
 WSECHOD = str(Path(sys.executable).with_name("wsechod"))
+JOURNAL_PRIORITY = re.compile(r"^<[0-7]>")
 
 
 def clean_env(**extra: str) -> dict[str, str]:
@@ -83,7 +85,8 @@ class Daemon:
             with self._cond:
                 self.raw.append(line)
                 with contextlib.suppress(ValueError):  # tracebacks, if any, stay in .raw
-                    self.events.append(json.loads(line))
+                    # Without the "<6>" priority it has for the journal, if any.
+                    self.events.append(json.loads(JOURNAL_PRIORITY.sub("", line, count=1)))
                 self._cond.notify_all()
         with self._cond:
             self._cond.notify_all()

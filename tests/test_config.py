@@ -1,10 +1,12 @@
 """Settings: sources, precedence and the errors an operator sees (exit status 2)."""
 
+import json
 import re
 import subprocess
 import sys
 import tomllib
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -64,13 +66,25 @@ def test_bad_value_is_one_line_and_exit_2(
     ("content", "expected"),
     [
         ("prot = 80\n", "unknown key 'prot' in {path} (did you mean 'port'?)"),
-        ("port = 'x'\n", "invalid port 'x' (from {path}): expected an integer"),
+        ("port = 'x'\n", "invalid port 'x' (from {path}): expected int, got str"),
         ("port = -1\n", "invalid port -1 (from {path}): must be between 0 and 65535"),
         ("port = true\n", "invalid port True (from {path}): expected int, got bool"),
         ('log_level = "loud"\n', "invalid log_level 'loud' (from {path})"),
         ("port = = 1\n", "invalid TOML in {path}: "),
         ("port = 1\n\udcff\n", "invalid TOML in {path}: not UTF-8 at byte 9"),
         ("daemon = 'yes please'\n", "invalid daemon 'yes please' (from {path})"),
+        # TOML values have types: a quoted number or boolean is a string, not a setting.
+        (
+            'port = "8080"\n',
+            "invalid port '8080' (from {path}): expected int, got str "
+            "(TOML: write 8080 without quotes)",
+        ),
+        (
+            'daemon = "yes"\n',
+            "invalid daemon 'yes' (from {path}): expected bool, got str "
+            "(TOML: write true without quotes)",
+        ),
+        ('drain_timeout = "2.5"\n', "invalid drain_timeout '2.5' (from {path}): expected float"),
     ],
 )
 def test_bad_config_file_is_one_line_and_exit_2(
@@ -126,7 +140,8 @@ def test_sample_config_is_valid_and_shows_every_default() -> None:
 
 def test_booleans_from_env_and_file(tmp_path: Path) -> None:
     path = tmp_path / "wsechod.toml"
-    path.write_text("daemon = true\n")
+    # A log file: this machine may have no syslog socket for a daemon to log to.
+    path.write_text(f"daemon = true\nlog_file = '{tmp_path / 'w.log'}'\n")
     assert check_config("--config", str(path))["daemon"] == "true"
     env = clean_env(WSECHOD_DAEMON="0", WSECHOD_CONFIG=str(path))
     assert check_config(env=env)["daemon"] == "false"  # env beats file; "0" is false
@@ -160,3 +175,142 @@ def test_readme_documents_every_key() -> None:
     for f in KEYS:
         default = f"{f.default:g}" if isinstance(f.default, float) else f.default
         assert f"| `{f.name}` | `{default}` |" in readme, f.name
+
+
+@pytest.mark.parametrize(
+    ("broker", "reason"),
+    [
+        ("redis:127.0.0.1", "expected memory, redis://[user:password@]host[:port][/db]"),
+        ("redis://127.0.0.1:abc/0", "port 'abc' must be a number between 1 and 65535"),
+        ("redis://127.0.0.1:99999/0", "port '99999' must be a number between 1 and 65535"),
+        ("redis:///", "no host"),
+        ("redis://host/notadb", "database 'notadb' must be a number"),
+        ("unix:///run/redis.sock?db=one", "database 'one' must be a number"),
+        ("unix://host/run/redis.sock", "expected unix:///path/to/socket"),
+        ("http://127.0.0.1:6379/0", "expected memory, redis://"),
+    ],
+)
+def test_bad_broker_url_is_one_line_and_exit_2(broker: str, reason: str) -> None:
+    result = run_cli("--config", "", "--mode", "relay", "--broker", broker)
+    assert result.returncode == 2
+    prefix = f"wsechod: error: invalid broker {broker!r} (from --broker): "
+    assert result.stderr.startswith(prefix)
+    assert reason in result.stderr
+    assert result.stderr.count("\n") == 1
+
+
+def test_broker_urls_accepted_and_shown_without_their_password(tmp_path: Path) -> None:
+    forms = {
+        "memory": "memory",
+        "redis://127.0.0.1": "redis://127.0.0.1",
+        "redis://redis.example:6379/0": "redis://redis.example:6379/0",
+        "redis://[::1]:6379/15": "redis://[::1]:6379/15",
+        "redis://wsechod:s3cret@10.1.2.3:6379/2": "redis://wsechod:***@10.1.2.3:6379/2",
+        "rediss://:s3cret@redis.example:6380": "rediss://:***@redis.example:6380",
+        "unix:///run/redis/redis.sock?db=3": "unix:///run/redis/redis.sock?db=3",
+        "unix://wsechod:s3cret@/run/redis.sock": "unix://wsechod:***@/run/redis.sock",
+    }
+    for given, shown in forms.items():
+        result = run_cli("--check-config", "--config", "", "--mode", "relay", "--broker", given)
+        assert result.returncode == 0, (given, result.stderr)
+        assert f"broker = {json.dumps(shown)}  # --broker" in result.stdout
+        assert "s3cret" not in result.stdout + result.stderr
+    # From the file and the environment too, and in the error about an invalid one.
+    path = tmp_path / "wsechod.toml"
+    path.write_text('mode = "relay"\nbroker = "redis://:s3cret@127.0.0.1:6379/1"\n')
+    assert check_config("--config", str(path))["broker"] == '"redis://:***@127.0.0.1:6379/1"'
+    env = clean_env(WSECHOD_MODE="relay", WSECHOD_BROKER="redis://u:s3cret@127.0.0.1/0")
+    assert check_config("--config", "", env=env)["broker"] == '"redis://u:***@127.0.0.1/0"'
+    bad = run_cli("--config", "", "--mode", "relay", "--broker", "redis://u:s3cret@h:port/0")
+    assert bad.returncode == 2
+    assert "invalid broker 'redis://u:***@h:port/0' (from --broker)" in bad.stderr
+    assert "s3cret" not in bad.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "unused"),
+    [
+        (["--broker", "redis://127.0.0.1:6379/0"], "broker"),
+        (["--relay-echo"], "relay_echo"),
+        (["--relay-echo", "--broker", "redis://127.0.0.1:6379/0"], "relay_echo, broker"),
+    ],
+)
+def test_relay_settings_in_echo_mode_get_one_warning(args: list[str], unused: str) -> None:
+    result = run_cli("--check-config", "--config", "", *args)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == (
+        f"wsechod: warning: relay settings have no effect in echo mode: {unused}\n"
+    )
+    relay = run_cli("--check-config", "--config", "", "--mode", "relay", *args)
+    assert (relay.returncode, relay.stderr) == (0, "")
+
+
+def test_relay_settings_in_echo_mode_warned_at_start(start: Any) -> None:
+    daemon = start("--relay-echo", "--broker", "redis://127.0.0.1:6379/0")
+    warning = daemon.wait_for("settings have no effect in echo mode")
+    assert (warning["level"], warning["keys"]) == ("warning", ["relay_echo", "broker"])
+
+
+@pytest.mark.parametrize(
+    ("given", "level"),
+    [("warn", "warning"), ("WARN", "warning"), ("critical", "error"), ("CRITICAL", "error"),
+     ("fatal", "error"), ("err", "error"), ("Crit", "error")],
+)  # fmt: skip
+def test_usual_spellings_of_log_levels(given: str, level: str, tmp_path: Path) -> None:
+    assert check_config("--config", "", "--log-level", given)["log_level"] == f'"{level}"'
+    env = clean_env(WSECHOD_LOG_LEVEL=given)
+    assert check_config("--config", "", env=env)["log_level"] == f'"{level}"'
+    path = tmp_path / "wsechod.toml"
+    path.write_text(f'log_level = "{given}"\n')
+    assert check_config("--config", str(path))["log_level"] == f'"{level}"'
+
+
+def test_help_lists_the_values_of_choice_settings() -> None:
+    out = " ".join(run_cli("--help", env=clean_env(COLUMNS="80")).stdout.split())
+    for flag, values in [
+        ("--log-level", "debug, info, warning, error"),
+        ("--log-format", "auto, console, json"),
+        ("--compression", "none, deflate"),
+        ("--mode", "echo, relay"),
+        ("--slow-consumer", "drop, close"),
+    ]:
+        assert re.search(rf"{flag} \S+ (?:(?! --).)*one of: {values}", out), (flag, values)
+    assert "warn for warning" in out
+
+
+KUBERNETES = {
+    # A Service named wsechod...
+    "WSECHOD_SERVICE_HOST": "10.0.0.7",
+    "WSECHOD_SERVICE_PORT": "8765",
+    "WSECHOD_SERVICE_PORT_WS": "8765",
+    "WSECHOD_PORT": "tcp://10.0.0.7:8765",
+    "WSECHOD_PORT_8765_TCP": "tcp://10.0.0.7:8765",
+    "WSECHOD_PORT_8765_TCP_PROTO": "tcp",
+    "WSECHOD_PORT_8765_TCP_PORT": "8765",
+    "WSECHOD_PORT_8765_TCP_ADDR": "10.0.0.7",
+    # ...and one named wsechod-redis.
+    "WSECHOD_REDIS_SERVICE_HOST": "10.0.0.8",
+    "WSECHOD_REDIS_SERVICE_PORT": "6379",
+    "WSECHOD_REDIS_PORT": "udp://10.0.0.8:6379",
+    "WSECHOD_REDIS_PORT_6379_UDP_ADDR": "10.0.0.8",
+}
+
+
+def test_kubernetes_service_variables_are_ignored_with_one_warning(start: Any) -> None:
+    result = run_cli("--check-config", "--config", "", env=clean_env(**KUBERNETES))
+    assert result.returncode == 0, result.stderr
+    assert "port = 8765  # default" in result.stdout  # tcp://10.0.0.7:8765 is not a port
+    [line] = result.stderr.splitlines()
+    assert line.startswith("wsechod: warning: ignored environment variables that Kubernetes")
+    assert line.endswith(": " + ", ".join(sorted(KUBERNETES)))
+    # A pod starts, and says what it ignored.
+    daemon = start(env=clean_env(**KUBERNETES))
+    warning = daemon.wait_for("kubernetes service variables ignored")
+    assert warning["variables"] == sorted(KUBERNETES)
+    # Our own variables still count, and a typo of one still stops the start.
+    env = clean_env(**{**KUBERNETES, "WSECHOD_PORT": "9999"})
+    assert check_config("--config", "", env=env)["port"] == "9999"
+    typo = run_cli("--config", "", env=clean_env(**KUBERNETES, WSECHOD_PROT="1"))
+    assert typo.returncode == 2
+    assert "unknown key 'prot' from environment variable WSECHOD_PROT" in typo.stderr
+    assert typo.stderr.count("\n") == 1

@@ -3,6 +3,7 @@
 import functools
 import json
 import os
+import re
 import select
 import shutil
 import signal
@@ -19,6 +20,8 @@ from websockets.exceptions import ConnectionClosedOK
 from websockets.sync.client import connect
 
 from tests.conftest import WSECHOD, Daemon, clean_env, peer_port, run_cli
+from wsechod import pidfile as pidfile_module
+from wsechod.pidfile import PidFile, PidFileError
 
 IS_ROOT = os.geteuid() == 0
 
@@ -203,10 +206,10 @@ def test_port_in_use_with_daemon_fails_on_the_terminal(detach: Any) -> None:
 @pytest.mark.parametrize(
     ("args", "expected"),
     [
-        ((), "cannot open log file {missing}/wsechod.log: No such file or directory"),
+        (("--log-file", "{tmp}"), "cannot open log file {tmp}: Is a directory"),
         (
-            ("--log-file", "syslog", "--syslog-socket", "{missing}/log"),
-            "cannot log to syslog at {missing}/log: No such file or directory",
+            ("--log-file", "syslog", "--syslog-socket", "{tmp}/no-such-dir/log"),
+            "cannot log to syslog at {tmp}/no-such-dir/log: No such file or directory",
         ),
     ],
     ids=["log-file", "syslog"],
@@ -214,10 +217,9 @@ def test_port_in_use_with_daemon_fails_on_the_terminal(detach: Any) -> None:
 def test_failure_after_the_fork_is_reported_and_nothing_is_left(
     detach: Any, tmp_path: Path, args: tuple[str, ...], expected: str
 ) -> None:
-    missing = tmp_path / "no-such-dir"
-    d = detach(*(a.format(missing=missing) for a in args), log=missing / "wsechod.log")
+    d = detach(*(a.format(tmp=tmp_path) for a in args))
     assert d.result.returncode == 1
-    assert d.result.stderr == f"wsechod: error: {expected.format(missing=missing)}\n"
+    assert d.result.stderr == f"wsechod: error: {expected.format(tmp=tmp_path)}\n"
     assert not d.pidfile.exists()
     assert processes_mentioning(str(d.pidfile)) == []
 
@@ -377,3 +379,192 @@ def test_interrupted_start_leaves_nothing_running(tmp_path: Path) -> None:
     assert "interrupted" in err
     assert processes_mentioning(str(pidfile)) == []
     assert not pidfile.exists()
+
+
+LONG_LABEL_HOST = "x" * 64 + ".invalid"  # no resolver is asked: the name itself is invalid
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (
+            ("--log-file", "{tmp}/file/logs/wsechod.log"),
+            "cannot create log directory {tmp}/file/logs: Not a directory",
+        ),
+        (("--log-file", "{tmp}"), "cannot open log file {tmp}: Is a directory"),
+        (
+            ("--pidfile", "{tmp}/file/run/wsechod.pid"),
+            "cannot create {tmp}/file/run: Not a directory",
+        ),
+        (
+            ("--daemon", "--syslog-socket", "{tmp}/no-syslog"),
+            "cannot log to syslog at {tmp}/no-syslog: No such file or directory "
+            "(a daemon without --log-file logs to syslog: give --log-file PATH)",
+        ),
+        (
+            ("--host", LONG_LABEL_HOST),
+            f"cannot resolve host {LONG_LABEL_HOST!r}: label empty or too long",
+        ),
+    ],
+    ids=["log-directory", "log-file", "pidfile-directory", "no-syslog", "host"],
+)
+def test_check_config_reports_what_the_start_fails_on(
+    tmp_path: Path, args: tuple[str, ...], expected: str
+) -> None:
+    """--check-config exits 1 with the line the start then prints (also exit 1)."""
+    (tmp_path / "file").write_text("a file where a directory is needed\n")
+    argv = ["--config", "", "--port", "0", *(a.format(tmp=tmp_path) for a in args)]
+    line = f"wsechod: error: {expected.format(tmp=tmp_path)}\n"
+    checked = run_cli("--check-config", *argv)
+    assert (checked.returncode, checked.stderr) == (1, line)
+    assert "port = 0  # --port" in checked.stdout  # the settings are shown all the same
+    started = run_cli(*argv)
+    assert (started.returncode, started.stderr) == (1, line)
+
+
+def test_missing_log_directory_is_created_at_start_not_by_check_config(
+    detach: Any, tmp_path: Path
+) -> None:
+    """The README's daemon example on a fresh machine: /var/log/wsechod does not exist."""
+    log = tmp_path / "var" / "log" / "wsechod" / "wsechod.log"
+    checked = run_cli("--check-config", "--config", "", "--daemon", "--log-file", str(log))
+    assert (checked.returncode, checked.stderr) == (0, "")
+    assert not (tmp_path / "var").exists()  # checking changes nothing
+    d = detach(log=log)
+    assert d.result.returncode == 0, d.result.stderr
+    assert wait_for_log(log, "listening")["level"] == "info"
+    assert echo_once(d.port) == "hello"
+
+
+@pytest.mark.skipif(not IS_ROOT, reason="needs root to start as root and drop to nobody")
+def test_missing_log_directory_is_created_for_the_user(detach: Any, shared_dir: Path) -> None:
+    log = shared_dir / "var-log" / "wsechod" / "wsechod.log"
+    d = detach("--user", "nobody", directory=shared_dir, log=log)
+    assert d.result.returncode == 0, d.result.stderr
+    assert log.parent.stat().st_uid == 65534  # the user's, like the pidfile's directory
+    assert log.stat().st_uid == 65534
+    # Rotation works because the user can create the new file there.
+    log.rename(log.with_suffix(".log.1"))
+    os.kill(d.pid, signal.SIGHUP)
+    assert wait_for_log(log, "log file reopened")["level"] == "info"
+    assert log.stat().st_uid == 65534
+
+
+@pytest.mark.skipif(not IS_ROOT, reason="needs root to check as, and drop to, nobody")
+@pytest.mark.parametrize(
+    ("args", "checked_line", "started_line"),
+    [
+        (
+            ("--log-file", "{root}/wsechod.log"),
+            "cannot open log file {root}/wsechod.log: Permission denied",
+            "cannot open log file {root}/wsechod.log: Permission denied",
+        ),
+        (
+            ("--pidfile", "{root}/wsechod.pid"),
+            "cannot write pidfile in {root}: Permission denied",
+            "cannot open pidfile {root}/wsechod.pid: Permission denied",
+        ),
+    ],
+    ids=["log-file", "pidfile"],
+)
+def test_check_config_checks_writes_as_the_user(
+    shared_dir: Path, args: tuple[str, ...], checked_line: str, started_line: str
+) -> None:
+    """Root may write anywhere; the daemon writes as --user: that is what is checked."""
+    root_only = shared_dir / "root-only"
+    root_only.mkdir()  # exists, owned by root: nobody cannot write there
+    argv = ["--config", "", "--port", "0", "--user", "nobody"]
+    argv += [a.format(root=root_only) for a in args]
+    checked = run_cli("--check-config", *argv)
+    assert checked.returncode == 1
+    assert checked.stderr == f"wsechod: error: {checked_line.format(root=root_only)}\n"
+    started = run_cli(*argv)
+    assert started.returncode == 1
+    assert started.stderr == f"wsechod: error: {started_line.format(root=root_only)}\n"
+    # Writable by the user: the same check passes.
+    os.chown(root_only, 65534, 65534)
+    assert run_cli("--check-config", *argv).returncode == 0
+
+
+JOURNAL = ("bash", "-c", 'JOURNAL_STREAM=$(stat -L -c %d:%i /proc/self/fd/2) exec "$@"', "-")
+
+
+def test_lines_to_the_journal_carry_their_priority(start: Any) -> None:
+    """Under systemd (JOURNAL_STREAM names stderr), journalctl -p can filter our lines."""
+    daemon: Daemon = start("--log-level", "debug", "--relay-echo", prefix=JOURNAL)
+    assert echo_once(daemon.port) == "hello"
+    daemon.wait_for("connection closed")
+    priorities: dict[str, str] = {}
+    for line in daemon.raw:
+        assert re.match(r"<[0-7]>\{", line), line
+        priorities.setdefault(json.loads(line[3:])["event"], line[:3])
+    assert priorities["listening"] == "<6>"
+    assert priorities["settings have no effect in echo mode"] == "<4>"
+    assert priorities["connection open"] == "<7>"
+    failed = subprocess.run(
+        [*JOURNAL, WSECHOD, "--config", "", "--host", LONG_LABEL_HOST],
+        env=clean_env(), capture_output=True, text=True, timeout=20, check=False,
+    )  # fmt: skip
+    assert failed.returncode == 1
+    assert failed.stderr.startswith("<3>wsechod: error: cannot resolve host")
+
+
+def test_no_priority_when_the_journal_stream_is_not_stderr(start: Any) -> None:
+    """An inherited JOURNAL_STREAM (stderr redirected elsewhere) must not garble lines."""
+    env = clean_env(JOURNAL_STREAM="0:0")
+    daemon: Daemon = start("--relay-echo", env=env)
+    daemon.wait_for("settings have no effect in echo mode")
+    assert all(line.startswith("{") for line in daemon.raw), daemon.log
+    journal = ("bash", "-c", 'JOURNAL_STREAM=$(stat -L -c %d:%i /proc/self/fd/1) exec "$@"', "-")
+    other: Daemon = start("--relay-echo", prefix=journal)  # names stdout, not stderr
+    other.wait_for("settings have no effect in echo mode")
+    assert all(line.startswith("{") for line in other.raw), other.log
+
+
+def test_pidfile_replaced_between_open_and_lock_is_not_shared(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A starter pauses between opening the pidfile and locking it; meanwhile the holder
+    exits and a third starter takes over. The paused one must not become a second holder."""
+    path = tmp_path / "wsechod.pid"
+    holder, third, paused = PidFile(path), PidFile(path), PidFile(path)
+    holder.acquire()
+    real_lock = pidfile_module._try_lock
+    interleaved: list[int] = []
+
+    def lock_after_a_takeover(fd: int) -> bool:
+        if not interleaved:
+            interleaved.append(fd)
+            holder.release()  # the holder exits, removing its pidfile...
+            third.acquire()  # ...and a third starter takes the path over
+        return real_lock(fd)
+
+    monkeypatch.setattr(pidfile_module, "_try_lock", lock_after_a_takeover)
+    try:
+        with pytest.raises(PidFileError, match=rf"^already running \(pid {os.getpid()}\)$"):
+            paused.acquire()
+        assert interleaved, "the interleaving did not happen"
+        st = path.stat()
+        assert (st.st_dev, st.st_ino) == third._inode  # the third one's file, untouched
+    finally:
+        paused.release()
+        third.release()
+    assert not path.exists()
+
+
+def test_pidfile_that_keeps_being_replaced_is_not_taken(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "wsechod.pid"
+    real_lock = pidfile_module._try_lock
+
+    def replaced_before_each_lock(fd: int) -> bool:
+        path.unlink()
+        path.write_text("1\n")  # another file at the path each time
+        return real_lock(fd)
+
+    monkeypatch.setattr(pidfile_module, "_try_lock", replaced_before_each_lock)
+    starter = PidFile(path)
+    with pytest.raises(PidFileError, match="it keeps being replaced"):
+        starter.acquire()
+    assert starter._fds == []  # nothing held

@@ -1,12 +1,15 @@
 """Command line: parse, validate, bind, run; and map every failure to an exit status.
 
 Exit statuses: 0 stopped cleanly; 1 could not start or failed while running (port in use,
-permission denied, ...); 2 the configuration is invalid (nothing was started).
+permission denied, ...), and for ``--check-config`` valid settings that this machine would
+not start with (the same status the start would give); 2 the configuration is invalid
+(nothing was started).
 """
 
 import argparse
 import contextlib
 import functools
+import logging
 import os
 import socket
 import sys
@@ -14,7 +17,17 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import NoReturn
 
-from wsechod import __version__, daemon, logs, privileges, runtime, sockets, systemd
+from wsechod import (
+    __version__,
+    daemon,
+    logs,
+    preflight,
+    privileges,
+    runtime,
+    samples,
+    sockets,
+    systemd,
+)
 from wsechod.logs import LogError
 from wsechod.pidfile import PidFile, PidFileError
 from wsechod.privileges import Identity
@@ -22,8 +35,10 @@ from wsechod.settings import (
     CONFIG_ENV,
     DEFAULT_CONFIG,
     KEYS,
-    Settings,
+    Loaded,
+    Notice,
     SettingsError,
+    choices,
     describe,
     env_name,
     flag_name,
@@ -57,11 +72,39 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--check-config",
         action="store_true",
-        help="validate the settings, print the effective values and their sources, and exit",
+        help="validate the settings, print the effective values and their sources, check "
+        "that this machine would start with them (host, log and pidfile directories, "
+        "syslog), and exit: 0 fine, 1 this machine would not start, 2 invalid",
+    )
+    parser.add_argument(
+        "--print-config-sample",
+        action="store_true",
+        help="print the sample config file (every key, commented) and exit",
+    )
+    parser.add_argument(
+        "--print-unit",
+        metavar="NAME",
+        choices=samples.UNITS,
+        help="print a systemd unit, with ExecStart pointing at this wsechod, and exit: "
+        + ", ".join(samples.UNITS),
+    )
+    parser.add_argument(
+        "--print-logrotate-sample",
+        action="store_true",
+        help="print the sample logrotate rules for a daemon's log file and exit",
     )
     group = parser.add_argument_group("settings")
     for f in KEYS:
-        help_text = f"{describe(f.name)} (env {env_name(f.name)}; default: {f.default!r})"
+        allowed = choices(f.name)
+        values = "" if allowed is None else "; one of: " + ", ".join(allowed[0])
+        if allowed and allowed[1]:
+            spellings = {v: [a for a, t in allowed[1].items() if t == v] for v in allowed[0]}
+            values += (
+                " (also: "
+                + "; ".join(f"{', '.join(a)} for {v}" for v, a in spellings.items() if a)
+                + ")"
+            )
+        help_text = f"{describe(f.name)}{values} (env {env_name(f.name)}; default: {f.default!r})"
         if f.type is bool:
             group.add_argument(
                 flag_name(f.name),
@@ -86,25 +129,54 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = vars(build_parser().parse_args(argv))
     config = args.pop("config")
     check_only = args.pop("check_config")
+    printed = _sample(
+        args.pop("print_config_sample"), args.pop("print_unit"), args.pop("print_logrotate_sample")
+    )
+    if printed is not None:
+        print(printed, end="")
+        return EXIT_OK
     try:
         loaded = load(args, os.environ, config)
         identity = privileges.resolve(loaded.settings)
     except SettingsError as exc:
         return _fail(str(exc), EXIT_CONFIG)
     if check_only:
-        print(render(loaded))
-        activation = systemd.describe_activation()
-        print(f"# listening sockets: {activation or 'bound from host and port'}")
-        return EXIT_OK
-    return _start(loaded.settings, identity)
+        return _check(loaded, identity)
+    return _start(loaded, identity)
 
 
-def _start(settings: Settings, identity: Identity | None) -> int:
+def _sample(config: bool, unit: str | None, logrotate: bool) -> str | None:
+    """The shipped file a --print-* flag asks for, or None (start normally)."""
+    if config:
+        return samples.text(samples.CONFIG)
+    if unit is not None:
+        return samples.unit(unit)
+    if logrotate:
+        return samples.text(samples.LOGROTATE)
+    return None
+
+
+def _check(loaded: Loaded, identity: Identity | None) -> int:
+    """--check-config: the settings and their sources on stdout; warnings, and whatever
+    would stop a start on this machine, one line each on stderr."""
+    print(render(loaded))
+    activation = systemd.describe_activation()
+    print(f"# listening sockets: {activation or 'bound from host and port'}", flush=True)
+    for notice in loaded.notices:
+        print(f"wsechod: warning: {notice.message}", file=sys.stderr)
+    found = preflight.problems(loaded.settings, identity)
+    for problem in found:
+        _fail(problem, EXIT_FAILURE)
+    return EXIT_FAILURE if found else EXIT_OK
+
+
+def _start(loaded: Loaded, identity: Identity | None) -> int:
     """Bind, check the pidfile, then serve here or in a detached daemon.
 
     Everything up to the fork reports on the terminal; the daemon reports through
     ``daemon.detach``'s pipe, so the operator sees the same one-line errors either way.
     """
+    settings = loaded.settings
     logs.configure(settings)
     try:
         inherited = systemd.listen_fds()
@@ -112,10 +184,12 @@ def _start(settings: Settings, identity: Identity | None) -> int:
     except (sockets.BindError, systemd.ActivationError) as exc:
         return _fail(str(exc), EXIT_FAILURE)
     try:
+        owner = None if identity is None else (identity.uid, identity.gid)
         pidfile = PidFile(Path(settings.pidfile)) if settings.pidfile else None
         if pidfile is not None:
-            pidfile.check(None if identity is None else (identity.uid, identity.gid))
-        serve = functools.partial(_serve, settings, listening, pidfile, bool(inherited))
+            pidfile.check(owner)
+        logs.prepare(settings, owner)
+        serve = functools.partial(_serve, loaded, listening, pidfile, bool(inherited))
         if settings.daemon:
             return daemon.detach(listening, pidfile, identity, serve)
         if identity is not None:
@@ -132,14 +206,16 @@ def _start(settings: Settings, identity: Identity | None) -> int:
 
 
 def _serve(
-    settings: Settings,
+    loaded: Loaded,
     listening: list[socket.socket],
     pidfile: PidFile | None,
     handoff: bool,
     on_ready: Callable[[], None] | None,
 ) -> int:
     """The part that runs as the final user, in the foreground or in the daemon."""
+    settings = loaded.settings
     logs.use_destination(settings)
+    _log_notices(loaded.notices)
     if pidfile is not None and pidfile.stale_pid is not None:
         logs.log.warning(
             "stale pidfile taken over", pidfile=settings.pidfile, pid=pidfile.stale_pid
@@ -161,6 +237,15 @@ def _serve(
         return EXIT_FAILURE
 
 
+def _log_notices(notices: Sequence[Notice]) -> None:
+    """Warnings about the settings, in the log the operator reads (after the switch to the
+    log file: a daemon's terminal is gone by now)."""
+    for notice in notices:
+        logs.log.warning(notice.event, **notice.fields)
+
+
 def _fail(message: str, status: int) -> int:
-    print(f"wsechod: error: {message}", file=sys.stderr)
+    # Under systemd, the journal files it as an error (journalctl -p err).
+    prefix = f"<{logs.priority(logging.ERROR)}>" if logs.on_journal() else ""
+    print(f"{prefix}wsechod: error: {message}", file=sys.stderr)
     return status

@@ -4,6 +4,10 @@ Everything goes through one stdlib handler, so our events and those of websocket
 asyncio share a format and a destination. Logging starts on stderr, so start-up errors
 reach the terminal; ``use_destination`` then moves it to the log file or syslog once the
 process runs as the user that will have to reopen the file on SIGHUP.
+
+When stderr is systemd's journal stream, each line starts with its syslog priority
+(``<4>`` for a warning), which journald strips and stores, so ``journalctl -p warning``
+finds our warnings among the JSON lines.
 """
 
 import logging
@@ -11,11 +15,13 @@ import logging.handlers
 import os
 import stat
 import sys
+from pathlib import Path
 from typing import TextIO
 
 import structlog
 from structlog.typing import Processor
 
+from wsechod import paths
 from wsechod.settings import Settings
 
 log = structlog.stdlib.get_logger("wsechod")
@@ -27,8 +33,39 @@ _TRACEBACKS = structlog.processors.ExceptionRenderer(
 )
 
 
+# syslog priorities (sd-daemon(3), RFC 5424) of the logging levels, most severe first.
+_PRIORITIES = ((logging.CRITICAL, 2), (logging.ERROR, 3), (logging.WARNING, 4), (logging.INFO, 6))
+_DEBUG_PRIORITY = 7
+
+
 class LogError(Exception):
     """The log destination cannot be opened; the message is one line for the operator."""
+
+
+class _JournalHandler(logging.StreamHandler[TextIO]):
+    """stderr to journald: each line prefixed with its priority, as sd-daemon(3) says."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return f"<{priority(record.levelno)}>{super().format(record)}"
+
+
+def priority(levelno: int) -> int:
+    """The syslog priority of a logging level."""
+    return next((p for level, p in _PRIORITIES if levelno >= level), _DEBUG_PRIORITY)
+
+
+def on_journal(stream: TextIO | None = None) -> bool:
+    """True when ``stream`` (stderr) is connected to the journal: systemd sets
+    ``$JOURNAL_STREAM`` to its device and inode (systemd.exec(5)); a process that merely
+    inherited the variable, with stderr elsewhere, does not match."""
+    wanted = os.environ.get("JOURNAL_STREAM")
+    if not wanted:
+        return False
+    try:
+        st = os.fstat((stream or sys.stderr).fileno())
+    except (OSError, ValueError, AttributeError):  # closed, or not a real file
+        return False
+    return wanted == f"{st.st_dev}:{st.st_ino}"
 
 
 def configure(settings: Settings, stream: TextIO | None = None) -> None:
@@ -45,7 +82,8 @@ def configure(settings: Settings, stream: TextIO | None = None) -> None:
         wrapper_class=structlog.stdlib.BoundLogger,
         cache_logger_on_first_use=True,
     )
-    _install(logging.StreamHandler(stream), settings, stream.isatty())
+    handler = _JournalHandler(stream) if on_journal(stream) else logging.StreamHandler(stream)
+    _install(handler, settings, stream.isatty())
     root = logging.getLogger()
     root.setLevel(level)
     # websockets logs every connection at INFO and every frame at DEBUG; our own
@@ -53,20 +91,58 @@ def configure(settings: Settings, stream: TextIO | None = None) -> None:
     logging.getLogger("websockets").setLevel(max(level, logging.WARNING))
 
 
+def _target(settings: Settings) -> str:
+    return settings.log_file or (SYSLOG if settings.daemon else "")
+
+
+def log_path(settings: Settings) -> Path | None:
+    """The log file, if logging goes to one."""
+    target = _target(settings)
+    return Path(target) if target and target != SYSLOG else None
+
+
+def syslog_problem(settings: Settings) -> str | None:
+    """Why logging to syslog would fail (nothing listens at the socket), or None. The
+    handler itself would quietly drop every line, so this is checked first."""
+    if _target(settings) != SYSLOG:
+        return None
+    where = settings.syslog_socket
+    try:
+        problem = None if stat.S_ISSOCK(os.stat(where).st_mode) else "not a socket"
+    except OSError as exc:
+        problem = exc.strerror
+    if problem is None:
+        return None
+    # A daemon's default destination: containers have no syslog, say what to do instead.
+    hint = ""
+    if not settings.log_file:
+        hint = " (a daemon without --log-file logs to syslog: give --log-file PATH)"
+    return f"cannot log to syslog at {where}: {problem}{hint}"
+
+
+def prepare(settings: Settings, owner: tuple[int, int] | None) -> None:
+    """Create the log file's directory if missing, as root before dropping to ``owner``,
+    who then owns it (as for the pidfile's), so a fresh machine needs no mkdir."""
+    path = log_path(settings)
+    if path is None:
+        return
+    try:
+        paths.make_directory(path.parent, owner)
+    except OSError as exc:
+        raise LogError(f"cannot create log directory {path.parent}: {exc.strerror}") from None
+
+
 def use_destination(settings: Settings) -> None:
     """Switch from stderr to the log file, or to syslog (also a daemon's default)."""
-    target = settings.log_file or (SYSLOG if settings.daemon else "")
+    target = _target(settings)
     handler: logging.Handler
     if not target:
         return
     if target == SYSLOG:
-        # The handler would quietly drop every line if nothing listens there.
         where = settings.syslog_socket
-        try:
-            if not stat.S_ISSOCK(os.stat(where).st_mode):
-                raise LogError(f"cannot log to syslog at {where}: not a socket")
-        except OSError as exc:
-            raise LogError(f"cannot log to syslog at {where}: {exc.strerror}") from None
+        problem = syslog_problem(settings)
+        if problem is not None:
+            raise LogError(problem)
         try:
             handler = logging.handlers.SysLogHandler(
                 settings.syslog_socket, facility=logging.handlers.SysLogHandler.LOG_DAEMON

@@ -17,6 +17,12 @@ import time
 from pathlib import Path
 from types import TracebackType
 
+from wsechod import paths
+
+# Times to retry when the pidfile is replaced between opening and locking it; each retry
+# means another process took it over meanwhile, so a few are plenty.
+LOCK_ATTEMPTS = 10
+
 
 class PidFileError(Exception):
     """The pidfile cannot be taken; the message is one line for the operator."""
@@ -71,13 +77,10 @@ class PidFile:
         ``owner`` (uid, gid) when the daemon will drop root, so it can write there.
         """
         directory = self.path.parent
-        if not directory.is_dir():
-            try:
-                directory.mkdir(parents=True, mode=0o755)
-                if owner is not None:
-                    os.chown(directory, *owner)
-            except OSError as exc:
-                raise PidFileError(f"cannot create {directory}: {exc.strerror}") from None
+        try:
+            paths.make_directory(directory, owner)
+        except OSError as exc:
+            raise PidFileError(f"cannot create {directory}: {exc.strerror}") from None
         try:
             # Non-blocking and no symlinks: a FIFO or a planted link must not hang or redirect us.
             flags = os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOFOLLOW
@@ -100,14 +103,13 @@ class PidFile:
             raise PidFileError(f"cannot write pidfile in {where}: {exc.strerror}") from None
 
     def acquire(self) -> None:
-        try:
-            current = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        except OSError as exc:
-            raise PidFileError(f"cannot open pidfile {self.path}: {exc.strerror}") from None
+        for _ in range(LOCK_ATTEMPTS):
+            current = self._lock_current()
+            if current is not None:
+                break
+        else:
+            raise PidFileError(f"cannot lock pidfile {self.path}: it keeps being replaced")
         self._fds.append(current)
-        if not _try_lock(current):
-            self.release()
-            raise PidFileError(f"already running (pid {_holder(self.path)})")
         # Whatever the file says, no live process holds its lock: it is stale.
         self.stale_pid = os.read(current, 64).decode(errors="replace").strip() or None
         try:
@@ -128,6 +130,28 @@ class PidFile:
             raise PidFileError(f"cannot write pidfile {self.path}: {exc.strerror}") from None
         st = os.fstat(fd)
         self._inode = (st.st_dev, st.st_ino)
+
+    def _lock_current(self) -> int | None:
+        """Lock the file at the path; None if, by the time the lock was ours, the path
+        named another file. A starter paused between open and lock can otherwise lock the
+        file of a holder that has since exited and unlinked it, while a third starter has
+        put its own in place: two "holders", each sure it is alone."""
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except OSError as exc:
+            raise PidFileError(f"cannot open pidfile {self.path}: {exc.strerror}") from None
+        if not _try_lock(fd):
+            os.close(fd)
+            raise PidFileError(f"already running (pid {_holder(self.path)})")
+        locked = os.fstat(fd)
+        try:
+            named = os.stat(self.path)
+        except FileNotFoundError:
+            named = None
+        if named is None or (named.st_dev, named.st_ino) != (locked.st_dev, locked.st_ino):
+            os.close(fd)  # drops the lock on the orphan; try the file that is there now
+            return None
+        return fd
 
     def release(self) -> None:
         """Remove the pidfile if it is still ours, then drop the locks."""

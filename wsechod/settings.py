@@ -7,8 +7,10 @@ the network or the file system is checked here, so a bad value fails before anyt
 or detaches.
 """
 
+import contextlib
 import dataclasses
 import difflib
+import importlib
 import json
 import math
 import os
@@ -25,6 +27,15 @@ CONFIG_ENV = ENV_PREFIX + "CONFIG"
 DEFAULT_CONFIG = Path("/etc/wsechod/wsechod.toml")
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
+# Other spellings operators bring from syslog, Python and Go (any case): our nearest level.
+# "critical" maps to error, the most severe level wsechod logs, rather than hide crashes.
+LOG_LEVEL_ALIASES = {
+    "warn": "warning",
+    "err": "error",
+    "crit": "error",
+    "critical": "error",
+    "fatal": "error",
+}
 LOG_FORMATS = ("auto", "console", "json")
 COMPRESSIONS = ("none", "deflate")
 MODES = ("echo", "relay")
@@ -45,16 +56,20 @@ def _opt(
     minimum: float | None = None,
     maximum: float | None = None,
     choices: tuple[str, ...] | None = None,
+    aliases: Mapping[str, str] | None = None,
     path: tuple[str, ...] | None = None,
     url: bool = False,
 ) -> T:
     """``path``: the value is a file path, made absolute (a daemon runs in /), except for
-    the words listed, which have a meaning of their own."""
+    the words listed, which have a meaning of their own. ``aliases``: other spellings of
+    the ``choices``. A ``doc`` that starts with "relay:" marks a key that only relay mode
+    reads (echo mode warns that it has no effect)."""
     meta = {
         "doc": doc,
         "minimum": minimum,
         "maximum": maximum,
         "choices": choices,
+        "aliases": aliases or {},
         "path": path,
         "url": url,
     }
@@ -67,7 +82,9 @@ class Settings:
 
     host: str = _opt("127.0.0.1", "address to listen on; a name listens on all its addresses")
     port: int = _opt(8765, "TCP port to listen on; 0 picks a free one", minimum=0, maximum=65535)
-    log_level: str = _opt("info", "least severe level logged", choices=LOG_LEVELS)
+    log_level: str = _opt(
+        "info", "least severe level logged", choices=LOG_LEVELS, aliases=LOG_LEVEL_ALIASES
+    )
     log_format: str = _opt(
         "auto",
         "console for people, json for machines; auto: console on a TTY",
@@ -122,7 +139,8 @@ class Settings:
     relay_echo: bool = _opt(False, "relay: also send each message back to its sender")
     broker: str = _opt(
         "memory",
-        "relay: 'memory' (this process only) or redis://host:port/db to share channels",
+        "relay: 'memory' (this process only), or a Redis URL to share channels: "
+        "redis://[user:password@]host[:port][/db], rediss://..., unix:///path[?db=N]",
         url=True,
     )
     max_channels: int = _opt(10_000, "relay: channels (paths) at once; beyond: HTTP 503", minimum=1)
@@ -159,6 +177,15 @@ class Settings:
 KEYS: tuple[dataclasses.Field[Any], ...] = dataclasses.fields(Settings)
 KEY_NAMES = tuple(f.name for f in KEYS)
 _BY_NAME = {f.name: f for f in KEYS}
+RELAY_KEYS = tuple(f.name for f in KEYS if str(f.metadata["doc"]).startswith("relay:"))
+
+# Kubernetes gives every pod variables for each Service of its namespace ("service links");
+# a Service named wsechod (or wsechod-something) makes them start with WSECHOD_. They are
+# not settings, and must not stop a pod from starting.
+_SERVICE_LINK = re.compile(
+    r"(?:\w+_)?(?:SERVICE_HOST|SERVICE_PORT(?:_\w+)?|PORT_[0-9]+_(?:TCP|UDP|SCTP)(?:_PROTO|_PORT|_ADDR)?)"
+)
+_SERVICE_LINK_URL = re.compile(r"(?:tcp|udp|sctp)://\S*", re.IGNORECASE)
 
 
 def flag_name(key: str) -> str:
@@ -170,12 +197,23 @@ def env_name(key: str) -> str:
 
 
 @dataclass(frozen=True, slots=True)
+class Notice:
+    """A warning about settings that are accepted but not what the operator may think:
+    ``--check-config`` prints ``message``, a start logs ``event`` with ``fields``."""
+
+    message: str
+    event: str
+    fields: Mapping[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
 class Loaded:
     """Settings plus where each value came from, for ``--check-config`` and error messages."""
 
     settings: Settings
     sources: Mapping[str, str]
     config_path: Path | None
+    notices: tuple[Notice, ...] = ()
 
 
 def load(cli: Mapping[str, str], environ: Mapping[str, str], config: str | None) -> Loaded:
@@ -188,22 +226,81 @@ def load(cli: Mapping[str, str], environ: Mapping[str, str], config: str | None)
         where = str(config_path)
         for key, raw in _read_toml(config_path).items():
             _check_known(key, f"in {where}")
-            values[key] = _convert(key, raw, where)
+            values[key] = _convert(key, raw, where, text=False)  # TOML values are typed
             sources[key] = where
 
-    for var, raw in environ.items():
+    ignored: list[str] = []
+    for var, raw in sorted(environ.items()):
         if not var.startswith(ENV_PREFIX) or var == CONFIG_ENV:
             continue
         key = var[len(ENV_PREFIX) :].lower()
+        if _is_service_link(var, raw):
+            ignored.append(var)
+            continue
         _check_known(key, f"from environment variable {var}")
-        values[key] = _convert(key, raw, var)
+        values[key] = _convert(key, raw, var, text=True)
         sources[key] = var
 
     for key, raw in cli.items():
-        values[key] = _convert(key, raw, flag_name(key))
+        values[key] = _convert(key, raw, flag_name(key), text=True)
         sources[key] = flag_name(key)
 
-    return Loaded(Settings(**values), sources, config_path)
+    settings = Settings(**values)
+    _check_broker_package(settings, sources)
+    notices = [*_service_link_notice(ignored), *_echo_mode_notice(settings)]
+    return Loaded(settings, sources, config_path, tuple(notices))
+
+
+def _is_service_link(var: str, raw: str) -> bool:
+    """A Kubernetes service-link variable rather than one of ours (or a typo of ours)."""
+    name = var[len(ENV_PREFIX) :]
+    if name.lower() in _BY_NAME:
+        # WSECHOD_PORT is both our port and a Service's address (tcp://10.0.0.7:8765).
+        return name == "PORT" and _SERVICE_LINK_URL.fullmatch(raw.strip()) is not None
+    if _SERVICE_LINK.fullmatch(name):
+        return True
+    return name.endswith("_PORT") and _SERVICE_LINK_URL.fullmatch(raw.strip()) is not None
+
+
+def _service_link_notice(ignored: list[str]) -> list[Notice]:
+    if not ignored:
+        return []
+    names = ", ".join(ignored)
+    return [
+        Notice(
+            f"ignored environment variables that Kubernetes sets for a Service: {names}",
+            "kubernetes service variables ignored",
+            {"variables": ignored},
+        )
+    ]
+
+
+def _echo_mode_notice(settings: Settings) -> list[Notice]:
+    if settings.mode != "echo":
+        return []
+    unused = [k for k in RELAY_KEYS if getattr(settings, k) != _BY_NAME[k].default]
+    if not unused:
+        return []
+    return [
+        Notice(
+            f"relay settings have no effect in echo mode: {', '.join(unused)}",
+            "settings have no effect in echo mode",
+            {"keys": unused},
+        )
+    ]
+
+
+def _check_broker_package(settings: Settings, sources: Mapping[str, str]) -> None:
+    """The Redis broker needs redis-py, an optional extra: say so before anything starts."""
+    if settings.mode != "relay" or settings.broker == "memory":
+        return
+    try:
+        importlib.import_module("redis")
+    except ImportError:
+        raise SettingsError(
+            f"invalid broker {redact_url(settings.broker)!r} (from {sources['broker']}): "
+            "the Redis broker needs the redis package: pip install 'wsechod[redis]'"
+        ) from None
 
 
 def _config_path(config: str | None, environ: Mapping[str, str]) -> Path | None:
@@ -236,52 +333,62 @@ def _check_known(key: str, where: str) -> None:
     raise SettingsError(f"unknown key {key!r} {where}{hint}")
 
 
-def _convert(key: str, raw: Any, source: str) -> Any:
-    """Turn a TOML value or an env/CLI string into the key's type, then check its range."""
+def _convert(key: str, raw: Any, source: str, *, text: bool) -> Any:
+    """Turn a TOML value (``text`` False: it must have the key's type already) or an
+    env/CLI string (``text`` True: parsed) into the key's type, then check its range."""
     f = _BY_NAME[key]
     assert isinstance(f.type, type)
     try:
-        return _checked(f.metadata, _typed(f.type, raw))
+        return _checked(f.metadata, _typed(f.type, raw) if text else _native(f.type, raw))
     except ValueError as exc:
-        raise SettingsError(f"invalid {key} {raw!r} (from {source}): {exc}") from None
+        shown = redact_url(raw) if f.metadata["url"] and isinstance(raw, str) else raw
+        raise SettingsError(f"invalid {key} {shown!r} (from {source}): {exc}") from None
 
 
 _INT = r"[+-]?[0-9]+"
 _FLOAT = r"[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?"
 
 
-def _typed(kind: type, raw: Any) -> Any:
+def _typed(kind: type, raw: str) -> Any:
+    """A string from a flag or an environment variable, parsed as the key's type."""
     if kind is bool:
         value = _boolean(raw)
         if value is None:
             raise ValueError("expected true or false")
         return value
-    if isinstance(raw, str):
-        raw = raw.strip()
-        if kind is str:
-            return raw
-        # Plain ASCII numbers only: Python would also take "8_0" and other scripts' digits.
-        if not re.fullmatch(_INT if kind is int else _FLOAT, raw):
-            raise ValueError(f"expected {'an integer' if kind is int else 'a number'}")
-        return kind(raw)
+    raw = raw.strip()
+    if kind is str:
+        return raw
+    # Plain ASCII numbers only: Python would also take "8_0" and other scripts' digits.
+    if not re.fullmatch(_INT if kind is int else _FLOAT, raw):
+        raise ValueError(f"expected {'an integer' if kind is int else 'a number'}")
+    return kind(raw)
+
+
+def _native(kind: type, raw: Any) -> Any:
+    """A TOML value, which has a type of its own: port = "8080" is a string, not a port
+    (a quoted number or a "yes" is most likely a mistake that would hide another)."""
     if kind is float and isinstance(raw, int | float) and not isinstance(raw, bool):
         return float(raw)
-    if isinstance(raw, kind) and not isinstance(raw, bool):
+    if isinstance(raw, kind) and (kind is bool or not isinstance(raw, bool)):
         return raw
-    raise ValueError(f"expected {kind.__name__}, got {type(raw).__name__}")
+    hint = ""
+    if isinstance(raw, str) and kind is not str:
+        with contextlib.suppress(ValueError):
+            hint = f" (TOML: write {json.dumps(_typed(kind, raw))} without quotes)"
+    raise ValueError(f"expected {kind.__name__}, got {type(raw).__name__}{hint}")
 
 
 def _checked(meta: Mapping[str, Any], value: Any) -> Any:
-    if meta.get("url") and value != "memory":
-        url = urllib.parse.urlsplit(value)
-        if url.scheme not in BROKER_SCHEMES or not (url.hostname or url.path):
-            raise ValueError("expected memory or redis://host:port/db")
+    if meta.get("url"):
+        _check_broker_url(value)
     if meta["path"] is not None and value and value not in meta["path"]:
         value = os.path.abspath(os.path.expanduser(value))
     if isinstance(value, float) and not math.isfinite(value):
         raise ValueError("must be a finite number")
     if meta["choices"] is not None:
         value = value.strip().lower()
+        value = meta["aliases"].get(value, value)
         if value not in meta["choices"]:
             raise ValueError("must be one of " + ", ".join(meta["choices"]))
     lo, hi = meta["minimum"], meta["maximum"]
@@ -290,6 +397,57 @@ def _checked(meta: Mapping[str, Any], value: Any) -> Any:
     if lo is not None and value < lo:
         raise ValueError(f"must be at least {lo}")
     return value
+
+
+BROKER_FORMS = "memory, redis://[user:password@]host[:port][/db], rediss://..., unix:///path[?db=N]"
+
+
+def _check_broker_url(value: str) -> None:
+    """What redis-py would reject only when relay mode connects, or would read otherwise
+    than meant (redis://host/notadb used to mean database 0), fails here."""
+    if value == "memory":
+        return
+    scheme, sep, _ = value.partition("://")
+    if not sep or scheme.lower() not in BROKER_SCHEMES:
+        raise ValueError(f"expected {BROKER_FORMS}")
+    parts = urllib.parse.urlsplit(value)
+    if parts.fragment:
+        raise ValueError("a broker URL has no #fragment")
+    hostport = parts.netloc.rpartition("@")[2]
+    if scheme.lower() == "unix":
+        if hostport or parts.path in ("", "/"):
+            raise ValueError("expected unix:///path/to/socket (three slashes, then the path)")
+        query = urllib.parse.parse_qs(parts.query, keep_blank_values=True)
+        if set(query) - {"db"} or len(query.get("db", [])) > 1:
+            raise ValueError("the only query parameter is ?db=N")
+        _check_database(query.get("db", [""])[0] if query else None)
+        return
+    if parts.query:
+        raise ValueError("no query parameters here: the database goes in the path (/0)")
+    host, port = _host_port(hostport)
+    if not host:
+        raise ValueError("no host: expected redis://host[:port][/db]")
+    if port is not None and not (re.fullmatch(r"[0-9]{1,5}", port) and 1 <= int(port) <= 65535):
+        raise ValueError(f"port {port!r} must be a number between 1 and 65535")
+    _check_database(parts.path[1:] if parts.path not in ("", "/") else None)
+
+
+def _host_port(hostport: str) -> tuple[str, str | None]:
+    """``host[:port]`` or ``[v6 address][:port]``, as the URL wrote them."""
+    if hostport.startswith("["):
+        host, bracket, rest = hostport[1:].partition("]")
+        if not bracket or (rest and not rest.startswith(":")):
+            raise ValueError("expected [IPv6 address] or [IPv6 address]:port")
+        return host, rest[1:] if rest else None
+    if hostport.count(":") > 1:
+        raise ValueError("an IPv6 address goes in brackets: redis://[::1]:6379/0")
+    host, colon, port = hostport.partition(":")
+    return host, port if colon else None
+
+
+def _check_database(db: str | None) -> None:
+    if db is not None and not re.fullmatch(r"[0-9]{1,9}", db):
+        raise ValueError(f"database {db!r} must be a number")
 
 
 def _boolean(raw: Any) -> bool | None:
@@ -306,17 +464,15 @@ def _boolean(raw: Any) -> bool | None:
 
 def redact_url(url: str) -> str:
     """``url`` with its password (and a user name standing alone) replaced by ``***``,
-    for logs and ``--check-config``: a Redis password must never reach a log."""
+    for logs, errors and ``--check-config``: a Redis password must never reach a log.
+    Works on malformed URLs too (an invalid one is shown in the error about it)."""
     parts = urllib.parse.urlsplit(url)
-    if parts.password is None and parts.username is None:
+    userinfo, at, hostport = parts.netloc.rpartition("@")
+    if not at:
         return url
-    host = parts.hostname or ""
-    if ":" in host:
-        host = f"[{host}]"
-    if parts.port is not None:
-        host += f":{parts.port}"
-    user = "" if parts.password is None else (parts.username or "")
-    return urllib.parse.urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+    user, colon, _ = userinfo.partition(":")
+    user = user if colon else ""  # alone, redis-py takes the "user" as the password
+    return urllib.parse.urlunsplit(parts._replace(netloc=f"{user}:***@{hostport}"))
 
 
 def describe(key: str) -> str:
@@ -324,11 +480,21 @@ def describe(key: str) -> str:
     return str(_BY_NAME[key].metadata["doc"])
 
 
+def choices(key: str) -> tuple[tuple[str, ...], Mapping[str, str]] | None:
+    """The values a choice key takes and its other accepted spellings, for ``--help``."""
+    meta = _BY_NAME[key].metadata
+    return None if meta["choices"] is None else (meta["choices"], meta["aliases"])
+
+
+def shown(key: str, value: Any) -> Any:
+    """A value as it may be shown to people: with credentials masked."""
+    return redact_url(value) if _BY_NAME[key].metadata["url"] else value
+
+
 def render(loaded: Loaded) -> str:
     """The effective settings as TOML, each line saying where its value came from."""
     lines = [f"# config file: {loaded.config_path or 'none'}"]
     for key in KEY_NAMES:
-        value = getattr(loaded.settings, key)
-        text = json.dumps(value)
+        text = json.dumps(shown(key, getattr(loaded.settings, key)))
         lines.append(f"{key} = {text}  # {loaded.sources[key]}")
     return "\n".join(lines)

@@ -12,20 +12,28 @@ class BindError(Exception):
     """A listening socket could not be created; the message is one line for the operator."""
 
 
-def bind(host: str, port: int) -> list[socket.socket]:
-    """Listen on every address ``host`` resolves to; with port 0 they all share one port."""
+def resolve(host: str, port: int) -> list[tuple[int, str]]:
+    """The (family, address) pairs ``bind`` would listen on; also what --check-config
+    checks, since it must not bind (a running instance may hold the port)."""
     try:
         infos = socket.getaddrinfo(
             host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
         )
     except socket.gaierror as exc:
         raise BindError(f"cannot resolve host {host!r}: {exc.strerror}") from None
+    except UnicodeError as exc:  # not a name at all (e.g. a label over 63 characters)
+        reason = exc.__cause__ or exc  # "label empty or too long", not the codec's wrapper
+        raise BindError(f"cannot resolve host {host!r}: {reason}") from None
+    return [(family, str(sockaddr[0])) for family, _, _, _, sockaddr in infos]
 
+
+def bind(host: str, port: int) -> list[socket.socket]:
+    """Listen on every address ``host`` resolves to; with port 0 they all share one port."""
+    infos = resolve(host, port)
     sockets: list[socket.socket] = []
     seen: set[tuple[int, str]] = set()
     try:
-        for family, _, _, _, sockaddr in infos:
-            address = str(sockaddr[0])
+        for family, address in infos:
             if (family, address) in seen:
                 continue
             seen.add((family, address))

@@ -1,0 +1,74 @@
+"""``--check-config``'s look at the machine: what would stop a start, found without one.
+
+Valid settings can still fail to start: a host name that does not resolve, a log or
+pidfile directory that cannot be made or written to, no syslog socket for a daemon.
+Nothing is created, bound or locked here: the instance about to be restarted may hold the
+port and the pidfile, and checking before a restart must not fail on them. Directories are
+made by the starting process (root, with --user), while the files in them are written by
+the user it becomes, so writes are checked as that user, in a child that drops root first.
+"""
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+from wsechod import logs, paths, sockets, systemd
+from wsechod.privileges import Identity
+from wsechod.settings import Settings
+
+
+def problems(settings: Settings, identity: Identity | None) -> list[str]:
+    """One line per problem, worded like the error the start would print."""
+    found: list[str] = []
+    if systemd.describe_activation() is None:  # else host and port are not used
+        try:
+            sockets.resolve(settings.host, settings.port)
+        except sockets.BindError as exc:
+            found.append(str(exc))
+    syslog = logs.syslog_problem(settings)
+    if syslog is not None:
+        found.append(syslog)
+    log_file = logs.log_path(settings)
+    pidfile = Path(settings.pidfile) if settings.pidfile else None
+    if log_file is not None and (why := paths.cannot_create(log_file.parent)):
+        found.append(f"cannot create log directory {log_file.parent}: {why}")
+    if pidfile is not None and (why := paths.cannot_create(pidfile.parent)):
+        found.append(f"cannot create {pidfile.parent}: {why}")
+    found += _as_user(identity, lambda: _writes(log_file, pidfile))
+    return found
+
+
+def _writes(log_file: Path | None, pidfile: Path | None) -> list[str]:
+    """What the running daemon writes: its log file, and its pidfile (a locked temporary
+    file renamed into place, so the directory must be writable too)."""
+    found = []
+    if log_file is not None and (why := paths.cannot_write_file(log_file)):
+        found.append(f"cannot open log file {log_file}: {why}")
+    if pidfile is not None and pidfile.parent.is_dir():
+        if why := paths.unwritable(pidfile.parent):
+            found.append(f"cannot write pidfile in {pidfile.parent}: {why}")
+        elif pidfile.exists() and (why := paths.unwritable(pidfile, os.R_OK | os.W_OK)):
+            found.append(f"cannot open pidfile {pidfile}: {why}")
+    return found
+
+
+def _as_user(identity: Identity | None, check: Callable[[], list[str]]) -> list[str]:
+    """Run ``check`` as ``identity`` (in a forked child, since dropping root is for good)."""
+    if identity is None:
+        return check()
+    read_end, write_end = os.pipe()
+    child = os.fork()
+    if child == 0:
+        os.close(read_end)
+        try:
+            identity.drop()
+            lines = check()
+        except Exception as exc:  # report it: the parent must not hang or pass silently
+            lines = [f"cannot check as user {identity.name}: {exc}"]
+        os.write(write_end, "\n".join(lines).encode())
+        os._exit(0)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as pipe:
+        output = pipe.read().decode()
+    os.waitpid(child, 0)
+    return output.splitlines()
