@@ -119,12 +119,12 @@ def test_precedence_cli_over_env_over_file_over_default(tmp_path: Path) -> None:
 
 def test_check_config_names_each_source(tmp_path: Path) -> None:
     path = tmp_path / "wsechod.toml"
-    path.write_text("max_queue = 8\n")
+    path.write_text("max_size = 8\n")
     result = run_cli("--check-config", "--config", str(path), "--port", "9")
     assert result.returncode == 0
     assert f"# config file: {path}" in result.stdout
     assert "port = 9  # --port" in result.stdout
-    assert f"max_queue = 8  # {path}" in result.stdout
+    assert f"max_size = 8  # {path}" in result.stdout
     assert 'host = "127.0.0.1"  # default' in result.stdout
 
 
@@ -314,3 +314,18 @@ def test_kubernetes_service_variables_are_ignored_with_one_warning(start: Any) -
     assert typo.returncode == 2
     assert "unknown key 'prot' from environment variable WSECHOD_PROT" in typo.stderr
     assert typo.stderr.count("\n") == 1
+
+
+@pytest.mark.parametrize("where", ["file", "env", "flag"])
+def test_retired_key_still_starts_with_a_notice(where: str, tmp_path: Path) -> None:
+    """max_queue meant something to the old data path; a file, unit or script that sets it
+    must still start, and hear that it does nothing."""
+    path = tmp_path / "wsechod.toml"
+    path.write_text("max_queue = 8\n" if where == "file" else "")
+    env = clean_env(WSECHOD_MAX_QUEUE="8") if where == "env" else clean_env()
+    flags = ["--max-queue", "8"] if where == "flag" else []
+    result = run_cli("--check-config", "--config", str(path), *flags, env=env)
+    assert result.returncode == 0, result.stderr
+    assert "max_queue" not in result.stdout  # not a setting any more
+    assert result.stderr.count("\n") == 1
+    assert "max_queue" in result.stderr and "has no effect any more" in result.stderr

@@ -20,8 +20,8 @@ from websockets.exceptions import ConnectionClosedOK
 from websockets.sync.client import connect
 
 from tests.conftest import WSECHOD, Daemon, clean_env, peer_port, run_cli
-from wsechod import pidfile as pidfile_module
-from wsechod.pidfile import PidFile, PidFileError
+from wsechod.process import pidfile as pidfile_module
+from wsechod.process.pidfile import PidFile, PidFileError
 
 IS_ROOT = os.geteuid() == 0
 

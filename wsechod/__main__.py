@@ -2,6 +2,6 @@
 
 import sys
 
-from wsechod.cli import main
+from wsechod.process.cli import main
 
 sys.exit(main())

@@ -96,15 +96,9 @@ class Settings:
         minimum=1,
         maximum=2**30,
     )
-    max_queue: int = _opt(
-        16,
-        "incoming frames buffered per connection before reading pauses",
-        minimum=1,
-        maximum=2**16,
-    )
     write_limit: int = _opt(
         2**15,
-        "outgoing bytes buffered per connection before sending waits",
+        "outgoing bytes buffered per connection before reading from whoever feeds it pauses",
         minimum=1,
         maximum=2**30,
     )
@@ -221,10 +215,14 @@ def load(cli: Mapping[str, str], environ: Mapping[str, str], config: str | None)
     config_path = _config_path(config, environ)
     values: dict[str, Any] = {}
     sources: dict[str, str] = {name: "default" for name in KEY_NAMES}
+    retired: dict[str, str] = {}
 
     if config_path is not None:
         where = str(config_path)
         for key, raw in _read_toml(config_path).items():
+            if key in RETIRED:
+                retired[key] = where
+                continue
             _check_known(key, f"in {where}")
             values[key] = _convert(key, raw, where, text=False)  # TOML values are typed
             sources[key] = where
@@ -237,18 +235,47 @@ def load(cli: Mapping[str, str], environ: Mapping[str, str], config: str | None)
         if _is_service_link(var, raw):
             ignored.append(var)
             continue
+        if key in RETIRED:
+            retired[key] = var
+            continue
         _check_known(key, f"from environment variable {var}")
         values[key] = _convert(key, raw, var, text=True)
         sources[key] = var
 
     for key, raw in cli.items():
+        if key in RETIRED:
+            retired[key] = flag_name(key)
+            continue
         values[key] = _convert(key, raw, flag_name(key), text=True)
         sources[key] = flag_name(key)
 
     settings = Settings(**values)
     _check_broker_package(settings, sources)
-    notices = [*_service_link_notice(ignored), *_echo_mode_notice(settings)]
+    notices = [
+        *_service_link_notice(ignored),
+        *_retired_notice(retired),
+        *_echo_mode_notice(settings),
+    ]
     return Loaded(settings, sources, config_path, tuple(notices))
+
+
+# Keys that no longer mean anything: accepted from every source (so that an existing file,
+# unit or script still starts) with a notice saying why, instead of an "unknown key" stop.
+RETIRED = {
+    "max_queue": "the engine keeps no queue of incoming messages; memory per connection is "
+    "bounded by write_limit and max_size",
+}
+
+
+def _retired_notice(seen: dict[str, str]) -> list[Notice]:
+    return [
+        Notice(
+            f"{key} (from {where}) has no effect any more: {RETIRED[key]}",
+            "setting has no effect any more",
+            {"key": key, "source": where},
+        )
+        for key, where in seen.items()
+    ]
 
 
 def _is_service_link(var: str, raw: str) -> bool:

@@ -27,7 +27,7 @@ from wsechod import ratelimit
 from wsechod.engine.connection import WebSocket
 from wsechod.engine.handshake import Handshake
 from wsechod.engine.interface import Application, Reply, Request
-from wsechod.sockets import format_address
+from wsechod.listeners import format_address
 
 log = structlog.stdlib.get_logger("wsechod.engine")
 warn = ratelimit.logger("wsechod.engine")

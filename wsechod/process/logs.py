@@ -21,7 +21,7 @@ from typing import TextIO
 import structlog
 from structlog.typing import Processor
 
-from wsechod import paths
+from wsechod.process import paths
 from wsechod.settings import Settings
 
 log = structlog.stdlib.get_logger("wsechod")

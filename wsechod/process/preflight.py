@@ -12,8 +12,9 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
-from wsechod import logs, paths, sockets, systemd
-from wsechod.privileges import Identity
+from wsechod import listeners
+from wsechod.process import logs, paths, systemd
+from wsechod.process.privileges import Identity
 from wsechod.settings import Settings
 
 
@@ -22,8 +23,8 @@ def problems(settings: Settings, identity: Identity | None) -> list[str]:
     found: list[str] = []
     if systemd.describe_activation() is None:  # else host and port are not used
         try:
-            sockets.resolve(settings.host, settings.port)
-        except sockets.BindError as exc:
+            listeners.resolve(settings.host, settings.port)
+        except listeners.BindError as exc:
             found.append(str(exc))
     syslog = logs.syslog_problem(settings)
     if syslog is not None:

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from types import TracebackType
 
-from wsechod import paths
+from wsechod.process import paths
 
 # Times to retry when the pidfile is replaced between opening and locking it; each retry
 # means another process took it over meanwhile, so a few are plenty.

@@ -20,8 +20,8 @@ from typing import NoReturn
 
 import daemon
 
-from wsechod.pidfile import PidFile
-from wsechod.privileges import Identity
+from wsechod.process.pidfile import PidFile
+from wsechod.process.privileges import Identity
 
 # How long the invoking command waits for the daemon before giving up on it, and then for
 # a daemon that failed to clean up (remove its pidfile) before the command reports.

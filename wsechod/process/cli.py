@@ -17,24 +17,16 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import NoReturn
 
-from wsechod import (
-    __version__,
-    daemon,
-    logs,
-    preflight,
-    privileges,
-    runtime,
-    samples,
-    sockets,
-    systemd,
-)
-from wsechod.logs import LogError
-from wsechod.pidfile import PidFile, PidFileError
-from wsechod.privileges import Identity
+from wsechod import __version__, listeners
+from wsechod.process import daemon, logs, preflight, privileges, runner, samples, systemd
+from wsechod.process.logs import LogError
+from wsechod.process.pidfile import PidFile, PidFileError
+from wsechod.process.privileges import Identity
 from wsechod.settings import (
     CONFIG_ENV,
     DEFAULT_CONFIG,
     KEYS,
+    RETIRED,
     Loaded,
     Notice,
     SettingsError,
@@ -94,6 +86,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="print the sample logrotate rules for a daemon's log file and exit",
     )
     group = parser.add_argument_group("settings")
+    for key in RETIRED:  # still accepted, so that old command lines start; not shown
+        group.add_argument(
+            flag_name(key), dest=key, default=argparse.SUPPRESS, help=argparse.SUPPRESS
+        )
     for f in KEYS:
         allowed = choices(f.name)
         values = "" if allowed is None else "; one of: " + ", ".join(allowed[0])
@@ -125,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    runtime.catch_early_signals()
+    runner.catch_early_signals()
     args = vars(build_parser().parse_args(argv))
     config = args.pop("config")
     check_only = args.pop("check_config")
@@ -180,8 +176,8 @@ def _start(loaded: Loaded, identity: Identity | None) -> int:
     logs.configure(settings)
     try:
         inherited = systemd.listen_fds()
-        listening = inherited or sockets.bind(settings.host, settings.port)
-    except (sockets.BindError, systemd.ActivationError) as exc:
+        listening = inherited or listeners.bind(settings.host, settings.port)
+    except (listeners.BindError, systemd.ActivationError) as exc:
         return _fail(str(exc), EXIT_FAILURE)
     try:
         owner = None if identity is None else (identity.uid, identity.gid)
@@ -229,7 +225,7 @@ def _serve(
             on_ready()
 
     try:
-        return runtime.run(settings, listening, ready, handoff)
+        return runner.run(settings, listening, ready, handoff)
     except Exception:
         logs.log.exception("crashed")
         if on_ready is not None and not started:

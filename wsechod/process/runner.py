@@ -15,8 +15,9 @@ from collections.abc import Callable
 import structlog
 import uvloop
 
-from wsechod import __version__, logs, systemd
+from wsechod import __version__
 from wsechod.lifecycle import RELOAD_SIGNALS, STOP_SIGNALS, Lifecycle, capture_signals, serve
+from wsechod.process import logs, systemd
 from wsechod.settings import Settings
 
 log = structlog.stdlib.get_logger("wsechod")
