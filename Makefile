@@ -7,8 +7,10 @@ STAMP  := $(VENV)/.installed
 PORT   ?= 8765
 
 NODE_DEPS := tests/node/node_modules/.package-lock.json
+BENCH_NODE_DEPS := bench/node/node_modules/.package-lock.json
 
-.PHONY: setup python-version node-deps systemd-tools redis run test lint typecheck pytest \
+.PHONY: setup python-version node-deps bench-node-deps systemd-tools redis run test lint \
+        typecheck pytest \
         bench clean install install-units install-systemd
 
 # An interpreter's version and installation ("3.11.7 /usr"); a venv's python gives its base's.
@@ -37,16 +39,27 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev,redis]'
 	touch $@
 
-## Node's ws, the tests' independent client (Node.js itself from Debian if missing).
+## Node's ws with npm ci in $(1) (Node.js itself from Debian if missing); $(2): what is lost without.
+define npm_ci
+	@if ! command -v npm >/dev/null; then \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update && apt-get install -y nodejs npm; \
+	  else echo "WARNING: no npm and not root: $(2)" >&2; \
+	       exit 0; fi; \
+	fi; \
+	npm ci --prefix $(1) --no-audit --no-fund --loglevel=error && touch $@
+endef
+
+## Node's ws, the tests' independent client.
 node-deps: $(NODE_DEPS)
 
 $(NODE_DEPS): tests/node/package.json tests/node/package-lock.json
-	@if ! command -v npm >/dev/null; then \
-	  if [ "$$(id -u)" = 0 ]; then apt-get update && apt-get install -y nodejs npm; \
-	  else echo "WARNING: no npm and not root: the Node client tests will be skipped" >&2; \
-	       exit 0; fi; \
-	fi; \
-	npm ci --prefix tests/node --no-audit --no-fund --loglevel=error && touch $@
+	$(call npm_ci,tests/node,the Node client tests will be skipped)
+
+## Node's ws servers, the benchmark's peers.
+bench-node-deps: $(BENCH_NODE_DEPS)
+
+$(BENCH_NODE_DEPS): bench/node/package.json bench/node/package-lock.json
+	$(call npm_ci,bench/node,the benchmark will skip the Node ws peers)
 
 ## systemd-analyze and systemd-socket-activate for the tests (Debian package systemd).
 systemd-tools:
@@ -74,12 +87,13 @@ typecheck: setup
 pytest: setup node-deps systemd-tools redis
 	$(BIN)/pytest $(PYTEST_ARGS)
 
-## wsechod against the websockets deployment-docs example, in one run.
-bench: setup
+## wsechod against the websockets example, Node's ws and others, in one run (see README).
+bench: setup bench-node-deps
 	$(BIN)/python -m bench $(BENCH_ARGS)
 
 clean:
-	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache *.egg-info tests/node/node_modules
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache *.egg-info tests/node/node_modules \
+	       bench/node/node_modules
 
 ## Install for production: a virtualenv in $(PREFIX) with wsechod in it.
 PREFIX  ?= /opt/wsechod

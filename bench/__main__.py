@@ -1,150 +1,478 @@
-"""Run both servers pinned to one core, load them from the other, print figures and ratios.
+"""``make bench``: wsechod against the websockets example, Node's ws and others, in one run.
 
-Figures: echoed messages per second, server CPU time per echoed message (user + system,
-from /proc, so it does not depend on how fast the client is), and resident memory per idle
-connection.
+Every server runs pinned to core 0, the load client (this process, picows on uvloop) on core
+1. For each repeat each server is measured in turn, so that drift on a shared machine
+touches them all alike; the table gives the median of the repeats and its ratio to the
+baseline (the websockets example with the legacy API; for fan-out, a relay written with
+websockets' ``broadcast()``) and to Node's ws.
 """
 
 import argparse
-import asyncio
+import atexit
+import contextlib
+import datetime
+import functools
+import gc
+import json
+import math
 import os
-import re
+import platform
+import resource
 import shutil
+import signal
+import statistics
 import subprocess
 import sys
-import threading
-from dataclasses import dataclass
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from importlib import metadata
 from pathlib import Path
+from typing import Any
 
 import uvloop
 
-from bench import load
+from bench import client
+from bench.peers import ECHO_PEERS, NODE_DIR, RELAY_PEERS, ROOT, Peer, PeerError, Server, kill_all
 
-CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
-PAGE = os.sysconf("SC_PAGE_SIZE")
-TWO_CORES = len(os.sched_getaffinity(0)) > 1
+SATURATED = 0.90  # client CPU / wall time from which the client is the bottleneck
+SCENARIOS = ("echo", "idle", "fanout")
+
+
+@dataclass(frozen=True)
+class Figure:
+    key: str
+    label: str
+    section: str
+    ratios: bool = True  # print "x example" / "x ws" rows
+    floor: bool = False  # a throughput: only a floor when the client was saturated
+    digits: int | None = None
+    worst: bool = False  # show the smallest value of the repeats instead of the median
 
 
 @dataclass
-class Result:
-    name: str
-    rate: float
-    cpu_us: float
-    idle_kib: float
+class Results:
+    """Per (kind, peer, figure key): one value per repeat, and whether the client saturated."""
+
+    values: dict[tuple[str, str, str], list[float]] = field(default_factory=dict)
+    saturated: dict[tuple[str, str, str], list[bool]] = field(default_factory=dict)
+    errors: list[str] = field(default_factory=list)
+    runs: list[dict[str, Any]] = field(default_factory=list)
+
+    def add(self, peer: Peer, key: str, value: float, saturated: bool = False) -> None:
+        self.values.setdefault((peer.kind, peer.name, key), []).append(value)
+        self.saturated.setdefault((peer.kind, peer.name, key), []).append(saturated)
+
+    def median(
+        self, kind: str, name: str, key: str, worst: bool = False
+    ) -> tuple[float, bool] | None:
+        """The median (or smallest) value, and whether most runs saturated the client."""
+        values = self.values.get((kind, name, key))
+        if not values:
+            return None
+        flags = self.saturated[(kind, name, key)]
+        return min(values) if worst else statistics.median(values), 2 * sum(flags) > len(flags)
 
 
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+def echo_cases(args: argparse.Namespace) -> list[tuple[str, int, int]]:
+    cases = [(f"echo {n}x{args.size}", n, args.size) for n in args.connections]
+    if args.big_size:
+        cases.append((f"echo {args.big_connections}x{args.big_size}", *args.big_case))
+    return cases
 
 
-def rss_bytes(pid: int) -> int:
-    return int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * PAGE
+def describe_size(size: int) -> str:
+    return f"{size // 1024} KiB" if size % 1024 == 0 else f"{size} B"
 
 
-def start(name: str, core: int, *extra: str) -> tuple[subprocess.Popen[str], int]:
-    pin = ["taskset", "-c", str(core)] if TWO_CORES and shutil.which("taskset") else []
-    if name == "wsechod":
-        cmd = [
-            sys.executable,
-            "-m",
-            "wsechod",
-            "--config",
-            "",
-            "--port",
-            "0",
-            "--log-format",
-            "console",
-            "--max-connections",
-            "0",
-            *extra,
+def figures(args: argparse.Namespace) -> list[Figure]:
+    out: list[Figure] = []
+    if "echo" in args.scenarios:
+        for key, n, size in echo_cases(args):
+            section = (
+                f"echo, {n} connection{'s' * (n > 1)}, {describe_size(size)} messages, ping-pong"
+            )
+            out += [
+                Figure(f"{key} rt/s", "round trips/s", section, floor=True),
+                Figure(f"{key} p50", "p50 latency µs", section),
+                Figure(f"{key} p99", "p99 latency µs", section),
+                Figure(f"{key} cpu", "server CPU µs/msg", section, digits=1),
+                Figure(f"{key} server%", "server core busy %", section, ratios=False),
+                Figure(f"{key} client%", "client core busy %", section, ratios=False),
+            ]
+    if "idle" in args.scenarios:
+        section = f"{args.idle} idle connections, then SIGTERM"
+        out += [
+            Figure("idle kib", "KiB per idle connection", section, digits=1),
+            Figure("drain s", "drain: SIGTERM to exit, s", section, digits=2),
+            Figure(
+                "closed 1001", f"closed 1001 (of {args.idle}), worst", section, False, worst=True
+            ),
         ]
+    if "fanout" in args.scenarios:
+        section = (
+            f"fan-out, 1 publisher to {args.subscribers} subscribers on one channel, "
+            f"{describe_size(args.size)} messages"
+        )
+        out += [
+            Figure("fan rate", "deliveries/s", section, floor=True),
+            Figure("fan cpu", "server CPU µs/delivery", section, digits=2),
+            Figure("fan server%", "server core busy %", section, ratios=False),
+            Figure("fan client%", "client core busy %", section, ratios=False),
+        ]
+    return out
+
+
+# Measuring ---------------------------------------------------------------------------------
+
+
+def note(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+async def guarded(results: Results, what: str, step: Callable[[], Awaitable[None]]) -> bool:
+    try:
+        gc.collect()
+        gc.disable()
+        await step()
+        return True
+    except (PeerError, OSError, TimeoutError, ConnectionError, AssertionError) as exc:
+        results.errors.append(f"{what}: {exc}")
+        note(f"  FAILED {what}: {exc}")
+        return False
+    finally:
+        gc.enable()
+
+
+async def measure_echo(
+    args: argparse.Namespace, results: Results, peer: Peer, repeat: int, server: Server
+) -> None:
+    for key, n, size in echo_cases(args):
+        what = f"{peer.label} {key} (repeat {repeat})"
+        step = functools.partial(echo_case, args, results, peer, repeat, server, key, n, size)
+        if not await guarded(results, what, step) and server.proc.poll() is not None:
+            raise PeerError(f"{peer.label} exited with status {server.proc.returncode}")
+
+
+async def echo_case(  # noqa: PLR0917
+    args: argparse.Namespace,
+    results: Results,
+    peer: Peer,
+    repeat: int,
+    server: Server,
+    key: str,
+    n: int,
+    size: int,
+) -> None:
+    r = await client.echo(
+        server.port,
+        connections=n,
+        size=size,
+        warmup=args.warmup,
+        seconds=args.seconds,
+        server_cpu=server.cpu_seconds,
+    )
+    w = r.window
+    sat = w.client_cpu / w.seconds >= SATURATED
+    results.add(peer, f"{key} rt/s", w.events / w.seconds, sat)
+    results.add(peer, f"{key} p50", r.p50 * 1e6, sat)
+    results.add(peer, f"{key} p99", r.p99 * 1e6, sat)
+    results.add(peer, f"{key} cpu", w.server_cpu / w.events * 1e6)
+    results.add(peer, f"{key} server%", 100 * w.server_cpu / w.seconds)
+    results.add(peer, f"{key} client%", 100 * w.client_cpu / w.seconds, sat)
+    results.runs.append(
+        {"repeat": repeat, "peer": peer.name, "kind": peer.kind, "case": key}
+        | {"connections": n, "size": size, "seconds": w.seconds, "round_trips": w.events}
+        | {"server_cpu_s": w.server_cpu, "client_cpu_s": w.client_cpu}
+        | {"p50_us": r.p50 * 1e6, "p99_us": r.p99 * 1e6}
+    )
+    note(
+        f"  {peer.label:<12} {key:<14} {w.events / w.seconds:>9.0f} rt/s  "
+        f"p50 {r.p50 * 1e6:>7.0f} µs  p99 {r.p99 * 1e6:>7.0f} µs  "
+        f"server {w.server_cpu / w.events * 1e6:>6.1f} µs/msg  "
+        f"client {100 * w.client_cpu / w.seconds:>3.0f}%"
+    )
+
+
+async def measure_idle(
+    args: argparse.Namespace, results: Results, peer: Peer, repeat: int, server: Server
+) -> None:
+    r = await client.idle_and_drain(
+        server.port, proc=server.proc, connections=args.idle, rss=server.rss_bytes
+    )
+    status = server.stop()
+    results.add(peer, "idle kib", r.kib_per_connection)
+    results.add(peer, "drain s", r.drain_seconds)
+    results.add(peer, "closed 1001", r.closed_1001)
+    results.runs.append(
+        {"repeat": repeat, "peer": peer.name, "kind": peer.kind, "case": "idle"}
+        | {"connections": r.connections, "kib_per_connection": r.kib_per_connection}
+        | {"drain_s": r.drain_seconds, "closed_1001": r.closed_1001}
+        | {"closed_other": r.closed_other, "no_close_frame": r.cut, "exit_status": status}
+    )
+    note(
+        f"  {peer.label:<12} {'idle':<14} {r.kib_per_connection:>6.1f} KiB/conn  drain "
+        f"{r.drain_seconds:.2f} s  1001: {r.closed_1001}/{r.connections}  other codes: "
+        f"{r.closed_other}  no close frame: {r.cut}  exit status {status}"
+    )
+    if status != 0:
+        results.errors.append(f"{peer.label} exited with status {status} after SIGTERM")
+
+
+async def measure_fanout(
+    args: argparse.Namespace, results: Results, peer: Peer, repeat: int, server: Server
+) -> None:
+    w = await client.fan_out(
+        server.port,
+        subscribers=args.subscribers,
+        size=args.size,
+        warmup=args.warmup,
+        seconds=args.seconds,
+        server_cpu=server.cpu_seconds,
+    )
+    sat = w.client_cpu / w.seconds >= SATURATED
+    results.add(peer, "fan rate", w.events / w.seconds, sat)
+    results.add(peer, "fan cpu", w.server_cpu / w.events * 1e6)
+    results.add(peer, "fan server%", 100 * w.server_cpu / w.seconds)
+    results.add(peer, "fan client%", 100 * w.client_cpu / w.seconds, sat)
+    results.runs.append(
+        {"repeat": repeat, "peer": peer.name, "kind": peer.kind, "case": "fanout"}
+        | {"subscribers": args.subscribers, "size": args.size, "seconds": w.seconds}
+        | {"deliveries": w.events, "server_cpu_s": w.server_cpu, "client_cpu_s": w.client_cpu}
+    )
+    note(
+        f"  {peer.label:<12} {'fan-out':<14} {w.events / w.seconds:>9.0f} deliveries/s  "
+        f"server {w.server_cpu / w.events * 1e6:>6.2f} µs/delivery  "
+        f"client {100 * w.client_cpu / w.seconds:>3.0f}%"
+    )
+
+
+async def run_all(args: argparse.Namespace, results: Results) -> None:
+    broken: dict[tuple[str, str], str] = {}
+    plan: list[tuple[Peer, str]] = []
+    for peer in ECHO_PEERS:
+        for scenario in ("echo", "idle"):
+            if scenario in args.scenarios and peer.name in args.only:
+                plan.append((peer, scenario))
+    plan += [
+        (p, "fanout") for p in RELAY_PEERS if "fanout" in args.scenarios and p.name in args.only
+    ]
+    steps = {"echo": measure_echo, "idle": measure_idle, "fanout": measure_fanout}
+    for repeat in range(1, args.repeat + 1):
+        note(f"repeat {repeat}/{args.repeat}")
+        for peer, scenario in plan:
+            if (peer.kind, peer.name) in broken:
+                continue
+            try:
+                server = Server(peer, args.server_core, args.subscribers)
+            except PeerError as exc:
+                broken[(peer.kind, peer.name)] = str(exc)
+                results.errors.append(f"{peer.label} ({peer.kind}) not measured: {exc}")
+                note(f"  SKIPPED {peer.label}: {exc}")
+                continue
+            began = time.monotonic()
+            try:
+                step = functools.partial(steps[scenario], args, results, peer, repeat, server)
+                await guarded(results, f"{peer.label} {scenario} (repeat {repeat})", step)
+            finally:
+                server.stop()
+            note(f"  {peer.label:<12} {scenario} done in {time.monotonic() - began:.1f} s")
+
+
+# Reporting ---------------------------------------------------------------------------------
+
+
+def fmt(value: float, digits: int | None) -> str:
+    if math.isnan(value):
+        return "-"
+    if digits is None:
+        digits = 0 if abs(value) >= 100 else 1 if abs(value) >= 10 else 2
+    return f"{value:.{digits}f}"
+
+
+def table(args: argparse.Namespace, results: Results) -> tuple[str, dict[str, Any]]:
+    lines: list[str] = []
+    summary: dict[str, Any] = {}
+    section = None
+    for fig in figures(args):
+        kind = "relay" if fig.key.startswith("fan ") else "echo"
+        peers = [p for p in (RELAY_PEERS if kind == "relay" else ECHO_PEERS) if p.name in args.only]
+        base_name = "broadcast" if kind == "relay" else "example"
+        base_label = "broadcast()" if kind == "relay" else "example"
+        if fig.section != section:
+            section = fig.section
+            lines += ["", section, f"{'':<30}" + "".join(f"{p.label:>13}" for p in peers)]
+        medians = {p.name: results.median(kind, p.name, fig.key, fig.worst) for p in peers}
+        cells = []
+        entry: dict[str, Any] = {}
+        for p in peers:
+            m = medians[p.name]
+            if m is None:
+                cells.append("-")
+                continue
+            value, saturated = m
+            mark = ("≥" if fig.floor else "*") if saturated else ""
+            cells.append(mark + fmt(value, fig.digits))
+            entry[p.name] = {"value": value, "client_saturated": saturated}
+        lines.append(f"  {fig.label:<28}" + "".join(f"{c:>13}" for c in cells))
+        if fig.ratios:
+            for base, label in ((base_name, base_label), ("ws", "ws")):
+                ref = medians.get(base)
+                row = []
+                for p in peers:
+                    m = medians[p.name]
+                    if m is None or ref is None or ref[0] == 0:
+                        row.append("-")
+                        continue
+                    ratio = m[0] / ref[0]
+                    row.append(("*" if m[1] or ref[1] else "") + f"{ratio:.2f}")
+                    entry[p.name][f"x_{'baseline' if base == base_name else 'ws'}"] = ratio
+                lines.append(f"    x {label:<26}" + "".join(f"{c:>13}" for c in row))
+        summary.setdefault(section, {})[fig.label] = entry
+    return "\n".join(lines), summary
+
+
+def versions() -> dict[str, str]:
+    found = {"python": platform.python_version(), "kernel": platform.release()}
+    for package in ("websockets", "picows", "uvloop", "wsechod"):
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            found[package] = metadata.version(package)
+    if shutil.which("node"):
+        node = subprocess.run(["node", "--version"], capture_output=True, text=True, check=False)
+        found["node"] = node.stdout.strip()
+        ws = NODE_DIR / "node_modules" / "ws" / "package.json"
+        if ws.is_file():
+            found["ws"] = json.loads(ws.read_text())["version"]
+    return found
+
+
+# Command line ------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench",
+        description="Benchmark wsechod against the websockets example, Node's ws and others.",
+    )
+    add = parser.add_argument
+    add("--quick", action="store_true", help="a short smoke run: 1 repeat, small counts")
+    add("--repeat", type=int, help="interleaved rounds, median taken (default 3; quick 1)")
+    add("--seconds", type=float, help="measured window per figure (default 1.5; quick 0.5)")
+    add("--warmup", type=float, help="load before each window (default 0.3; quick 0.2)")
+    add("--connections", help="echo connection counts, comma-separated (default 1,50,500)")
+    add("--size", type=int, default=32, help="small message size in bytes (default 32)")
+    add("--big-size", type=int, default=16384, help="large message size, 0 to skip (16384)")
+    add("--big-connections", type=int, default=50, help="connections for large messages")
+    add("--idle", type=int, help="idle connections for memory and drain (10000; quick 1000)")
+    add("--subscribers", type=int, help="fan-out subscribers (default 1000; quick 100)")
+    add("--only", help="peers, comma-separated: " + ",".join(sorted(peer_names())))
+    add("--scenarios", default=",".join(SCENARIOS), help="any of echo,idle,fanout")
+    add("--json", type=Path, default=ROOT / "bench" / "results.json", help="where to write")
+    args = parser.parse_args(argv)
+
+    quick = args.quick
+    defaults = {
+        "repeat": 1 if quick else 3,
+        "seconds": 0.5 if quick else 1.5,
+        "warmup": 0.2 if quick else 0.3,
+        "connections": "1,50" if quick else "1,50,500",
+        "idle": 1000 if quick else 10_000,
+        "subscribers": 100 if quick else 1000,
+    }
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    try:
+        args.connections = [int(n) for n in str(args.connections).split(",") if n]
+    except ValueError:
+        parser.error("--connections: comma-separated integers")
+    args.only = set(args.only.split(",")) if args.only else peer_names()
+    if unknown := args.only - peer_names():
+        parser.error(f"--only: unknown peer(s) {', '.join(sorted(unknown))}")
+    args.scenarios = set(args.scenarios.split(","))
+    if unknown := args.scenarios - set(SCENARIOS):
+        parser.error(f"--scenarios: unknown {', '.join(sorted(unknown))}")
+    counts = [args.repeat, args.idle, args.subscribers, args.big_connections, *args.connections]
+    if min(counts) < 1 or args.seconds <= 0 or args.warmup < 0 or args.size < 1:
+        parser.error("counts, sizes and --seconds must be positive")
+    args.big_case = (args.big_connections, args.big_size)
+    return args
+
+
+def peer_names() -> set[str]:
+    return {p.name for p in (*ECHO_PEERS, *RELAY_PEERS)}
+
+
+def place(args: argparse.Namespace) -> None:
+    """Servers on the first allowed core, this client on the second, if there are two."""
+    cores = sorted(os.sched_getaffinity(0))
+    if len(cores) > 1 and shutil.which("taskset"):
+        args.server_core, client_core = cores[0], cores[1]
+        os.sched_setaffinity(0, {client_core})
+        args.placement = f"servers on core {args.server_core}, client on core {client_core}"
     else:
-        cmd = [sys.executable, "-m", "bench.baseline", "0"]
-    proc = subprocess.Popen(
-        [*pin, *cmd], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    )
-    assert proc.stdout is not None
-    for line in proc.stdout:
-        found = re.search(r"127\.0\.0\.1:(\d+)", line)
-        if found:
-            # Keep reading so a chatty server never blocks on a full pipe.
-            threading.Thread(target=proc.stdout.read, daemon=True).start()
-            return proc, int(found.group(1))
-    raise RuntimeError(f"{name} did not start")
-
-
-async def measure(name: str, port: int, pid: int, args: argparse.Namespace) -> Result:
-    payload = os.urandom(args.size)
-    clients = await load.open_clients(port, args.connections, payload)
-    await load.run_for(clients, 0.5)  # warm up
-    await asyncio.sleep(0.1)  # let the last echoes land
-    cpu0 = cpu_seconds(pid)
-    total = await load.run_for(clients, args.seconds)
-    cpu1 = cpu_seconds(pid)
-    load.close_all(clients)
-
-    rss0 = rss_bytes(pid)
-    idle = await load.open_clients(port, args.idle, payload)
-    await asyncio.sleep(0.5)
-    rss1 = rss_bytes(pid)
-    load.close_all(idle)
-    await asyncio.sleep(0.5)
-    return Result(
-        name, total / args.seconds, (cpu1 - cpu0) / total * 1e6, (rss1 - rss0) / args.idle / 1024
-    )
+        args.server_core = None
+        args.placement = "one core (or no taskset): servers and client share it, ratios only"
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    need = max(args.idle, args.subscribers + 1, *args.connections) + 200
+    if soft < need:
+        if hard != resource.RLIM_INFINITY and hard < need:
+            sys.exit(f"bench: --idle {args.idle} needs {need} open files; hard limit is {hard}")
+        resource.setrlimit(resource.RLIMIT_NOFILE, (need, hard))
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(prog="make bench")
-    parser.add_argument("--connections", type=int, default=50)
-    parser.add_argument("--size", type=int, default=32)
-    parser.add_argument("--seconds", type=float, default=5.0)
-    parser.add_argument("--idle", type=int, default=1000)
-    parser.add_argument("--receivers", type=int, default=20, help="relay fan-out receivers")
-    args = parser.parse_args()
-    if args.connections < 1 or args.idle < 1 or args.seconds <= 0:
-        parser.error("--connections, --idle and --seconds must be positive")
-
-    print(
-        f"echo, {args.connections} connections, {args.size}-byte ping-pong for "
-        f"{args.seconds:g} s; {args.idle} idle connections for memory; server on core 0"
+    args = parse_args()
+    place(args)
+    atexit.register(kill_all)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    started = time.monotonic()
+    note(
+        f"make bench: {args.repeat} interleaved repeat(s), {args.seconds:g} s windows after "
+        f"{args.warmup:g} s warm-up; {args.placement}"
     )
-    if TWO_CORES:
-        os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[1]})  # client off core 0
-    results = []
-    for name in ("baseline", "wsechod"):
-        proc, port = start(name, core=0)
-        try:
-            results.append(uvloop.run(measure(name, port, proc.pid, args)))
-        finally:
-            proc.terminate()
-            proc.wait(30)
-    print(f"{'server':<10} {'msgs/s':>10} {'CPU µs/msg':>11} {'KiB/idle conn':>14}")
-    for r in results:
-        print(f"{r.name:<10} {r.rate:>10.0f} {r.cpu_us:>11.1f} {r.idle_kib:>14.1f}")
-    base, ours = results
-    print(
-        f"ratio wsechod/baseline: throughput x{ours.rate / base.rate:.2f}, "
-        f"CPU per message x{ours.cpu_us / base.cpu_us:.2f}, "
-        f"memory per idle connection x{ours.idle_kib / base.idle_kib:.2f} (lower is better "
-        "for CPU and memory)"
-    )
-    proc, port = start("wsechod", 0, "--mode", "relay")
+    results = Results()
     try:
-        cpu0 = cpu_seconds(proc.pid)
-        deliveries = uvloop.run(
-            load.fan_out(port, args.receivers, os.urandom(args.size), args.seconds)
-        )
-        cpu = cpu_seconds(proc.pid) - cpu0
+        uvloop.run(run_all(args, results))
     finally:
-        proc.terminate()
-        proc.wait(30)
+        kill_all()
+    elapsed = time.monotonic() - started
+
+    text, summary = table(args, results)
+    found = versions()
     print(
-        f"relay fan-out, 1 publisher to {args.receivers} receivers on one channel, "
-        f"{args.size}-byte messages: {deliveries / args.seconds:.0f} deliveries/s, "
-        f"{cpu / deliveries * 1e6:.2f} µs CPU per delivery"
+        f"wsechod benchmark, {datetime.datetime.now().astimezone():%Y-%m-%d %H:%M %Z}, "
+        f"median of {args.repeat}, {args.placement}; "
+        + ", ".join(f"{k} {v}" for k, v in found.items())
     )
+    print(text)
+    print(
+        "\nx example: value ÷ the websockets legacy-API example's (fan-out: ÷ the broadcast() "
+        "relay's); x ws: ÷ Node ws's. Higher is better for round trips/s and deliveries/s, "
+        "lower for the rest.\n"
+        f"≥ a throughput measured with the client core ≥{SATURATED:.0%} busy: the client was "
+        "the bottleneck, the server can do at least this (trust server CPU µs/msg instead); "
+        "* the same run's latencies (they include client queueing) and ratios involving them."
+    )
+    for error in results.errors:
+        print(f"error: {error}")
+    print(f"total time {elapsed:.0f} s")
+    report = {
+        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "total_seconds": elapsed,
+        "placement": args.placement,
+        "versions": found,
+        "args": {
+            k: sorted(v) if isinstance(v, set) else str(v) if isinstance(v, Path) else v
+            for k, v in vars(args).items()
+        },
+        "figures": summary,
+        "runs": results.runs,
+        "errors": results.errors,
+    }
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+    print(f"wrote {args.json}")
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
-"""The reference server: the websockets deployment-docs pattern (a SIGTERM future and
-``serve()``), written out here so both servers are measured by the same harness."""
+"""The asyncio-API example ("example-asyncio"): the websockets deployment-docs pattern (a
+SIGTERM future and ``serve()``) with the new asyncio API, written out here so that it is
+measured by the same harness."""
 
 import asyncio
 import signal

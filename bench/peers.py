@@ -1,0 +1,174 @@
+"""The servers under test: how to start each, pinned to one core, and stop it for sure."""
+
+import collections
+import os
+import queue
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+NODE_DIR = ROOT / "bench" / "node"
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+PAGE = os.sysconf("SC_PAGE_SIZE")
+START_TIMEOUT = 30.0
+
+
+class PeerError(RuntimeError):
+    """A peer that cannot be started or measured; the others go on."""
+
+
+def wsechod(*extra: str) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "wsechod",
+        "--config",
+        "",
+        "--port",
+        "0",
+        "--log-format",
+        "console",
+        "--max-connections",
+        "0",
+        *extra,
+    ]
+
+
+def node(script: str) -> list[str]:
+    if shutil.which("node") is None:
+        raise PeerError("node not found: install Node.js 20 (then make bench runs npm ci)")
+    if not (NODE_DIR / "node_modules" / "ws").is_dir():
+        raise PeerError(f"ws not installed: run npm ci --prefix {NODE_DIR.relative_to(ROOT)}")
+    return ["node", str(NODE_DIR / script), "0"]
+
+
+def python(module: str) -> list[str]:
+    return [sys.executable, "-m", module, "0"]
+
+
+@dataclass(frozen=True)
+class Peer:
+    name: str  # what --only selects
+    label: str  # column heading
+    kind: str  # "echo" or "relay"
+    argv: tuple[str, ...]  # "wsechod", "node", "python" and arguments
+
+    def command(self, subscribers: int) -> list[str]:
+        how, *args = self.argv
+        if how == "wsechod":
+            if self.kind == "relay":  # 1 publisher + subscribers on one channel
+                args += ["--max-channel-members", str(subscribers + 1)]
+            return wsechod(*args)
+        if how == "node":
+            return node(args[0])
+        return python(args[0])
+
+
+ECHO_PEERS = (
+    Peer("example", "example", "echo", ("python", "bench.example")),
+    Peer("example-asyncio", "ex-asyncio", "echo", ("python", "bench.baseline")),
+    Peer("wsechod", "wsechod", "echo", ("wsechod",)),
+    Peer("ws", "ws", "echo", ("node", "echo.mjs")),
+    Peer("picows", "picows", "echo", ("python", "bench.picows_echo")),
+)
+RELAY_PEERS = (
+    Peer("broadcast", "broadcast()", "relay", ("python", "bench.broadcast_relay")),
+    Peer("wsechod", "wsechod", "relay", ("wsechod", "--mode", "relay")),
+    Peer("ws", "ws", "relay", ("node", "broadcast.mjs")),
+)
+
+
+def pin(core: int | None) -> list[str]:
+    prefix = []
+    if shutil.which("setpriv"):  # killed with us, even by SIGKILL
+        prefix += ["setpriv", "--pdeathsig", "KILL", "--"]
+    if core is not None and shutil.which("taskset"):
+        prefix += ["taskset", "-c", str(core)]
+    return prefix
+
+
+LIVE: set["Server"] = set()
+
+
+class Server:
+    """One peer process: started on port 0, the port read from its output."""
+
+    def __init__(self, peer: Peer, core: int | None, subscribers: int = 0) -> None:
+        self.peer = peer
+        self.tail: collections.deque[str] = collections.deque(maxlen=20)
+        try:
+            self.proc = subprocess.Popen(
+                [*pin(core), *peer.command(subscribers)],
+                cwd=ROOT,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+                errors="replace",
+            )
+        except OSError as exc:
+            raise PeerError(f"cannot start {peer.label}: {exc}") from exc
+        LIVE.add(self)
+        ports: queue.Queue[int | None] = queue.Queue()
+        threading.Thread(target=self._read, args=(ports,), daemon=True).start()
+        try:
+            port = ports.get(timeout=START_TIMEOUT)
+        except queue.Empty:
+            port = None
+        if port is None:
+            self.kill()
+            output = "".join(self.tail).strip().splitlines()[-5:]
+            raise PeerError(
+                f"{peer.label} did not print its port (exit status {self.proc.poll()}): "
+                + " | ".join(output)
+            )
+        self.port = port
+        self.pid = self.proc.pid
+
+    def _read(self, ports: "queue.Queue[int | None]") -> None:
+        assert self.proc.stdout is not None
+        found = False
+        for line in self.proc.stdout:  # keep reading: a chatty server never blocks
+            self.tail.append(line)
+            if not found and (match := re.search(r"127\.0\.0\.1:(\d+)", line)):
+                found = True
+                ports.put(int(match.group(1)))
+        if not found:
+            ports.put(None)
+
+    def cpu_seconds(self) -> float:
+        """User + system time of the whole process (every thread), from /proc."""
+        stat = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(stat[11]) + int(stat[12])) / CLOCK_TICKS
+
+    def rss_bytes(self) -> int:
+        return int(Path(f"/proc/{self.pid}/statm").read_text().split()[1]) * PAGE
+
+    def stop(self, timeout: float = 20.0) -> int | None:
+        """SIGTERM, wait, then SIGKILL; returns the exit status."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        LIVE.discard(self)
+        return self.proc.returncode
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+        LIVE.discard(self)
+
+
+def kill_all() -> None:
+    for server in list(LIVE):
+        server.kill()
