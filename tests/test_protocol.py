@@ -259,3 +259,14 @@ def test_clients_sending_1_mib_that_never_read_are_bounded_and_dropped(
     print(f"{clients} non-readers of 1 MiB messages: server RSS grew {growth:.1f} MiB")
     assert [e["code_sent"] for e in closes] == [1011] * clients
     assert growth < bound_mib(clients) + 4
+
+
+def test_unsupported_version_is_refused_with_the_version_we_speak(daemon: Daemon) -> None:
+    """4.4: the refusal names the version the server understands."""
+    with socket.create_connection(("127.0.0.1", daemon.port), timeout=10) as sock:
+        request = rawws.handshake_request(daemon.port)
+        sock.sendall(request.replace(b"Sec-WebSocket-Version: 13", b"Sec-WebSocket-Version: 8"))
+        head = rawws.until_eof(sock).split(b"\r\n\r\n", 1)[0].decode()
+    status, *headers = head.split("\r\n")
+    assert status.startswith("HTTP/1.1 4"), status
+    assert "Sec-WebSocket-Version: 13" in headers

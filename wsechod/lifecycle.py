@@ -5,8 +5,9 @@ serve until ``Lifecycle.stop`` resolves, then drain. Whatever asks for the stop 
 signal, an embedding program, a supervisor) calls ``request_stop``; nothing polls a
 flag. The second call resolves ``force`` and cuts the drain short.
 
-Nothing here knows of pidfiles, daemons or systemd: a process runner (``wsechod.run``)
-or an embedding program gives the sockets and hears about readiness through callbacks.
+Nothing here knows of pidfiles, daemons or systemd: the process runner
+(``wsechod.process.runner``) or an embedding program gives the sockets and hears about
+readiness through a callback.
 """
 
 import asyncio
@@ -25,11 +26,12 @@ from wsechod.admission import admission
 from wsechod.apps.echo import Echo
 from wsechod.apps.relay import Relay
 from wsechod.engine import Application, Engine, Options
+from wsechod.engine.frames import GOING_AWAY
 from wsechod.settings import Settings
 
 log = structlog.stdlib.get_logger("wsechod")
 
-SHUTDOWN_CODE, SHUTDOWN_REASON = 1001, "server shutting down"
+SHUTDOWN_CODE, SHUTDOWN_REASON = GOING_AWAY, "server shutting down"
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 RELOAD_SIGNALS = (signal.SIGHUP, signal.SIGUSR1)
 HANDSHAKE_GRACE = 0.2  # seconds a connection accepted at the very end has to ask
@@ -55,20 +57,28 @@ class Lifecycle:
         self.mode = "echo"
 
     def request_stop(self, reason: str) -> None:
-        """First call: drain gracefully. Second call: end the drain at once.
-
-        What must not wait for the next loop pass happens here, synchronously, before
-        anyone hears of the stop: ``/healthz`` turns 503, and systemd's sockets stop
-        being accepted so newcomers stay in the backlog for the next process.
-        """
+        """First call: drain gracefully. Second call: end the drain at once."""
         if not self.stop.done():
-            if self.engine is not None:
-                self.engine.draining = True
-                if self.handoff:
-                    self.engine.stop_accepting()
             self.stop.set_result(reason)
+            self._stop_accepting()
         elif not self.force.done():
             self.force.set_result(reason)
+
+    def attach(self, engine: Engine, handoff: bool, mode: str) -> None:
+        """The engine is listening: from now on a stop reaches it (and one requested
+        during the start reaches it now)."""
+        self.engine, self.handoff, self.mode = engine, handoff, mode
+        if self.stop.done():
+            self._stop_accepting()
+
+    def _stop_accepting(self) -> None:
+        """What must not wait for the next loop pass, done before anyone hears of the
+        stop: ``/healthz`` turns 503, and systemd's sockets stop being accepted so that
+        newcomers stay in the backlog for the next process."""
+        if self.engine is not None:
+            self.engine.draining = True
+            if self.handoff:
+                self.engine.stop_accepting()
 
     def status(self) -> str:
         """One human line: mode, addresses, open connections (systemd's STATUS=)."""
@@ -106,7 +116,6 @@ def options(settings: Settings) -> Options:
     return Options(
         max_size=settings.max_size,
         write_limit=settings.write_limit,
-        max_connections=settings.max_connections,
         open_timeout=settings.open_timeout,
         ping_interval=settings.ping_interval,
         ping_timeout=settings.ping_timeout,
@@ -150,7 +159,7 @@ async def serve(
     engine = Engine(options(settings), app)
     engine.set_admission(admission(engine, app, settings.max_connections))
     await engine.listen(sockets)
-    life.engine, life.handoff, life.mode = engine, handoff, settings.mode
+    life.attach(engine, handoff, settings.mode)
     log.info("listening", addresses=engine.addresses, mode=settings.mode, pid=os.getpid())
     if ready is not None:
         ready()
@@ -175,20 +184,22 @@ async def serve(
     closed = engine.close_all(SHUTDOWN_CODE, SHUTDOWN_REASON)
     await engine.wait_closed(settings.drain_timeout, life.force)
     engine.close_sockets()
-    await engine.finish_handshakes(min(HANDSHAKE_GRACE, settings.open_timeout or HANDSHAKE_GRACE))
+    if not life.force.done():
+        grace = min(HANDSHAKE_GRACE, settings.open_timeout or HANDSHAKE_GRACE)
+        await engine.finish_handshakes(grace)
     cut = engine.abort_all()
     await asyncio.sleep(0)  # the cut connections' connection_lost: their counts are logged
     if closing is not None:
         await closing
     report = DrainReport(closed, cut, time.monotonic() - started)
     ratelimit.flush_all()
-    extra = {} if not isinstance(app, Relay) else {"dropped": app.stats["dropped"]}
+    totals = dict(engine.stats) | ({} if not isinstance(app, Relay) else app.stats)
     log.info(
         "drained",
         duration=round(report.duration, 3),
         connections=report.connections,
         force_closed=report.force_closed,
-        **extra,
+        **totals,
     )
     return report
 

@@ -73,7 +73,3 @@ def format_address(sockaddr: object) -> str:
     assert isinstance(sockaddr, tuple)
     host, port = sockaddr[0], sockaddr[1]
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
-def addresses(sockets: list[socket.socket]) -> list[str]:
-    return [format_address(sock.getsockname()) for sock in sockets]

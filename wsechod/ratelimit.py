@@ -16,26 +16,38 @@ INTERVAL = 1.0  # seconds: at most one line per reason per interval
 
 
 class RateLimitedLog:
-    """``warning(event, **fields)``: the first occurrence is logged at once; repeats within
-    ``interval`` are counted and logged as one line when the interval ends."""
+    """``warning(event, **fields)`` (or ``info``, ``error``): the first occurrence is
+    logged at once; repeats within ``interval`` are counted and logged as one line when
+    the interval ends."""
 
     def __init__(self, logger: Any, interval: float = INTERVAL) -> None:
         self._log = logger
         self._interval = interval
         self._until: dict[str, float] = {}  # event and reason -> end of its quiet window
-        self._repeats: dict[str, tuple[int, str, dict[str, Any]]] = {}  # held back
+        self._repeats: dict[str, tuple[int, str, str, dict[str, Any]]] = {}  # held back
         _ALL.add(self)
 
+    def info(self, event: str, **fields: Any) -> None:
+        self._event("info", event, fields)
+
     def warning(self, event: str, **fields: Any) -> None:
+        self._event("warning", event, fields)
+
+    def error(self, event: str, **fields: Any) -> None:
+        """With the traceback of the exception being handled, the first time only."""
+        self._event("error", event, fields)
+
+    def _event(self, level: str, event: str, fields: dict[str, Any]) -> None:
         """One line per event and ``reason`` field per interval."""
         key = f"{event}\0{fields.get('reason', '')}"
         now = time.monotonic()
         if now >= self._until.get(key, 0.0):
             self._until[key] = now + self._interval
-            held = self._repeats.pop(key, (0, event, fields))[0]  # if no timer could report
-            self._log.warning(event, count=1 + held, **fields)
+            held = self._repeats.pop(key, (0, level, event, fields))[0]  # no timer reported
+            extra = {"exc_info": True} if level == "error" else {}
+            getattr(self._log, level)(event, count=1 + held, **fields, **extra)
             return
-        count, _, _ = self._repeats.get(key, (0, event, fields))
+        count = self._repeats.get(key, (0, level, event, fields))[0]
         if count == 0:
             try:
                 loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
@@ -43,13 +55,13 @@ class RateLimitedLog:
                 loop = None
             if loop is not None:
                 loop.call_later(self._until[key] - now, self._flush, key)
-        self._repeats[key] = (count + 1, event, fields)  # the latest fields stand for all
+        self._repeats[key] = (count + 1, level, event, fields)  # the latest stand for all
 
     def _flush(self, key: str) -> None:
-        count, event, fields = self._repeats.pop(key, (0, "", {}))
+        count, level, event, fields = self._repeats.pop(key, (0, "warning", "", {}))
         if count:
             self._until[key] = time.monotonic() + self._interval
-            self._log.warning(event, count=count, **fields)
+            getattr(self._log, level)(event, count=count, **fields)
 
     def flush(self) -> None:
         """Log every count still held back (at shutdown)."""

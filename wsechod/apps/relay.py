@@ -7,21 +7,24 @@ per channel:
   of a channel is behind, the channel's publishers are held: the server stops reading
   them, and the message each had just sent waits with it (so a receiver gets at most one
   message beyond ``write_limit``, and each publisher's order is kept).
-- A receiver is *slow* when it stays behind for ``slow_consumer_timeout``, or when it is
-  the one member holding its channel back for more than a tenth of the time (a leaky
-  bucket: the time it alone holds publishers is charged, a tenth of real time leaks
-  away, and more than ``slow_consumer_timeout`` in the bucket is slow). A reader that
-  keeps up, even at the channel's full speed, is never charged; one that drains just
-  fast enough to stay under the first rule is caught by the second.
+- A receiver is *slow* when it stays behind for ``slow_consumer_timeout``, or when it
+  keeps holding its channel back longer than its peers: the *lag window*. Each time the
+  channel's held publishers are released, every receiver that was behind is charged how
+  much longer than twice the median of the other receivers it took to drain (those that
+  were not behind count as zero), into a leaky bucket that loses a tenth of real time;
+  more than ``slow_consumer_timeout`` in the bucket is slow. Readers that keep up with
+  each other are never charged, even at the channel's full speed; in a
+  stream with one publisher and one reader the reader's pace is the stream's; one that
+  drains just fast enough to stay under the first rule is caught by the second.
 - A slow receiver no longer holds anyone: with ``slow_consumer = "drop"`` it gets what
   fits under ``write_limit`` and the rest is dropped (counted), until its bucket has
   leaked down to half the limit; with ``"close"`` it is closed with 1008. Messages from
   other instances (the broker) are never held; a receiver they push past
   ``write_limit + max_size`` is slow at once.
 
-So a client that stops reading costs at most ``write_limit + max_size`` of memory and
-holds its channel for at most ``slow_consumer_timeout``; a slow reader never paces the
-channel for the others for long.
+So a receiver that stops reading costs at most ``write_limit + max_size`` of memory for
+what is written to it and holds its channel for at most ``slow_consumer_timeout``; a slow
+reader never paces the channel for the others for long.
 """
 
 import asyncio
@@ -29,13 +32,13 @@ import http
 import re
 from collections import deque
 from collections.abc import Callable
-from typing import Any
 
 import structlog
 
 from wsechod import ratelimit
 from wsechod.brokers.base import Broker
 from wsechod.engine import Connection, Prepared, Reply, prepare
+from wsechod.engine.frames import POLICY_VIOLATION
 
 log = structlog.stdlib.get_logger("wsechod.relay")
 warn = ratelimit.logger("wsechod.relay")
@@ -82,15 +85,16 @@ class Member:
 
 
 class Channel:
-    __slots__ = ("alone_since", "behind", "broker_wait", "members", "name", "waiting")
+    __slots__ = ("behind", "broker_wait", "episode", "fanning", "members", "name", "waiting")
 
     def __init__(self, name: str) -> None:
         self.name = name
         self.members: dict[Connection, Member] = {}
         self.behind: set[Member] = set()  # receivers above write_limit, not slow
         self.waiting: deque[Member] = deque()  # publishers held, each with one message
-        self.alone_since = 0.0  # when ``behind`` last shrank to one member
+        self.episode: dict[Member, float] = {}  # since someone fell behind: drain times
         self.broker_wait = False  # a release is registered with the broker
+        self.fanning = False  # inside a fan-out: a release waits for the next loop pass
 
 
 class Relay:
@@ -163,9 +167,9 @@ class Relay:
         if member.timer is not None:
             member.timer.cancel()
         if member.slow and conn.dropped:
-            log.info("slow consumer left", peer=conn.peer, dropped=conn.dropped)
+            warn.info("slow consumer left", peer=conn.peer, dropped=conn.dropped)
         if member in channel.behind:
-            self._not_behind(member)
+            self._not_behind(member, settle=False)
         # A publisher held with its message: the message was received whole, so it still
         # goes out when the channel moves (``_release`` skips resuming the gone client).
         if not channel.members and not channel.waiting:
@@ -204,20 +208,28 @@ class Relay:
             self._fan_out(channel, prepare(payload, text), None)
 
     def _fan_out(self, channel: Channel, message: Prepared, exclude: Member | None) -> None:
-        for member in channel.members.values():
-            if member is exclude:
-                continue
-            conn = member.conn
-            if conn.blocked:
-                if not member.slow and conn.buffered > self.cap:
-                    self._slow(member)  # pushed past the cap by messages nobody held
-                if member.slow:
-                    conn.dropped += 1
-                    self.stats["dropped"] += 1
+        channel.fanning = True
+        try:
+            for member in channel.members.values():
+                if member is exclude:
                     continue
-            elif member.slow and self._leaked(member) < self.timeout / 2:
-                self._caught_up(member)
-            conn.send_prepared(message)
+                conn = member.conn
+                if conn.blocked:
+                    if not member.slow and conn.buffered + len(message.frame) > self.cap:
+                        self._slow(member)  # pushed past the cap by messages nobody held
+                    if member.slow:
+                        conn.dropped += 1
+                        self.stats["dropped"] += 1
+                        continue
+                elif (
+                    member.slow
+                    and self.policy == "drop"
+                    and self._leaked(member) <= self.timeout / 2
+                ):
+                    self._caught_up(member)
+                conn.send_prepared(message)
+        finally:
+            channel.fanning = False
 
     # --- flow control ----------------------------------------------------------------
 
@@ -225,42 +237,57 @@ class Relay:
         member: Member | None = conn.app_data
         if member is None or member.slow or not conn.open:
             return
-        channel = member.channel
-        now = self._now()
-        member.behind_since = now
-        channel.behind.add(member)
-        if len(channel.behind) == 1:
-            channel.alone_since = now
+        member.behind_since = self._now()
+        member.channel.behind.add(member)
         member.timer = asyncio.get_running_loop().call_later(self.timeout, self._timeout, member)
 
     def unblocked(self, conn: Connection) -> None:
         member: Member | None = conn.app_data
         if member is not None and member in member.channel.behind:
-            self._charge(member)
-            if not member.slow:
-                self._not_behind(member)
+            member.channel.episode[member] = self._now() - member.behind_since
+            self._not_behind(member)
 
-    def _not_behind(self, member: Member) -> None:
+    def _not_behind(self, member: Member, settle: bool = True) -> None:
         channel = member.channel
         channel.behind.discard(member)
         if member.timer is not None:
             member.timer.cancel()
             member.timer = None
-        if len(channel.behind) == 1:
-            channel.alone_since = self._now()
-        elif not channel.behind:
+        if channel.behind:
+            return
+        if settle:
+            self._settle(channel)
+        channel.episode.clear()
+        if channel.fanning:  # not inside the loop over the members: the next pass
+            asyncio.get_running_loop().call_soon(self._release, channel)
+        else:
             self._release(channel)
 
-    def _charge(self, member: Member) -> None:
-        """The last receiver to drain is charged the time it alone held publishers who
-        had someone else to deliver to."""
-        channel = member.channel
-        if len(channel.behind) != 1 or not self._starving(channel, member):
+    def _settle(self, channel: Channel) -> None:
+        """Everyone has drained: charge each receiver that was behind how much longer it
+        took than the median of the others. Only a hold that kept a message from someone
+        is charged (in a one-publisher, one-reader stream the reader's pace is the
+        stream's)."""
+        waiting = channel.waiting
+        if not waiting or not channel.episode:
             return
-        held = self._now() - max(member.behind_since, channel.alone_since)
-        member.debt = self._leaked(member) + held
-        if member.debt > self.timeout:
-            self._slow(member)
+        publisher = waiting[0] if len(waiting) == 1 and not self.echo else None
+        receivers = [m for m in channel.members.values() if not m.slow and m is not publisher]
+        if len(receivers) < 2:
+            return
+        durations = sorted(channel.episode.get(m, 0.0) for m in receivers)
+        for member, took in list(channel.episode.items()):
+            if member.slow or member is publisher or member.conn not in channel.members:
+                continue
+            others = durations.copy()
+            others.remove(took)
+            # Twice the median: a receiver that is merely later (farther away, or reading
+            # in bigger gulps) than the others is not charged; one at half their speed is.
+            excess = took - 2 * others[(len(others) - 1) // 2]
+            if excess > 0:
+                member.debt = self._leaked(member) + excess
+                if member.debt > self.timeout:
+                    self._slow(member)
 
     def _leaked(self, member: Member) -> float:
         """The member's debt now that LEAK per second has leaked away since last time."""
@@ -269,37 +296,27 @@ class Relay:
         member.debt_at = now
         return member.debt
 
-    def _starving(self, channel: Channel, lagging: Member) -> bool:
-        """Whether a held message has a receiver other than ``lagging`` waiting for it
-        (in a one-publisher, one-reader stream the reader's pace is the stream's)."""
-        waiting = channel.waiting
-        if not waiting:
-            return False
-        if len(waiting) > 1 or self.echo:
-            return len(channel.members) > 1
-        publisher = waiting[0]
-        return any(m is not lagging and m is not publisher for m in channel.members.values())
-
     def _timeout(self, member: Member) -> None:
         member.timer = None
         if member in member.channel.behind:
-            member.debt = self._leaked(member) + self._now() - member.behind_since
+            member.debt = max(self._leaked(member), self.timeout)
             self._slow(member)
 
     def _slow(self, member: Member) -> None:
-        conn = member.conn
-        if member in member.channel.behind:
-            self._not_behind(member)
-        if self.policy == "close":
-            self.stats["slow_closed"] += 1
-            warn.warning("slow consumer: closing", peer=conn.peer, channel=member.channel.name)
-            conn.close(1008, SLOW_REASON)
+        """No longer holds anyone: dropped from until it catches up, or closed."""
+        if member.slow or not member.conn.open:
             return
         member.slow = True
+        conn, channel = member.conn, member.channel
+        if member in channel.behind:
+            self._not_behind(member, settle=False)
+        if self.policy == "close":
+            self.stats["slow_closed"] += 1
+            warn.warning("slow consumer: closing", peer=conn.peer, channel=channel.name)
+            conn.close(POLICY_VIOLATION, SLOW_REASON)
+            return
         self.stats["slow_dropping"] += 1
-        warn.warning(
-            "slow consumer: dropping its messages", peer=conn.peer, channel=member.channel.name
-        )
+        warn.warning("slow consumer: dropping its messages", peer=conn.peer, channel=channel.name)
 
     def _caught_up(self, member: Member) -> None:
         """Drained, and its debt has leaked down to half the limit: it may hold its
@@ -335,7 +352,3 @@ class Relay:
         if not channel.members and not waiting and self.channels.get(channel.name) is channel:
             del self.channels[channel.name]
             self.broker.unsubscribe(channel.name)
-
-    def counts(self) -> dict[str, Any]:
-        members = sum(len(c.members) for c in self.channels.values())
-        return {"channels": len(self.channels), "members": members, **self.stats}

@@ -1,4 +1,4 @@
-"""Brokers carry relay messages between wsechod instances; the Hub sees only this interface.
+"""Brokers carry relay messages between wsechod instances; the relay sees only this interface.
 
 ``memory`` (the default) is one process on its own. ``redis`` shares channels through Redis
 pub/sub. A broker never blocks the relay: publishing queues (``writable()`` asks the relay to

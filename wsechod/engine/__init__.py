@@ -1,7 +1,7 @@
 """The engine: WebSocket connections on uvloop with one ``asyncio.Protocol`` each and no
 Task per connection or message; applications see only ``interface``."""
 
-from wsechod.engine.frames import frame
+from wsechod.engine.frames import OP_BINARY, OP_TEXT, frame
 from wsechod.engine.interface import Application, Connection, Prepared, Reply, Request
 from wsechod.engine.server import Engine, Options
 
@@ -20,4 +20,4 @@ __all__ = [
 
 def prepare(payload: bytes, text: bool) -> Prepared:
     """Frame a message once, for writing the same bytes to many connections."""
-    return Prepared(payload, text, frame(0x1 if text else 0x2, payload))
+    return Prepared(payload, text, frame(OP_TEXT if text else OP_BINARY, payload))

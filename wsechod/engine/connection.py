@@ -18,12 +18,12 @@ import asyncio
 import codecs
 from typing import TYPE_CHECKING, Any
 
-import structlog
 from websockets.exceptions import PayloadTooBig, ProtocolError
 from websockets.extensions import Extension
 from websockets.frames import Frame, Opcode
 from websockets.speedups import apply_mask
 
+from wsechod import ratelimit
 from wsechod.engine import frames as f
 from wsechod.engine.interface import Application, Prepared
 
@@ -41,7 +41,8 @@ _Decoder = codecs.getincrementaldecoder("utf-8")
 _HEADERS = f._HEADERS
 _TEXT, _BINARY = _HEADERS[0x80 | f.OP_TEXT], _HEADERS[0x80 | f.OP_BINARY]
 
-log = structlog.stdlib.get_logger("wsechod.engine")
+# An application's exception is a bug, but a client can trigger it over and over.
+failures = ratelimit.logger("wsechod.engine")
 
 
 class WebSocket(asyncio.Protocol):
@@ -73,7 +74,6 @@ class WebSocket(asyncio.Protocol):
         "code_received",
         "code_sent",
         "dropped",
-        "opened_at",
         "path",
         "peer",
         "received",
@@ -114,7 +114,6 @@ class WebSocket(asyncio.Protocol):
         self.bytes_in = self.bytes_out = 0
         self.code_sent: int | None = None
         self.code_received: int | None = None
-        self.opened_at = self._ping_at
         limit = engine.options.write_limit
         transport.set_write_buffer_limits(high=limit, low=limit // 4)
         self._keepalive_later(engine.options.ping_interval)
@@ -173,6 +172,7 @@ class WebSocket(asyncio.Protocol):
         self._write_close(code, reason)
         self._state = CLOSING
         self._close_later()
+        self._release(PAUSED_APP)  # its close frame must be read; its data is only counted
 
     def pause_reading(self) -> None:
         self._hold(PAUSED_APP)
@@ -189,7 +189,7 @@ class WebSocket(asyncio.Protocol):
         if buf is None:
             used = self._parse(data)
             if used < len(data):
-                self._buf = bytearray(data[used:] if used else data)
+                self._buf = bytearray(memoryview(data)[used:])
             return
         buf += data
         if len(buf) < self._need:
@@ -209,9 +209,12 @@ class WebSocket(asyncio.Protocol):
     def resume_writing(self) -> None:
         self.blocked = False
         self._app.unblocked(self)
+        if self.blocked:  # what the application wrote meanwhile filled it again
+            return
         self._release(PAUSED_WRITE)
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self._engine.transports -= 1
         self._state = CLOSED
         self._buf = None
         if self._timer is not None:
@@ -229,7 +232,7 @@ class WebSocket(asyncio.Protocol):
         if self._buf is not None and used:  # not closed meanwhile
             # A fresh buffer for the rest: deleting the front of a bytearray keeps its
             # allocation, which would pin a whole max_size frame per idle connection.
-            self._buf = bytearray(buf[used:]) if used < len(buf) else None
+            self._buf = bytearray(memoryview(buf)[used:]) if used < len(buf) else None
 
     def _parse(self, buf: bytes | bytearray) -> int:  # noqa: PLR0911, PLR0912, PLR0915 - inline
         """Handle every whole frame at the start of ``buf``; return the bytes used."""
@@ -270,7 +273,7 @@ class WebSocket(asyncio.Protocol):
                         try:
                             self._app.data(self, payload, text, True, True)
                         except Exception:
-                            log.exception("application failed on a message")
+                            failures.error("application failed on a message", peer=self.peer)
                             return self._fail(f.INTERNAL_ERROR, "internal error", end)
                     continue
                 if length == 126:
@@ -382,7 +385,7 @@ class WebSocket(asyncio.Protocol):
         try:
             self._app.data(self, payload, text, first, bool(fin))
         except Exception:
-            log.exception("application failed on a message")
+            failures.error("application failed on a message", peer=self.peer)
             self._fail(f.INTERNAL_ERROR, "internal error")
 
     def _inflate(self, opcode: int, fin: int, rsv1: int, payload: bytes) -> bytes:
@@ -446,6 +449,10 @@ class WebSocket(asyncio.Protocol):
         elif opcode == f.OP_PONG:
             if payload == self._ping:
                 self._ping = None
+                if self._timer is not None and self._state == OPEN:
+                    self._timer.cancel()
+                    delay = self._ping_at + self._engine.options.ping_interval
+                    self._keepalive_later(max(delay - self._engine.loop.time(), 0.0))
         else:
             self._close_received(payload)
 
@@ -538,23 +545,22 @@ class WebSocket(asyncio.Protocol):
     def _keepalive(self) -> None:
         """Ping every ``ping_interval``; no pong within ``ping_timeout``: fail with 1011.
         The ping is written even when the buffer is full, and a client that does not
-        read cannot answer it, so it is dropped at the deadline however full it is."""
+        read cannot answer it, so it is dropped at the deadline however full it is. (A
+        client whose reading the application paused, a held relay publisher, could not
+        be heard answering: its deadline waits until it is read again.)"""
         self._timer = None
         if self._state != OPEN:
             return
         options = self._engine.options
         now = self._engine.loop.time()
         if self._ping is None:
-            if now - self._ping_at >= options.ping_interval:
-                self._ping_at = now
-                self._ping = self._engine.next_ping()
-                self._t.write(_HEADERS[0x80 | f.OP_PING][len(self._ping)] + self._ping)
-        elif options.ping_timeout and now - self._ping_at >= options.ping_timeout:
+            self._ping_at = now
+            self._ping = self._engine.next_ping()
+            self._t.write(_HEADERS[0x80 | f.OP_PING][len(self._ping)] + self._ping)
+            self._keepalive_later(options.ping_timeout or options.ping_interval)
+        elif not options.ping_timeout or self._pause == PAUSED_APP:
+            self._keepalive_later(options.ping_interval)  # the pong re-arms the interval
+        else:
             self._fail(f.INTERNAL_ERROR, "keepalive ping timeout")
             if self.buffered:  # it does not read: the close frame cannot reach it
                 self.abort()
-            return
-        due = self._ping_at + options.ping_interval
-        if self._ping is not None and options.ping_timeout:
-            due = min(due, self._ping_at + options.ping_timeout)
-        self._keepalive_later(max(due - now, 0.001))

@@ -9,18 +9,15 @@ import struct
 
 OP_CONT, OP_TEXT, OP_BINARY = 0x0, 0x1, 0x2
 OP_CLOSE, OP_PING, OP_PONG = 0x8, 0x9, 0xA
-DATA_OPCODES = frozenset((OP_CONT, OP_TEXT, OP_BINARY))
-CONTROL_OPCODES = frozenset((OP_CLOSE, OP_PING, OP_PONG))
 
-FIN, RSV1, RSV2, RSV3 = 0x80, 0x40, 0x20, 0x10
-MASKED = 0x80
+FIN, RSV1 = 0x80, 0x40
 MAX_CONTROL_PAYLOAD = 125  # 5.5: control frames carry at most 125 bytes
 
 # Close codes (7.4.1) that a peer may send, besides 3000-4999 (registered and private).
 PEER_CLOSE_CODES = frozenset(
     (1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011, 1012, 1013, 1014)
 )
-NORMAL, GOING_AWAY, PROTOCOL_ERROR, INVALID_DATA = 1000, 1001, 1002, 1007
+GOING_AWAY, PROTOCOL_ERROR, INVALID_DATA = 1001, 1002, 1007
 POLICY_VIOLATION, MESSAGE_TOO_BIG, INTERNAL_ERROR = 1008, 1009, 1011
 NO_STATUS = 1005  # what a close frame without a payload means; never sent on the wire
 
@@ -59,7 +56,9 @@ def close_payload(code: int | None, reason: str = "") -> bytes:
     """The body of a close frame; ``None`` sends none (the peer then sees 1005)."""
     if code is None:
         return b""
-    return code.to_bytes(2, "big") + reason.encode()[: MAX_CONTROL_PAYLOAD - 2]
+    # At most 123 bytes of reason, cut at a character boundary: 5.5.1 wants valid UTF-8.
+    text = reason.encode()[: MAX_CONTROL_PAYLOAD - 2].decode(errors="ignore")
+    return code.to_bytes(2, "big") + text.encode()
 
 
 def valid_peer_code(code: int) -> bool:

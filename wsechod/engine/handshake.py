@@ -54,7 +54,7 @@ class Handshake(asyncio.Protocol):
 
     def __init__(self, engine: Engine) -> None:
         self._engine = engine
-        self._head = b""
+        self._head = bytearray()
         self._t: asyncio.Transport | None = None
         self._timer: asyncio.TimerHandle | None = None
         self.peer = ""
@@ -62,6 +62,7 @@ class Handshake(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._t = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
         self.peer = self._engine.peer_of(transport)
+        self._engine.transports += 1  # until connection_lost, whoever owns it then
         if self._engine.out_of_fds():
             self._answer(Reply(http.HTTPStatus.SERVICE_UNAVAILABLE, "server is at capacity\n"))
             return
@@ -71,35 +72,32 @@ class Handshake(asyncio.Protocol):
             self._timer = self._engine.loop.call_later(timeout, self.abort)
 
     def data_received(self, data: bytes) -> None:
-        head = self._head + data if self._head else data
-        end = head.find(b"\r\n\r\n")
+        head = self._head
+        seen = max(len(head) - 3, 0)  # the end of the head may straddle two reads
+        head += data
+        end = head.find(b"\r\n\r\n", seen)
         if end >= 0:
             end += 4
         else:
             # A head ended by bare LFs is invalid; find it anyway, to answer 400 now
             # rather than wait for the open timeout.
-            end = head.find(b"\n\n")
+            end = head.find(b"\n\n", max(seen - 1, 0))
             if end >= 0:
                 end += 2
-        if end < 0:
-            if len(head) > MAX_HEAD:
-                status = http.HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE
-                self._answer(Reply(status, "request head too large\n"))
-            else:
-                self._head = head
+        if end < 0 and len(head) <= MAX_HEAD:
             return
-        if end > MAX_HEAD:
-            self._answer(
-                Reply(http.HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE, "request head too large\n")
-            )
+        if end < 0 or end > MAX_HEAD:
+            status = http.HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE
+            self._answer(Reply(status, "request head too large\n"))
             return
-        self._head = b""
-        self._request(head[:end], head[end:])
+        self._head = bytearray()
+        self._request(bytes(head[:end]), bytes(head[end:]))
 
     def eof_received(self) -> bool | None:
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self._engine.transports -= 1
         self._finish()
 
     def abort(self) -> None:
@@ -143,6 +141,7 @@ class Handshake(asyncio.Protocol):
             engine.refused("bad handshake", self.peer, text.strip())
             status = http.HTTPStatus(response.status_code)
             extra = {k: v for k, v in response.headers.raw_items() if k in ("Allow", "Upgrade")}
+            extra["Sec-WebSocket-Version"] = "13"  # 4.4: the version we speak
             self._answer(Reply(status, text, extra))
             return
         response.headers["Server"] = SERVER

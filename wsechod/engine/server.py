@@ -1,5 +1,5 @@
 """The engine: listening sockets in, one protocol object per connection, a table of the
-open ones for counts, the drain and metrics.
+open ones for counts and the drain.
 
 It knows nothing of signals, pidfiles or settings files: it is given its options, an
 application, an admission function and a list of listening sockets, and it is told when
@@ -9,7 +9,6 @@ to stop accepting, when to close everyone and when to cut what is left.
 from __future__ import annotations
 
 import asyncio
-import errno
 import itertools
 import logging
 import os
@@ -32,9 +31,6 @@ from wsechod.listeners import format_address
 log = structlog.stdlib.get_logger("wsechod.engine")
 warn = ratelimit.logger("wsechod.engine")
 
-# Accept errors that mean "out of file descriptors" (or kernel memory): clients are being
-# turned away, which an operator must hear about, at a bounded rate.
-_EXHAUSTED = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 # File descriptors kept free for what is not a client: a handshake being refused, log
 # files reopened, broker connections, DNS.
 FD_HEADROOM = 16
@@ -46,7 +42,6 @@ class Options:
 
     max_size: int = 2**20
     write_limit: int = 2**15
-    max_connections: int = 0
     open_timeout: float = 10.0
     ping_interval: float = 20.0
     ping_timeout: float = 20.0
@@ -70,15 +65,16 @@ class Engine:
         self.handshakes: set[Handshake] = set()  # accepted, not upgraded yet
         self.extensions = enable_server_permessage_deflate(None) if options.compression else None
         self.draining = False
-        self.stats: Counter[str] = Counter()  # plain counts: read at scrape time, not locked
+        self.stats: Counter[str] = Counter()  # plain counts, summed up in the "drained" line
+        self.transports = 0  # accepted and not yet lost: each holds a file descriptor
         self._admit = admit
         self._servers: list[asyncio.AbstractServer] = []
         self._sockets: list[socket.socket] = []
         self._idle: asyncio.Future[None] | None = None
         self._no_handshakes: asyncio.Future[None] | None = None
         self._pings = itertools.count()
-        self._previous_handler: Any = None
         self._fd_limit = self._fd_base = 0
+        self._addresses: list[str] = []
         # Per-connection events are debug lines; deciding once spares a structlog call per
         # connection when nobody reads them.
         self._debug = logging.getLogger("wsechod.engine").isEnabledFor(logging.DEBUG)
@@ -92,15 +88,15 @@ class Engine:
         except OSError:
             self._fd_base = 64  # no /proc: a guess on the safe side
         self._sockets = list(sockets)
+        # Read now: once the loop stops accepting on them, uvloop has detached the sockets.
+        self._addresses = [format_address(sock.getsockname()) for sock in sockets]
         for sock in sockets:
             server = await self.loop.create_server(lambda: Handshake(self), sock=sock)
             self._servers.append(server)
-        self._previous_handler = self.loop.get_exception_handler()
-        self.loop.set_exception_handler(self._loop_exception)
 
     @property
     def addresses(self) -> list[str]:
-        return [format_address(sock.getsockname()) for sock in self._sockets if sock.fileno() >= 0]
+        return list(self._addresses)
 
     def stop_accepting(self) -> None:
         """Synchronous: once this returns, no new connection is accepted (what is still in
@@ -116,11 +112,11 @@ class Engine:
 
         When the process runs out, the event loop's accept (libuv) quietly accepts and
         closes the clients it cannot keep: nobody would hear of it. Refusing before that
-        point gives the client a 503 and the operator a log line."""
+        point gives the client a 503 and the operator a log line. ``transports`` counts
+        this one already, and every other until its connection is lost."""
         if self._fd_limit == resource.RLIM_INFINITY:
             return False
-        in_use = self._fd_base + len(self.connections) + len(self.handshakes)
-        if in_use + FD_HEADROOM < self._fd_limit:
+        if self._fd_base + self.transports + FD_HEADROOM < self._fd_limit:
             return False
         self.stats["refused_open_files_limit"] += 1
         warn.warning(
@@ -197,7 +193,7 @@ class Engine:
             waiter.set_result(None)
 
     def next_ping(self) -> bytes:
-        return next(self._pings).to_bytes(4, "big")
+        return (next(self._pings) & 0xFFFFFFFF).to_bytes(4, "big")
 
     def peer_of(self, transport: asyncio.BaseTransport) -> str:
         name = transport.get_extra_info("peername")
@@ -252,24 +248,3 @@ class Engine:
         self.stop_accepting()
         for sock in self._sockets:
             sock.close()
-
-    # --- accept errors ---------------------------------------------------------------
-
-    def _loop_exception(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
-        """uvloop reports failed accepts here; running out of file descriptors turns
-        clients away, so it is logged (rate-limited, with a count), not swallowed."""
-        exc = context.get("exception")
-        if isinstance(exc, OSError) and exc.errno in _EXHAUSTED:
-            self.stats["accept_failed"] += 1
-            warn.warning(
-                "cannot accept connections",
-                error=exc.strerror,
-                connections=len(self.connections),
-                hint="raise the open files limit (ulimit -n, LimitNOFILE=) or lower "
-                "max_connections",
-            )
-            return
-        if self._previous_handler is not None:
-            self._previous_handler(loop, context)
-        else:
-            loop.default_exception_handler(context)

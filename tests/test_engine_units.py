@@ -1,0 +1,157 @@
+"""The engine's state machine in-process, on a transport that a test can fill and drain at
+will: corner cases of flow control and timers that real sockets reach only by luck.
+Behaviour over real sockets is in test_protocol.py and test_relay.py."""
+
+import asyncio
+import struct
+from collections.abc import Iterator
+
+import pytest
+
+from tests.rawws import OP_BINARY, OP_PING, frame
+from wsechod.apps.echo import Echo
+from wsechod.apps.relay import Relay
+from wsechod.brokers.memory import MemoryBroker
+from wsechod.engine import Application, Engine, Options, frames
+from wsechod.engine.connection import WebSocket
+
+
+class Transport:
+    """Buffers what is written until ``drain()``; calls pause/resume_writing like uvloop."""
+
+    def __init__(self) -> None:
+        self.size = self.high = self.low = 0
+        self.over = False
+        self.reading = True
+        self.closed = False
+        self.protocol: WebSocket | None = None
+
+    def set_write_buffer_limits(self, high: int, low: int) -> None:
+        self.high, self.low = high, low
+
+    def write(self, data: bytes) -> None:
+        self.size += len(data)
+        if self.size > self.high and not self.over:
+            self.over = True
+            assert self.protocol is not None
+            self.protocol.pause_writing()
+
+    def writelines(self, parts: tuple[bytes, ...]) -> None:
+        for part in parts:
+            self.write(part)
+
+    def drain(self) -> None:
+        self.size = 0
+        if self.over:
+            self.over = False  # uvloop clears its flag before calling resume_writing
+            assert self.protocol is not None
+            self.protocol.resume_writing()
+
+    def get_write_buffer_size(self) -> int:
+        return self.size
+
+    def pause_reading(self) -> None:
+        self.reading = False
+
+    def resume_reading(self) -> None:
+        self.reading = True
+
+    def close(self) -> None:
+        self.closed = True
+
+    abort = close
+
+    def can_write_eof(self) -> bool:
+        return True
+
+    def write_eof(self) -> None:
+        pass
+
+
+@pytest.fixture
+def loop() -> Iterator[asyncio.AbstractEventLoop]:
+    loop = asyncio.new_event_loop()
+    yield loop
+    loop.close()
+
+
+def connect(engine: Engine, path: str = "/room") -> tuple[WebSocket, Transport]:
+    t = Transport()
+    ws = WebSocket(engine, t, path, "peer", None)  # type: ignore[arg-type]
+    t.protocol = ws
+    engine.opened(ws)
+    return ws, t
+
+
+def make_engine(loop: asyncio.AbstractEventLoop, app: Application, **options: float) -> Engine:
+    async def build() -> Engine:
+        return Engine(Options(**options), app)  # type: ignore[arg-type]
+
+    return loop.run_until_complete(build())
+
+
+def test_reading_stays_paused_when_a_release_refills_the_buffer(
+    loop: asyncio.AbstractEventLoop,
+) -> None:
+    """A relay receiver drains; releasing the held publisher writes to it again and fills
+    it past write_limit inside resume_writing. Reading must stay paused (it used to resume
+    while the buffer was full, and pongs then grew it without bound)."""
+
+    async def main() -> None:
+        relay = Relay(MemoryBroker(), write_limit=1000, max_size=10_000, slow_consumer_timeout=60)
+        engine = Engine(Options(write_limit=1000, max_size=10_000, ping_interval=0), relay)
+        receiver, rt = connect(engine)
+        publisher, _ = connect(engine)
+        publisher.data_received(frame(OP_BINARY, bytes(1500)))  # receiver now behind
+        publisher.data_received(frame(OP_BINARY, bytes(1500)))  # held with its publisher
+        assert receiver.blocked and not rt.reading
+        rt.drain()  # the held message is written to it at once: full again
+        assert receiver.blocked
+        assert not rt.reading
+        for _ in range(1000):  # a client that sends pings and never reads
+            receiver.data_received(frame(OP_PING, b"p" * 125))
+        assert rt.size < 1000 + 10_000 + 1500 + 127 * 2
+
+    loop.run_until_complete(main())
+
+
+@pytest.mark.parametrize(("interval", "timeout"), [(0.05, 0.0), (0.05, 0.4)])
+def test_keepalive_wakes_up_once_per_ping_while_it_waits_for_the_pong(
+    loop: asyncio.AbstractEventLoop, interval: float, timeout: float
+) -> None:
+    """With ``ping_timeout`` 0 (wait forever) or longer than ``ping_interval``, the timer
+    used to spin every millisecond until the pong came."""
+    calls = 0
+    original = WebSocket._keepalive
+
+    def counting(self: WebSocket) -> None:
+        nonlocal calls
+        calls += 1
+        original(self)
+
+    async def main() -> WebSocket:
+        engine = Engine(Options(ping_interval=interval, ping_timeout=timeout), Echo())
+        ws, _ = connect(engine, "/")
+        await asyncio.sleep(0.3)
+        return ws
+
+    WebSocket._keepalive = counting  # type: ignore[method-assign]
+    try:
+        ws = loop.run_until_complete(main())
+    finally:
+        WebSocket._keepalive = original  # type: ignore[method-assign]
+    assert ws.open  # no pong ever came, but the deadline is not reached (or there is none)
+    assert calls <= 0.3 / interval + 2
+
+
+def test_close_reason_is_cut_at_a_character_boundary() -> None:
+    payload = frames.close_payload(1001, "é" * 100)  # 200 bytes of UTF-8: too long
+    assert len(payload) <= 125
+    assert struct.unpack("!H", payload[:2]) == (1001,)
+    payload[2:].decode()  # valid UTF-8 (5.5.1), not half a character
+
+
+def test_ping_payloads_never_overflow(loop: asyncio.AbstractEventLoop) -> None:
+    engine = make_engine(loop, Echo())
+    engine._pings = iter([2**32 + 5])  # type: ignore[assignment]
+    assert engine.next_ping() == (5).to_bytes(4, "big")
