@@ -645,7 +645,10 @@ def test_fast_publisher_is_paced_not_dropped_while_redis_is_healthy(
     # The receiver reads as fast as it can, but messages from Redis cannot be held for it:
     # what it may fall behind by is its write_limit + max_size (16 MiB here), which this
     # test is not about.
-    two = relay(start, "--broker", redis_server.url, "--max-size", str(16 * 2**20))
+    two = relay(
+        start, "--broker", redis_server.url, "--max-size", str(16 * 2**20),
+        "--slow-consumer-timeout", "30",
+    )  # fmt: skip
     count, chunk = 1200, 64 * 1024
     rss = RssPeak(one.proc.pid)
 
@@ -673,6 +676,9 @@ def test_fast_publisher_is_paced_not_dropped_while_redis_is_healthy(
 
     try:
         got = asyncio.run(main())
+    except TimeoutError:
+        notable = [e for d in (one, two) for e in d.events if e["level"] != "debug"]
+        raise AssertionError(f"a message did not arrive; the instances said: {notable}") from None
     finally:
         growth_mib = rss.stop()
     print(f"75 MiB through Redis: publishing instance's RSS grew {growth_mib:.1f} MiB")
