@@ -109,3 +109,32 @@ def test_invalid_utf8_inside_compressed_text_closes_1007(daemon: Daemon) -> None
     with raw_deflate_connection(daemon.port) as sock:
         sock.sendall(rawws.frame(rawws.OP_TEXT, compress(b"ok \xff"), rsv=0x40))
         assert rawws.read_close(sock)[0] == 1007
+
+
+def inflate_frames(frames: list[bytes]) -> list[bytes]:
+    """The server's compressed messages, each one whole frame, inflated in order."""
+    decoder = zlib.decompressobj(wbits=-15)
+    return [decoder.decompress(f + b"\x00\x00\xff\xff") for f in frames]
+
+
+def test_rfc_7692_example_of_a_final_block_is_understood_twice(daemon: Daemon) -> None:
+    """7.2.3.4: "Hello" in a block with BFINAL set, then the header byte of an empty stored
+    block. The stream ends there; the next message must start a new one (it used to be
+    kept unread, growing memory, and inflated to nothing)."""
+    hello = bytes.fromhex("f348cdc9c90700")
+    with raw_deflate_connection(daemon.port) as sock:
+        sock.sendall(rawws.frame(rawws.OP_TEXT, hello, rsv=0x40) * 2)
+        sock.sendall(rawws.frame(rawws.OP_TEXT, compress(b"world"), rsv=0x40))
+        echoes = [rawws.read_frame(sock) for _ in range(3)]
+    assert [op for op, _ in echoes] == [rawws.OP_TEXT] * 3
+    assert inflate_frames([payload for _, payload in echoes]) == [b"Hello", b"Hello", b"world"]
+
+
+def test_data_after_a_final_block_in_the_same_message_is_a_protocol_error(
+    daemon: Daemon,
+) -> None:
+    final = zlib.compressobj(wbits=-15)
+    ended = final.compress(b"done") + final.flush(zlib.Z_FINISH)
+    with raw_deflate_connection(daemon.port) as sock:
+        sock.sendall(rawws.frame(rawws.OP_BINARY, ended + compress(b"more"), rsv=0x40))
+        assert rawws.read_close(sock)[0] == 1002

@@ -18,13 +18,11 @@ import asyncio
 import codecs
 from typing import TYPE_CHECKING, Any
 
-from websockets.exceptions import PayloadTooBig, ProtocolError
-from websockets.extensions import Extension
-from websockets.frames import Frame, Opcode
 from websockets.speedups import apply_mask
 
 from wsechod import ratelimit
 from wsechod.engine import frames as f
+from wsechod.engine.deflate import Corrupt, Deflate, TooBig
 from wsechod.engine.interface import Application, Prepared
 
 if TYPE_CHECKING:
@@ -33,8 +31,13 @@ if TYPE_CHECKING:
 # States. Reading goes on in CLOSING (we sent a close frame and wait for the client's);
 # in CLOSED nothing more is parsed.
 OPEN, CLOSING, CLOSED = 1, 2, 3
-# Why reading is paused: our own write buffer is full, or the application asked.
-PAUSED_WRITE, PAUSED_APP = 1, 2
+# Why reading is paused: our own write buffer is full, the application asked, or this
+# connection has had its turn of the event loop.
+PAUSED_WRITE, PAUSED_APP, PAUSED_TURN = 1, 2, 4
+# Work a connection may do before it lets the others have the loop: a unit per frame and
+# per 4 KiB of payload (inflated, for compressed frames). Without it one client sending
+# tiny frames, or small frames that inflate to much, could hold everyone else for seconds.
+TURN = 256
 # A frame bigger than this is unmasked from a memoryview instead of a copy.
 _VIEW_FROM = 4096
 _Decoder = codecs.getincrementaldecoder("utf-8")
@@ -50,11 +53,12 @@ class WebSocket(asyncio.Protocol):
 
     __slots__ = (
         "_app",
+        "_budget",
         "_buf",
         "_checked",
         "_compressed",
+        "_deflate",
         "_engine",
-        "_ext",
         "_max_size",
         "_msg",
         "_msg_size",
@@ -86,12 +90,12 @@ class WebSocket(asyncio.Protocol):
         transport: asyncio.Transport,
         path: str,
         peer: str,
-        extension: Extension | None,
+        deflate: Deflate | None,
     ) -> None:
         self._engine = engine
         self._app: Application = engine.app
         self._t = transport
-        self._ext = extension
+        self._deflate = deflate
         self._max_size = engine.options.max_size
         self._buf: bytearray | None = None  # bytes read but not parsed yet
         self._need = 0  # with _buf: how many bytes the frame at its start needs
@@ -100,6 +104,7 @@ class WebSocket(asyncio.Protocol):
         self._compressed = False  # the message in progress is compressed
         self._utf8: Any = None  # incremental decoder of a text message in progress
         self._pause = 0
+        self._budget = TURN
         self._parsing = False
         self._state = OPEN
         self._timer: asyncio.TimerHandle | None = None
@@ -132,16 +137,15 @@ class WebSocket(asyncio.Protocol):
         if self._state != OPEN:
             return
         n = len(payload)
-        if n < 126 and first and last and self._ext is None:  # the common case, inline
+        if n < 126 and first and last and self._deflate is None:  # the common case, inline
             self._t.write((_TEXT if text else _BINARY)[n] + payload)
             self.bytes_out += n
             self.sent += 1
             return
         opcode = (f.OP_TEXT if text else f.OP_BINARY) if first else f.OP_CONT
         rsv1 = False
-        if self._ext is not None:
-            encoded = self._ext.encode(Frame(Opcode(opcode), payload, last))
-            payload, rsv1 = bytes(encoded.data), encoded.rsv1
+        if self._deflate is not None:
+            payload, rsv1 = self._deflate.compress(payload, first, last), first
         n = len(payload)
         if n < 126:
             self._t.write(
@@ -158,7 +162,7 @@ class WebSocket(asyncio.Protocol):
     def send_prepared(self, message: Prepared) -> None:
         if self._state != OPEN:
             return
-        if self._ext is not None:
+        if self._deflate is not None:
             self.send(message.payload, message.text)
             return
         self._t.write(message.frame)
@@ -275,6 +279,9 @@ class WebSocket(asyncio.Protocol):
                         except Exception:
                             failures.error("application failed on a message", peer=self.peer)
                             return self._fail(f.INTERNAL_ERROR, "internal error", end)
+                    self._budget -= 1
+                    if self._budget <= 0:
+                        self._yield()
                     continue
                 if length == 126:
                     if end - pos < 8:
@@ -313,10 +320,13 @@ class WebSocket(asyncio.Protocol):
                     payload = apply_mask(buf[start:stop], mask)
                 pos = stop
                 self.bytes_in += length
+                self._budget -= 1 + (length >> 12)
                 if opcode & 0x8:
                     self._control(opcode, payload)
                 else:
                     self._data(opcode, b0, payload)
+                if self._budget <= 0:
+                    self._yield()
         finally:
             self._parsing = False
         if self._state == CLOSED:
@@ -327,7 +337,7 @@ class WebSocket(asyncio.Protocol):
         """Why a data frame's header is a protocol violation, before its payload."""
         if opcode > f.OP_BINARY:
             return "reserved opcode"
-        if b0 & 0x70 and (b0 & 0x70 != f.RSV1 or self._ext is None or opcode == f.OP_CONT):
+        if b0 & 0x70 and (b0 & 0x70 != f.RSV1 or self._deflate is None or opcode == f.OP_CONT):
             return "reserved bits set"
         if opcode == f.OP_CONT:
             if not self._msg:
@@ -354,9 +364,10 @@ class WebSocket(asyncio.Protocol):
             text = self._msg == f.OP_TEXT
             first = False
         if self._compressed:
-            payload = self._inflate(opcode, fin, b0 & 0x40, payload)
+            payload = self._inflate(first, fin, payload)
             if self._state == CLOSED:
                 return
+            self._budget -= len(payload) >> 12
         if text:
             if self._checked:
                 payload_rest = payload[self._checked :]
@@ -388,25 +399,19 @@ class WebSocket(asyncio.Protocol):
             failures.error("application failed on a message", peer=self.peer)
             self._fail(f.INTERNAL_ERROR, "internal error")
 
-    def _inflate(self, opcode: int, fin: int, rsv1: int, payload: bytes) -> bytes:
-        assert self._ext is not None
-        frame = Frame(Opcode(opcode), payload, bool(fin), bool(rsv1))
-        room = self._max_size - self._msg_size
+    def _inflate(self, first: bool, fin: int, payload: bytes) -> bytes:
+        assert self._deflate is not None
         try:
-            # One byte of slack: zlib stops at the limit with the final empty block
-            # unconsumed, which the extension would take for an overflow.
-            data = self._ext.decode(frame, max_size=room + 1).data
-        except PayloadTooBig:
-            data = None
-        except ProtocolError as exc:
-            self._fail(f.PROTOCOL_ERROR, str(exc))
-            return b""
-        if data is None or len(data) > room:
+            data = self._deflate.inflate(payload, first, bool(fin), self._max_size - self._msg_size)
+        except TooBig:
             self._fail(f.MESSAGE_TOO_BIG, "message too big")
+            return b""
+        except Corrupt as exc:
+            self._fail(f.PROTOCOL_ERROR, str(exc))
             return b""
         if fin:
             self._compressed = False
-        return bytes(data)
+        return data
 
     def _text_ok(self, payload: bytes, final: bool) -> bool:
         """UTF-8 across the frames of a text message: fail at the first bad byte."""
@@ -519,6 +524,15 @@ class WebSocket(asyncio.Protocol):
         self._t.abort()
 
     # --- flow control ----------------------------------------------------------------
+
+    def _yield(self) -> None:
+        """Its turn is over: stop reading until the loop has served the others."""
+        self._hold(PAUSED_TURN)
+        self._engine.loop.call_soon(self._next_turn)
+
+    def _next_turn(self) -> None:
+        self._budget = TURN
+        self._release(PAUSED_TURN)
 
     def _hold(self, reason: int) -> None:
         if not self._pause:

@@ -16,11 +16,13 @@ import http
 from typing import TYPE_CHECKING, cast
 
 import structlog
+from websockets.extensions.permessage_deflate import PerMessageDeflate
 from websockets.http11 import Request as WsRequest
 from websockets.server import ServerProtocol
 
 from wsechod import __version__
 from wsechod.engine.connection import WebSocket
+from wsechod.engine.deflate import Deflate
 from wsechod.engine.interface import Reply, Request
 
 if TYPE_CHECKING:
@@ -73,20 +75,19 @@ class Handshake(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         head = self._head
-        seen = max(len(head) - 3, 0)  # the end of the head may straddle two reads
+        seen = max(len(head) - 2, 0)  # the empty line may straddle two reads
         head += data
-        end = head.find(b"\r\n\r\n", seen)
-        if end >= 0:
-            end += 4
-        else:
-            # A head ended by bare LFs is invalid; find it anyway, to answer 400 now
-            # rather than wait for the open timeout.
-            end = head.find(b"\n\n", max(seen - 1, 0))
-            if end >= 0:
-                end += 2
-        if end < 0 and len(head) <= MAX_HEAD:
+        # The head ends at the first empty line: CRLF CRLF, or (invalid, answered 400 at
+        # once rather than at the open timeout) a bare LF on either side.
+        ends = [i for i in (head.find(b"\n\r\n", seen), head.find(b"\n\n", seen)) if i >= 0]
+        if not ends:
+            if len(head) > MAX_HEAD:
+                status = http.HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE
+                self._answer(Reply(status, "request head too large\n"))
             return
-        if end < 0 or end > MAX_HEAD:
+        end = min(ends)
+        end += 3 if head[end + 1] == 0x0D else 2
+        if end > MAX_HEAD:
             status = http.HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE
             self._answer(Reply(status, "request head too large\n"))
             return
@@ -125,6 +126,13 @@ class Handshake(asyncio.Protocol):
             return
         raw = events[0]
         method = raw.method
+        hosts = len(raw.headers.get_all("Host"))
+        if hosts != 1 and raw.protocol == "HTTP/1.1":
+            # RFC 9112 3.2 (and RFC 6455 4.2.1): exactly one Host, or 400.
+            problem = "missing Host header" if not hosts else "more than one Host header"
+            engine.refused("bad request", self.peer, problem)
+            self._answer(Reply(http.HTTPStatus.BAD_REQUEST, f"bad request: {problem}\n"))
+            return
         request = Request(method, raw.path, raw.headers, self.peer)
         try:
             reply = engine.admit(request)
@@ -151,8 +159,9 @@ class Handshake(asyncio.Protocol):
         for chunk in protocol.data_to_send():
             transport.write(chunk)
         self._finish()
-        extension = protocol.extensions[0] if protocol.extensions else None
-        ws = WebSocket(engine, transport, raw.path, self.peer, extension)
+        negotiated = protocol.extensions[0] if protocol.extensions else None
+        deflate = Deflate(negotiated) if isinstance(negotiated, PerMessageDeflate) else None
+        ws = WebSocket(engine, transport, raw.path, self.peer, deflate)
         transport.set_protocol(ws)
         self._t = None
         engine.opened(ws)
