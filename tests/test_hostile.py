@@ -1,5 +1,6 @@
-"""Regression tests for bugs found by hostile testing. Each fails on the code it was written
-against; the scripts under /work/hostile-scripts reproduce them at a larger scale."""
+"""Regression tests for what hostile testing broke: each failed on the engine as first
+written (deflate final blocks, one client holding the loop, relay verdicts and logs during
+slow consumption and drains, Host headers, odd request heads)."""
 
 import base64
 import contextlib
