@@ -228,7 +228,7 @@ def test_idle_server_stops_on_sigint_at_once(start: Callable[..., Daemon]) -> No
 def test_sighup_does_not_stop_the_server(start: Callable[..., Daemon]) -> None:
     daemon = start()
     daemon.signal(signal.SIGHUP)
-    daemon.wait_for("SIGHUP: nothing to reload")
+    daemon.wait_for("settings reloaded: nothing changed")
     assert http_get(daemon.port, "/healthz")[0] == 200
     assert daemon.proc.poll() is None
 

@@ -12,6 +12,7 @@ from typing import Protocol
 
 from wsechod import ratelimit
 from wsechod.engine import Application, Reply, Request
+from wsechod.settings import Settings
 
 warn = ratelimit.logger("wsechod.admission")
 
@@ -27,8 +28,10 @@ class State(Protocol):
 
 
 def admission(
-    state: State, app: Application, max_connections: int
+    state: State, app: Application, settings: Callable[[], Settings]
 ) -> Callable[[Request], Reply | None]:
+    """``settings()``: the settings of the moment (a reload may change the limits)."""
+
     def admit(request: Request) -> Reply | None:  # noqa: PLR0911 - one answer per rule
         if request.method not in ("GET", "HEAD"):
             return Reply(http.HTTPStatus.METHOD_NOT_ALLOWED, "only GET is served\n", ALLOW)
@@ -41,6 +44,7 @@ def admission(
             return Reply(http.HTTPStatus.UPGRADE_REQUIRED, text, {"Upgrade": "websocket"})
         if request.method != "GET":
             return Reply(http.HTTPStatus.METHOD_NOT_ALLOWED, "upgrades use GET\n", ALLOW)
+        max_connections = settings().max_connections
         if max_connections and len(state.connections) >= max_connections:
             warn.warning("connection refused", reason="max_connections", limit=max_connections)
             return Reply(http.HTTPStatus.SERVICE_UNAVAILABLE, "too many connections\n")

@@ -12,12 +12,14 @@ readiness through a callback.
 
 import asyncio
 import contextlib
+import dataclasses
 import os
 import signal
 import socket
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import structlog
 
@@ -27,7 +29,7 @@ from wsechod.apps.echo import Echo
 from wsechod.apps.relay import Relay
 from wsechod.engine import Application, Engine, Options
 from wsechod.engine.frames import GOING_AWAY
-from wsechod.settings import Settings
+from wsechod.settings import RESTART_KEYS, Settings, changes
 
 log = structlog.stdlib.get_logger("wsechod")
 
@@ -48,13 +50,14 @@ class DrainReport:
 class Lifecycle:
     """The stop future, and a second one that cuts the drain short ("stop now")."""
 
-    def __init__(self) -> None:
+    def __init__(self, settings: Settings) -> None:
         loop = asyncio.get_running_loop()
+        self.settings = settings  # those in force; a reload replaces them
         self.stop: asyncio.Future[str] = loop.create_future()
         self.force: asyncio.Future[str] = loop.create_future()
         self.engine: Engine | None = None  # set once serving
+        self.app: Application | None = None
         self.handoff = False  # the sockets belong to systemd: stop accepting at once
-        self.mode = "echo"
 
     def request_stop(self, reason: str) -> None:
         """First call: drain gracefully. Second call: end the drain at once."""
@@ -64,12 +67,25 @@ class Lifecycle:
         elif not self.force.done():
             self.force.set_result(reason)
 
-    def attach(self, engine: Engine, handoff: bool, mode: str) -> None:
+    def attach(self, engine: Engine, app: Application, handoff: bool) -> None:
         """The engine is listening: from now on a stop reaches it (and one requested
         during the start reaches it now)."""
-        self.engine, self.handoff, self.mode = engine, handoff, mode
+        self.engine, self.app, self.handoff = engine, app, handoff
         if self.stop.done():
             self._stop_accepting()
+
+    def reload(self, new: Settings) -> tuple[list[str], list[str]]:
+        """Apply what can change live (for new connections); keep the rest as it is.
+        Returns the keys applied and those that need a restart."""
+        changed = changes(self.settings, new)
+        kept = [key for key in changed if key in RESTART_KEYS]
+        applied = [key for key in changed if key not in RESTART_KEYS]
+        self.settings = dataclasses.replace(new, **{k: getattr(self.settings, k) for k in kept})
+        if self.engine is not None:
+            self.engine.reconfigure(options(self.settings))
+        if isinstance(self.app, Relay):
+            self.app.configure(**relay_options(self.settings))
+        return applied, kept
 
     def _stop_accepting(self) -> None:
         """What must not wait for the next loop pass, done before anyone hears of the
@@ -85,7 +101,7 @@ class Lifecycle:
         if self.engine is None:
             return "starting"
         where = ", ".join(self.engine.addresses)
-        state = "draining" if self.engine.draining else self.mode
+        state = "draining" if self.engine.draining else self.settings.mode
         return f"{state} on {where}: {len(self.engine.connections)} connections"
 
 
@@ -128,38 +144,40 @@ def application(settings: Settings) -> tuple[Application, brokers.Broker | None]
     if settings.mode != "relay":
         return Echo(), None
     broker = brokers.create(settings)
-    relay = Relay(
-        broker,
-        echo=settings.relay_echo,
-        write_limit=settings.write_limit,
-        max_size=settings.max_size,
-        max_channels=settings.max_channels,
-        max_channel_members=settings.max_channel_members,
-        max_path_length=settings.max_path_length,
-        slow_consumer=settings.slow_consumer,
-        slow_consumer_timeout=settings.slow_consumer_timeout,
-    )
-    return relay, broker
+    return Relay(broker, **relay_options(settings)), broker
+
+
+def relay_options(settings: Settings) -> dict[str, Any]:
+    return {
+        "echo": settings.relay_echo,
+        "write_limit": settings.write_limit,
+        "max_size": settings.max_size,
+        "max_channels": settings.max_channels,
+        "max_channel_members": settings.max_channel_members,
+        "max_path_length": settings.max_path_length,
+        "slow_consumer": settings.slow_consumer,
+        "slow_consumer_timeout": settings.slow_consumer_timeout,
+    }
 
 
 async def serve(
-    settings: Settings,
     sockets: list[socket.socket],
     life: Lifecycle,
     *,
     handoff: bool = False,
     ready: Callable[[], None] | None = None,
 ) -> DrainReport:
-    """Serve on ``sockets`` until ``life.stop`` resolves, then drain and return."""
+    """Serve ``life.settings`` on ``sockets`` until ``life.stop`` resolves, then drain."""
     # Start.
+    settings = life.settings
     app, broker = application(settings)
     if broker is not None:
         assert isinstance(app, Relay)
         await broker.start(app.deliver)
     engine = Engine(options(settings), app)
-    engine.set_admission(admission(engine, app, settings.max_connections))
+    engine.set_admission(admission(engine, app, lambda: life.settings))
     await engine.listen(sockets)
-    life.attach(engine, handoff, settings.mode)
+    life.attach(engine, app, handoff)
     log.info("listening", addresses=engine.addresses, mode=settings.mode, pid=os.getpid())
     if ready is not None:
         ready()
@@ -169,6 +187,7 @@ async def serve(
 
     # Drain.
     started = time.monotonic()
+    settings = life.settings  # a reload may have changed the deadlines
     log.info(
         "stop requested",
         reason=reason,

@@ -59,12 +59,15 @@ def _opt(
     aliases: Mapping[str, str] | None = None,
     path: tuple[str, ...] | None = None,
     url: bool = False,
+    restart: bool = False,
 ) -> T:
     """``path``: the value is a file path, made absolute (a daemon runs in /), except for
     the words listed, which have a meaning of their own. ``aliases``: other spellings of
     the ``choices``. A ``doc`` that starts with "relay:" marks a key that only relay mode
-    reads (echo mode warns that it has no effect)."""
+    reads (echo mode warns that it has no effect). ``restart``: a reload (SIGHUP) cannot
+    change it; the others take effect for new connections."""
     meta = {
+        "restart": restart,
         "doc": doc,
         "minimum": minimum,
         "maximum": maximum,
@@ -80,8 +83,12 @@ def _opt(
 class Settings:
     """The effective configuration; immutable once loaded so no code path can disagree."""
 
-    host: str = _opt("127.0.0.1", "address to listen on; a name listens on all its addresses")
-    port: int = _opt(8765, "TCP port to listen on; 0 picks a free one", minimum=0, maximum=65535)
+    host: str = _opt(
+        "127.0.0.1", "address to listen on; a name listens on all its addresses", restart=True
+    )
+    port: int = _opt(
+        8765, "TCP port to listen on; 0 picks a free one", minimum=0, maximum=65535, restart=True
+    )
     log_level: str = _opt(
         "info", "least severe level logged", choices=LOG_LEVELS, aliases=LOG_LEVEL_ALIASES
     )
@@ -89,6 +96,7 @@ class Settings:
         "auto",
         "console for people, json for machines; auto: console on a TTY",
         choices=LOG_FORMATS,
+        restart=True,
     )
     max_size: int = _opt(
         2**20,
@@ -128,7 +136,10 @@ class Settings:
         minimum=0,
     )
     mode: str = _opt(
-        "echo", "echo: messages come back; relay: they go to the path's others", choices=MODES
+        "echo",
+        "echo: messages come back; relay: they go to the path's others",
+        choices=MODES,
+        restart=True,
     )
     relay_echo: bool = _opt(False, "relay: also send each message back to its sender")
     broker: str = _opt(
@@ -136,6 +147,7 @@ class Settings:
         "relay: 'memory' (this process only), or a Redis URL to share channels: "
         "redis://[user:password@]host[:port][/db], rediss://..., unix:///path[?db=N]",
         url=True,
+        restart=True,
     )
     max_channels: int = _opt(10_000, "relay: channels (paths) at once; beyond: HTTP 503", minimum=1)
     max_channel_members: int = _opt(
@@ -154,24 +166,34 @@ class Settings:
         "relay: seconds a receiver may stay above write_limit before it counts as slow",
         minimum=0,
     )
-    daemon: bool = _opt(False, "detach from the terminal and run in the background")
-    pidfile: str = _opt("", "write the pid here, locked while running; '': none", path=())
+    daemon: bool = _opt(False, "detach from the terminal and run in the background", restart=True)
+    pidfile: str = _opt(
+        "", "write the pid here, locked while running; '': none", path=(), restart=True
+    )
     log_file: str = _opt(
         "",
         "log to this file (reopened on SIGHUP) or 'syslog'; '': stderr, or syslog with daemon",
         path=("syslog",),
+        restart=True,
     )
     syslog_socket: str = _opt(
-        "/dev/log", "the syslog daemon's socket, for log_file = 'syslog'", path=()
+        "/dev/log", "the syslog daemon's socket, for log_file = 'syslog'", path=(), restart=True
     )
-    user: str = _opt("", "after binding, run as this user (start as root); '': stay")
-    group: str = _opt("", "after binding, run as this group; '': the user's group")
+    user: str = _opt("", "after binding, run as this user (start as root); '': stay", restart=True)
+    group: str = _opt("", "after binding, run as this group; '': the user's group", restart=True)
 
 
 KEYS: tuple[dataclasses.Field[Any], ...] = dataclasses.fields(Settings)
 KEY_NAMES = tuple(f.name for f in KEYS)
 _BY_NAME = {f.name: f for f in KEYS}
 RELAY_KEYS = tuple(f.name for f in KEYS if str(f.metadata["doc"]).startswith("relay:"))
+RESTART_KEYS = frozenset(f.name for f in KEYS if f.metadata["restart"])
+
+
+def changes(old: Settings, new: Settings) -> list[str]:
+    """The keys whose value differs, in declaration order."""
+    return [key for key in KEY_NAMES if getattr(old, key) != getattr(new, key)]
+
 
 # Kubernetes gives every pod variables for each Service of its namespace ("service links");
 # a Service named wsechod (or wsechod-something) makes them start with WSECHOD_. They are

@@ -32,6 +32,7 @@ import http
 import re
 from collections import deque
 from collections.abc import Callable
+from typing import Any
 
 import structlog
 
@@ -100,9 +101,20 @@ class Channel:
 class Relay:
     """The relay application and its channel hub."""
 
-    def __init__(
+    def __init__(self, broker: Broker, **options: Any) -> None:
+        self.broker = broker
+        self.echo = False
+        self.cap = 0  # a receiver's buffer never grows past this
+        self.max_channels = self.max_channel_members = self.max_path_length = 0
+        self.policy = "drop"
+        self.timeout = 0.0
+        self.configure(**options)
+        self.channels: dict[str, Channel] = {}
+        self.stats = {"dropped": 0, "slow_dropping": 0, "slow_closed": 0, "remote": 0}
+        self._now: Callable[[], float] = asyncio.get_running_loop().time
+
+    def configure(
         self,
-        broker: Broker,
         *,
         echo: bool = False,
         write_limit: int = 2**15,
@@ -113,17 +125,14 @@ class Relay:
         slow_consumer: str = "drop",
         slow_consumer_timeout: float = 2.0,
     ) -> None:
-        self.broker = broker
+        """At start, and on a reload: the limits and the policy apply from now on."""
         self.echo = echo
-        self.cap = write_limit + max_size  # a receiver's buffer never grows past this
+        self.cap = write_limit + max_size
         self.max_channels = max_channels
         self.max_channel_members = max_channel_members
         self.max_path_length = max_path_length
         self.policy = slow_consumer
         self.timeout = slow_consumer_timeout
-        self.channels: dict[str, Channel] = {}
-        self.stats = {"dropped": 0, "slow_dropping": 0, "slow_closed": 0, "remote": 0}
-        self._now: Callable[[], float] = asyncio.get_running_loop().time
 
     # --- admission -------------------------------------------------------------------
 

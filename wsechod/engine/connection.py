@@ -63,6 +63,7 @@ class WebSocket(asyncio.Protocol):
         "_msg",
         "_msg_size",
         "_need",
+        "_options",
         "_parsing",
         "_pause",
         "_ping",
@@ -96,7 +97,9 @@ class WebSocket(asyncio.Protocol):
         self._app: Application = engine.app
         self._t = transport
         self._deflate = deflate
-        self._max_size = engine.options.max_size
+        # The options of the moment it opened: a reload changes them for new connections.
+        self._options = options = engine.options
+        self._max_size = options.max_size
         self._buf: bytearray | None = None  # bytes read but not parsed yet
         self._need = 0  # with _buf: how many bytes the frame at its start needs
         self._msg = 0  # opcode of the fragmented message in progress, 0 if none
@@ -119,9 +122,9 @@ class WebSocket(asyncio.Protocol):
         self.bytes_in = self.bytes_out = 0
         self.code_sent: int | None = None
         self.code_received: int | None = None
-        limit = engine.options.write_limit
+        limit = options.write_limit
         transport.set_write_buffer_limits(high=limit, low=limit // 4)
-        self._keepalive_later(engine.options.ping_interval)
+        self._keepalive_later(options.ping_interval)
 
     # --- what applications call ------------------------------------------------------
 
@@ -456,7 +459,7 @@ class WebSocket(asyncio.Protocol):
                 self._ping = None
                 if self._timer is not None and self._state == OPEN:
                     self._timer.cancel()
-                    delay = self._ping_at + self._engine.options.ping_interval
+                    delay = self._ping_at + self._options.ping_interval
                     self._keepalive_later(max(delay - self._engine.loop.time(), 0.0))
         else:
             self._close_received(payload)
@@ -514,7 +517,7 @@ class WebSocket(asyncio.Protocol):
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        timeout = self._engine.options.close_timeout
+        timeout = self._options.close_timeout
         if timeout:
             self._timer = self._engine.loop.call_later(timeout, self.abort)
 
@@ -565,7 +568,7 @@ class WebSocket(asyncio.Protocol):
         self._timer = None
         if self._state != OPEN:
             return
-        options = self._engine.options
+        options = self._options
         now = self._engine.loop.time()
         if self._ping is None:
             self._ping_at = now

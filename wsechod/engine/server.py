@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import structlog
+from websockets.extensions import ServerExtensionFactory
 from websockets.extensions.permessage_deflate import enable_server_permessage_deflate
 
 from wsechod import ratelimit
@@ -31,6 +32,7 @@ from wsechod.listeners import format_address
 log = structlog.stdlib.get_logger("wsechod.engine")
 warn = ratelimit.logger("wsechod.engine")
 
+_DEFLATE = enable_server_permessage_deflate(None)  # websockets' defaults: 12-bit windows
 # File descriptors kept free for what is not a client: a handshake being refused, log
 # files reopened, broker connections, DNS.
 FD_HEADROOM = 16
@@ -58,12 +60,11 @@ class Engine:
         app: Application,
         admit: Callable[[Request], Reply | None] | None = None,
     ) -> None:
-        self.options = options
+        self.options = options  # replaced by a reload; each connection keeps its own
         self.app = app
         self.loop = asyncio.get_running_loop()
         self.connections: set[WebSocket] = set()  # the table of open connections
         self.handshakes: set[Handshake] = set()  # accepted, not upgraded yet
-        self.extensions = enable_server_permessage_deflate(None) if options.compression else None
         self.draining = False
         self.stats: Counter[str] = Counter()  # plain counts, summed up in the "drained" line
         self.transports = 0  # accepted and not yet lost: each holds a file descriptor
@@ -127,6 +128,16 @@ class Engine:
             hint="raise the open files limit (ulimit -n, LimitNOFILE=) or lower max_connections",
         )
         return True
+
+    def reconfigure(self, options: Options) -> None:
+        """A reload: new connections get ``options``; open ones keep theirs."""
+        self.options = options
+        self._debug = logging.getLogger("wsechod.engine").isEnabledFor(logging.DEBUG)
+
+    @property
+    def extensions(self) -> list[ServerExtensionFactory] | None:
+        """What a new handshake may negotiate."""
+        return list(_DEFLATE) if self.options.compression else None
 
     def set_admission(self, admit: Callable[[Request], Reply | None]) -> None:
         """Admission reads the engine's state (draining, connections), so it comes after."""

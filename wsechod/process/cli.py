@@ -124,6 +124,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     runner.catch_early_signals()
     args = vars(build_parser().parse_args(argv))
     config = args.pop("config")
+    if config:  # read again on a reload, after a daemon has moved to /
+        config = os.path.abspath(config)
     check_only = args.pop("check_config")
     printed = _sample(
         args.pop("print_config_sample"), args.pop("print_unit"), args.pop("print_logrotate_sample")
@@ -138,7 +140,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(str(exc), EXIT_CONFIG)
     if check_only:
         return _check(loaded, identity)
-    return _start(loaded, identity)
+    return _start(loaded, identity, functools.partial(load, args, os.environ, config))
 
 
 def _sample(config: bool, unit: str | None, logrotate: bool) -> str | None:
@@ -166,7 +168,7 @@ def _check(loaded: Loaded, identity: Identity | None) -> int:
     return EXIT_FAILURE if found else EXIT_OK
 
 
-def _start(loaded: Loaded, identity: Identity | None) -> int:
+def _start(loaded: Loaded, identity: Identity | None, reread: Callable[[], Loaded]) -> int:
     """Bind, check the pidfile, then serve here or in a detached daemon.
 
     Everything up to the fork reports on the terminal; the daemon reports through
@@ -185,7 +187,9 @@ def _start(loaded: Loaded, identity: Identity | None) -> int:
         if pidfile is not None:
             pidfile.check(owner)
         logs.prepare(settings, owner)
-        serve = functools.partial(_serve, loaded, listening, pidfile, bool(inherited))
+        serve = functools.partial(
+            _serve, loaded, listening, pidfile, handoff=bool(inherited), reread=reread
+        )
         if settings.daemon:
             return daemon.detach(listening, pidfile, identity, serve)
         if identity is not None:
@@ -205,8 +209,10 @@ def _serve(
     loaded: Loaded,
     listening: list[socket.socket],
     pidfile: PidFile | None,
-    handoff: bool,
     on_ready: Callable[[], None] | None,
+    *,
+    handoff: bool,
+    reread: Callable[[], Loaded],
 ) -> int:
     """The part that runs as the final user, in the foreground or in the daemon."""
     settings = loaded.settings
@@ -225,7 +231,7 @@ def _serve(
             on_ready()
 
     try:
-        return runner.run(settings, listening, ready, handoff)
+        return runner.run(settings, listening, ready, handoff, reread)
     except Exception:
         logs.log.exception("crashed")
         if on_ready is not None and not started:

@@ -71,7 +71,6 @@ def on_journal(stream: TextIO | None = None) -> bool:
 def configure(settings: Settings, stream: TextIO | None = None) -> None:
     """Log to ``stream`` (stderr), in the format and at the level the settings ask for."""
     stream = stream or sys.stderr
-    level = getattr(logging, settings.log_level.upper())
     structlog.configure(
         processors=[
             structlog.stdlib.filter_by_level,
@@ -84,8 +83,13 @@ def configure(settings: Settings, stream: TextIO | None = None) -> None:
     )
     handler = _JournalHandler(stream) if on_journal(stream) else logging.StreamHandler(stream)
     _install(handler, settings, stream.isatty())
-    root = logging.getLogger()
-    root.setLevel(level)
+    set_level(settings.log_level)
+
+
+def set_level(name: str) -> None:
+    """At start, and when a reload changes ``log_level``."""
+    level = getattr(logging, name.upper())
+    logging.getLogger().setLevel(level)
     # websockets logs every connection at INFO and every frame at DEBUG; our own
     # per-connection events say the same in our format, so only its problems get through.
     logging.getLogger("websockets").setLevel(max(level, logging.WARNING))

@@ -18,7 +18,7 @@ import uvloop
 from wsechod import __version__
 from wsechod.lifecycle import RELOAD_SIGNALS, STOP_SIGNALS, Lifecycle, capture_signals, serve
 from wsechod.process import logs, systemd
-from wsechod.settings import Settings
+from wsechod.settings import Loaded, Settings, SettingsError, shown
 
 log = structlog.stdlib.get_logger("wsechod")
 
@@ -46,15 +46,47 @@ def catch_early_signals() -> None:
         signal.signal(sig, early)
 
 
-def _reload(notifier: systemd.Notifier, life: Lifecycle, signame: str) -> None:
+def _reload(
+    notifier: systemd.Notifier,
+    life: Lifecycle,
+    reread: Callable[[], Loaded] | None,
+    signame: str,
+) -> None:
     """SIGHUP (or SIGUSR1, which logrotate configs written for nginx send): reopen the
-    log file, so it can be moved without losing a line."""
+    log file, so it can be moved without losing a line, and read the settings again:
+    what can change live applies to new connections, the rest waits for a restart."""
     notifier.reloading()
     if logs.reopen():
         log.info("log file reopened", signal=signame)
-    else:
-        log.info(f"{signame}: nothing to reload")
+    if reread is not None:
+        _reload_settings(life, reread, signame)
     notifier.send(READY=1, STATUS=life.status())
+
+
+def _reload_settings(life: Lifecycle, reread: Callable[[], Loaded], signame: str) -> None:
+    try:
+        loaded = reread()
+    except SettingsError as exc:
+        log.error("settings not reloaded: the old ones stay", signal=signame, error=str(exc))
+        return
+    old = life.settings
+    if loaded.settings.log_level != old.log_level:
+        logs.set_level(loaded.settings.log_level)
+    applied, kept = life.reload(loaded.settings)
+    for key in applied:
+        before, after = getattr(old, key), getattr(life.settings, key)
+        log.info("setting changed", key=key, old=shown(key, before), new=shown(key, after))
+    for key in kept:
+        log.warning(
+            "setting needs a restart",
+            key=key,
+            value=shown(key, getattr(loaded.settings, key)),
+            kept=shown(key, getattr(old, key)),
+        )
+    for notice in loaded.notices:
+        log.warning(notice.event, **notice.fields)
+    if not applied and not kept:
+        log.info("settings reloaded: nothing changed", signal=signame)
 
 
 async def _report(notifier: systemd.Notifier, life: Lifecycle) -> None:
@@ -74,9 +106,10 @@ async def _main(
     sockets: list[socket.socket],
     on_ready: Callable[[], None] | None,
     handoff: bool,
+    reread: Callable[[], Loaded] | None,
 ) -> None:
     loop = asyncio.get_running_loop()
-    life = Lifecycle()
+    life = Lifecycle(settings)
     notifier = systemd.Notifier()
     reporter: asyncio.Task[None] | None = None
 
@@ -93,12 +126,12 @@ async def _main(
         notifier.send(STOPPING=1, STATUS=f"stopping: draining {active} connections")
 
     life.stop.add_done_callback(stopping)
-    with capture_signals(life, functools.partial(_reload, notifier, life)):
+    with capture_signals(life, functools.partial(_reload, notifier, life, reread)):
         for name in _early_stops:  # sent while we were starting
             life.request_stop(name)
         _early_stops.clear()
         try:
-            await serve(settings, sockets, life, handoff=handoff, ready=ready)
+            await serve(sockets, life, handoff=handoff, ready=ready)
         finally:
             # Stopped: later signals wait, unanswered, until the process exits (status 0)
             # rather than kill it with a traceback on the way out.
@@ -113,17 +146,19 @@ def run(
     sockets: list[socket.socket],
     on_ready: Callable[[], None] | None = None,
     handoff: bool = False,
+    reread: Callable[[], Loaded] | None = None,
 ) -> int:
     """Run the daemon in this process until it is stopped; returns the exit status.
 
     ``on_ready`` is called once the server is listening (the daemon's parent waits for it);
-    ``handoff``: the sockets came from systemd socket activation.
+    ``handoff``: the sockets came from systemd socket activation; ``reread``: loads the
+    settings again from the same sources, for a reload.
     """
     log.info("starting", version=__version__, pid=os.getpid())
     _raise_open_files_limit(settings.max_connections)
     loop = uvloop.new_event_loop()
     try:
-        loop.run_until_complete(_main(settings, sockets, on_ready, handoff))
+        loop.run_until_complete(_main(settings, sockets, on_ready, handoff, reread))
         _finish(loop)
     finally:
         loop.close()
