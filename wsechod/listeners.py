@@ -3,13 +3,99 @@
 Binding happens before the event loop exists (and, later, before the process detaches), so
 "address already in use" and "permission denied" reach the operator's terminal. Whoever
 produced the sockets (this module, or systemd socket activation), the server only sees a list.
+
+Unix socket files are created here with their mode and owner before anyone can connect,
+and remembered (device and inode) so that the process that served removes them at exit
+only if they are still its own.
 """
 
+import contextlib
+import errno
+import os
 import socket
+import stat
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from wsechod.settings import ListenAddress, Settings, listen_address
 
 
 class BindError(Exception):
     """A listening socket could not be created; the message is one line for the operator."""
+
+
+def addresses(settings: Settings) -> list[ListenAddress]:
+    """What to listen on: the ``listen`` entries, else ``host`` and ``port``."""
+    if settings.listen:
+        return [listen_address(entry) for entry in settings.listen]
+    return [ListenAddress(settings.host, settings.port)]
+
+
+def describe(address: ListenAddress) -> str:
+    """An address as ``listen`` writes it."""
+    if address.path:
+        return f"unix:{address.path}"
+    return format_address((address.host, address.port)) if address.host else f":{address.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class SocketFile:
+    """A unix socket file this process created."""
+
+    path: str
+    dev: int
+    ino: int
+
+    def remove(self) -> str | None:
+        """Unlink the file if it is still the one bound (a successor may have replaced it
+        by now); returns why it could not, or None."""
+        try:
+            st = os.lstat(self.path)
+            if (st.st_dev, st.st_ino) == (self.dev, self.ino):
+                os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            return exc.strerror or str(exc)
+        return None
+
+
+@dataclass(slots=True)
+class Bound:
+    """The listening sockets, the unix socket files made for them (removed at exit), and
+    the stale ones replaced (for a warning in the log)."""
+
+    sockets: list[socket.socket] = field(default_factory=list)
+    files: list[SocketFile] = field(default_factory=list)
+    replaced: list[str] = field(default_factory=list)
+
+    def close(self) -> None:
+        for sock in self.sockets:
+            sock.close()
+
+    def remove_files(self) -> list[tuple[str, str]]:
+        """Remove the socket files that are still ours; (path, reason) of each failure."""
+        failed = [(f.path, why) for f in self.files if (why := f.remove()) is not None]
+        self.files.clear()
+        return failed
+
+
+def bind(
+    where: Sequence[ListenAddress], *, mode: int = 0o660, owner: tuple[int, int] | None = None
+) -> Bound:
+    """Listen on every address; unix socket files get ``mode`` and ``owner`` (uid, gid)."""
+    bound = Bound()
+    try:
+        for address in where:
+            if address.path:
+                bound.sockets.append(_listen_unix(address.path, mode, owner, bound))
+            else:
+                bound.sockets += _bind_tcp(address.host, address.port)
+    except BaseException:
+        bound.close()
+        bound.remove_files()
+        raise
+    return bound
 
 
 def resolve(host: str, port: int) -> list[tuple[int, str]]:
@@ -27,7 +113,7 @@ def resolve(host: str, port: int) -> list[tuple[int, str]]:
     return [(family, str(sockaddr[0])) for family, _, _, _, sockaddr in infos]
 
 
-def bind(host: str, port: int) -> list[socket.socket]:
+def _bind_tcp(host: str, port: int) -> list[socket.socket]:
     """Listen on every address ``host`` resolves to; with port 0 they all share one port."""
     infos = resolve(host, port)
     sockets: list[socket.socket] = []
@@ -61,6 +147,76 @@ def _listen(family: int, address: str, port: int) -> socket.socket:
         where = format_address((address, port))
         raise BindError(f"cannot listen on {where}: {exc.strerror or exc}") from None
     return sock
+
+
+def _listen_unix(
+    path: str, mode: int, owner: tuple[int, int] | None, bound: Bound
+) -> socket.socket:
+    abstract = path.startswith("@")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        try:
+            _bind_unix(sock, path, mode)
+        except OSError as exc:
+            if exc.errno != errno.EADDRINUSE or abstract or not _stale(path):
+                raise
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+            _bind_unix(sock, path, mode)
+            bound.replaced.append(path)
+        if not abstract:
+            st = os.lstat(path)
+            bound.files.append(SocketFile(path, st.st_dev, st.st_ino))
+            if owner is not None:
+                try:
+                    os.chown(path, *owner, follow_symlinks=False)
+                except OSError as exc:
+                    who = f"{owner[0]}:{owner[1]}"
+                    raise BindError(
+                        f"cannot give unix socket {path} to {who}: {exc.strerror}"
+                    ) from None
+        sock.listen(socket.SOMAXCONN)  # only now may clients connect: mode and owner are set
+        sock.setblocking(False)
+    except OSError as exc:
+        sock.close()
+        raise BindError(f"cannot listen on {path}: {exc.strerror or exc}") from None
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def _bind_unix(sock: socket.socket, path: str, mode: int) -> None:
+    """Bind with the file created in ``mode`` at once (no window with a wider one): the
+    umask decides a socket file's mode. Start-up is single-threaded, so it is ours."""
+    if path.startswith("@"):
+        sock.bind("\0" + path[1:])
+        return
+    previous = os.umask(0o777 & ~mode)
+    try:
+        sock.bind(path)
+    finally:
+        os.umask(previous)
+
+
+def _stale(path: str) -> bool:
+    """Whether the unix socket at ``path`` was left by a process that is gone (nobody
+    accepts on it): then it may be replaced. What is not a socket never is."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return True  # gone meanwhile
+    if not stat.S_ISSOCK(st.st_mode):
+        raise BindError(f"cannot listen on {path}: it exists and is not a socket")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        probe.setblocking(False)  # a live server with a full backlog answers EAGAIN
+        try:
+            probe.connect(path)
+        except ConnectionRefusedError:
+            return True
+        except OSError:
+            return False
+    return False
 
 
 def format_address(sockaddr: object) -> str:

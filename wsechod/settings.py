@@ -17,10 +17,10 @@ import os
 import re
 import tomllib
 import urllib.parse
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar, get_origin
 
 ENV_PREFIX = "WSECHOD_"
 CONFIG_ENV = ENV_PREFIX + "CONFIG"
@@ -49,6 +49,66 @@ class SettingsError(Exception):
     """A setting is wrong; the message is one line that names the key and the value."""
 
 
+# --- Listening addresses (listen, unix_socket_mode) ---------------------------------------
+
+LISTEN_FORMS = "host:port, [IPv6 address]:port, :port, unix:/path or unix:@name"
+UNIX_PATH_MAX = 107  # bytes of sun_path, less the terminating NUL
+UNIX_SOCKET_KEYS = ("unix_socket_mode", "unix_socket_owner")
+
+
+class ListenAddress(NamedTuple):
+    """One ``listen`` entry: a TCP ``host`` (a name, an address, or "" for every
+    interface) and ``port``, or a unix socket ``path`` ("@name": an abstract socket)."""
+
+    host: str = ""
+    port: int = 0
+    path: str = ""
+
+
+def listen_address(entry: str) -> ListenAddress:
+    """Parse one ``listen`` entry; raises ValueError saying what is wrong with it."""
+    if entry.startswith("unix:"):
+        path = entry[len("unix:") :]
+        if path in ("", "@"):
+            raise ValueError("expected unix:/path/to/socket or unix:@name")
+        size = len(os.fsencode(path))  # an abstract name's "@" stands for its leading NUL
+        if size > UNIX_PATH_MAX:
+            raise ValueError(f"a unix socket address is at most {UNIX_PATH_MAX} bytes")
+        return ListenAddress(path=path)
+    if entry.count(":") > 1 and not entry.startswith("["):
+        raise ValueError("an IPv6 address goes in brackets: [::1]:8765")
+    host, port = _host_port(entry)
+    if port is None:
+        raise ValueError(f"expected {LISTEN_FORMS}")
+    if not (re.fullmatch(r"[0-9]{1,5}", port) and int(port) <= 65535):
+        raise ValueError(f"port {port!r} must be a number between 0 and 65535")
+    return ListenAddress(host, int(port))
+
+
+def _check_listen(entries: tuple[str, ...]) -> tuple[str, ...]:
+    """Each entry valid, none twice; unix paths made absolute (a daemon runs in /)."""
+    normalized: list[str] = []
+    for given in entries:
+        entry = given
+        try:
+            address = listen_address(entry)
+            if address.path and not address.path.startswith("@"):
+                entry = "unix:" + os.path.abspath(os.path.expanduser(address.path))
+                listen_address(entry)  # still short enough
+        except ValueError as exc:  # in a list, say which entry
+            raise ValueError(f"{entry!r}: {exc}" if len(entries) > 1 else str(exc)) from None
+        if entry in normalized:
+            raise ValueError(f"{entry!r} is listed twice")
+        normalized.append(entry)
+    return tuple(normalized)
+
+
+def _check_mode(mode: str) -> str:
+    if not re.fullmatch(r"0?[0-7]{3}", mode.strip()):
+        raise ValueError("expected an octal file mode such as 0660")
+    return "0" + mode.strip()[-3:]
+
+
 def _opt(
     default: T,
     doc: str,
@@ -59,12 +119,14 @@ def _opt(
     aliases: Mapping[str, str] | None = None,
     path: tuple[str, ...] | None = None,
     url: bool = False,
+    check: Callable[[Any], Any] | None = None,
     restart: bool = False,
 ) -> T:
     """``path``: the value is a file path, made absolute (a daemon runs in /), except for
     the words listed, which have a meaning of their own. ``aliases``: other spellings of
     the ``choices``. A ``doc`` that starts with "relay:" marks a key that only relay mode
-    reads (echo mode warns that it has no effect). ``restart``: a reload (SIGHUP) cannot
+    reads (echo mode warns that it has no effect). ``check``: validates the value and
+    returns it normalized (raises ValueError). ``restart``: a reload (SIGHUP) cannot
     change it; the others take effect for new connections."""
     meta = {
         "restart": restart,
@@ -75,6 +137,7 @@ def _opt(
         "aliases": aliases or {},
         "path": path,
         "url": url,
+        "check": check,
     }
     return field(default=default, metadata=meta)
 
@@ -88,6 +151,20 @@ class Settings:
     )
     port: int = _opt(
         8765, "TCP port to listen on; 0 picks a free one", minimum=0, maximum=65535, restart=True
+    )
+    listen: tuple[str, ...] = _opt(
+        (),
+        f"addresses to listen on instead of host and port: {LISTEN_FORMS}",
+        check=_check_listen,
+        restart=True,
+    )
+    unix_socket_mode: str = _opt(
+        "0660", "file mode of the unix sockets in listen", check=_check_mode, restart=True
+    )
+    unix_socket_owner: str = _opt(
+        "",
+        "user[:group] owning the unix sockets in listen; '': the user and group it runs as",
+        restart=True,
     )
     log_level: str = _opt(
         "info", "least severe level logged", choices=LOG_LEVELS, aliases=LOG_LEVEL_ALIASES
@@ -277,6 +354,7 @@ def load(cli: Mapping[str, str], environ: Mapping[str, str], config: str | None)
         *_service_link_notice(ignored),
         *_retired_notice(retired),
         *_echo_mode_notice(settings),
+        *_listen_notice(settings, sources),
     ]
     return Loaded(settings, sources, config_path, tuple(notices))
 
@@ -339,6 +417,26 @@ def _echo_mode_notice(settings: Settings) -> list[Notice]:
     ]
 
 
+def _listen_notice(settings: Settings, sources: Mapping[str, str]) -> list[Notice]:
+    """``listen`` replaces host and port, and the unix socket keys apply to its unix
+    socket files: setting those to no effect is most likely an oversight."""
+    reasons: dict[str, str] = {}
+    if settings.listen:
+        reasons |= {k: "listen replaces host and port" for k in ("host", "port")}
+    if not any(entry.startswith("unix:/") for entry in settings.listen):
+        reasons |= {k: "no unix socket file in listen" for k in UNIX_SOCKET_KEYS}
+    unused = {k: why for k, why in reasons.items() if sources[k] != "default"}
+    if not unused:
+        return []
+    return [
+        Notice(
+            "settings have no effect: " + ", ".join(f"{k} ({why})" for k, why in unused.items()),
+            "settings have no effect",
+            {"keys": list(unused), "listen": list(settings.listen)},
+        )
+    ]
+
+
 def _check_broker_package(settings: Settings, sources: Mapping[str, str]) -> None:
     """The Redis broker needs redis-py, an optional extra: say so before anything starts."""
     if settings.mode != "relay" or settings.broker == "memory":
@@ -386,9 +484,10 @@ def _convert(key: str, raw: Any, source: str, *, text: bool) -> Any:
     """Turn a TOML value (``text`` False: it must have the key's type already) or an
     env/CLI string (``text`` True: parsed) into the key's type, then check its range."""
     f = _BY_NAME[key]
-    assert isinstance(f.type, type)
+    kind = get_origin(f.type) or f.type  # tuple[str, ...]: a list
+    assert isinstance(kind, type)
     try:
-        return _checked(f.metadata, _typed(f.type, raw) if text else _native(f.type, raw))
+        return _checked(f.metadata, _typed(kind, raw) if text else _native(kind, raw))
     except ValueError as exc:
         shown = redact_url(raw) if f.metadata["url"] and isinstance(raw, str) else raw
         raise SettingsError(f"invalid {key} {shown!r} (from {source}): {exc}") from None
@@ -405,6 +504,8 @@ def _typed(kind: type, raw: str) -> Any:
         if value is None:
             raise ValueError("expected true or false")
         return value
+    if kind is tuple:  # a list: comma-separated (a repeated flag arrives joined by commas)
+        return tuple(item.strip() for item in raw.split(",") if item.strip())
     raw = raw.strip()
     if kind is str:
         return raw
@@ -419,6 +520,11 @@ def _native(kind: type, raw: Any) -> Any:
     (a quoted number or a "yes" is most likely a mistake that would hide another)."""
     if kind is float and isinstance(raw, int | float) and not isinstance(raw, bool):
         return float(raw)
+    if kind is tuple:  # a list of strings: a TOML array
+        if isinstance(raw, list) and all(isinstance(item, str) for item in raw):
+            return tuple(raw)
+        hint = f" (TOML: write [{json.dumps(raw)}])" if isinstance(raw, str) else ""
+        raise ValueError(f"expected an array of strings{hint}")
     if isinstance(raw, kind) and (kind is bool or not isinstance(raw, bool)):
         return raw
     hint = ""
@@ -431,6 +537,8 @@ def _native(kind: type, raw: Any) -> Any:
 def _checked(meta: Mapping[str, Any], value: Any) -> Any:
     if meta.get("url"):
         _check_broker_url(value)
+    if meta["check"] is not None:
+        value = meta["check"](value)
     if meta["path"] is not None and value and value not in meta["path"]:
         value = os.path.abspath(os.path.expanduser(value))
     if isinstance(value, float) and not math.isfinite(value):

@@ -207,7 +207,8 @@ class Engine:
         return (next(self._pings) & 0xFFFFFFFF).to_bytes(4, "big")
 
     def peer_of(self, transport: asyncio.BaseTransport) -> str:
-        name = transport.get_extra_info("peername")
+        """``host:port``; a unix socket's clients have no name: the socket's path."""
+        name = transport.get_extra_info("peername") or transport.get_extra_info("sockname")
         return format_address(name) if name else "unix"
 
     # --- stopping --------------------------------------------------------------------

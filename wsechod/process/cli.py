@@ -11,14 +11,13 @@ import contextlib
 import functools
 import logging
 import os
-import socket
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import NoReturn
 
 from wsechod import __version__, listeners
-from wsechod.process import daemon, logs, preflight, privileges, runner, samples, systemd
+from wsechod.process import daemon, logs, paths, preflight, privileges, runner, samples, systemd
 from wsechod.process.logs import LogError
 from wsechod.process.pidfile import PidFile, PidFileError
 from wsechod.process.privileges import Identity
@@ -29,6 +28,7 @@ from wsechod.settings import (
     RETIRED,
     Loaded,
     Notice,
+    Settings,
     SettingsError,
     choices,
     describe,
@@ -100,7 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
                 + "; ".join(f"{', '.join(a)} for {v}" for v, a in spellings.items() if a)
                 + ")"
             )
-        help_text = f"{describe(f.name)}{values} (env {env_name(f.name)}; default: {f.default!r})"
+        default = list(f.default) if isinstance(f.default, tuple) else f.default
+        help_text = f"{describe(f.name)}{values} (env {env_name(f.name)}; default: {default!r})"
         if f.type is bool:
             group.add_argument(
                 flag_name(f.name),
@@ -108,6 +109,15 @@ def build_parser() -> argparse.ArgumentParser:
                 default=argparse.SUPPRESS,
                 action=argparse.BooleanOptionalAction,
                 help=help_text,
+            )
+        elif isinstance(f.default, tuple):  # a list: the flag may be repeated
+            group.add_argument(
+                flag_name(f.name),
+                dest=f.name,
+                default=argparse.SUPPRESS,
+                action="append",
+                metavar=f.name.upper(),
+                help=help_text + "; repeatable, or comma-separated",
             )
         else:
             group.add_argument(
@@ -123,6 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     runner.catch_early_signals()
     args = vars(build_parser().parse_args(argv))
+    for key, value in args.items():  # a repeated flag: its values, as the environment has them
+        if isinstance(value, list):
+            args[key] = ",".join(value)
     config = args.pop("config")
     if config:  # read again on a reload, after a daemon has moved to /
         config = os.path.abspath(config)
@@ -136,11 +149,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         loaded = load(args, os.environ, config)
         identity = privileges.resolve(loaded.settings)
+        owner = privileges.socket_owner(
+            loaded.settings, identity, loaded.sources["unix_socket_owner"]
+        )
     except SettingsError as exc:
         return _fail(str(exc), EXIT_CONFIG)
     if check_only:
-        return _check(loaded, identity)
-    return _start(loaded, identity, functools.partial(load, args, os.environ, config))
+        return _check(loaded, identity, owner)
+    return _start(loaded, identity, owner, functools.partial(load, args, os.environ, config))
 
 
 def _sample(config: bool, unit: str | None, logrotate: bool) -> str | None:
@@ -154,21 +170,37 @@ def _sample(config: bool, unit: str | None, logrotate: bool) -> str | None:
     return None
 
 
-def _check(loaded: Loaded, identity: Identity | None) -> int:
+def _check(loaded: Loaded, identity: Identity | None, socket_owner: tuple[int, int] | None) -> int:
     """--check-config: the settings and their sources on stdout; warnings, and whatever
     would stop a start on this machine, one line each on stderr."""
     print(render(loaded))
     activation = systemd.describe_activation()
-    print(f"# listening sockets: {activation or 'bound from host and port'}", flush=True)
+    print(f"# listening sockets: {activation or _listeners(loaded, socket_owner)}", flush=True)
     for notice in loaded.notices:
         print(f"wsechod: warning: {notice.message}", file=sys.stderr)
-    found = preflight.problems(loaded.settings, identity)
+    found = preflight.problems(loaded.settings, identity, socket_owner)
     for problem in found:
         _fail(problem, EXIT_FAILURE)
     return EXIT_FAILURE if found else EXIT_OK
 
 
-def _start(loaded: Loaded, identity: Identity | None, reread: Callable[[], Loaded]) -> int:
+def _listeners(loaded: Loaded, socket_owner: tuple[int, int] | None) -> str:
+    """The effective listeners, for --check-config."""
+    settings = loaded.settings
+    where = listeners.addresses(settings)
+    text = ", ".join(listeners.describe(address) for address in where)
+    if any(address.path.startswith("/") for address in where):
+        owner = "unchanged" if socket_owner is None else privileges.describe_owner(*socket_owner)
+        text += f" (unix socket files: mode {settings.unix_socket_mode}, owner {owner})"
+    return text
+
+
+def _start(
+    loaded: Loaded,
+    identity: Identity | None,
+    socket_owner: tuple[int, int] | None,
+    reread: Callable[[], Loaded],
+) -> int:
     """Bind, check the pidfile, then serve here or in a detached daemon.
 
     Everything up to the fork reports on the terminal; the daemon reports through
@@ -176,22 +208,24 @@ def _start(loaded: Loaded, identity: Identity | None, reread: Callable[[], Loade
     """
     settings = loaded.settings
     logs.configure(settings)
+    owner = None if identity is None else (identity.uid, identity.gid)
     try:
         inherited = systemd.listen_fds()
-        listening = inherited or listeners.bind(settings.host, settings.port)
+        bound = listeners.Bound(inherited) if inherited else _bind(settings, owner, socket_owner)
     except (listeners.BindError, systemd.ActivationError) as exc:
         return _fail(str(exc), EXIT_FAILURE)
+    detached = False
     try:
-        owner = None if identity is None else (identity.uid, identity.gid)
         pidfile = PidFile(Path(settings.pidfile)) if settings.pidfile else None
         if pidfile is not None:
             pidfile.check(owner)
         logs.prepare(settings, owner)
         serve = functools.partial(
-            _serve, loaded, listening, pidfile, handoff=bool(inherited), reread=reread
+            _serve, loaded, bound, pidfile, handoff=bool(inherited), reread=reread
         )
         if settings.daemon:
-            return daemon.detach(listening, pidfile, identity, serve)
+            detached = True  # from here on the socket files are the daemon's to remove
+            return daemon.detach(bound.sockets, pidfile, identity, serve)
         if identity is not None:
             identity.drop()
         with pidfile or contextlib.nullcontext():
@@ -201,13 +235,30 @@ def _start(loaded: Loaded, identity: Identity | None, reread: Callable[[], Loade
     except OSError as exc:
         return _fail(f"{exc.strerror or exc}: {exc.filename or ''}".rstrip(": "), EXIT_FAILURE)
     finally:
-        for sock in listening:
-            sock.close()
+        bound.close()
+        if not detached:
+            bound.remove_files()
+
+
+def _bind(
+    settings: Settings, owner: tuple[int, int] | None, socket_owner: tuple[int, int] | None
+) -> listeners.Bound:
+    """Bind what the settings ask for; a unix socket's missing directory is made first,
+    owned by ``owner`` like the pidfile's, so the server can remove the socket at exit."""
+    where = listeners.addresses(settings)
+    for address in where:
+        if address.path.startswith("/"):
+            directory = Path(address.path).parent
+            try:
+                paths.make_directory(directory, owner)
+            except OSError as exc:
+                raise listeners.BindError(f"cannot create {directory}: {exc.strerror}") from None
+    return listeners.bind(where, mode=int(settings.unix_socket_mode, 8), owner=socket_owner)
 
 
 def _serve(
     loaded: Loaded,
-    listening: list[socket.socket],
+    bound: listeners.Bound,
     pidfile: PidFile | None,
     on_ready: Callable[[], None] | None,
     *,
@@ -215,6 +266,23 @@ def _serve(
     reread: Callable[[], Loaded],
 ) -> int:
     """The part that runs as the final user, in the foreground or in the daemon."""
+    try:
+        return _serve_sockets(loaded, bound, pidfile, on_ready, handoff=handoff, reread=reread)
+    finally:
+        bound.close()
+        for path, why in bound.remove_files():
+            logs.log.warning("cannot remove unix socket", path=path, error=why)
+
+
+def _serve_sockets(
+    loaded: Loaded,
+    bound: listeners.Bound,
+    pidfile: PidFile | None,
+    on_ready: Callable[[], None] | None,
+    *,
+    handoff: bool,
+    reread: Callable[[], Loaded],
+) -> int:
     settings = loaded.settings
     logs.use_destination(settings)
     _log_notices(loaded.notices)
@@ -222,6 +290,8 @@ def _serve(
         logs.log.warning(
             "stale pidfile taken over", pidfile=settings.pidfile, pid=pidfile.stale_pid
         )
+    for path in bound.replaced:
+        logs.log.warning("stale unix socket replaced", path=path)
     started = False
 
     def ready() -> None:
@@ -231,7 +301,7 @@ def _serve(
             on_ready()
 
     try:
-        return runner.run(settings, listening, ready, handoff, reread)
+        return runner.run(settings, bound.sockets, ready, handoff, reread)
     except Exception:
         logs.log.exception("crashed")
         if on_ready is not None and not started:

@@ -8,7 +8,9 @@ made by the starting process (root, with --user), while the files in them are wr
 the user it becomes, so writes are checked as that user, in a child that drops root first.
 """
 
+import errno
 import os
+import stat
 from collections.abc import Callable
 from pathlib import Path
 
@@ -18,14 +20,20 @@ from wsechod.process.privileges import Identity
 from wsechod.settings import Settings
 
 
-def problems(settings: Settings, identity: Identity | None) -> list[str]:
+def problems(
+    settings: Settings, identity: Identity | None, socket_owner: tuple[int, int] | None = None
+) -> list[str]:
     """One line per problem, worded like the error the start would print."""
     found: list[str] = []
-    if systemd.describe_activation() is None:  # else host and port are not used
-        try:
-            listeners.resolve(settings.host, settings.port)
-        except listeners.BindError as exc:
-            found.append(str(exc))
+    if systemd.describe_activation() is None:  # else the configured listeners are not used
+        for address in listeners.addresses(settings):
+            if not address.path:
+                try:
+                    listeners.resolve(address.host, address.port)
+                except listeners.BindError as exc:
+                    found.append(str(exc))
+            elif address.path.startswith("/"):
+                found += _unix_socket(Path(address.path), socket_owner)
     syslog = logs.syslog_problem(settings)
     if syslog is not None:
         found.append(syslog)
@@ -37,6 +45,26 @@ def problems(settings: Settings, identity: Identity | None) -> list[str]:
         found.append(f"cannot create {pidfile.parent}: {why}")
     found += _as_user(identity, lambda: _writes(log_file, pidfile))
     return found
+
+
+def _unix_socket(path: Path, owner: tuple[int, int] | None) -> list[str]:
+    """What would stop binding a unix socket file here: its directory, something else at
+    its path, an owner this process may not give it. A live socket is not a problem: it
+    may be the instance about to be restarted."""
+    directory = path.parent
+    if not directory.is_dir():
+        why = paths.cannot_create(directory)
+        return [] if why is None else [f"cannot create {directory}: {why}"]
+    if why := paths.unwritable(directory):
+        return [f"cannot listen on {path}: {why}"]
+    if path.is_symlink() or (path.exists() and not stat.S_ISSOCK(path.stat().st_mode)):
+        return [f"cannot listen on {path}: it exists and is not a socket"]
+    if owner is not None and os.geteuid() != 0:
+        uid, gid = owner
+        if uid != os.geteuid() or gid not in (os.getegid(), *os.getgroups()):
+            who = f"{uid}:{gid}"
+            return [f"cannot give unix socket {path} to {who}: {os.strerror(errno.EPERM)}"]
+    return []
 
 
 def _writes(log_file: Path | None, pidfile: Path | None) -> list[str]:

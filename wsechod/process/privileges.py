@@ -57,3 +57,41 @@ def resolve(settings: Settings) -> Identity | None:
             "switching identity needs root"
         )
     return Identity(name, uid, gid)
+
+
+def socket_owner(
+    settings: Settings, identity: Identity | None, source: str = "default"
+) -> tuple[int, int] | None:
+    """Who owns the unix socket files: ``unix_socket_owner`` ("user[:group]", ":group"),
+    else the identity the server runs as; None: whoever starts it (nothing to change)."""
+    owner = settings.unix_socket_owner
+    if not owner:
+        return None if identity is None else (identity.uid, identity.gid)
+    name, _, group = owner.partition(":")
+    uid, gid = (os.getuid(), os.getgid()) if identity is None else (identity.uid, identity.gid)
+    try:
+        if name:
+            what = "user"
+            entry = pwd.getpwnam(name)
+            uid, gid = entry.pw_uid, entry.pw_gid
+        if group:
+            what = "group"
+            gid = grp.getgrnam(group).gr_gid
+    except KeyError:
+        raise SettingsError(
+            f"invalid unix_socket_owner {owner!r} (from {source}): no such {what}"
+        ) from None
+    return uid, gid
+
+
+def describe_owner(uid: int, gid: int) -> str:
+    """``user:group`` by name where the names are known, else by number."""
+    try:
+        user = pwd.getpwuid(uid).pw_name
+    except KeyError:
+        user = str(uid)
+    try:
+        group = grp.getgrgid(gid).gr_name
+    except KeyError:
+        group = str(gid)
+    return f"{user}:{group}"
