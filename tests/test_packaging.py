@@ -14,7 +14,13 @@ from websockets.sync.client import connect
 from tests.conftest import WSECHOD, clean_env, run_cli
 
 ROOT = Path(__file__).parents[1]
-UNITS = ("wsechod.service", "wsechod.socket", "wsechod@.service")
+UNITS = (
+    "wsechod.service",
+    "wsechod.socket",
+    "wsechod@.service",
+    "wsechod-activated.service",
+    "wsechod-activated.socket",
+)
 # Where each shipped file comes from in the source tree.
 SHIPPED = {
     "wsechod.toml": ROOT / "etc" / "wsechod.toml",
@@ -101,7 +107,8 @@ def test_print_flags_show_the_repository_files(tmp_path: Path) -> None:
         printed = run_cli("--print-unit", unit)
         assert printed.returncode == 0
         assert printed.stdout == (tmp_path / "etc" / "systemd" / "system" / unit).read_text()
-    for service in ("wsechod.service", "wsechod@.service"):  # the placeholder was filled in
+    for service in ("wsechod.service", "wsechod@.service", "wsechod-activated.service"):
+        # the placeholder was filled in
         assert "ExecStart=@WSECHOD@ " in SHIPPED[service].read_text()
         assert f"ExecStart={WSECHOD} " in run_cli("--print-unit", service).stdout
     bad = run_cli("--print-unit", "nginx.service")

@@ -302,13 +302,20 @@ def installed_units(directory: Path) -> dict[str, Path]:
 
 def test_units_verify_cleanly(tmp_path: Path) -> None:
     units = installed_units(tmp_path)
-    assert set(units) == {"wsechod.service", "wsechod.socket", "wsechod@.service"}
-    assert f"ExecStart={WSECHOD} --config /etc/wsechod/wsechod.toml" in (
-        units["wsechod.service"].read_text()
-    )
+    assert set(units) == {
+        "wsechod.service",
+        "wsechod.socket",
+        "wsechod@.service",
+        "wsechod-activated.service",
+        "wsechod-activated.socket",
+    }
+    for service in ("wsechod.service", "wsechod-activated.service"):
+        assert f"ExecStart={WSECHOD} --config /etc/wsechod/wsechod.toml" in (
+            units[service].read_text()
+        )
     instance = tmp_path / "wsechod@demo.service"
     instance.write_text(units["wsechod@.service"].read_text())
-    for unit in (units["wsechod.service"], units["wsechod.socket"], instance):
+    for unit in (*(u for n, u in units.items() if "@" not in n), instance):
         result = subprocess.run(
             ["systemd-analyze", "verify", str(unit)],
             capture_output=True, text=True, timeout=60, check=False, cwd=unit.parent,
@@ -317,8 +324,15 @@ def test_units_verify_cleanly(tmp_path: Path) -> None:
         assert (result.returncode, result.stdout + result.stderr) == (0, ""), unit.name
 
 
-@pytest.mark.parametrize("unit", ["wsechod.service", "wsechod@.service"])
-def test_units_are_hardened(tmp_path: Path, unit: str) -> None:
+@pytest.mark.parametrize(
+    ("unit", "most"),
+    [
+        ("wsechod.service", 1.1),
+        ("wsechod@.service", 1.1),
+        ("wsechod-activated.service", 0.7),  # no network of its own
+    ],
+)
+def test_units_are_hardened(tmp_path: Path, unit: str, most: float) -> None:
     path = installed_units(tmp_path)[unit]
     if "@" in unit:
         path = path.rename(tmp_path / "wsechod@demo.service")
@@ -330,7 +344,7 @@ def test_units_are_hardened(tmp_path: Path, unit: str) -> None:
     assert found, result.stdout + result.stderr
     score = float(found.group(1))
     print(f"systemd-analyze security exposure for {unit}: {score}")
-    assert score <= 1.5
+    assert score <= most
 
 
 def harness_reason() -> str | None:
@@ -354,15 +368,25 @@ def harness_reason() -> str | None:
 HARNESS_REASON = harness_reason()
 
 
+# Each variant: the units to run (the one under test first) and the socket unit, if any.
+VARIANTS = {
+    "service": ("wsechod.service", None),
+    "socket": ("wsechod.service", "wsechod.socket"),
+    "activated": ("wsechod-activated.service", "wsechod-activated.socket"),
+}
+
+
 @pytest.mark.timeout(180)
-@pytest.mark.parametrize("socket_activated", [False, True], ids=["service", "socket"])
-def test_unit_runs_under_a_real_systemd(tmp_path: Path, socket_activated: bool) -> None:
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_unit_runs_under_a_real_systemd(tmp_path: Path, variant: str) -> None:
     """Start (READY=1), is-active, reload (SIGHUP), stop (SIGTERM, exit 0): the shipped
-    hardened unit, with only ExecStart pointed at this checkout."""
+    hardened units, with only ExecStart pointed at this checkout (and the socket's port).
+    The activated variant serves from a network namespace of its own."""
     if HARNESS_REASON is not None:
         if os.environ.get("CI") and not HARNESS.exists():
             pytest.fail(f"CI must run the real-systemd tests: {HARNESS_REASON}")
         pytest.skip(HARNESS_REASON)
+    service_name, socket_name = VARIANTS[variant]
     units = installed_units(tmp_path / "root")
     work = tmp_path / "unit"
     work.mkdir()
@@ -370,7 +394,7 @@ def test_unit_runs_under_a_real_systemd(tmp_path: Path, socket_activated: bool) 
     (work / "wsechod.toml").write_text('port = 0\nlog_level = "debug"\n')
     (work / "wsechod.toml").chmod(0o644)
     service = (
-        units["wsechod.service"]
+        units[service_name]
         .read_text()
         .replace(
             f"ExecStart={WSECHOD} --config /etc/wsechod/wsechod.toml",
@@ -379,28 +403,41 @@ def test_unit_runs_under_a_real_systemd(tmp_path: Path, socket_activated: bool) 
             "ExecStart=/usr/bin/python3 -m wsechod --config /srv/wsechod/cfg/wsechod.toml",
         )
     )
-    (work / "wsechod.service").write_text(service)
-    files = [str(work / "wsechod.service")]
+    (work / service_name).write_text(service)
+    files = [str(work / service_name)]
     env = clean_env(
         SYSD_BIND=f"{ROOT}:/srv/wsechod/src {sysconfig.get_paths()['purelib']}:/srv/wsechod/site "
         f"{work}:/srv/wsechod/cfg",
         SYSD_TIMEOUT="30",
     )
-    if socket_activated:
+    if socket_name is not None:
         port = free_port()
-        socket_unit = units["wsechod.socket"].read_text()
-        (work / "wsechod.socket").write_text(socket_unit.replace("8765", str(port)))
-        files.insert(0, str(work / "wsechod.socket"))
-        env["SYSD_PROBE"] = f"curl -s --max-time 10 http://127.0.0.1:{port}/healthz"
+        socket_unit = units[socket_name].read_text()
+        (work / socket_name).write_text(socket_unit.replace("8765", str(port)))
+        files.insert(0, str(work / socket_name))
+        # Served through the socket; then the network namespaces of the service and ours.
+        env["SYSD_PROBE"] = (
+            f"curl -s --max-time 10 http://127.0.0.1:{port}/healthz && echo && "
+            "for p in $(pgrep -f '^/usr/bin/python3 -m wsechod '); do "
+            'echo "netns service $(readlink /proc/$p/ns/net)"; done; '
+            'echo "netns host $(readlink /proc/self/ns/net)"'
+        )
     result = subprocess.run(
         ["bash", str(HARNESS), *files], env=env, capture_output=True, text=True, timeout=150,
         check=False,
     )  # fmt: skip
     print(result.stdout[-3000:])
+    print("\n".join(ln for ln in result.stdout.splitlines() if re.search("netns|Uid:", ln)))
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-2000:]
     assert "READY=1 received" in result.stdout or "Got notification message" in result.stdout
     assert "main process exited 0 on SIGTERM" in result.stdout or "status=0/SUCCESS" in (
         result.stdout
     )
-    if socket_activated:
+    if socket_name is not None:
         assert "Passing 1 fds to service" in result.stdout
+        assert "| ok" in result.stdout  # /healthz through systemd's socket
+        found = re.findall(r"\| netns (service|host) (\S+)", result.stdout)
+        netns = dict(found)
+        assert len(found) == 2 and set(netns) == {"service", "host"}, found
+        # Only the activated variant has a network of its own.
+        assert (netns["service"] != netns["host"]) == (variant == "activated"), netns

@@ -7,7 +7,13 @@ import sys
 from importlib import resources
 from pathlib import Path
 
-UNITS = ("wsechod.service", "wsechod.socket", "wsechod@.service")
+UNITS = (
+    "wsechod.service",
+    "wsechod.socket",
+    "wsechod@.service",
+    "wsechod-activated.service",
+    "wsechod-activated.socket",
+)
 CONFIG = "wsechod.toml"
 LOGROTATE = "wsechod.logrotate"
 COMMAND_PLACEHOLDER = "@WSECHOD@"
