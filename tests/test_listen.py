@@ -37,6 +37,14 @@ def shared_dir() -> Iterator[Path]:
     shutil.rmtree(path)
 
 
+def activation_prefix(sock: socket.socket) -> tuple[tuple[str, ...], int]:
+    """A trampoline that passes ``sock`` as systemd does (fd 3, LISTEN_PID/LISTEN_FDS), as
+    in test_systemd.py (not imported: that module needs systemd's tools)."""
+    fd = os.dup(sock.fileno())
+    script = f'exec 3<&{fd} {fd}<&-; LISTEN_PID=$$ LISTEN_FDS=1 exec "$@"'
+    return ("bash", "-c", script, "bash"), fd
+
+
 def has_ipv6() -> bool:
     try:
         with socket.socket(socket.AF_INET6) as probe:
@@ -237,3 +245,33 @@ def test_root_gives_the_socket_to_its_owner_and_the_user_removes_it(shared_dir: 
         "--config", "", "--user", "nobody", "--listen", f"unix:{path}", "--check-config"
     )  # fmt: skip
     assert "(unix socket files: mode 0660, owner nobody:nogroup)" in check.stdout
+
+
+def test_sockets_from_systemd_take_precedence_over_listen(
+    start: Callable[..., Daemon], tmp_path: Path
+) -> None:
+    path = tmp_path / "ws.sock"
+    with socket.create_server(("127.0.0.1", 0)) as sock:
+        prefix, fd = activation_prefix(sock)
+        daemon = start("--listen", f"unix:{path}", prefix=prefix, pass_fds=(fd,))
+        os.close(fd)
+        assert daemon.wait_for("listening")["addresses"] == [f"127.0.0.1:{sock.getsockname()[1]}"]
+        assert not path.exists()  # nothing of the configured listeners was bound
+        daemon.signal(signal.SIGTERM)
+        assert daemon.wait(10) == 0
+
+
+def test_listeners_need_a_restart(start: Callable[..., Daemon], tmp_path: Path) -> None:
+    config = tmp_path / "wsechod.toml"
+    config.write_text('listen = ["127.0.0.1:0"]\n')
+    daemon = start("--config", str(config))
+    path = tmp_path / "ws.sock"
+    config.write_text(f'listen = ["127.0.0.1:0", "unix:{path}"]\nunix_socket_mode = "0600"\n')
+    daemon.signal(signal.SIGHUP)
+    kept = daemon.wait_for("setting needs a restart", where=lambda e: e["key"] == "listen")
+    assert (kept["value"], kept["kept"]) == (["127.0.0.1:0", f"unix:{path}"], ["127.0.0.1:0"])
+    daemon.wait_for("setting needs a restart", where=lambda e: e["key"] == "unix_socket_mode")
+    assert not path.exists()
+    with connect(daemon.url) as ws:  # still serving where it was
+        ws.send("same place")
+        assert ws.recv(timeout=10) == "same place"
