@@ -37,6 +37,7 @@ from wsechod.settings import (
     load,
     render,
 )
+from wsechod.tls import TlsError
 
 EXIT_OK, EXIT_FAILURE, EXIT_CONFIG = 0, 1, 2
 
@@ -100,7 +101,10 @@ def build_parser() -> argparse.ArgumentParser:
                 + "; ".join(f"{', '.join(a)} for {v}" for v, a in spellings.items() if a)
                 + ")"
             )
-        help_text = f"{describe(f.name)}{values} (env {env_name(f.name)}; default: {f.default!r})"
+        default = list(f.default) if isinstance(f.default, tuple) else f.default
+        help_text = f"{describe(f.name)}{values} (env {env_name(f.name)}; default: {default!r})"
+        if isinstance(f.default, tuple):  # a list: repeat the flag, or separate by commas
+            help_text += "; a list: repeat the flag or separate with commas"
         if f.type is bool:
             group.add_argument(
                 flag_name(f.name),
@@ -115,6 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
                 dest=f.name,
                 default=argparse.SUPPRESS,
                 metavar=f.name.upper(),
+                action="append" if isinstance(f.default, tuple) else "store",
                 help=help_text,
             )
     return parser
@@ -232,6 +237,10 @@ def _serve(
 
     try:
         return runner.run(settings, listening, ready, handoff, reread)
+    except TlsError as exc:  # readable before the switch to user, not after
+        if on_ready is not None and not started:
+            raise
+        return _fail(str(exc), EXIT_FAILURE)
     except Exception:
         logs.log.exception("crashed")
         if on_ready is not None and not started:
