@@ -463,13 +463,12 @@ _INT = r"[+-]?[0-9]+"
 _FLOAT = r"[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?"
 
 
-def _typed(kind: type, raw: str | list[str]) -> Any:
+def _typed(kind: type, raw: Any) -> Any:
     """A string from a flag or an environment variable, parsed as the key's type. Lists are
     comma-separated, and a flag may be repeated (argparse gives a list then)."""
     if kind is tuple:
         texts = [raw] if isinstance(raw, str) else raw
         return tuple(e.strip() for text in texts for e in text.split(",") if e.strip())
-    assert isinstance(raw, str)
     if kind is bool:
         value = _boolean(raw)
         if value is None:

@@ -18,8 +18,8 @@ import asyncio
 import email.utils
 import http
 import re
-import ssl
-from typing import TYPE_CHECKING, cast
+from collections.abc import Coroutine
+from typing import TYPE_CHECKING, Any, cast
 
 import structlog
 from websockets.datastructures import Headers
@@ -77,7 +77,8 @@ class Handshake(asyncio.Protocol):
         self._head = bytearray()
         self._t: asyncio.Transport | None = None
         self._timer: asyncio.TimerHandle | None = None
-        self._tls: asyncio.Task[None] | None = None  # the TLS handshake under way
+        # The TLS handshake under way: start_tls's coroutine, driven by _drive_tls.
+        self._tls: Coroutine[Any, Any, asyncio.Transport | None] | None = None
         self._addr: proxy.Address | None = None  # the peer's, or the client's per PROXY
         self._proxy = False  # a PROXY protocol header may come first
         self._gone = False  # connection_lost (or a failed TLS handshake) has counted it
@@ -100,27 +101,39 @@ class Handshake(asyncio.Protocol):
         if options.open_timeout:
             self._timer = engine.loop.call_later(options.open_timeout, self.abort)
         if options.tls is not None:
-            # Nothing is read before start_tls takes the transport over.
-            self._t.pause_reading()
-            self._tls = engine.loop.create_task(self._start_tls(self._t, options.tls))
+            self._tls = engine.loop.start_tls(self._t, self, options.tls, server_side=True)
+            self._drive_tls()
         elif options.trusted_proxies:
             self._proxy = proxy.trusted(self._addr, options.trusted_proxies)
 
-    async def _start_tls(self, transport: asyncio.Transport, context: ssl.SSLContext) -> None:
-        """The TLS handshake; then the HTTP request comes through the TLS transport."""
-        if self._gone:  # closed before the handshake could start
-            self._tls = None
-            self._engine.tls_failed(self.peer, ConnectionResetError("closed by the client"))
-            return
+    def _drive_tls(self, _: object = None) -> None:
+        """Run ``loop.start_tls`` up to its wait for the TLS handshake, and on when it ends.
+
+        Not a Task: uvloop starts reading as soon as ``connection_made`` returns, and a
+        Task would call start_tls one loop pass later, after this protocol had been handed
+        the ClientHello. Run here, start_tls puts its TLS protocol in place before
+        ``connection_made`` returns (what arrives before its own ``connection_made`` waits
+        in its buffer), and no Task is made per connection."""
+        coro = self._tls
+        assert coro is not None
         try:
-            tls = await self._engine.loop.start_tls(transport, self, context, server_side=True)
+            waiting = coro.send(None)
+        except StopIteration as done:
+            self._tls = None
+            self._tls_done(done.value)
         except Exception as exc:  # ssl.SSLError, a reset, an EOF: start_tls closed it
             self._tls = None
             self._engine.tls_failed(self.peer, exc)
             self._lost()
-            return
-        self._tls = None
-        if tls is None or tls.is_closing():  # aborted meanwhile (open timeout, drain)
+        else:  # a future (or None: a bare yield, go on at the next pass)
+            if waiting is None:
+                self._engine.loop.call_soon(self._drive_tls)
+            else:
+                waiting.add_done_callback(self._drive_tls)
+
+    def _tls_done(self, tls: asyncio.Transport | None) -> None:
+        """The TLS handshake is done: the HTTP request comes through ``tls``."""
+        if tls is None or tls.is_closing():  # closed meanwhile (the client, a timeout)
             self._engine.tls_failed(self.peer, ConnectionAbortedError("connection closed"))
             self._lost()
             return

@@ -12,7 +12,7 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
-from wsechod import listeners
+from wsechod import listeners, tls
 from wsechod.process import logs, paths, systemd
 from wsechod.process.privileges import Identity
 from wsechod.settings import Settings
@@ -35,8 +35,19 @@ def problems(settings: Settings, identity: Identity | None) -> list[str]:
         found.append(f"cannot create log directory {log_file.parent}: {why}")
     if pidfile is not None and (why := paths.cannot_create(pidfile.parent)):
         found.append(f"cannot create {pidfile.parent}: {why}")
-    found += _as_user(identity, lambda: _writes(log_file, pidfile))
+    found += _as_user(identity, lambda: _writes(log_file, pidfile) + _tls_files(settings))
     return found
+
+
+def _tls_files(settings: Settings) -> list[str]:
+    """The TLS files, read as the user that will read them (at start, and on reloads)."""
+    if not settings.tls_cert:
+        return []
+    try:
+        tls.server_context(settings.tls_cert, settings.tls_key, settings.tls_ca)
+    except tls.TlsError as exc:
+        return [str(exc)]
+    return []
 
 
 def _writes(log_file: Path | None, pidfile: Path | None) -> list[str]:
