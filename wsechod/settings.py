@@ -456,6 +456,8 @@ def _convert(key: str, raw: Any, source: str, *, text: bool) -> Any:
         return _checked(f.metadata, _typed(kind, raw) if text else _native(kind, raw))
     except ValueError as exc:
         shown = redact_url(raw) if f.metadata["url"] and isinstance(raw, str) else raw
+        if text and isinstance(raw, list):  # a repeated flag: as it was typed
+            shown = ",".join(raw)
         raise SettingsError(f"invalid {key} {shown!r} (from {source}): {exc}") from None
 
 
