@@ -3,6 +3,7 @@
 anyone. Certificates come from trustme: a throwaway CA per test."""
 
 import asyncio
+import contextlib
 import http.client
 import os
 import shutil
@@ -10,6 +11,7 @@ import signal
 import socket
 import ssl
 import tempfile
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,10 +21,16 @@ import pytest
 import trustme
 from cryptography.hazmat.primitives import serialization
 from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import InvalidMessage
+from websockets.exceptions import ConnectionClosed, InvalidMessage
 
 from tests import rawws
-from tests.conftest import Daemon, clean_env, run_cli
+from tests.conftest import Daemon, RssPeak, clean_env, run_cli
+from tests.test_protocol import of_port
+
+# What a connection may hold over TLS, whatever the client sends (README, Limits):
+# write_limit + 2.5 x max_size + 640 KiB, for the TLS layer's read-ahead and the copies it
+# makes of a message it encrypts.
+TLS_BOUND_MIB = (2**15 + 2.5 * 2**20 + 640 * 1024) / 2**20
 
 
 @dataclass
@@ -312,3 +320,71 @@ def test_tls_keys_from_the_environment(tmp_path: Path) -> None:
     result = run_cli("--config", "", "--check-config", env=env)
     assert result.returncode == 2
     assert "(from WSECHOD_TLS_KEY)" in result.stderr
+
+
+class NonReader(threading.Thread):
+    """A TLS client that sends ``chunk`` over and over and never reads a byte."""
+
+    def __init__(self, port: int, context: ssl.SSLContext, chunk: bytes) -> None:
+        super().__init__(daemon=True)
+        raw = socket.create_connection(("127.0.0.1", port), timeout=10)
+        raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        self.sock = context.wrap_socket(raw, server_hostname="127.0.0.1")
+        rawws.send_handshake(self.sock, port)
+        rawws.read_handshake(self.sock)
+        self.port = self.sock.getsockname()[1]
+        self.chunk = chunk
+        self.start()
+
+    def run(self) -> None:
+        with contextlib.suppress(OSError):  # the server closed it: what the test waits for
+            while True:
+                self.sock.sendall(self.chunk)
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.sock.close()
+
+
+@pytest.mark.timeout(60)
+def test_tls_clients_sending_1_mib_that_never_read_are_bounded_and_dropped(
+    start: Callable[..., Daemon], tmp_path: Path
+) -> None:
+    clients = 10
+    files = issue(tmp_path)
+    daemon = tls_daemon(
+        start, files, "--ping-interval", "1", "--ping-timeout", "1", "--log-level", "debug"
+    )
+    rss = RssPeak(daemon.proc.pid)
+    message = rawws.frame(rawws.OP_BINARY, os.urandom(2**20 - 16))
+    floods = [NonReader(daemon.port, trusting(files.ca), message) for _ in range(clients)]
+    try:
+        for flood in floods:
+            daemon.wait_for("connection closed", 30, of_port(flood.port))
+    finally:
+        growth = rss.stop()
+        for flood in floods:
+            flood.close()
+    closes = [e for e in daemon.events if e["event"] == "connection closed"]
+    print(f"{clients} TLS non-readers of 1 MiB messages: server RSS grew {growth:.1f} MiB")
+    assert [e["code_sent"] for e in closes] == [1011] * clients
+    assert growth < clients * TLS_BOUND_MIB + 4
+
+
+def test_sigterm_drains_tls_clients_with_1001(start: Callable[..., Daemon], tmp_path: Path) -> None:
+    files = issue(tmp_path)
+    daemon = tls_daemon(start, files)
+
+    async def main() -> int | None:
+        async with connect(wss(daemon), ssl=trusting(files.ca)) as ws:
+            await echo(ws, "before the stop")
+            daemon.signal(signal.SIGTERM)
+            with pytest.raises(ConnectionClosed):
+                await ws.recv()
+            return None if ws.close_code is None else int(ws.close_code)
+
+    assert asyncio.run(main()) == 1001
+    assert daemon.wait(10) == 0
+    drained = daemon.wait_for("drained")
+    assert drained["force_closed"] == 0
+    quiet(daemon)
