@@ -399,3 +399,16 @@ def test_proxy_parsing() -> None:
     assert proxy.forwarded_for(["10.0.0.2, 10.0.0.1"], networks) == ipaddress.ip_address("10.0.0.2")
     assert proxy.group(ipaddress.ip_address("2001:db8::1"), 48) == "2001:db8::/48"
     assert proxy.group(None, 64) == ""
+
+
+def test_trusted_proxies_change_on_reload(start: Callable[..., Daemon], tmp_path: Path) -> None:
+    path = tmp_path / "wsechod.toml"
+    path.write_text('log_level = "debug"\n')
+    daemon = start("--config", str(path))
+    forwarded = upgrade(daemon.port, "X-Forwarded-For: 203.0.113.7")
+    assert opened_peer(daemon, daemon.port, forwarded).startswith("127.0.0.1:")
+    text = 'log_level = "debug"\ntrusted_proxies = ["127.0.0.0/8"]\n'
+    reload(daemon, path, text, "trusted_proxies")
+    assert opened_peer(daemon, daemon.port, forwarded) == "203.0.113.7"
+    proxied = b"PROXY TCP4 198.51.100.9 192.0.2.1 4242 443\r\n" + forwarded
+    assert opened_peer(daemon, daemon.port, proxied) == "198.51.100.9:4242"
