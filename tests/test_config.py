@@ -128,6 +128,11 @@ def test_check_config_names_each_source(tmp_path: Path) -> None:
     assert 'host = "127.0.0.1"  # default' in result.stdout
 
 
+def listed(value: Any) -> Any:
+    """A list setting's value (a tuple) as TOML and the README write it."""
+    return list(value) if isinstance(value, tuple) else value
+
+
 def test_sample_config_is_valid_and_shows_every_default() -> None:
     sample = Path(__file__).parents[1] / "etc" / "wsechod.toml"
     result = run_cli("--check-config", "--config", str(sample))
@@ -135,12 +140,8 @@ def test_sample_config_is_valid_and_shows_every_default() -> None:
     # Uncommented, the sample's "# key = value" lines must be exactly the defaults.
     lines = [ln[2:] for ln in sample.read_text().splitlines() if re.match(r"# \w+ = ", ln)]
     shown = tomllib.loads("\n".join(lines))
-    assert shown == {f.name: list_if_tuple(f.default) for f in KEYS}
-
-
-def list_if_tuple(value: Any) -> Any:
-    """A list key's default is a tuple (frozen settings); TOML and the README write []."""
-    return list(value) if isinstance(value, tuple) else value
+    # Lists are tuples in Settings (frozen), arrays in TOML.
+    assert shown == {f.name: listed(f.default) for f in KEYS}
 
 
 def test_booleans_from_env_and_file(tmp_path: Path) -> None:
@@ -178,7 +179,7 @@ def test_help_lists_every_key_with_its_env_var() -> None:
 def test_readme_documents_every_key() -> None:
     readme = (Path(__file__).parents[1] / "README.md").read_text()
     for f in KEYS:
-        default = f"{f.default:g}" if isinstance(f.default, float) else list_if_tuple(f.default)
+        default = f"{f.default:g}" if isinstance(f.default, float) else listed(f.default)
         assert f"| `{f.name}` | `{default}` |" in readme, f.name
 
 

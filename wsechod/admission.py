@@ -10,13 +10,16 @@ import http
 from collections.abc import Callable, Sized
 from typing import Protocol
 
-from wsechod import ratelimit
+from wsechod import origins, ratelimit
 from wsechod.engine import Application, Reply, Request
 from wsechod.settings import Settings
 
 warn = ratelimit.logger("wsechod.admission")
 
 ALLOW = {"Allow": "GET, HEAD"}
+# Seconds a client over max_connections_per_ip is told to wait: about how long a client
+# that reconnects in a loop takes to notice that one of its own connections went away.
+RETRY_AFTER = 5
 
 
 class State(Protocol):
@@ -25,6 +28,8 @@ class State(Protocol):
 
     @property
     def connections(self) -> Sized: ...
+
+    def connections_from(self, group: str) -> int: ...
 
 
 def admission(
@@ -44,13 +49,50 @@ def admission(
             return Reply(http.HTTPStatus.UPGRADE_REQUIRED, text, {"Upgrade": "websocket"})
         if request.method != "GET":
             return Reply(http.HTTPStatus.METHOD_NOT_ALLOWED, "upgrades use GET\n", ALLOW)
-        max_connections = settings().max_connections
+        current = settings()
+        refused = origin_refused(request, current) or per_address_refused(state, request, current)
+        if refused is not None:
+            return refused
+        max_connections = current.max_connections
         if max_connections and len(state.connections) >= max_connections:
             warn.warning("connection refused", reason="max_connections", limit=max_connections)
             return Reply(http.HTTPStatus.SERVICE_UNAVAILABLE, "too many connections\n")
         return app.admit(request.path)
 
     return admit
+
+
+def origin_refused(request: Request, settings: Settings) -> Reply | None:
+    """403 for an upgrade from an origin not in ``allowed_origins`` (or without one, with
+    ``require_origin``): browsers send Origin, so this keeps other sites' pages off."""
+    sent = request.headers.get_all("Origin")
+    if not sent:
+        if not settings.require_origin:
+            return None
+        warn.warning("connection refused", reason="no origin", peer=request.peer)
+        return Reply(http.HTTPStatus.FORBIDDEN, "an Origin header is required\n")
+    if not settings.allowed_origins:
+        return None
+    if len(sent) == 1 and origins.allowed(sent[0], settings.allowed_origins):
+        return None
+    shown = ", ".join(sent)[:200]
+    warn.warning("connection refused", reason="origin", origin=shown, peer=request.peer)
+    return Reply(http.HTTPStatus.FORBIDDEN, "origin not allowed\n")
+
+
+def per_address_refused(state: State, request: Request, settings: Settings) -> Reply | None:
+    """503 with Retry-After beyond ``max_connections_per_ip`` from one address group."""
+    limit = settings.max_connections_per_ip
+    if not limit or not request.group or state.connections_from(request.group) < limit:
+        return None
+    warn.warning(
+        "connection refused", reason="max_connections_per_ip", limit=limit, client=request.group
+    )
+    return Reply(
+        http.HTTPStatus.SERVICE_UNAVAILABLE,
+        "too many connections from your address\n",
+        {"Retry-After": str(RETRY_AFTER)},
+    )
 
 
 def health(state: State, app: Application) -> Reply:

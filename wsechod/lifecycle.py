@@ -13,9 +13,11 @@ readiness through a callback.
 import asyncio
 import contextlib
 import dataclasses
+import ipaddress
 import os
 import signal
 import socket
+import ssl
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -23,7 +25,7 @@ from typing import Any
 
 import structlog
 
-from wsechod import brokers, ratelimit
+from wsechod import brokers, ratelimit, tls
 from wsechod.admission import admission
 from wsechod.apps.echo import Echo
 from wsechod.apps.relay import Relay
@@ -82,7 +84,18 @@ class Lifecycle:
         applied = [key for key in changed if key not in RESTART_KEYS]
         self.settings = dataclasses.replace(new, **{k: getattr(self.settings, k) for k in kept})
         if self.engine is not None:
-            self.engine.reconfigure(options(self.settings))
+            try:
+                new_options = options(self.settings)  # certificates read again, even unchanged
+            except tls.TlsError as exc:  # changed since the settings were checked: keep
+                log.error("tls certificate not reloaded: the old one stays", error=str(exc))
+                new_options = dataclasses.replace(
+                    options(dataclasses.replace(self.settings, tls_cert="")),
+                    tls=self.engine.options.tls,
+                )
+            else:
+                if new_options.tls is not None:
+                    log.info("tls certificate loaded", tls_cert=self.settings.tls_cert)
+            self.engine.reconfigure(new_options)
         if isinstance(self.app, Relay):
             self.app.configure(**relay_options(self.settings))
         return applied, kept
@@ -129,6 +142,8 @@ def capture_signals(life: Lifecycle, reload: Callable[[str], None] | None = None
 
 
 def options(settings: Settings) -> Options:
+    """The engine's options; with TLS, a context freshly read from the files (TlsError if
+    they cannot be used)."""
     return Options(
         max_size=settings.max_size,
         write_limit=settings.write_limit,
@@ -137,7 +152,16 @@ def options(settings: Settings) -> Options:
         ping_timeout=settings.ping_timeout,
         close_timeout=settings.close_timeout,
         compression=settings.compression == "deflate",
+        tls=tls_context(settings),
+        trusted_proxies=tuple(ipaddress.ip_network(n) for n in settings.trusted_proxies),
+        ipv6_prefix_length=settings.ipv6_prefix_length,
     )
+
+
+def tls_context(settings: Settings) -> ssl.SSLContext | None:
+    if not settings.tls_cert:
+        return None
+    return tls.server_context(settings.tls_cert, settings.tls_key, settings.tls_ca)
 
 
 def application(settings: Settings) -> tuple[Application, brokers.Broker | None]:
@@ -170,11 +194,12 @@ async def serve(
     """Serve ``life.settings`` on ``sockets`` until ``life.stop`` resolves, then drain."""
     # Start.
     settings = life.settings
+    engine_options = options(settings)  # first: TLS files this user cannot read stop it here
     app, broker = application(settings)
     if broker is not None:
         assert isinstance(app, Relay)
         await broker.start(app.deliver)
-    engine = Engine(options(settings), app)
+    engine = Engine(engine_options, app)
     engine.set_admission(admission(engine, app, lambda: life.settings))
     await engine.listen(sockets)
     life.attach(engine, app, handoff)

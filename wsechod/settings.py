@@ -11,16 +11,20 @@ import contextlib
 import dataclasses
 import difflib
 import importlib
+import ipaddress
 import json
 import math
 import os
 import re
 import tomllib
+import typing
 import urllib.parse
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple, TypeVar, get_origin
+from typing import Any, NamedTuple, TypeVar
+
+from wsechod import origins, tls
 
 ENV_PREFIX = "WSECHOD_"
 CONFIG_ENV = ENV_PREFIX + "CONFIG"
@@ -121,13 +125,15 @@ def _opt(
     url: bool = False,
     check: Callable[[Any], Any] | None = None,
     restart: bool = False,
+    item: Callable[[str], str] | None = None,
 ) -> T:
     """``path``: the value is a file path, made absolute (a daemon runs in /), except for
     the words listed, which have a meaning of their own. ``aliases``: other spellings of
     the ``choices``. A ``doc`` that starts with "relay:" marks a key that only relay mode
     reads (echo mode warns that it has no effect). ``check``: validates the value and
     returns it normalized (raises ValueError). ``restart``: a reload (SIGHUP) cannot
-    change it; the others take effect for new connections."""
+    change it; the others take effect for new connections. ``item``: the key is a list
+    (``tuple[str, ...]``) and this checks and normalises each entry (ValueError)."""
     meta = {
         "restart": restart,
         "doc": doc,
@@ -138,8 +144,19 @@ def _opt(
         "path": path,
         "url": url,
         "check": check,
+        "item": item,
     }
     return field(default=default, metadata=meta)
+
+
+def _network(entry: str) -> str:
+    """An address or a network, as ``ipaddress`` writes it (host bits set are an error:
+    most likely a typo for another network)."""
+    try:
+        network = ipaddress.ip_network(entry.strip())
+    except ValueError as exc:
+        raise ValueError(f"not an address or a network ({exc})") from None
+    return str(network.network_address if network.num_addresses == 1 else network)
 
 
 @dataclass(frozen=True, slots=True)
@@ -196,6 +213,33 @@ class Settings:
         10_000,
         "open WebSocket connections before new ones get HTTP 503; 0: no limit",
         minimum=0,
+    )
+    # --- who may connect, and how (TLS, origins, per-client limit, proxies) ---
+    tls_cert: str = _opt(
+        "", "TLS certificate (PEM, chain after it): the port serves wss only; '': none", path=()
+    )
+    tls_key: str = _opt("", "TLS private key (PEM, unencrypted); '': in tls_cert's file", path=())
+    tls_ca: str = _opt(
+        "", "with TLS: clients must present a certificate signed by this CA (PEM)", path=()
+    )
+    allowed_origins: tuple[str, ...] = _opt(
+        (),
+        "origins browsers may connect from (https://app.example.com, *.example.com, ...); "
+        "others get HTTP 403; empty: any",
+        item=origins.check,
+    )
+    require_origin: bool = _opt(False, "refuse (HTTP 403) handshakes without an Origin header")
+    max_connections_per_ip: int = _opt(
+        0, "open WebSocket connections per client address; beyond: HTTP 503; 0: no limit", minimum=0
+    )
+    ipv6_prefix_length: int = _opt(
+        64, "IPv6 clients are counted per network of this many bits", minimum=1, maximum=128
+    )
+    trusted_proxies: tuple[str, ...] = _opt(
+        (),
+        "proxies (addresses or networks) whose X-Forwarded-For or PROXY protocol header "
+        "names the client",
+        item=_network,
     )
     open_timeout: float = _opt(
         10.0, "seconds a client has to complete the opening handshake; 0: no limit", minimum=0
@@ -350,6 +394,7 @@ def load(cli: Mapping[str, str], environ: Mapping[str, str], config: str | None)
 
     settings = Settings(**values)
     _check_broker_package(settings, sources)
+    _check_tls(settings, sources)
     notices = [
         *_service_link_notice(ignored),
         *_retired_notice(retired),
@@ -437,6 +482,25 @@ def _listen_notice(settings: Settings, sources: Mapping[str, str]) -> list[Notic
     ]
 
 
+def _check_tls(settings: Settings, sources: Mapping[str, str]) -> None:
+    """The files are read into a context now, so a missing, unreadable or mismatched one
+    stops the start (or a reload) with a line that names it."""
+    for key in ("tls_key", "tls_ca"):
+        if getattr(settings, key) and not settings.tls_cert:
+            raise SettingsError(
+                f"invalid {key} {getattr(settings, key)!r} (from {sources[key]}): "
+                "needs tls_cert too"
+            )
+    if not settings.tls_cert:
+        return
+    try:
+        tls.server_context(settings.tls_cert, settings.tls_key, settings.tls_ca)
+    except tls.TlsError as exc:
+        raise SettingsError(
+            f"invalid {exc.key} {exc.path!r} (from {sources[exc.key]}): {exc.reason}"
+        ) from None
+
+
 def _check_broker_package(settings: Settings, sources: Mapping[str, str]) -> None:
     """The Redis broker needs redis-py, an optional extra: say so before anything starts."""
     if settings.mode != "relay" or settings.broker == "memory":
@@ -484,12 +548,14 @@ def _convert(key: str, raw: Any, source: str, *, text: bool) -> Any:
     """Turn a TOML value (``text`` False: it must have the key's type already) or an
     env/CLI string (``text`` True: parsed) into the key's type, then check its range."""
     f = _BY_NAME[key]
-    kind = get_origin(f.type) or f.type  # tuple[str, ...]: a list
+    kind = typing.get_origin(f.type) or f.type  # tuple[str, ...]: a list of strings
     assert isinstance(kind, type)
     try:
         return _checked(f.metadata, _typed(kind, raw) if text else _native(kind, raw))
     except ValueError as exc:
         shown = redact_url(raw) if f.metadata["url"] and isinstance(raw, str) else raw
+        if text and isinstance(raw, list):  # a repeated flag: as it was typed
+            shown = ",".join(raw)
         raise SettingsError(f"invalid {key} {shown!r} (from {source}): {exc}") from None
 
 
@@ -497,15 +563,17 @@ _INT = r"[+-]?[0-9]+"
 _FLOAT = r"[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?"
 
 
-def _typed(kind: type, raw: str) -> Any:
-    """A string from a flag or an environment variable, parsed as the key's type."""
+def _typed(kind: type, raw: Any) -> Any:
+    """A string from a flag or an environment variable, parsed as the key's type. Lists are
+    comma-separated, and a flag may be repeated (argparse gives a list then)."""
+    if kind is tuple:
+        texts = [raw] if isinstance(raw, str) else raw
+        return tuple(e.strip() for text in texts for e in text.split(",") if e.strip())
     if kind is bool:
         value = _boolean(raw)
         if value is None:
             raise ValueError("expected true or false")
         return value
-    if kind is tuple:  # a list: comma-separated (a repeated flag arrives joined by commas)
-        return tuple(item.strip() for item in raw.split(",") if item.strip())
     raw = raw.strip()
     if kind is str:
         return raw
@@ -521,7 +589,7 @@ def _native(kind: type, raw: Any) -> Any:
     if kind is float and isinstance(raw, int | float) and not isinstance(raw, bool):
         return float(raw)
     if kind is tuple:  # a list of strings: a TOML array
-        if isinstance(raw, list) and all(isinstance(item, str) for item in raw):
+        if isinstance(raw, list) and all(isinstance(e, str) for e in raw):
             return tuple(raw)
         hint = f" (TOML: write [{json.dumps(raw)}])" if isinstance(raw, str) else ""
         raise ValueError(f"expected an array of strings{hint}")
@@ -535,10 +603,20 @@ def _native(kind: type, raw: Any) -> Any:
 
 
 def _checked(meta: Mapping[str, Any], value: Any) -> Any:
+    if meta["item"] is not None:
+        checked = []
+        for entry in value:
+            try:
+                checked.append(meta["item"](entry))
+            except ValueError as exc:
+                raise ValueError(f"entry {entry!r}: {exc}") from None
+        value = tuple(checked)
     if meta.get("url"):
         _check_broker_url(value)
     if meta["check"] is not None:
         value = meta["check"](value)
+    if isinstance(value, tuple):
+        return value
     if meta["path"] is not None and value and value not in meta["path"]:
         value = os.path.abspath(os.path.expanduser(value))
     if isinstance(value, float) and not math.isfinite(value):

@@ -79,6 +79,7 @@ class WebSocket(asyncio.Protocol):
         "code_received",
         "code_sent",
         "dropped",
+        "group",
         "path",
         "peer",
         "received",
@@ -116,6 +117,7 @@ class WebSocket(asyncio.Protocol):
         self._checked = 0  # bytes of the text frame still arriving already checked
         self.path = path
         self.peer = peer
+        self.group = ""  # the client's address group (proxy.group), counted by the engine
         self.app_data: Any = None
         self.blocked = False
         self.received = self.sent = self.dropped = 0

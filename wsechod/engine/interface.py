@@ -27,7 +27,8 @@ class Request:
     method: str
     path: str  # with the query string
     headers: Any  # websockets.datastructures.Headers: get(), get_all(), case-insensitive
-    peer: str
+    peer: str  # the client, behind trusted proxies too
+    group: str = ""  # the client's address group for per-address limits; "": none
 
     @property
     def route(self) -> str:

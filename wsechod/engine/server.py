@@ -14,6 +14,7 @@ import logging
 import os
 import resource
 import socket
+import ssl
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ from wsechod import ratelimit
 from wsechod.engine.connection import WebSocket
 from wsechod.engine.handshake import Handshake
 from wsechod.engine.interface import Application, Reply, Request
+from wsechod.engine.proxy import Network
 from wsechod.listeners import format_address
 
 log = structlog.stdlib.get_logger("wsechod.engine")
@@ -49,6 +51,9 @@ class Options:
     ping_timeout: float = 20.0
     close_timeout: float = 10.0
     compression: bool = False
+    tls: ssl.SSLContext | None = None  # every connection starts with a TLS handshake
+    trusted_proxies: tuple[Network, ...] = ()  # may say who the client is (proxy.py)
+    ipv6_prefix_length: int = 64  # IPv6 clients are counted per network this size
 
 
 class Engine:
@@ -68,6 +73,9 @@ class Engine:
         self.draining = False
         self.stats: Counter[str] = Counter()  # plain counts, summed up in the "drained" line
         self.transports = 0  # accepted and not yet lost: each holds a file descriptor
+        # Open connections per client address group (proxy.group), for
+        # max_connections_per_ip; a group leaves when its last connection closes.
+        self.per_address: Counter[str] = Counter()
         self._admit = admit
         self._servers: list[asyncio.AbstractServer] = []
         self._sockets: list[socket.socket] = []
@@ -146,8 +154,14 @@ class Engine:
     def admit(self, request: Request) -> Reply | None:
         return None if self._admit is None else self._admit(request)
 
+    def connections_from(self, group: str) -> int:
+        """Open connections from an address group (``Request.group``)."""
+        return self.per_address.get(group, 0)
+
     def opened(self, ws: WebSocket) -> None:
         self.connections.add(ws)
+        if ws.group:
+            self.per_address[ws.group] += 1
         self.stats["connections_opened"] += 1
         if self._debug:
             log.debug("connection open", peer=ws.peer, path=ws.path)
@@ -161,6 +175,12 @@ class Engine:
         if ws not in self.connections:
             return
         self.connections.discard(ws)
+        if ws.group:
+            left = self.per_address[ws.group] - 1
+            if left > 0:
+                self.per_address[ws.group] = left
+            else:
+                del self.per_address[ws.group]
         stats = self.stats
         stats["connections_closed"] += 1
         stats["messages_in"] += ws.received
@@ -196,6 +216,15 @@ class Engine:
         self.stats[f"refused_{reason.replace(' ', '_')}"] += 1
         if self._debug:
             log.debug("handshake refused", peer=peer, reason=reason, detail=detail)
+
+    def tls_failed(self, peer: str, exc: BaseException) -> None:
+        """A TLS handshake failed: a client that does not trust us, that we do not trust
+        (mutual TLS), or that does not speak TLS. The client's doing: debug only."""
+        self.stats["tls_handshake_failed"] += 1
+        if self._debug:
+            reason = exc.reason if isinstance(exc, ssl.SSLError) and exc.reason else None
+            error = reason or str(exc) or type(exc).__name__
+            log.debug("tls handshake failed", peer=peer, error=error)
 
     def handshake_done(self, handshake: Handshake) -> None:
         self.handshakes.discard(handshake)

@@ -37,6 +37,7 @@ from wsechod.settings import (
     load,
     render,
 )
+from wsechod.tls import TlsError
 
 EXIT_OK, EXIT_FAILURE, EXIT_CONFIG = 0, 1, 2
 
@@ -102,6 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
             )
         default = list(f.default) if isinstance(f.default, tuple) else f.default
         help_text = f"{describe(f.name)}{values} (env {env_name(f.name)}; default: {default!r})"
+        if isinstance(f.default, tuple):  # a list: repeat the flag, or separate by commas
+            help_text += "; a list: repeat the flag or separate with commas"
         if f.type is bool:
             group.add_argument(
                 flag_name(f.name),
@@ -125,6 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
                 dest=f.name,
                 default=argparse.SUPPRESS,
                 metavar=f.name.upper(),
+                action="append" if isinstance(f.default, tuple) else "store",
                 help=help_text,
             )
     return parser
@@ -302,6 +306,10 @@ def _serve_sockets(
 
     try:
         return runner.run(settings, bound.sockets, ready, handoff, reread)
+    except TlsError as exc:  # readable before the switch to user, not after
+        if on_ready is not None and not started:
+            raise
+        return _fail(str(exc), EXIT_FAILURE)
     except Exception:
         logs.log.exception("crashed")
         if on_ready is not None and not started:

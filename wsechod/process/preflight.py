@@ -14,7 +14,7 @@ import stat
 from collections.abc import Callable
 from pathlib import Path
 
-from wsechod import listeners
+from wsechod import listeners, tls
 from wsechod.process import logs, paths, systemd
 from wsechod.process.privileges import Identity
 from wsechod.settings import Settings
@@ -43,7 +43,7 @@ def problems(
         found.append(f"cannot create log directory {log_file.parent}: {why}")
     if pidfile is not None and (why := paths.cannot_create(pidfile.parent)):
         found.append(f"cannot create {pidfile.parent}: {why}")
-    found += _as_user(identity, lambda: _writes(log_file, pidfile))
+    found += _as_user(identity, lambda: _writes(log_file, pidfile) + _tls_files(settings))
     return found
 
 
@@ -64,6 +64,17 @@ def _unix_socket(path: Path, owner: tuple[int, int] | None) -> list[str]:
         if uid != os.geteuid() or gid not in (os.getegid(), *os.getgroups()):
             who = f"{uid}:{gid}"
             return [f"cannot give unix socket {path} to {who}: {os.strerror(errno.EPERM)}"]
+    return []
+
+
+def _tls_files(settings: Settings) -> list[str]:
+    """The TLS files, read as the user that will read them (at start, and on reloads)."""
+    if not settings.tls_cert:
+        return []
+    try:
+        tls.server_context(settings.tls_cert, settings.tls_key, settings.tls_ca)
+    except tls.TlsError as exc:
+        return [str(exc)]
     return []
 
 
