@@ -23,7 +23,7 @@ from typing import Any
 
 import structlog
 
-from wsechod import brokers, ratelimit
+from wsechod import brokers, metrics, ratelimit
 from wsechod.admission import admission
 from wsechod.apps.echo import Echo
 from wsechod.apps.relay import Relay
@@ -137,6 +137,7 @@ def options(settings: Settings) -> Options:
         ping_timeout=settings.ping_timeout,
         close_timeout=settings.close_timeout,
         compression=settings.compression == "deflate",
+        access_log=settings.access_log,
     )
 
 
@@ -175,7 +176,8 @@ async def serve(
         assert isinstance(app, Relay)
         await broker.start(app.deliver)
     engine = Engine(options(settings), app)
-    engine.set_admission(admission(engine, app, lambda: life.settings))
+    page = metrics.exporter(engine, app)
+    engine.set_admission(admission(engine, app, lambda: life.settings, page))
     await engine.listen(sockets)
     life.attach(engine, app, handoff)
     log.info("listening", addresses=engine.addresses, mode=settings.mode, pid=os.getpid())

@@ -76,13 +76,17 @@ class WebSocket(asyncio.Protocol):
         "blocked",
         "bytes_in",
         "bytes_out",
+        "closed_by",
         "code_received",
         "code_sent",
         "dropped",
+        "opened_at",
         "path",
         "peer",
         "received",
         "sent",
+        "text_in",
+        "text_out",
     )
 
     def __init__(
@@ -119,9 +123,12 @@ class WebSocket(asyncio.Protocol):
         self.app_data: Any = None
         self.blocked = False
         self.received = self.sent = self.dropped = 0
+        self.text_in = self.text_out = 0  # of received and sent: the binary ones are the rest
         self.bytes_in = self.bytes_out = 0
         self.code_sent: int | None = None
         self.code_received: int | None = None
+        self.closed_by: str | None = None  # who sent the first close frame: client, server
+        self.opened_at = engine.loop.time()
         limit = options.write_limit
         transport.set_write_buffer_limits(high=limit, low=limit // 4)
         self._keepalive_later(options.ping_interval)
@@ -144,6 +151,8 @@ class WebSocket(asyncio.Protocol):
             self._t.write((_TEXT if text else _BINARY)[n] + payload)
             self.bytes_out += n
             self.sent += 1
+            if text:
+                self.text_out += 1
             return
         opcode = (f.OP_TEXT if text else f.OP_BINARY) if first else f.OP_CONT
         rsv1 = False
@@ -161,6 +170,8 @@ class WebSocket(asyncio.Protocol):
         self.bytes_out += n
         if last:
             self.sent += 1
+            if text:
+                self.text_out += 1
 
     def send_prepared(self, message: Prepared) -> None:
         if self._state != OPEN:
@@ -171,6 +182,8 @@ class WebSocket(asyncio.Protocol):
         self._t.write(message.frame)
         self.bytes_out += len(message.payload)
         self.sent += 1
+        if message.text:
+            self.text_out += 1
 
     def close(self, code: int, reason: str = "") -> None:
         """Our side starts the closing handshake (drain, slow consumer, keepalive)."""
@@ -276,6 +289,8 @@ class WebSocket(asyncio.Protocol):
                         except UnicodeDecodeError as exc:
                             return self._fail(f.INVALID_DATA, f"invalid UTF-8 at {exc.start}", end)
                     self.received += 1
+                    if text:
+                        self.text_in += 1
                     if self._state == OPEN:
                         try:
                             self._app.data(self, payload, text, True, True)
@@ -390,6 +405,8 @@ class WebSocket(asyncio.Protocol):
             self._msg = 0
             self._msg_size = 0
             self.received += 1
+            if text:
+                self.text_in += 1
         else:
             if first:
                 self._msg = opcode
@@ -494,6 +511,8 @@ class WebSocket(asyncio.Protocol):
         payload = f.close_payload(code, reason)
         self._t.write(_HEADERS[0x80 | f.OP_CLOSE][len(payload)] + payload)
         self.code_sent = f.NO_STATUS if code is None else code
+        if self.closed_by is None:  # the client's close came first if we are answering it
+            self.closed_by = "server" if self.code_received is None else "client"
 
     def _fail(self, code: int, reason: str, result: int = 0) -> int:
         """7.1.7 Fail the WebSocket Connection: a close frame with ``code`` if none was

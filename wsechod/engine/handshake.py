@@ -43,7 +43,7 @@ def serialize(reply: Reply, head_only: bool = False) -> bytes:
         f"HTTP/1.1 {reply.status.value} {reply.status.phrase}",
         f"Date: {email.utils.formatdate(usegmt=True)}",
         f"Server: {SERVER}",
-        "Content-Type: text/plain; charset=utf-8",
+        f"Content-Type: {reply.content_type}",
         f"Content-Length: {len(body)}",
         "Connection: close",
         *(f"{name}: {value}" for name, value in reply.headers.items()),
@@ -140,6 +140,8 @@ class Handshake(asyncio.Protocol):
             log.exception("admission failed")
             reply = Reply(http.HTTPStatus.INTERNAL_SERVER_ERROR, "internal error\n")
         if reply is not None:
+            if reply.refused:
+                engine.refused(reply.refused, self.peer)
             self._answer(reply, head_only=method == "HEAD")
             return
         response = protocol.accept(raw)

@@ -13,11 +13,16 @@ from typing import Any, Protocol
 
 @dataclass(frozen=True, slots=True)
 class Reply:
-    """An HTTP answer given instead of the upgrade: a status and a one-line body."""
+    """An HTTP answer given instead of the upgrade: a status and a body (one line of text,
+    unless ``content_type`` says otherwise). ``refused``: why it refuses a WebSocket
+    handshake, a short fixed word counted in ``/metrics``; empty for answers that are
+    not refusals (``/healthz``, ``/metrics``)."""
 
     status: http.HTTPStatus
     body: str
     headers: Mapping[str, str] = field(default_factory=dict)
+    content_type: str = "text/plain; charset=utf-8"
+    refused: str = ""
 
 
 @dataclass(frozen=True, slots=True)
