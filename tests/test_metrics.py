@@ -13,6 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from prometheus_client import CollectorRegistry, ProcessCollector
 from prometheus_client.parser import text_string_to_metric_families
 from websockets.asyncio.client import connect
 
@@ -22,6 +23,7 @@ from tests.conftest import WSECHOD, Daemon, clean_env, peer_port
 from tests.test_echo import http_get
 from tests.test_relay import RedisServer, make_redis, redis_server, wait_health
 from tests.test_systemd import HARNESS, HARNESS_REASON, ROOT, NotifyListener, installed_units
+from wsechod.metrics import SelfProcessCollector
 from wsechod.process.runner import EXTEND_BY, EXTEND_INTERVAL, drain_on_schedule
 
 __all__ = ["make_redis", "redis_server"]  # fixtures, used by name
@@ -307,6 +309,19 @@ def test_drain_asks_systemd_for_more_time_while_on_schedule(
     notify.close()
 
 
+def test_process_metrics_without_proc_stat_match_prometheus_clients() -> None:
+    """The shipped unit's ProcSubset=pid hides /proc/stat: the fallback gives the same
+    families as ProcessCollector, from /proc/self alone."""
+    ours, theirs = CollectorRegistry(), CollectorRegistry()
+    ours.register(SelfProcessCollector())
+    ProcessCollector(registry=theirs)
+    mine = {s.name: s.value for f in ours.collect() for s in f.samples}
+    reference = {s.name: s.value for f in theirs.collect() for s in f.samples}
+    assert set(mine) == set(reference)
+    for name, value in reference.items():
+        assert mine[name] == pytest.approx(value, rel=0.05, abs=1), name
+
+
 def test_drain_schedule_rule() -> None:
     """Before the deadline: always; after it, only while connections still go away."""
     assert drain_on_schedule(open_now=5, open_before=5, now=1.0, deadline=2.0)
@@ -366,7 +381,10 @@ def test_systemd_waits_past_its_stop_timeout_for_a_drain_on_schedule(tmp_path: P
         SYSD_BIND=f"{ROOT}:/srv/wsechod/src {sysconfig.get_paths()['purelib']}:/srv/wsechod/site "
         f"{work}:/srv/wsechod/cfg",
         SYSD_TIMEOUT="30",
-        SYSD_PROBE=f"/usr/bin/python3 /srv/wsechod/cfg/stubborn.py {port}",
+        # The client that holds the drain, then /metrics under the unit's sandbox (where
+        # ProcSubset=pid hides /proc/stat from prometheus_client's ProcessCollector).
+        SYSD_PROBE=f"/usr/bin/python3 /srv/wsechod/cfg/stubborn.py {port} && curl -s "
+        f"--max-time 10 http://127.0.0.1:{port}/metrics | grep -E '^(process_|wsechod_conn)'",
     )
     started = time.monotonic()
     result = subprocess.run(
@@ -377,6 +395,9 @@ def test_systemd_waits_past_its_stop_timeout_for_a_drain_on_schedule(tmp_path: P
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-2000:]
     assert "main process exited 0 on SIGTERM" in result.stdout
     assert "stop needed SIGKILL" not in result.stdout
+    for family in ("resident_memory_bytes", "start_time_seconds", "cpu_seconds_total"):
+        assert f"| process_{family} " in result.stdout
+    assert "| wsechod_connections_open 1.0" in result.stdout
     stop_ms = int(result.stdout.split("PASS: stop (", 1)[1].split(" ms)", 1)[0])
     print(f"systemctl stop took {stop_ms} ms with TimeoutStopSec=2, drain_timeout=6")
     assert stop_ms > 5000  # the drain held the stop past TimeoutStopSec...

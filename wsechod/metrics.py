@@ -212,7 +212,7 @@ class SelfProcessCollector(Collector):
             fds = len(os.listdir("/proc/self/fd"))
         except OSError:
             return
-        booted = time.time() - time.clock_gettime(time.CLOCK_BOOTTIME)
+        booted = round(time.time() - time.clock_gettime(time.CLOCK_BOOTTIME))  # /proc/stat's
         limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
         yield GaugeMetricFamily(
             "process_virtual_memory_bytes", "Virtual memory size in bytes.", float(parts[20])
