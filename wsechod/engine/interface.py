@@ -57,8 +57,6 @@ class Connection(Protocol):
 
     path: str  # the request path, query string included
     peer: str  # "host:port", or the Unix socket's name
-    received: int  # whole messages received from the client
-    sent: int  # whole messages sent to the client
     dropped: int  # messages an application chose not to send (relay slow consumers)
     app_data: Any  # free for the application's per-connection state
 
@@ -69,6 +67,14 @@ class Connection(Protocol):
     @property
     def buffered(self) -> int:
         """Bytes accepted by ``send`` and not yet written to the socket."""
+
+    @property
+    def received(self) -> int:
+        """Whole messages received from the client."""
+
+    @property
+    def sent(self) -> int:
+        """Whole messages sent to the client."""
 
     @property
     def blocked(self) -> bool:
