@@ -127,6 +127,43 @@ def test_counters_show_exactly_a_known_exchange(start: Callable[..., Daemon]) ->
     assert not [n for n, _ in s if n.startswith(("wsechod_relay_", "wsechod_broker_"))]
 
 
+def test_every_refusal_is_counted_with_its_reason(start: Callable[..., Daemon]) -> None:
+    daemon = start("--mode", "relay", "--max-channels", "1", "--max-channel-members", "1",
+                   "--max-path-length", "16")  # fmt: skip
+    port = daemon.port
+
+    def answer(request: bytes) -> bytes:
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            sock.sendall(request)
+            return rawws.until_eof(sock).split(b" ", 2)[1]
+
+    assert answer(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n") == b"426"
+    assert answer(b"POST / HTTP/1.1\r\nHost: x\r\n\r\n") == b"405"
+    assert answer(b"GET / HTTP/1.1\r\nX: " + b"x" * 20000 + b"\r\n\r\n") == b"431"
+    assert answer(b"NONSENSE\r\n\r\n") == b"400"
+    assert answer(rawws.handshake_request(port, "/" + "x" * 16)) == b"414"
+    assert answer(rawws.handshake_request(port, "/a<b>")) == b"400"
+    with rawws.connect(port, "/one"):
+        assert answer(rawws.handshake_request(port, "/one")) == b"503"  # full
+        assert answer(rawws.handshake_request(port, "/two")) == b"503"  # no second channel
+    s = scrape(port)
+    reasons = {
+        dict(labels)["reason"]: v
+        for (name, labels), v in s.items()
+        if name == "wsechod_handshakes_refused_total"
+    }
+    assert reasons == {
+        "not_websocket": 1,
+        "method": 1,
+        "head_too_large": 1,
+        "bad_request": 1,
+        "max_path_length": 1,
+        "invalid_channel": 1,
+        "max_channel_members": 1,
+        "max_channels": 1,
+    }
+
+
 def python() -> str:
     import platform  # noqa: PLC0415 - only this label needs it
 

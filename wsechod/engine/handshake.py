@@ -32,6 +32,7 @@ SERVER = f"wsechod/{__version__}"
 # Longest request head read before answering 431; websockets allows 8 KiB a line and 128
 # headers, but no legitimate upgrade needs more than a few hundred bytes.
 MAX_HEAD = 16 * 1024
+TOO_LARGE = "head_too_large"  # why a 431 refuses, in /metrics
 
 log = structlog.stdlib.get_logger("wsechod.engine")
 
@@ -83,13 +84,13 @@ class Handshake(asyncio.Protocol):
         if not ends:
             if len(head) > MAX_HEAD:
                 status = http.HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE
-                self._answer(Reply(status, "request head too large\n"))
+                self._answer(Reply(status, "request head too large\n", refused=TOO_LARGE))
             return
         end = min(ends)
         end += 3 if head[end + 1] == 0x0D else 2
         if end > MAX_HEAD:
             status = http.HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE
-            self._answer(Reply(status, "request head too large\n"))
+            self._answer(Reply(status, "request head too large\n", refused=TOO_LARGE))
             return
         self._head = bytearray()
         self._request(bytes(head[:end]), bytes(head[end:]))
@@ -140,8 +141,6 @@ class Handshake(asyncio.Protocol):
             log.exception("admission failed")
             reply = Reply(http.HTTPStatus.INTERNAL_SERVER_ERROR, "internal error\n")
         if reply is not None:
-            if reply.refused:
-                engine.refused(reply.refused, self.peer)
             self._answer(reply, head_only=method == "HEAD")
             return
         response = protocol.accept(raw)
@@ -174,6 +173,8 @@ class Handshake(asyncio.Protocol):
         """Plain HTTP: write the reply and close once it is sent."""
         if self._t is None:
             return
+        if reply.refused:
+            self._engine.refused(reply.refused, self.peer)
         self._t.write(serialize(reply, head_only))
         self._t.close()
         self._finish()
