@@ -8,6 +8,7 @@ websockets' ``broadcast()``) and to Node's ws.
 """
 
 import argparse
+import asyncio
 import atexit
 import contextlib
 import datetime
@@ -33,9 +34,20 @@ from typing import Any
 import uvloop
 
 from bench import client
-from bench.peers import ECHO_PEERS, NODE_DIR, RELAY_PEERS, ROOT, Peer, PeerError, Server, kill_all
+from bench.peers import (
+    ECHO_PEERS,
+    NODE_DIR,
+    RELAY_PEERS,
+    ROOT,
+    SCRAPED_PEERS,
+    Peer,
+    PeerError,
+    Server,
+    kill_all,
+)
 
 SATURATED = 0.90  # client CPU / wall time from which the client is the bottleneck
+SCRAPE_INTERVAL = 1.0  # seconds between GET /metrics with --scrape, as a busy Prometheus
 SCENARIOS = ("echo", "idle", "fanout")
 
 
@@ -247,16 +259,37 @@ async def measure_fanout(
     )
 
 
+def selected(kind: str, args: argparse.Namespace) -> list[Peer]:
+    """The peers of ``kind`` to measure, in column order; with --scrape, wsechod twice."""
+    peers: list[Peer] = []
+    for peer in ECHO_PEERS if kind == "echo" else RELAY_PEERS:
+        if peer.name in args.only:
+            peers.append(peer)
+            if peer.name == "wsechod" and args.scrape:
+                peers.append(SCRAPED_PEERS[kind])
+    return peers
+
+
+async def scrape_every(port: int, counts: dict[str, int]) -> None:
+    """GET /metrics every SCRAPE_INTERVAL, reading the whole answer, as Prometheus does."""
+    while True:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET /metrics HTTP/1.1\r\nHost: bench\r\n\r\n")
+        answer = await reader.read()
+        writer.close()
+        counts["ok" if answer.startswith(b"HTTP/1.1 200 ") else "failed"] += 1
+        await asyncio.sleep(SCRAPE_INTERVAL)
+
+
 async def run_all(args: argparse.Namespace, results: Results) -> None:
     broken: dict[tuple[str, str], str] = {}
     plan: list[tuple[Peer, str]] = []
-    for peer in ECHO_PEERS:
+    for peer in selected("echo", args):
         for scenario in ("echo", "idle"):
-            if scenario in args.scenarios and peer.name in args.only:
+            if scenario in args.scenarios and not (peer.scrape and scenario == "idle"):
                 plan.append((peer, scenario))
-    plan += [
-        (p, "fanout") for p in RELAY_PEERS if "fanout" in args.scenarios and p.name in args.only
-    ]
+    if "fanout" in args.scenarios:
+        plan += [(p, "fanout") for p in selected("relay", args)]
     steps = {"echo": measure_echo, "idle": measure_idle, "fanout": measure_fanout}
     for repeat in range(1, args.repeat + 1):
         note(f"repeat {repeat}/{args.repeat}")
@@ -271,12 +304,29 @@ async def run_all(args: argparse.Namespace, results: Results) -> None:
                 note(f"  SKIPPED {peer.label}: {exc}")
                 continue
             began = time.monotonic()
+            scrapes = {"ok": 0, "failed": 0}
+            scraper = (
+                asyncio.create_task(scrape_every(server.port, scrapes)) if peer.scrape else None
+            )
             try:
                 step = functools.partial(steps[scenario], args, results, peer, repeat, server)
                 await guarded(results, f"{peer.label} {scenario} (repeat {repeat})", step)
             finally:
+                if scraper is not None:
+                    scraper.cancel()
+                    with contextlib.suppress(asyncio.CancelledError, OSError):
+                        await scraper
                 server.stop()
-            note(f"  {peer.label:<12} {scenario} done in {time.monotonic() - began:.1f} s")
+            took = time.monotonic() - began
+            if scraper is not None:
+                results.runs.append(
+                    {"repeat": repeat, "peer": peer.name, "kind": peer.kind, "case": scenario}
+                    | {"scrapes": scrapes["ok"], "failed_scrapes": scrapes["failed"]}
+                )
+                note(f"  {peer.label:<12} {scrapes['ok']} scrapes, {scrapes['failed']} failed")
+                if scrapes["failed"] or not scrapes["ok"]:
+                    results.errors.append(f"{peer.label} {scenario}: scrapes {scrapes}")
+            note(f"  {peer.label:<12} {scenario} done in {took:.1f} s")
 
 
 # Reporting ---------------------------------------------------------------------------------
@@ -296,7 +346,7 @@ def table(args: argparse.Namespace, results: Results) -> tuple[str, dict[str, An
     section = None
     for fig in figures(args):
         kind = "relay" if fig.key.startswith("fan ") else "echo"
-        peers = [p for p in (RELAY_PEERS if kind == "relay" else ECHO_PEERS) if p.name in args.only]
+        peers = selected(kind, args)
         base_name = "broadcast" if kind == "relay" else "example"
         base_label = "broadcast()" if kind == "relay" else "example"
         if fig.section != section:
@@ -367,6 +417,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--subscribers", type=int, help="fan-out subscribers (default 1000; quick 100)")
     add("--only", help="peers, comma-separated: " + ",".join(sorted(peer_names())))
     add("--scenarios", default=",".join(SCENARIOS), help="any of echo,idle,fanout")
+    add("--scrape", action="store_true", help="also measure wsechod scraped every second")
     add("--json", type=Path, default=ROOT / "bench" / "results.json", help="where to write")
     args = parser.parse_args(argv)
 

@@ -58,6 +58,7 @@ class Peer:
     label: str  # column heading
     kind: str  # "echo" or "relay"
     argv: tuple[str, ...]  # "wsechod", "node", "python" and arguments
+    scrape: bool = False  # GET /metrics every second while it is measured (--scrape)
 
     def command(self, subscribers: int) -> list[str]:
         how, *args = self.argv
@@ -82,6 +83,12 @@ RELAY_PEERS = (
     Peer("wsechod", "wsechod", "relay", ("wsechod", "--mode", "relay")),
     Peer("ws", "ws", "relay", ("node", "broadcast.mjs")),
 )
+# With --scrape, right after wsechod: the same server, with a Prometheus-like scraper.
+SCRAPED = "wsechod-scraped"
+SCRAPED_PEERS = {
+    "echo": Peer(SCRAPED, "scraped", "echo", ("wsechod",), scrape=True),
+    "relay": Peer(SCRAPED, "scraped", "relay", ("wsechod", "--mode", "relay"), scrape=True),
+}
 
 
 def pin(core: int | None) -> list[str]:

@@ -54,6 +54,11 @@ def test_the_engine_knows_no_application_nor_lifecycle() -> None:
     assert offending(modules("engine"), forbidden) == {}
 
 
+def test_the_engine_knows_nothing_of_metrics() -> None:
+    """The engine keeps plain counts; /metrics reads them at scrape time, from above."""
+    assert offending(modules("engine"), ("wsechod.metrics", "prometheus_client")) == {}
+
+
 def test_rules_see_real_imports() -> None:
     """The checks above would pass on nothing: make sure they see what is there."""
     assert "wsechod.engine" in {i for p in modules("apps") for i in imports(p)}

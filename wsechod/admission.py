@@ -1,9 +1,10 @@
 """HTTP admission: what a request gets before any upgrade, as a function from the request
 to a reply (or None: go on with the WebSocket handshake).
 
-Operations endpoints live on the WebSocket port (``/healthz``), so a load balancer checks
-the very socket clients use. Refusals are decided here, before the 101, so that a client
-over a limit gets a definite HTTP status rather than a WebSocket that closes at once.
+Operations endpoints live on the WebSocket port (``/healthz``, ``/metrics``), so a load
+balancer checks, and Prometheus scrapes, the very socket clients use. Refusals are decided
+here, before the 101, so that a client over a limit gets a definite HTTP status rather
+than a WebSocket that closes at once.
 """
 
 import http
@@ -33,22 +34,32 @@ class State(Protocol):
 
 
 def admission(
-    state: State, app: Application, settings: Callable[[], Settings]
+    state: State,
+    app: Application,
+    settings: Callable[[], Settings],
+    metrics: Callable[[], Reply] | None = None,
 ) -> Callable[[Request], Reply | None]:
-    """``settings()``: the settings of the moment (a reload may change the limits)."""
+    """``settings()``: the settings of the moment (a reload may change the limits);
+    ``metrics()``: the ``/metrics`` page, rendered at each request."""
 
     def admit(request: Request) -> Reply | None:  # noqa: PLR0911 - one answer per rule
         if request.method not in ("GET", "HEAD"):
-            return Reply(http.HTTPStatus.METHOD_NOT_ALLOWED, "only GET is served\n", ALLOW)
+            text = "only GET is served\n"
+            return Reply(http.HTTPStatus.METHOD_NOT_ALLOWED, text, ALLOW, refused="method")
         if request.route == "/healthz":
             return health(state, app)
+        if request.route == "/metrics" and metrics is not None:
+            return metrics()  # during the drain too: its last figures are the interesting ones
         if state.draining:
-            return Reply(http.HTTPStatus.SERVICE_UNAVAILABLE, "server is shutting down\n")
+            text = "server is shutting down\n"
+            return Reply(http.HTTPStatus.SERVICE_UNAVAILABLE, text, refused="draining")
         if "websocket" not in ",".join(request.headers.get_all("Upgrade")).lower():
             text = "this is a WebSocket server; connect with a WebSocket client\n"
-            return Reply(http.HTTPStatus.UPGRADE_REQUIRED, text, {"Upgrade": "websocket"})
+            status, upgrade = http.HTTPStatus.UPGRADE_REQUIRED, {"Upgrade": "websocket"}
+            return Reply(status, text, upgrade, refused="not_websocket")
         if request.method != "GET":
-            return Reply(http.HTTPStatus.METHOD_NOT_ALLOWED, "upgrades use GET\n", ALLOW)
+            text = "upgrades use GET\n"
+            return Reply(http.HTTPStatus.METHOD_NOT_ALLOWED, text, ALLOW, refused="method")
         current = settings()
         refused = origin_refused(request, current) or per_address_refused(state, request, current)
         if refused is not None:
@@ -56,7 +67,8 @@ def admission(
         max_connections = current.max_connections
         if max_connections and len(state.connections) >= max_connections:
             warn.warning("connection refused", reason="max_connections", limit=max_connections)
-            return Reply(http.HTTPStatus.SERVICE_UNAVAILABLE, "too many connections\n")
+            text = "too many connections\n"
+            return Reply(http.HTTPStatus.SERVICE_UNAVAILABLE, text, refused="max_connections")
         return app.admit(request.path)
 
     return admit
@@ -70,14 +82,16 @@ def origin_refused(request: Request, settings: Settings) -> Reply | None:
         if not settings.require_origin:
             return None
         warn.warning("connection refused", reason="no origin", peer=request.peer)
-        return Reply(http.HTTPStatus.FORBIDDEN, "an Origin header is required\n")
+        return Reply(
+            http.HTTPStatus.FORBIDDEN, "an Origin header is required\n", refused="no_origin"
+        )
     if not settings.allowed_origins:
         return None
     if len(sent) == 1 and origins.allowed(sent[0], settings.allowed_origins):
         return None
     shown = ", ".join(sent)[:200]
     warn.warning("connection refused", reason="origin", origin=shown, peer=request.peer)
-    return Reply(http.HTTPStatus.FORBIDDEN, "origin not allowed\n")
+    return Reply(http.HTTPStatus.FORBIDDEN, "origin not allowed\n", refused="origin")
 
 
 def per_address_refused(state: State, request: Request, settings: Settings) -> Reply | None:
@@ -92,6 +106,7 @@ def per_address_refused(state: State, request: Request, settings: Settings) -> R
         http.HTTPStatus.SERVICE_UNAVAILABLE,
         "too many connections from your address\n",
         {"Retry-After": str(RETRY_AFTER)},
+        refused="max_connections_per_ip",
     )
 
 

@@ -25,7 +25,7 @@ from typing import Any
 
 import structlog
 
-from wsechod import brokers, ratelimit, tls
+from wsechod import brokers, metrics, ratelimit, tls
 from wsechod.admission import admission
 from wsechod.apps.echo import Echo
 from wsechod.apps.relay import Relay
@@ -155,6 +155,7 @@ def options(settings: Settings) -> Options:
         tls=tls_context(settings),
         trusted_proxies=tuple(ipaddress.ip_network(n) for n in settings.trusted_proxies),
         ipv6_prefix_length=settings.ipv6_prefix_length,
+        access_log=settings.access_log,
     )
 
 
@@ -200,7 +201,8 @@ async def serve(
         assert isinstance(app, Relay)
         await broker.start(app.deliver)
     engine = Engine(engine_options, app)
-    engine.set_admission(admission(engine, app, lambda: life.settings))
+    page = metrics.exporter(engine, app)
+    engine.set_admission(admission(engine, app, lambda: life.settings, page))
     await engine.listen(sockets)
     life.attach(engine, app, handoff)
     log.info("listening", addresses=engine.addresses, mode=settings.mode, pid=os.getpid())

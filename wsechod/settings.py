@@ -192,6 +192,9 @@ class Settings:
         choices=LOG_FORMATS,
         restart=True,
     )
+    access_log: bool = _opt(
+        False, "log one line (event access, at info) per closed WebSocket connection"
+    )
     max_size: int = _opt(
         2**20,
         "largest incoming message in bytes; a bigger one closes with 1009",

@@ -140,18 +140,22 @@ class Relay:
         """Refuse, before the handshake, a channel name or a member over the limits."""
         name = channel_of(path)
         if len(name) > self.max_path_length:
-            return Reply(http.HTTPStatus.REQUEST_URI_TOO_LONG, "channel name too long\n")
+            status, text = http.HTTPStatus.REQUEST_URI_TOO_LONG, "channel name too long\n"
+            return Reply(status, text, refused="max_path_length")
         if not _PATH.fullmatch(name):
-            return Reply(http.HTTPStatus.BAD_REQUEST, "invalid character in channel name\n")
+            text = "invalid character in channel name\n"
+            return Reply(http.HTTPStatus.BAD_REQUEST, text, refused="invalid_channel")
         channel = self.channels.get(name)
         if channel is None and len(self.channels) >= self.max_channels:
             warn.warning("connection refused", reason="max_channels", limit=self.max_channels)
-            return Reply(http.HTTPStatus.SERVICE_UNAVAILABLE, "too many channels\n")
+            text = "too many channels\n"
+            return Reply(http.HTTPStatus.SERVICE_UNAVAILABLE, text, refused="max_channels")
         if channel is not None and len(channel.members) >= self.max_channel_members:
             warn.warning(
                 "connection refused", reason="max_channel_members", limit=self.max_channel_members
             )
-            return Reply(http.HTTPStatus.SERVICE_UNAVAILABLE, "channel is full\n")
+            text = "channel is full\n"
+            return Reply(http.HTTPStatus.SERVICE_UNAVAILABLE, text, refused="max_channel_members")
         return None
 
     def degraded(self) -> str | None:

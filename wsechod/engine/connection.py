@@ -73,17 +73,21 @@ class WebSocket(asyncio.Protocol):
         "_timer",
         "_utf8",
         "app_data",
+        "binary_in",
+        "binary_out",
         "blocked",
         "bytes_in",
         "bytes_out",
+        "closed_by",
         "code_received",
         "code_sent",
         "dropped",
         "group",
+        "opened_at",
         "path",
         "peer",
-        "received",
-        "sent",
+        "text_in",
+        "text_out",
     )
 
     def __init__(
@@ -120,10 +124,15 @@ class WebSocket(asyncio.Protocol):
         self.group = ""  # the client's address group (proxy.group), counted by the engine
         self.app_data: Any = None
         self.blocked = False
-        self.received = self.sent = self.dropped = 0
+        # Whole messages, by type: counted apart rather than a total and the text ones, so
+        # that a message costs one increment, as a plain count would.
+        self.text_in = self.binary_in = self.text_out = self.binary_out = 0
+        self.dropped = 0
         self.bytes_in = self.bytes_out = 0
         self.code_sent: int | None = None
         self.code_received: int | None = None
+        self.closed_by: str | None = None  # who sent the first close frame: client, server
+        self.opened_at = engine.loop.time()
         limit = options.write_limit
         transport.set_write_buffer_limits(high=limit, low=limit // 4)
         self._keepalive_later(options.ping_interval)
@@ -138,14 +147,26 @@ class WebSocket(asyncio.Protocol):
     def buffered(self) -> int:
         return self._t.get_write_buffer_size()
 
+    @property
+    def received(self) -> int:
+        return self.text_in + self.binary_in
+
+    @property
+    def sent(self) -> int:
+        return self.text_out + self.binary_out
+
     def send(self, payload: bytes, text: bool, first: bool = True, last: bool = True) -> None:
         if self._state != OPEN:
             return
         n = len(payload)
         if n < 126 and first and last and self._deflate is None:  # the common case, inline
-            self._t.write((_TEXT if text else _BINARY)[n] + payload)
+            if text:
+                self._t.write(_TEXT[n] + payload)
+                self.text_out += 1
+            else:
+                self._t.write(_BINARY[n] + payload)
+                self.binary_out += 1
             self.bytes_out += n
-            self.sent += 1
             return
         opcode = (f.OP_TEXT if text else f.OP_BINARY) if first else f.OP_CONT
         rsv1 = False
@@ -162,7 +183,10 @@ class WebSocket(asyncio.Protocol):
             self._t.writelines((f.header(opcode, n, last, rsv1), payload))
         self.bytes_out += n
         if last:
-            self.sent += 1
+            if text:
+                self.text_out += 1
+            else:
+                self.binary_out += 1
 
     def send_prepared(self, message: Prepared) -> None:
         if self._state != OPEN:
@@ -172,7 +196,10 @@ class WebSocket(asyncio.Protocol):
             return
         self._t.write(message.frame)
         self.bytes_out += len(message.payload)
-        self.sent += 1
+        if message.text:
+            self.text_out += 1
+        else:
+            self.binary_out += 1
 
     def close(self, code: int, reason: str = "") -> None:
         """Our side starts the closing handshake (drain, slow consumer, keepalive)."""
@@ -272,12 +299,16 @@ class WebSocket(asyncio.Protocol):
                     pos = stop
                     self.bytes_in += length
                     text = b0 == 0x81
-                    if text and not payload.isascii():
-                        try:
-                            payload.decode()
-                        except UnicodeDecodeError as exc:
-                            return self._fail(f.INVALID_DATA, f"invalid UTF-8 at {exc.start}", end)
-                    self.received += 1
+                    if text:
+                        if not payload.isascii():
+                            try:
+                                payload.decode()
+                            except UnicodeDecodeError as exc:
+                                bad = f"invalid UTF-8 at {exc.start}"
+                                return self._fail(f.INVALID_DATA, bad, end)
+                        self.text_in += 1
+                    else:
+                        self.binary_in += 1
                     if self._state == OPEN:
                         try:
                             self._app.data(self, payload, text, True, True)
@@ -391,7 +422,10 @@ class WebSocket(asyncio.Protocol):
         if fin:
             self._msg = 0
             self._msg_size = 0
-            self.received += 1
+            if text:
+                self.text_in += 1
+            else:
+                self.binary_in += 1
         else:
             if first:
                 self._msg = opcode
@@ -496,6 +530,8 @@ class WebSocket(asyncio.Protocol):
         payload = f.close_payload(code, reason)
         self._t.write(_HEADERS[0x80 | f.OP_CLOSE][len(payload)] + payload)
         self.code_sent = f.NO_STATUS if code is None else code
+        if self.closed_by is None:  # the client's close came first if we are answering it
+            self.closed_by = "server" if self.code_received is None else "client"
 
     def _fail(self, code: int, reason: str, result: int = 0) -> int:
         """7.1.7 Fail the WebSocket Connection: a close frame with ``code`` if none was

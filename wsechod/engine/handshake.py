@@ -29,7 +29,7 @@ from websockets.server import ServerProtocol
 
 from wsechod import __version__
 from wsechod.engine import proxy
-from wsechod.engine.connection import WebSocket
+from wsechod.engine.connection import WebSocket, failures
 from wsechod.engine.deflate import Deflate
 from wsechod.engine.interface import Reply, Request
 from wsechod.listeners import format_address
@@ -41,6 +41,7 @@ SERVER = f"wsechod/{__version__}"
 # Longest request head read before answering 431; websockets allows 8 KiB a line and 128
 # headers, but no legitimate upgrade needs more than a few hundred bytes.
 MAX_HEAD = 16 * 1024
+TOO_LARGE = "head_too_large"  # why a 431 refuses, in /metrics
 
 log = structlog.stdlib.get_logger("wsechod.engine")
 
@@ -55,7 +56,7 @@ def serialize(reply: Reply, head_only: bool = False) -> bytes:
         f"HTTP/1.1 {reply.status.value} {reply.status.phrase}",
         f"Date: {email.utils.formatdate(usegmt=True)}",
         f"Server: {SERVER}",
-        "Content-Type: text/plain; charset=utf-8",
+        f"Content-Type: {reply.content_type}",
         f"Content-Length: {len(body)}",
         "Connection: close",
         *(f"{name}: {value}" for name, value in reply.headers.items()),
@@ -158,13 +159,13 @@ class Handshake(asyncio.Protocol):
         if not ends:
             if len(head) > MAX_HEAD:
                 status = http.HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE
-                self._answer(Reply(status, "request head too large\n"))
+                self._answer(Reply(status, "request head too large\n", refused=TOO_LARGE))
             return
         end = min(ends)
         end += 3 if head[end + 1] == 0x0D else 2
         if end > MAX_HEAD:
             status = http.HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE
-            self._answer(Reply(status, "request head too large\n"))
+            self._answer(Reply(status, "request head too large\n", refused=TOO_LARGE))
             return
         self._head = bytearray()
         self._request(bytes(head[:end]), bytes(head[end:]))
@@ -250,8 +251,8 @@ class Handshake(asyncio.Protocol):
         request = Request(method, raw.path, raw.headers, self.peer, group)
         try:
             reply = engine.admit(request)
-        except Exception:  # a hostile request must not become a traceback in a loop
-            log.exception("admission failed")
+        except Exception:  # a bug, but one a client may trigger over and over
+            failures.error("admission failed", peer=self.peer)
             reply = Reply(http.HTTPStatus.INTERNAL_SERVER_ERROR, "internal error\n")
         if reply is not None:
             self._answer(reply, head_only=method == "HEAD")
@@ -300,6 +301,8 @@ class Handshake(asyncio.Protocol):
         """Plain HTTP: write the reply and close once it is sent."""
         if self._t is None:
             return
+        if reply.refused:
+            self._engine.refused(reply.refused, self.peer)
         self._t.write(serialize(reply, head_only))
         self._t.close()
         self._finish()

@@ -13,11 +13,16 @@ from typing import Any, Protocol
 
 @dataclass(frozen=True, slots=True)
 class Reply:
-    """An HTTP answer given instead of the upgrade: a status and a one-line body."""
+    """An HTTP answer given instead of the upgrade: a status and a body (one line of text,
+    unless ``content_type`` says otherwise). ``refused``: why it refuses a WebSocket
+    handshake, a short fixed word counted in ``/metrics``; empty for answers that are
+    not refusals (``/healthz``, ``/metrics``)."""
 
     status: http.HTTPStatus
     body: str
     headers: Mapping[str, str] = field(default_factory=dict)
+    content_type: str = "text/plain; charset=utf-8"
+    refused: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,8 +58,6 @@ class Connection(Protocol):
 
     path: str  # the request path, query string included
     peer: str  # "host:port", or the Unix socket's name
-    received: int  # whole messages received from the client
-    sent: int  # whole messages sent to the client
     dropped: int  # messages an application chose not to send (relay slow consumers)
     app_data: Any  # free for the application's per-connection state
 
@@ -65,6 +68,14 @@ class Connection(Protocol):
     @property
     def buffered(self) -> int:
         """Bytes accepted by ``send`` and not yet written to the socket."""
+
+    @property
+    def received(self) -> int:
+        """Whole messages received from the client."""
+
+    @property
+    def sent(self) -> int:
+        """Whole messages sent to the client."""
 
     @property
     def blocked(self) -> bool:

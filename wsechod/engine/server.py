@@ -33,11 +33,22 @@ from wsechod.listeners import format_address
 
 log = structlog.stdlib.get_logger("wsechod.engine")
 warn = ratelimit.logger("wsechod.engine")
+access = structlog.stdlib.get_logger("wsechod.access")
 
 _DEFLATE = enable_server_permessage_deflate(None)  # websockets' defaults: 12-bit windows
 # File descriptors kept free for what is not a client: a handshake being refused, log
 # files reopened, broker connections, DNS.
 FD_HEADROOM = 16
+# The access log shows this much of a request path (the head may hold 16 KiB of it).
+ACCESS_PATH = 512
+
+
+def code_label(code: int | None) -> str:
+    """A close code as a metrics label: clients choose among 2000 codes of 3000-4999, so
+    those are counted by range, which keeps the number of series bounded."""
+    if code is None:
+        return "none"
+    return f"{code // 1000}000-{code // 1000}999" if code >= 3000 else str(code)
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,6 +65,7 @@ class Options:
     tls: ssl.SSLContext | None = None  # every connection starts with a TLS handshake
     trusted_proxies: tuple[Network, ...] = ()  # may say who the client is (proxy.py)
     ipv6_prefix_length: int = 64  # IPv6 clients are counted per network this size
+    access_log: bool = False  # one info line per closed connection
 
 
 class Engine:
@@ -72,6 +84,9 @@ class Engine:
         self.handshakes: set[Handshake] = set()  # accepted, not upgraded yet
         self.draining = False
         self.stats: Counter[str] = Counter()  # plain counts, summed up in the "drained" line
+        # Closed connections by who sent the first close frame, the code sent and the code
+        # received (code_label): counted at close, never per message.
+        self.closes: Counter[tuple[str, str, str]] = Counter()
         self.transports = 0  # accepted and not yet lost: each holds a file descriptor
         # Open connections per client address group (proxy.group), for
         # max_connections_per_ip; a group leaves when its last connection closes.
@@ -187,6 +202,10 @@ class Engine:
         stats["messages_out"] += ws.sent
         stats["bytes_in"] += ws.bytes_in
         stats["bytes_out"] += ws.bytes_out
+        stats["text_in"] += ws.text_in
+        stats["text_out"] += ws.text_out
+        closed_by = ws.closed_by or "none"
+        self.closes[closed_by, code_label(ws.code_sent), code_label(ws.code_received)] += 1
         try:
             self.app.closed(ws)
         except Exception:
@@ -199,6 +218,21 @@ class Engine:
                 code_received=ws.code_received,
                 received=ws.received,
                 sent=ws.sent,
+                dropped=ws.dropped,
+            )
+        if self.options.access_log:
+            access.info(
+                "access",
+                peer=ws.peer,
+                path=ws.path[:ACCESS_PATH],
+                duration=round(self.loop.time() - ws.opened_at, 3),
+                messages_in=ws.received,
+                messages_out=ws.sent,
+                bytes_in=ws.bytes_in,
+                bytes_out=ws.bytes_out,
+                code_sent=ws.code_sent,
+                code_received=ws.code_received,
+                closed_by=closed_by,
                 dropped=ws.dropped,
             )
         if not self.connections and self._idle is not None and not self._idle.done():

@@ -16,7 +16,15 @@ import structlog
 import uvloop
 
 from wsechod import __version__
-from wsechod.lifecycle import RELOAD_SIGNALS, STOP_SIGNALS, Lifecycle, capture_signals, serve
+from wsechod.lifecycle import (
+    BROKER_CLOSE_TIMEOUT,
+    HANDSHAKE_GRACE,
+    RELOAD_SIGNALS,
+    STOP_SIGNALS,
+    Lifecycle,
+    capture_signals,
+    serve,
+)
 from wsechod.process import logs, systemd
 from wsechod.settings import Loaded, Settings, SettingsError, shown
 
@@ -25,6 +33,11 @@ log = structlog.stdlib.get_logger("wsechod")
 HANDLED_SIGNALS = {*STOP_SIGNALS, *RELOAD_SIGNALS}
 STATUS_INTERVAL = 10.0  # seconds between STATUS= updates to systemd
 FINISH_TIMEOUT = 1.0  # seconds for leftover tasks to end once the drain is over
+# During a drain, EXTEND_TIMEOUT_USEC= every EXTEND_INTERVAL seconds, each asking systemd
+# to wait EXTEND_BY more: a drain longer than TimeoutStopSec= is not killed while it is on
+# schedule, and one that stalls (a wedged loop sends nothing) is.
+EXTEND_INTERVAL = 2.0
+EXTEND_BY = EXTEND_INTERVAL + 3.0
 
 # Stop signals that arrived before the event loop could handle them.
 _early_stops: list[str] = []
@@ -101,6 +114,28 @@ async def _report(notifier: systemd.Notifier, life: Lifecycle) -> None:
         await asyncio.sleep(interval)
 
 
+def drain_on_schedule(open_now: int, open_before: int, now: float, deadline: float) -> bool:
+    """Whether a drain deserves more time from systemd: until its own deadline (after
+    which the rest is cut), and after it for as long as connections still go away."""
+    return now < deadline or open_now < open_before
+
+
+async def _extend_drain(notifier: systemd.Notifier, life: Lifecycle) -> None:
+    """sd_notify(3) EXTEND_TIMEOUT_USEC= while the drain is on schedule. systemd never
+    shortens its own stop timeout for it, so a short drain loses nothing."""
+    loop = asyncio.get_running_loop()
+    settings = life.settings
+    deadline = loop.time() + settings.drain_timeout + HANDSHAKE_GRACE + BROKER_CLOSE_TIMEOUT
+    before: int | None = None  # open connections at the last extension
+    while True:
+        now = 0 if life.engine is None else len(life.engine.connections)
+        if before is None or drain_on_schedule(now, before, loop.time(), deadline):
+            usec = int(EXTEND_BY * 1e6)
+            notifier.send(EXTEND_TIMEOUT_USEC=usec, STATUS=f"stopping: draining {now} connections")
+            before = now
+        await asyncio.sleep(EXTEND_INTERVAL)
+
+
 async def _main(
     settings: Settings,
     sockets: list[socket.socket],
@@ -112,6 +147,7 @@ async def _main(
     life = Lifecycle(settings)
     notifier = systemd.Notifier()
     reporter: asyncio.Task[None] | None = None
+    extender: asyncio.Task[None] | None = None
 
     def ready() -> None:
         nonlocal reporter
@@ -122,8 +158,11 @@ async def _main(
             on_ready()
 
     def stopping(_: object) -> None:
+        nonlocal extender
         active = 0 if life.engine is None else len(life.engine.connections)
         notifier.send(STOPPING=1, STATUS=f"stopping: draining {active} connections")
+        if notifier.enabled:
+            extender = loop.create_task(_extend_drain(notifier, life))
 
     life.stop.add_done_callback(stopping)
     with capture_signals(life, functools.partial(_reload, notifier, life, reread)):
@@ -136,8 +175,9 @@ async def _main(
             # Stopped: later signals wait, unanswered, until the process exits (status 0)
             # rather than kill it with a traceback on the way out.
             signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED_SIGNALS)
-            if reporter is not None:
-                reporter.cancel()
+            for task in (reporter, extender):
+                if task is not None:
+                    task.cancel()
             notifier.close()
 
 
