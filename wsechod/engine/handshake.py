@@ -21,7 +21,6 @@ import re
 from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any, cast
 
-import structlog
 from websockets.datastructures import Headers
 from websockets.extensions.permessage_deflate import PerMessageDeflate
 from websockets.http11 import Request as WsRequest
@@ -43,7 +42,6 @@ SERVER = f"wsechod/{__version__}"
 MAX_HEAD = 16 * 1024
 TOO_LARGE = "head_too_large"  # why a 431 refuses, in /metrics
 
-log = structlog.stdlib.get_logger("wsechod.engine")
 
 _UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f]")
 CAUSE_MAX = 200  # characters of the client's own text quoted back in a 400
