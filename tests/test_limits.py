@@ -1,0 +1,92 @@
+"""Limits a client can push against, and what the operator hears: one line per second per
+reason, with a count, however many clients are turned away."""
+
+import signal
+import socket
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from tests import rawws
+from tests.conftest import Daemon
+
+
+def upgrade(port: int) -> bytes:
+    """One upgrade attempt: the status line, or b"" if the server closed without one."""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            rawws.send_handshake(sock, port)
+            head = rawws.until_eof(sock)
+    except (ConnectionResetError, BrokenPipeError):
+        return b""
+    return head.split(b"\r\n", 1)[0]
+
+
+def refusals(daemon: Daemon, reason: str) -> list[dict[str, Any]]:
+    return [
+        e for e in daemon.events if e["event"] == "connection refused" and e.get("reason") == reason
+    ]
+
+
+def stop(daemon: Daemon) -> None:
+    """SIGTERM: counts still held back are logged at shutdown."""
+    daemon.signal(signal.SIGTERM)
+    assert daemon.wait(20) == 0
+    daemon.wait_for("stopped")
+
+
+@pytest.mark.timeout(60)
+def test_refusals_at_max_connections_are_one_line_a_second_with_a_count(
+    start: Callable[..., Daemon],
+) -> None:
+    daemon = start("--max-connections", "1")
+    statuses = []
+    with rawws.connect(daemon.port):  # the one connection allowed
+        began = time.monotonic()
+        while time.monotonic() - began < 2.5:  # a client retrying as fast as it can
+            statuses.append(upgrade(daemon.port))
+        elapsed = time.monotonic() - began
+    attempts = len(statuses)
+    stop(daemon)
+    assert all(b" 503 " in s for s in statuses), set(statuses)
+    lines = refusals(daemon, "max_connections")
+    print(f"{attempts} refusals in {elapsed:.1f} s: {len(lines)} log lines")
+    assert sum(e["count"] for e in lines) == attempts  # every refusal is accounted for
+    assert len(lines) <= elapsed + 2  # the first at once, then one a second at most
+    assert all(e["level"] == "warning" for e in lines)
+
+
+@pytest.mark.timeout(60)
+def test_running_out_of_file_descriptors_is_refused_and_logged(
+    start: Callable[..., Daemon],
+) -> None:
+    """Under a low open-files limit, clients beyond it get 503 (not the silent close the
+    event loop would do), and the operator a rate-limited warning with a count."""
+    daemon = start("--max-connections", "0", prefix=("prlimit", "--nofile=128:128", "--"))
+    held: list[socket.socket] = []
+    statuses: list[bytes] = []
+    began = time.monotonic()
+    try:
+        for _ in range(200):
+            try:
+                held.append(rawws.connect(daemon.port))
+                statuses.append(b"101")
+            except ConnectionError as exc:
+                statuses.append(str(exc).encode())
+        elapsed = time.monotonic() - began
+        # Still serving those it kept.
+        rawws.send_frame(held[0], rawws.OP_TEXT, b"alive")
+        assert rawws.read_frame(held[0]) == (rawws.OP_TEXT, b"alive")
+    finally:
+        for sock in held:
+            sock.close()
+    stop(daemon)
+    at_capacity = sum(b"503" in s for s in statuses)
+    print(f"{len(held)} kept, {at_capacity} refused with 503 under 128 file descriptors")
+    assert 50 < len(held) < 128
+    assert at_capacity > 0
+    lines = refusals(daemon, "open files limit")
+    assert sum(e["count"] for e in lines) >= at_capacity
+    assert len(lines) <= elapsed + 2
