@@ -225,10 +225,15 @@ def test_idle_server_stops_on_sigint_at_once(start: Callable[..., Daemon]) -> No
     assert daemon.wait_for("drained")["connections"] == 0
 
 
-def test_sighup_does_not_stop_the_server(start: Callable[..., Daemon]) -> None:
+@pytest.mark.parametrize("sig", [signal.SIGHUP, signal.SIGUSR1], ids=["SIGHUP", "SIGUSR1"])
+def test_reload_signals_do_not_stop_the_server(
+    start: Callable[..., Daemon], sig: signal.Signals
+) -> None:
+    """SIGUSR1 is what logrotate rules written for nginx send: it used to kill wsechod."""
     daemon = start()
-    daemon.signal(signal.SIGHUP)
-    daemon.wait_for("settings reloaded: nothing changed")
+    daemon.signal(sig)
+    reloaded = daemon.wait_for("settings reloaded: nothing changed")
+    assert reloaded["signal"] == sig.name
     assert http_get(daemon.port, "/healthz")[0] == 200
     assert daemon.proc.poll() is None
 
