@@ -286,9 +286,9 @@ class Supervisor:
 
     def _exited(self, slot: _Slot, status: int, cpu: float) -> None:
         pid, slot.pid = slot.pid, None
-        self._look()  # it may have listened before the doorbell was answered
-        if slot.listening:
+        if slot.listening:  # counted as running
             self.totals.running -= 1
+        self._look()  # it may have listened before its doorbell was answered (not counted)
         self.totals.fold(slot.index, slot.gen, cpu)
         code = os.waitstatus_to_exitcode(status)
         how = {"exit_status": code} if code >= 0 else {"signal": signal.Signals(-code).name}
