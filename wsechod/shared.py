@@ -167,9 +167,11 @@ class Worker:
         self._engine.loop.call_later(PUBLISH_INTERVAL, self._tick)
 
     def _tick(self) -> None:
-        self.publish()
-        self._tick_hook(self)
-        self._schedule()
+        try:
+            self.publish()
+            self._tick_hook(self)
+        finally:  # whatever happens, keep publishing: a silent worker looks wedged
+            self._schedule()
 
     def page(self) -> Reply:
         """The daemon's ``/metrics`` page, as the main process last rendered it."""

@@ -344,7 +344,6 @@ class Supervisor:
                 slot.due = None
             # The workers hold their own: these copies were kept to start workers again.
             self.bound.close()
-            self.due.pop("notify", None)
             if self.notifier.enabled:
                 self._extend()
         elif self.stops == 2:
