@@ -40,10 +40,12 @@ from bench.peers import (
     RELAY_PEERS,
     ROOT,
     SCRAPED_PEERS,
+    WORKERS,
     Peer,
     PeerError,
     Server,
     kill_all,
+    workers_peer,
 )
 
 SATURATED = 0.90  # client CPU / wall time from which the client is the bottleneck
@@ -267,6 +269,8 @@ def selected(kind: str, args: argparse.Namespace) -> list[Peer]:
             peers.append(peer)
             if peer.name == "wsechod" and args.scrape:
                 peers.append(SCRAPED_PEERS[kind])
+        if peer.name == "wsechod" and kind == "echo" and args.workers > 1 and WORKERS in args.only:
+            peers.append(workers_peer(args.workers))
     return peers
 
 
@@ -286,7 +290,8 @@ async def run_all(args: argparse.Namespace, results: Results) -> None:
     plan: list[tuple[Peer, str]] = []
     for peer in selected("echo", args):
         for scenario in ("echo", "idle"):
-            if scenario in args.scenarios and not (peer.scrape and scenario == "idle"):
+            idle_only_alone = peer.scrape or peer.name == WORKERS
+            if scenario in args.scenarios and not (idle_only_alone and scenario == "idle"):
                 plan.append((peer, scenario))
     if "fanout" in args.scenarios:
         plan += [(p, "fanout") for p in selected("relay", args)]
@@ -366,7 +371,10 @@ def table(args: argparse.Namespace, results: Results) -> tuple[str, dict[str, An
             entry[p.name] = {"value": value, "client_saturated": saturated}
         lines.append(f"  {fig.label:<28}" + "".join(f"{c:>13}" for c in cells))
         if fig.ratios:
-            for base, label in ((base_name, base_label), ("ws", "ws")):
+            bases = [(base_name, base_label), ("ws", "ws")]
+            if any(p.name == WORKERS for p in peers):  # how the workers scale
+                bases.append(("wsechod", "wsechod"))
+            for base, label in bases:
                 ref = medians.get(base)
                 row = []
                 for p in peers:
@@ -376,7 +384,7 @@ def table(args: argparse.Namespace, results: Results) -> tuple[str, dict[str, An
                         continue
                     ratio = m[0] / ref[0]
                     row.append(("*" if m[1] or ref[1] else "") + f"{ratio:.2f}")
-                    entry[p.name][f"x_{'baseline' if base == base_name else 'ws'}"] = ratio
+                    entry[p.name][f"x_{'baseline' if base == base_name else base}"] = ratio
                 lines.append(f"    x {label:<26}" + "".join(f"{c:>13}" for c in row))
         summary.setdefault(section, {})[fig.label] = entry
     return "\n".join(lines), summary
@@ -418,6 +426,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--only", help="peers, comma-separated: " + ",".join(sorted(peer_names())))
     add("--scenarios", default=",".join(SCENARIOS), help="any of echo,idle,fanout")
     add("--scrape", action="store_true", help="also measure wsechod scraped every second")
+    add(
+        "--workers",
+        type=int,
+        default=len(os.sched_getaffinity(0)),
+        help="also measure wsechod with this many workers, on every core (default: the "
+        "cores this process may use; 0 or 1: not)",
+    )
     add("--json", type=Path, default=ROOT / "bench" / "results.json", help="where to write")
     args = parser.parse_args(argv)
 
@@ -451,7 +466,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def peer_names() -> set[str]:
-    return {p.name for p in (*ECHO_PEERS, *RELAY_PEERS)}
+    return {p.name for p in (*ECHO_PEERS, *RELAY_PEERS)} | {WORKERS}
 
 
 def place(args: argparse.Namespace) -> None:
@@ -505,6 +520,12 @@ def main() -> None:
         "the bottleneck, the server can do at least this (trust server CPU µs/msg instead); "
         "* the same run's latencies (they include client queueing) and ratios involving them."
     )
+    if args.workers > 1 and WORKERS in args.only:
+        print(
+            f"wsechod {args.workers}w: {args.workers} worker processes on every core, the "
+            "client's core included (x wsechod: ÷ one process on the server core); its server "
+            "CPU and core busy % add up every process (200 % is two cores)."
+        )
     for error in results.errors:
         print(f"error: {error}")
     print(f"total time {elapsed:.0f} s")

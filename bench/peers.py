@@ -1,6 +1,7 @@
 """The servers under test: how to start each, pinned to one core, and stop it for sure."""
 
 import collections
+import contextlib
 import os
 import queue
 import re
@@ -59,6 +60,7 @@ class Peer:
     kind: str  # "echo" or "relay"
     argv: tuple[str, ...]  # "wsechod", "node", "python" and arguments
     scrape: bool = False  # GET /metrics every second while it is measured (--scrape)
+    pinned: bool = True  # on the server core; else on every core (several workers)
 
     def command(self, subscribers: int) -> list[str]:
         how, *args = self.argv
@@ -90,13 +92,25 @@ SCRAPED_PEERS = {
     "relay": Peer(SCRAPED, "scraped", "relay", ("wsechod", "--mode", "relay"), scrape=True),
 }
 
+# With --workers N (N > 1): wsechod with N worker processes, on every core.
+WORKERS = "wsechod-workers"
 
-def pin(core: int | None) -> list[str]:
+
+def workers_peer(n: int) -> Peer:
+    return Peer(WORKERS, f"wsechod {n}w", "echo", ("wsechod", "--workers", str(n)), pinned=False)
+
+
+# Every core the bench may use, before it pins itself to the client's (set by its placement):
+# the workers peer runs on all of them.
+ALL_CORES: list[int] = sorted(os.sched_getaffinity(0))
+
+
+def pin(cores: list[int] | None) -> list[str]:
     prefix = []
     if shutil.which("setpriv"):  # killed with us, even by SIGKILL
         prefix += ["setpriv", "--pdeathsig", "KILL", "--"]
-    if core is not None and shutil.which("taskset"):
-        prefix += ["taskset", "-c", str(core)]
+    if cores is not None and shutil.which("taskset"):
+        prefix += ["taskset", "-c", ",".join(map(str, cores))]
     return prefix
 
 
@@ -111,7 +125,10 @@ class Server:
         self.tail: collections.deque[str] = collections.deque(maxlen=20)
         try:
             self.proc = subprocess.Popen(
-                [*pin(core), *peer.command(subscribers)],
+                [
+                    *pin(([core] if core is not None else None) if peer.pinned else ALL_CORES),
+                    *peer.command(subscribers),
+                ],
                 cwd=ROOT,
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.PIPE,
@@ -150,9 +167,24 @@ class Server:
             ports.put(None)
 
     def cpu_seconds(self) -> float:
-        """User + system time of the whole process (every thread), from /proc."""
-        stat = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(stat[11]) + int(stat[12])) / CLOCK_TICKS
+        """User + system time of the whole process (every thread), and of its children
+        (workers): those running, and those it has reaped."""
+        stat = _stat(self.pid)
+        ticks = sum(map(int, stat[11:15]))  # utime, stime, cutime, cstime
+        for child in self.children():
+            with contextlib.suppress(OSError):
+                ticks += int(_stat(child)[11]) + int(_stat(child)[12])
+        return ticks / CLOCK_TICKS
+
+    def children(self) -> list[int]:
+        """Its child processes (no /proc/PID/task/TID/children on every kernel: a scan)."""
+        found = []
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit():
+                with contextlib.suppress(OSError):
+                    if int(_stat(int(entry.name))[1]) == self.pid:
+                        found.append(int(entry.name))
+        return found
 
     def rss_bytes(self) -> int:
         return int(Path(f"/proc/{self.pid}/statm").read_text().split()[1]) * PAGE
@@ -174,6 +206,11 @@ class Server:
             self.proc.kill()
         self.proc.wait()
         LIVE.discard(self)
+
+
+def _stat(pid: int) -> list[str]:
+    """/proc/PID/stat after the command name: state, ppid, ..., utime at [11]."""
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
 
 
 def kill_all() -> None:

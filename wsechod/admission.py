@@ -38,16 +38,19 @@ def admission(
     app: Application,
     settings: Callable[[], Settings],
     metrics: Callable[[], Reply] | None = None,
+    degraded: Callable[[], str | None] | None = None,
 ) -> Callable[[Request], Reply | None]:
     """``settings()``: the settings of the moment (a reload may change the limits);
-    ``metrics()``: the ``/metrics`` page, rendered at each request."""
+    ``metrics()``: the ``/metrics`` page, rendered at each request; ``degraded()``: what
+    ``/healthz`` reports missing (default: the application's, ``app.degraded``)."""
+    why = app.degraded if degraded is None else degraded
 
     def admit(request: Request) -> Reply | None:  # noqa: PLR0911 - one answer per rule
         if request.method not in ("GET", "HEAD"):
             text = "only GET is served\n"
             return Reply(http.HTTPStatus.METHOD_NOT_ALLOWED, text, ALLOW, refused="method")
         if request.route == "/healthz":
-            return health(state, app)
+            return health(state, why)
         if request.route == "/metrics" and metrics is not None:
             return metrics()  # during the drain too: its last figures are the interesting ones
         if state.draining:
@@ -110,11 +113,11 @@ def per_address_refused(state: State, request: Request, settings: Settings) -> R
     )
 
 
-def health(state: State, app: Application) -> Reply:
+def health(state: State, degraded: Callable[[], str | None]) -> Reply:
     """200 while serving, 503 while draining, so load balancers stop sending clients.
     Still 200 when degraded: this instance serves its own clients; the body says what is
     missing."""
     if state.draining:
         return Reply(http.HTTPStatus.SERVICE_UNAVAILABLE, "draining\n")
-    why = app.degraded()
+    why = degraded()
     return Reply(http.HTTPStatus.OK, "ok\n" if why is None else f"degraded: {why}\n")

@@ -13,6 +13,7 @@ readiness through a callback.
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import ipaddress
 import os
 import signal
@@ -25,7 +26,7 @@ from typing import Any
 
 import structlog
 
-from wsechod import brokers, metrics, ratelimit, tls
+from wsechod import brokers, metrics, ratelimit, shared, tls
 from wsechod.admission import admission
 from wsechod.apps.echo import Echo
 from wsechod.apps.relay import Relay
@@ -60,6 +61,8 @@ class Lifecycle:
         self.engine: Engine | None = None  # set once serving
         self.app: Application | None = None
         self.handoff = False  # the sockets belong to systemd: stop accepting at once
+        # One of several workers: /metrics and /healthz answer for the whole daemon.
+        self.shared: shared.Worker | None = None
 
     def request_stop(self, reason: str) -> None:
         """First call: drain gracefully. Second call: end the drain at once."""
@@ -201,10 +204,17 @@ async def serve(
         assert isinstance(app, Relay)
         await broker.start(app.deliver)
     engine = Engine(engine_options, app)
-    page = metrics.exporter(engine, app)
-    engine.set_admission(admission(engine, app, lambda: life.settings, page))
+    worker = life.shared
+    if worker is None:
+        admit = admission(engine, app, lambda: life.settings, metrics.exporter(engine, app))
+    else:
+        degraded = functools.partial(worker.degraded, app)
+        admit = admission(engine, app, lambda: life.settings, worker.page, degraded)
+    engine.set_admission(admit)
     await engine.listen(sockets)
     life.attach(engine, app, handoff)
+    if worker is not None:
+        worker.attach(engine, app)
     log.info("listening", addresses=engine.addresses, mode=settings.mode, pid=os.getpid())
     if ready is not None:
         ready()

@@ -63,11 +63,17 @@ class SocketFile:
 @dataclass(slots=True)
 class Bound:
     """The listening sockets, the unix socket files made for them (removed at exit), and
-    the stale ones replaced (for a warning in the log)."""
+    the stale ones replaced (for a warning in the log). With several workers, ``groups``
+    holds each one's sockets: its own copy of each TCP listener, and the shared ones."""
 
     sockets: list[socket.socket] = field(default_factory=list)
     files: list[SocketFile] = field(default_factory=list)
     replaced: list[str] = field(default_factory=list)
+    groups: list[list[socket.socket]] = field(default_factory=list)
+
+    def group(self, worker: int) -> list[socket.socket]:
+        """What worker ``worker`` serves: all the sockets, if they are not per worker."""
+        return self.groups[worker] if self.groups else self.sockets
 
     def close(self) -> None:
         for sock in self.sockets:
@@ -81,16 +87,33 @@ class Bound:
 
 
 def bind(
-    where: Sequence[ListenAddress], *, mode: int = 0o660, owner: tuple[int, int] | None = None
+    where: Sequence[ListenAddress],
+    *,
+    mode: int = 0o660,
+    owner: tuple[int, int] | None = None,
+    copies: int = 1,
 ) -> Bound:
-    """Listen on every address; unix socket files get ``mode`` and ``owner`` (uid, gid)."""
+    """Listen on every address; unix socket files get ``mode`` and ``owner`` (uid, gid).
+
+    ``copies`` > 1 (workers): each TCP address is bound that many times with SO_REUSEPORT,
+    so that the kernel spreads the connections over the workers' sockets; a unix socket
+    is one, shared (the workers take turns accepting on it)."""
     bound = Bound()
+    groups: list[list[socket.socket]] = [[] for _ in range(copies)] if copies > 1 else []
     try:
         for address in where:
             if address.path:
-                bound.sockets.append(_listen_unix(address.path, mode, owner, bound))
+                sock = _listen_unix(address.path, mode, owner, bound)
+                bound.sockets.append(sock)
+                for group in groups:
+                    group.append(sock)
+            elif groups:
+                for i, sock in enumerate(_bind_tcp_copies(address.host, address.port, copies)):
+                    bound.sockets.append(sock)
+                    groups[i % copies].append(sock)
             else:
                 bound.sockets += _bind_tcp(address.host, address.port)
+        bound.groups = groups
     except BaseException:
         bound.close()
         bound.remove_files()
@@ -133,10 +156,52 @@ def _bind_tcp(host: str, port: int) -> list[socket.socket]:
     return sockets
 
 
-def _listen(family: int, address: str, port: int) -> socket.socket:
+def _bind_tcp_copies(host: str, port: int, copies: int) -> list[socket.socket]:
+    """``copies`` sockets for each address ``host`` resolves to, in that order per address,
+    all on one port with SO_REUSEPORT.
+
+    SO_REUSEPORT would also let these join the sockets of another process of the same user
+    that has it set (another wsechod with workers): each address is first bound alone,
+    without it, so that a port in use is "Address already in use" as with one worker."""
+    sockets: list[socket.socket] = []
+    seen: set[tuple[int, str]] = set()
+    try:
+        for family, address in resolve(host, port):
+            if (family, address) in seen:
+                continue
+            seen.add((family, address))
+            if sockets and port == 0:
+                port = sockets[0].getsockname()[1]
+            port = _probe(family, address, port)
+            sockets += [_listen(family, address, port, reuseport=True) for _ in range(copies)]
+    except BaseException:
+        for sock in sockets:
+            sock.close()
+        raise
+    return sockets
+
+
+def _probe(family: int, address: str, port: int) -> int:
+    """Bind (not listen) without SO_REUSEPORT: fails if anything listens there; returns
+    the port (the one the kernel picked, for port 0)."""
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        try:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            probe.bind((address, port))
+        except OSError as exc:
+            where = format_address((address, port))
+            raise BindError(f"cannot listen on {where}: {exc.strerror or exc}") from None
+        return int(probe.getsockname()[1])
+
+
+def _listen(family: int, address: str, port: int, *, reuseport: bool = False) -> socket.socket:
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuseport:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         if family == socket.AF_INET6:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         sock.bind((address, port))

@@ -6,13 +6,17 @@ sums them when Prometheus scrapes. The registry is the daemon's own, not
 prometheus_client's global one, so an embedding program's metrics and ours never mix.
 """
 
+import collections
+import dataclasses
 import http
+import json
 import operator
 import os
 import platform
 import resource
 import time
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 from prometheus_client import CollectorRegistry, ProcessCollector, generate_latest
@@ -64,6 +68,221 @@ def counter(name: str, doc: str, labels: list[str], values: Mapping[Any, int]) -
     return family
 
 
+@dataclass(slots=True)
+class Snapshot:
+    """The daemon's figures as plain data: what ``/metrics`` renders, and what each worker
+    publishes for the main process to add up (``to_json``). Counters are keyed
+    ``family/label/label`` (``closes/client/1000/1000``), gauges by name."""
+
+    gauges: dict[str, float] = field(default_factory=dict)
+    counters: dict[str, int] = field(default_factory=dict)
+    relay: bool = False
+    degraded: str | None = None  # why the broker does not relay between instances
+
+    def to_json(self) -> bytes:
+        return json.dumps(dataclasses.asdict(self), separators=(",", ":")).encode()
+
+    @classmethod
+    def from_json(cls, data: bytes) -> "Snapshot":
+        raw = json.loads(data)
+        return cls(raw["gauges"], raw["counters"], bool(raw["relay"]), raw["degraded"])
+
+
+def merge(snapshots: Iterable[Snapshot]) -> Snapshot:
+    """The sum of several processes' snapshots: a stop has begun if any has begun it; the
+    broker is connected if every worker's is."""
+    total = Snapshot()
+    gauges, counters = total.gauges, collections.Counter[str]()
+    for snap in snapshots:
+        for key, value in snap.gauges.items():
+            if key == "draining":
+                gauges[key] = max(gauges.get(key, 0), value)
+            elif key == "broker_connected":
+                gauges[key] = min(gauges.get(key, 1), value)
+            else:
+                gauges[key] = gauges.get(key, 0) + value
+        counters.update(snap.counters)
+        total.relay = total.relay or snap.relay
+        total.degraded = total.degraded or snap.degraded
+    total.counters = dict(counters)
+    return total
+
+
+def snapshot(engine: Engine, app: Application) -> Snapshot:
+    """Read the engine's, the relay's and the broker's plain counts now."""
+    stats, live = engine.stats, engine.connections
+
+    def count(attribute: str) -> int:
+        return sum(map(operator.attrgetter(attribute), live))  # a loop in C
+
+    gauges: dict[str, float] = {
+        "draining": int(engine.draining),
+        "connections_open": len(live),
+        "handshakes_pending": len(engine.handshakes),
+    }
+    counters = {
+        "connections_opened": stats["connections_opened"],
+        "received/text": stats["text_in"] + count("text_in"),
+        "received/binary": stats["messages_in"] - stats["text_in"] + count("binary_in"),
+        "sent/text": stats["text_out"] + count("text_out"),
+        "sent/binary": stats["messages_out"] - stats["text_out"] + count("binary_out"),
+        "bytes_in": stats["bytes_in"] + count("bytes_in"),
+        "bytes_out": stats["bytes_out"] + count("bytes_out"),
+    }
+    for key, value in stats.items():
+        if key.startswith(("refused_", "failed_")):
+            family, _, label = key.partition("_")
+            counters[f"{family}/{label}"] = value
+    for labels, value in engine.closes.items():
+        counters["closes/" + "/".join(labels)] = value
+    snap = Snapshot(gauges, counters)
+    if isinstance(app, Relay):
+        snap.relay = True
+        gauges["relay_channels"] = len(app.channels)
+        gauges["relay_members"] = sum(len(c.members) for c in app.channels.values())
+        counters["relay_dropped"] = app.stats["dropped"]
+        for action, key in SLOW_ACTIONS.items():
+            counters[f"slow/{action}"] = app.stats[key]
+        counters["relay_remote"] = app.stats["remote"]
+        broker = app.broker
+        snap.degraded = broker.degraded()
+        gauges["broker_connected"] = int(snap.degraded is None)
+        counts = broker.stats()
+        for outcome in BROKER_OUTCOMES:
+            counters[f"broker/{outcome}"] = counts.get(outcome, 0)
+        counters["broker_reconnects"] = counts.get("reconnects", 0)
+    return snap
+
+
+def _labelled(counters: Mapping[str, int], family: str) -> dict[tuple[str, ...], int]:
+    """The samples of one labelled family: ``family/a/b`` -> ``("a", "b")``."""
+    prefix = family + "/"
+    return {
+        tuple(key[len(prefix) :].split("/")): value
+        for key, value in counters.items()
+        if key.startswith(prefix)
+    }
+
+
+def families(snap: Snapshot) -> Iterable[Metric]:
+    """The wsechod_* families of a snapshot."""
+    gauges, counters = snap.gauges, snap.counters
+    info = GaugeMetricFamily(
+        "wsechod_build_info",
+        "versions of wsechod and Python; always 1",
+        labels=["version", "python"],
+    )
+    info.add_metric([__version__, platform.python_version()], 1)
+    yield info
+    yield GaugeMetricFamily(
+        "wsechod_draining", "1 once a stop has begun (drain), else 0", value=gauges["draining"]
+    )
+    yield GaugeMetricFamily(
+        "wsechod_connections_open",
+        "WebSocket connections open now",
+        value=gauges["connections_open"],
+    )
+    yield GaugeMetricFamily(
+        "wsechod_handshakes_pending",
+        "TCP connections accepted whose opening handshake is not done yet",
+        value=gauges["handshakes_pending"],
+    )
+    yield CounterMetricFamily(
+        "wsechod_connections_opened",
+        "WebSocket connections opened (handshake completed)",
+        value=counters.get("connections_opened", 0),
+    )
+    yield counter(
+        "wsechod_handshakes_refused",
+        "requests answered with an HTTP error instead of the upgrade, by reason",
+        ["reason"],
+        _labelled(counters, "refused"),
+    )
+    doc = "whole WebSocket messages {}, by type (text, binary)"
+    yield counter(
+        "wsechod_messages_received",
+        doc.format("received from clients"),
+        ["type"],
+        _labelled(counters, "received"),
+    )
+    yield counter(
+        "wsechod_messages_sent",
+        doc.format("sent to clients (each relayed copy counts)"),
+        ["type"],
+        _labelled(counters, "sent"),
+    )
+    yield CounterMetricFamily(
+        "wsechod_received_bytes",
+        "payload bytes of the frames received (data and control; compressed size)",
+        value=counters.get("bytes_in", 0),
+    )
+    yield CounterMetricFamily(
+        "wsechod_sent_bytes",
+        "payload bytes of the data frames sent (compressed size)",
+        value=counters.get("bytes_out", 0),
+    )
+    yield counter(
+        "wsechod_closes",
+        "closed WebSocket connections: who sent the first close frame (client, server, "
+        "none), the codes sent and received (none: no close frame; 3000-4999 by range)",
+        ["closed_by", "code_sent", "code_received"],
+        _labelled(counters, "closes"),
+    )
+    yield counter(
+        "wsechod_protocol_failures",
+        "connections the server failed, by close code: protocol violations (1002), "
+        "invalid UTF-8 (1007), too big (1009), keepalive timeouts and errors (1011)",
+        ["code"],
+        _labelled(counters, "failed"),
+    )
+    if snap.relay:
+        yield from _relay(snap)
+
+
+def _relay(snap: Snapshot) -> Iterable[Metric]:
+    gauges, counters = snap.gauges, snap.counters
+    yield GaugeMetricFamily(
+        "wsechod_relay_channels", "relay channels now", gauges.get("relay_channels", 0)
+    )
+    yield GaugeMetricFamily(
+        "wsechod_relay_members", "clients on relay channels now", gauges.get("relay_members", 0)
+    )
+    yield CounterMetricFamily(
+        "wsechod_relay_dropped_messages",
+        "messages not sent to slow consumers (slow_consumer = drop)",
+        value=counters.get("relay_dropped", 0),
+    )
+    yield counter(
+        "wsechod_relay_slow_consumers",
+        "receivers found slow, by what was done: drop (their messages) or close (1008)",
+        ["action"],
+        _labelled(counters, "slow"),
+    )
+    yield CounterMetricFamily(
+        "wsechod_relay_remote_messages",
+        "messages from other instances (the broker) relayed to local members",
+        value=counters.get("relay_remote", 0),
+    )
+    yield GaugeMetricFamily(
+        "wsechod_broker_connected",
+        "1 while the broker relays between instances, 0 while degraded (see /healthz)",
+        value=gauges.get("broker_connected", 1),
+    )
+    yield counter(
+        "wsechod_broker_messages",
+        "messages between instances by outcome: published (answered by Redis), delivered "
+        "(from other instances), lost (never sent), unconfirmed (sent, not answered), "
+        "failed (refused by Redis), malformed (not wsechod's)",
+        ["outcome"],
+        _labelled(counters, "broker"),
+    )
+    yield CounterMetricFamily(
+        "wsechod_broker_reconnects",
+        "sessions with the broker after the first",
+        value=counters.get("broker_reconnects", 0),
+    )
+
+
 class WsechodCollector(Collector):
     """Reads the engine's, the relay's and the broker's counters at scrape time."""
 
@@ -72,138 +291,76 @@ class WsechodCollector(Collector):
         self.app = app
 
     def collect(self) -> Iterable[Metric]:
-        engine = self.engine
-        stats = engine.stats
-        info = GaugeMetricFamily(
-            "wsechod_build_info",
-            "versions of wsechod and Python; always 1",
-            labels=["version", "python"],
-        )
-        info.add_metric([__version__, platform.python_version()], 1)
-        yield info
-        yield GaugeMetricFamily(
-            "wsechod_draining", "1 once a stop has begun (drain), else 0", value=engine.draining
-        )
-        yield GaugeMetricFamily(
-            "wsechod_connections_open",
-            "WebSocket connections open now",
-            value=len(engine.connections),
-        )
-        yield GaugeMetricFamily(
-            "wsechod_handshakes_pending",
-            "TCP connections accepted whose opening handshake is not done yet",
-            value=len(engine.handshakes),
-        )
-        yield CounterMetricFamily(
-            "wsechod_connections_opened",
-            "WebSocket connections opened (handshake completed)",
-            value=stats["connections_opened"],
-        )
-        yield counter(
-            "wsechod_handshakes_refused",
-            "requests answered with an HTTP error instead of the upgrade, by reason",
-            ["reason"],
-            {
-                (k.removeprefix("refused_"),): v
-                for k, v in stats.items()
-                if k.startswith("refused_")
-            },
-        )
-        yield from self._traffic()
-        yield counter(
-            "wsechod_closes",
-            "closed WebSocket connections: who sent the first close frame (client, server, "
-            "none), the codes sent and received (none: no close frame; 3000-4999 by range)",
-            ["closed_by", "code_sent", "code_received"],
-            engine.closes,
-        )
-        yield counter(
-            "wsechod_protocol_failures",
-            "connections the server failed, by close code: protocol violations (1002), "
-            "invalid UTF-8 (1007), too big (1009), keepalive timeouts and errors (1011)",
-            ["code"],
-            {(k.removeprefix("failed_"),): v for k, v in stats.items() if k.startswith("failed_")},
-        )
-        if isinstance(self.app, Relay):
-            yield from self._relay(self.app)
+        return families(snapshot(self.engine, self.app))
 
-    def _traffic(self) -> Iterable[Metric]:
-        """Messages and bytes: the totals of closed connections plus those still open."""
-        stats, live = self.engine.stats, self.engine.connections
 
-        def count(attribute: str) -> int:
-            return sum(map(operator.attrgetter(attribute), live))  # a loop in C
+@dataclass(frozen=True, slots=True)
+class ProcessFigures:
+    """One process's figures, from /proc/PID alone."""
 
-        text_in = stats["text_in"] + count("text_in")
-        binary_in = stats["messages_in"] - stats["text_in"] + count("binary_in")
-        text_out = stats["text_out"] + count("text_out")
-        binary_out = stats["messages_out"] - stats["text_out"] + count("binary_out")
-        doc = "whole WebSocket messages {}, by type (text, binary)"
-        yield counter(
-            "wsechod_messages_received",
-            doc.format("received from clients"),
-            ["type"],
-            {("text",): text_in, ("binary",): binary_in},
-        )
-        yield counter(
-            "wsechod_messages_sent",
-            doc.format("sent to clients (each relayed copy counts)"),
-            ["type"],
-            {("text",): text_out, ("binary",): binary_out},
-        )
-        yield CounterMetricFamily(
-            "wsechod_received_bytes",
-            "payload bytes of the frames received (data and control; compressed size)",
-            value=stats["bytes_in"] + count("bytes_in"),
-        )
-        yield CounterMetricFamily(
-            "wsechod_sent_bytes",
-            "payload bytes of the data frames sent (compressed size)",
-            value=stats["bytes_out"] + count("bytes_out"),
-        )
+    cpu_seconds: float
+    virtual_bytes: float
+    resident_bytes: float
+    start_time: float  # seconds since the epoch
+    open_fds: int
 
-    def _relay(self, relay: Relay) -> Iterable[Metric]:
-        yield GaugeMetricFamily("wsechod_relay_channels", "relay channels now", len(relay.channels))
+
+_TICKS = os.sysconf("SC_CLK_TCK")
+_PAGE = resource.getpagesize()
+
+
+def process_figures(pid: int | str = "self") -> ProcessFigures | None:
+    """None if the process is gone (or hidden from us)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            parts = f.read().rsplit(b")", 1)[-1].split()
+        fds = len(os.listdir(f"/proc/{pid}/fd"))
+    except OSError:
+        return None
+    booted = round(time.time() - time.clock_gettime(time.CLOCK_BOOTTIME))  # /proc/stat's
+    return ProcessFigures(
+        cpu_seconds=(float(parts[11]) + float(parts[12])) / _TICKS,
+        virtual_bytes=float(parts[20]),
+        resident_bytes=float(parts[21]) * _PAGE,
+        start_time=float(parts[19]) / _TICKS + booted,
+        open_fds=fds,
+    )
+
+
+def process_families(
+    figures: list[ProcessFigures], extra_cpu: float = 0.0, start_time: float | None = None
+) -> Iterable[Metric]:
+    """ProcessCollector's families, summed over ``figures`` (memory counts the pages that
+    processes share once per process); ``extra_cpu``: that of processes gone."""
+    limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]  # per process; all have the same
+    if start_time is None:
+        start_time = min(f.start_time for f in figures)
+    yield GaugeMetricFamily(
+        "process_virtual_memory_bytes",
+        "Virtual memory size in bytes.",
+        sum(f.virtual_bytes for f in figures),
+    )
+    yield GaugeMetricFamily(
+        "process_resident_memory_bytes",
+        "Resident memory size in bytes.",
+        sum(f.resident_bytes for f in figures),
+    )
+    yield GaugeMetricFamily(
+        "process_start_time_seconds",
+        "Start time of the process since unix epoch in seconds.",
+        start_time,
+    )
+    yield CounterMetricFamily(
+        "process_cpu_seconds",
+        "Total user and system CPU time spent in seconds.",
+        value=sum(f.cpu_seconds for f in figures) + extra_cpu,
+    )
+    yield GaugeMetricFamily(
+        "process_open_fds", "Number of open file descriptors.", sum(f.open_fds for f in figures)
+    )
+    if limit != resource.RLIM_INFINITY:
         yield GaugeMetricFamily(
-            "wsechod_relay_members",
-            "clients on relay channels now",
-            sum(len(c.members) for c in relay.channels.values()),
-        )
-        yield CounterMetricFamily(
-            "wsechod_relay_dropped_messages",
-            "messages not sent to slow consumers (slow_consumer = drop)",
-            value=relay.stats["dropped"],
-        )
-        yield counter(
-            "wsechod_relay_slow_consumers",
-            "receivers found slow, by what was done: drop (their messages) or close (1008)",
-            ["action"],
-            {(action,): relay.stats[key] for action, key in SLOW_ACTIONS.items()},
-        )
-        yield CounterMetricFamily(
-            "wsechod_relay_remote_messages",
-            "messages from other instances (the broker) relayed to local members",
-            value=relay.stats["remote"],
-        )
-        broker = relay.broker
-        counts = broker.stats()
-        yield GaugeMetricFamily(
-            "wsechod_broker_connected",
-            "1 while the broker relays between instances, 0 while degraded (see /healthz)",
-            value=broker.degraded() is None,
-        )
-        yield counter(
-            "wsechod_broker_messages",
-            "messages between instances by outcome: published (answered by Redis), delivered "
-            "(from other instances), lost (never sent), unconfirmed (sent, not answered), "
-            "failed (refused by Redis), malformed (not wsechod's)",
-            ["outcome"],
-            {(outcome,): counts.get(outcome, 0) for outcome in BROKER_OUTCOMES},
-        )
-        yield CounterMetricFamily(
-            "wsechod_broker_reconnects",
-            "sessions with the broker after the first",
-            value=counts.get("reconnects", 0),
+            "process_max_fds", "Maximum number of open file descriptors.", float(limit)
         )
 
 
@@ -211,39 +368,6 @@ class SelfProcessCollector(Collector):
     """ProcessCollector's families from /proc/self alone, for where /proc/stat (the boot
     time, which ProcessCollector needs) is hidden, as under the shipped systemd unit."""
 
-    def __init__(self) -> None:
-        self._ticks = os.sysconf("SC_CLK_TCK")
-        self._page = resource.getpagesize()
-
     def collect(self) -> Iterable[Metric]:
-        try:
-            with open("/proc/self/stat", "rb") as f:
-                parts = f.read().rsplit(b")", 1)[-1].split()
-            fds = len(os.listdir("/proc/self/fd"))
-        except OSError:
-            return
-        booted = round(time.time() - time.clock_gettime(time.CLOCK_BOOTTIME))  # /proc/stat's
-        limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-        yield GaugeMetricFamily(
-            "process_virtual_memory_bytes", "Virtual memory size in bytes.", float(parts[20])
-        )
-        yield GaugeMetricFamily(
-            "process_resident_memory_bytes",
-            "Resident memory size in bytes.",
-            float(parts[21]) * self._page,
-        )
-        yield GaugeMetricFamily(
-            "process_start_time_seconds",
-            "Start time of the process since unix epoch in seconds.",
-            float(parts[19]) / self._ticks + booted,
-        )
-        yield CounterMetricFamily(
-            "process_cpu_seconds",
-            "Total user and system CPU time spent in seconds.",
-            value=(float(parts[11]) + float(parts[12])) / self._ticks,
-        )
-        yield GaugeMetricFamily("process_open_fds", "Number of open file descriptors.", fds)
-        if limit != resource.RLIM_INFINITY:
-            yield GaugeMetricFamily(
-                "process_max_fds", "Maximum number of open file descriptors.", float(limit)
-            )
+        figures = process_figures()
+        return [] if figures is None else process_families([figures])

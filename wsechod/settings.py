@@ -44,6 +44,7 @@ LOG_FORMATS = ("auto", "console", "json")
 COMPRESSIONS = ("none", "deflate")
 MODES = ("echo", "relay")
 SLOW_CONSUMER_POLICIES = ("drop", "close")
+MAX_WORKERS = 1024
 BROKER_SCHEMES = ("redis", "rediss", "unix")
 
 T = TypeVar("T")
@@ -126,6 +127,7 @@ def _opt(
     check: Callable[[Any], Any] | None = None,
     restart: bool = False,
     item: Callable[[str], str] | None = None,
+    words: Mapping[str, Callable[[], Any]] | None = None,
 ) -> T:
     """``path``: the value is a file path, made absolute (a daemon runs in /), except for
     the words listed, which have a meaning of their own. ``aliases``: other spellings of
@@ -133,7 +135,8 @@ def _opt(
     reads (echo mode warns that it has no effect). ``check``: validates the value and
     returns it normalized (raises ValueError). ``restart``: a reload (SIGHUP) cannot
     change it; the others take effect for new connections. ``item``: the key is a list
-    (``tuple[str, ...]``) and this checks and normalises each entry (ValueError)."""
+    (``tuple[str, ...]``) and this checks and normalises each entry (ValueError).
+    ``words``: names that stand for a value computed at load time (``workers = "auto"``)."""
     meta = {
         "restart": restart,
         "doc": doc,
@@ -145,6 +148,7 @@ def _opt(
         "url": url,
         "check": check,
         "item": item,
+        "words": words or {},
     }
     return field(default=default, metadata=meta)
 
@@ -290,6 +294,16 @@ class Settings:
         "relay: seconds a receiver may stay above write_limit before it counts as slow",
         minimum=0,
     )
+    # --- processes ---
+    workers: int = _opt(
+        1,
+        "serving processes sharing the listeners, supervised by the main one; auto: one "
+        "per CPU this process may use",
+        minimum=1,
+        maximum=MAX_WORKERS,
+        words={"auto": lambda: len(os.sched_getaffinity(0))},
+        restart=True,
+    )
     daemon: bool = _opt(False, "detach from the terminal and run in the background", restart=True)
     pidfile: str = _opt(
         "", "write the pid here, locked while running; '': none", path=(), restart=True
@@ -371,7 +385,7 @@ def load(cli: Mapping[str, str], environ: Mapping[str, str], config: str | None)
                 continue
             _check_known(key, f"in {where}")
             values[key] = _convert(key, raw, where, text=False)  # TOML values are typed
-            sources[key] = where
+            sources[key] = _source(key, raw, where)
 
     ignored: list[str] = []
     for var, raw in sorted(environ.items()):
@@ -386,16 +400,17 @@ def load(cli: Mapping[str, str], environ: Mapping[str, str], config: str | None)
             continue
         _check_known(key, f"from environment variable {var}")
         values[key] = _convert(key, raw, var, text=True)
-        sources[key] = var
+        sources[key] = _source(key, raw, var)
 
     for key, raw in cli.items():
         if key in RETIRED:
             retired[key] = flag_name(key)
             continue
         values[key] = _convert(key, raw, flag_name(key), text=True)
-        sources[key] = flag_name(key)
+        sources[key] = _source(key, raw, flag_name(key))
 
     settings = Settings(**values)
+    _check_workers(settings, sources)
     _check_broker_package(settings, sources)
     _check_tls(settings, sources)
     notices = [
@@ -504,6 +519,30 @@ def _check_tls(settings: Settings, sources: Mapping[str, str]) -> None:
         ) from None
 
 
+def _word(key: str, raw: Any) -> str | None:
+    """The word ``raw`` is, if it is one of the key's ``words``."""
+    words = _BY_NAME[key].metadata["words"]
+    word = raw.strip().lower() if isinstance(raw, str) else None
+    return word if word in words else None
+
+
+def _source(key: str, raw: Any, where: str) -> str:
+    """Where a value came from; a word says what it was: ``--workers (auto)``."""
+    word = _word(key, raw)
+    return where if word is None else f"{where} ({word})"
+
+
+def _check_workers(settings: Settings, sources: Mapping[str, str]) -> None:
+    """The memory broker relays within one process: with several, members of one channel
+    on different workers would never hear each other."""
+    if settings.workers > 1 and settings.mode == "relay" and settings.broker == "memory":
+        raise SettingsError(
+            f"invalid workers {settings.workers} (from {sources['workers']}): relay mode with "
+            "several workers needs a broker they share (broker = redis://...); the memory "
+            "broker relays within one process"
+        )
+
+
 def _check_broker_package(settings: Settings, sources: Mapping[str, str]) -> None:
     """The Redis broker needs redis-py, an optional extra: say so before anything starts."""
     if settings.mode != "relay" or settings.broker == "memory":
@@ -553,8 +592,18 @@ def _convert(key: str, raw: Any, source: str, *, text: bool) -> Any:
     f = _BY_NAME[key]
     kind = typing.get_origin(f.type) or f.type  # tuple[str, ...]: a list of strings
     assert isinstance(kind, type)
+    words = f.metadata["words"]
+    word = _word(key, raw)
     try:
-        return _checked(f.metadata, _typed(kind, raw) if text else _native(kind, raw))
+        try:
+            if word is not None:
+                value = words[word]()
+            else:
+                value = _typed(kind, raw) if text else _native(kind, raw)
+        except ValueError as exc:  # not of the key's type: say which words it also takes
+            also = f" (or {', '.join(words)})" if words else ""
+            raise ValueError(f"{exc}{also}") from None
+        return _checked(f.metadata, value)
     except ValueError as exc:
         shown = redact_url(raw) if f.metadata["url"] and isinstance(raw, str) else raw
         if text and isinstance(raw, list):  # a repeated flag: as it was typed

@@ -17,7 +17,17 @@ from pathlib import Path
 from typing import NoReturn
 
 from wsechod import __version__, listeners
-from wsechod.process import daemon, logs, paths, preflight, privileges, runner, samples, systemd
+from wsechod.process import (
+    daemon,
+    logs,
+    paths,
+    preflight,
+    privileges,
+    runner,
+    samples,
+    supervisor,
+    systemd,
+)
 from wsechod.process.logs import LogError
 from wsechod.process.pidfile import PidFile, PidFileError
 from wsechod.process.privileges import Identity
@@ -257,7 +267,12 @@ def _bind(
                 paths.make_directory(directory, owner)
             except OSError as exc:
                 raise listeners.BindError(f"cannot create {directory}: {exc.strerror}") from None
-    return listeners.bind(where, mode=int(settings.unix_socket_mode, 8), owner=socket_owner)
+    return listeners.bind(
+        where,
+        mode=int(settings.unix_socket_mode, 8),
+        owner=socket_owner,
+        copies=settings.workers,
+    )
 
 
 def _serve(
@@ -305,8 +320,10 @@ def _serve_sockets(
             on_ready()
 
     try:
+        if settings.workers > 1:
+            return supervisor.run(settings, bound, ready, handoff, reread)
         return runner.run(settings, bound.sockets, ready, handoff, reread)
-    except TlsError as exc:  # readable before the switch to user, not after
+    except (TlsError, supervisor.WorkerError) as exc:  # TLS: readable as root, not as user
         if on_ready is not None and not started:
             raise
         return _fail(str(exc), EXIT_FAILURE)

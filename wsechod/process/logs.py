@@ -179,10 +179,27 @@ def reopen() -> bool:
     return False
 
 
+# Fields every line of this process carries: a worker's index (see tag).
+_TAGS: dict[str, object] = {}
+
+
+def tag(**fields: object) -> None:
+    """Add ``fields`` to every line this process logs from now on (a worker: its index,
+    so that the lines of several workers in one log can be told apart)."""
+    _TAGS.update(fields)
+
+
+def _add_tags(_: object, __: str, event: structlog.typing.EventDict) -> structlog.typing.EventDict:
+    for key, value in _TAGS.items():
+        event.setdefault(key, value)
+    return event
+
+
 def _shared() -> list[Processor]:
     return [
         structlog.stdlib.add_log_level,
         structlog.stdlib.add_logger_name,
+        _add_tags,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
     ]
 

@@ -27,6 +27,7 @@ from wsechod.lifecycle import (
 )
 from wsechod.process import logs, systemd
 from wsechod.settings import Loaded, Settings, SettingsError, shown
+from wsechod.shared import Worker
 
 log = structlog.stdlib.get_logger("wsechod")
 
@@ -57,6 +58,14 @@ def catch_early_signals() -> None:
 
     for sig in HANDLED_SIGNALS:
         signal.signal(sig, early)
+
+
+def take_early_stops() -> list[str]:
+    """The stop signals caught before a loop could handle them (a supervisor handles them
+    itself rather than pass them to the workers it forks)."""
+    taken = list(_early_stops)
+    _early_stops.clear()
+    return taken
 
 
 def _reload(
@@ -142,9 +151,12 @@ async def _main(
     on_ready: Callable[[], None] | None,
     handoff: bool,
     reread: Callable[[], Loaded] | None,
+    *,
+    worker: Worker | None = None,
 ) -> None:
     loop = asyncio.get_running_loop()
     life = Lifecycle(settings)
+    life.shared = worker
     notifier = systemd.Notifier()
     reporter: asyncio.Task[None] | None = None
     extender: asyncio.Task[None] | None = None
@@ -187,18 +199,21 @@ def run(
     on_ready: Callable[[], None] | None = None,
     handoff: bool = False,
     reread: Callable[[], Loaded] | None = None,
+    *,
+    worker: Worker | None = None,
 ) -> int:
     """Run the daemon in this process until it is stopped; returns the exit status.
 
     ``on_ready`` is called once the server is listening (the daemon's parent waits for it);
     ``handoff``: the sockets came from systemd socket activation; ``reread``: loads the
-    settings again from the same sources, for a reload.
+    settings again from the same sources, for a reload; ``worker``: this process is one of
+    several workers (``process.supervisor``), sharing its figures through it.
     """
     log.info("starting", version=__version__, pid=os.getpid())
     _raise_open_files_limit(settings.max_connections)
     loop = uvloop.new_event_loop()
     try:
-        loop.run_until_complete(_main(settings, sockets, on_ready, handoff, reread))
+        loop.run_until_complete(_main(settings, sockets, on_ready, handoff, reread, worker=worker))
         _finish(loop)
     finally:
         loop.close()

@@ -1,0 +1,474 @@
+"""Several workers (``workers = N``): the main process forks them, keeps them running, and
+speaks for them.
+
+The listening sockets are bound before (each TCP listener once per worker, with
+SO_REUSEPORT; unix sockets and systemd's are shared), then each worker is forked with no
+event loop in the parent: it builds its own uvloop loop and runs what a single process
+runs (``runner.run``), serving its sockets. The main process never serves a client. It
+is a small loop on ``sigtimedwait``: with its signals blocked, each one is handled in turn,
+synchronously, and the timeout is the next thing due (a render of the shared page, a
+restart, a notification to systemd). It
+
+- restarts a worker that exits (BACKOFF_FIRST doubling to BACKOFF_MAX; back to the first
+  once a worker has lived BACKOFF_RESET), with a rate-limited warning;
+- forwards SIGTERM/SIGINT (a second one forces, as in each worker), SIGHUP and SIGUSR1,
+  and exits 0 once the last worker has;
+- owns the pidfile, sd_notify (READY=1 once every worker listens, STATUS, STOPPING,
+  WATCHDOG) and the daemon's readiness;
+- renders the whole daemon's ``/metrics`` page and health (``wsechod.shared``).
+
+A worker asks to be sent SIGTERM when the main process dies (PR_SET_PDEATHSIG), checks
+that its parent is still the one that forked it, and checks again every second; it then
+drains like any stop. Workers get process groups of their own, so that a terminal's
+Ctrl-C reaches the main process only and each worker hears one stop, forwarded.
+"""
+
+import contextlib
+import ctypes
+import functools
+import logging
+import os
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import NoReturn
+
+import structlog
+
+from wsechod import __version__, lifecycle, listeners, ratelimit
+from wsechod.process import logs, runner, systemd
+from wsechod.settings import Loaded, Settings, SettingsError
+from wsechod.shared import LISTENING, PUBLISH_INTERVAL, RENDER_INTERVAL, Board, Totals, Worker
+
+log = structlog.stdlib.get_logger("wsechod")
+
+BACKOFF_FIRST = 0.1  # seconds before a worker that exited is started again...
+BACKOFF_MAX = 10.0  # ...doubling each time it exits again, up to this
+BACKOFF_RESET = 10.0  # a worker that lived this long starts the next one from the first
+DOORBELL = signal.SIGUSR2  # from a worker: "I listen", look at the board
+SIGNALS = {*runner.HANDLED_SIGNALS, signal.SIGCHLD, DOORBELL}
+# A worker whose figures have not been refreshed for this long (and for at least the
+# systemd watchdog's interval) has a wedged loop: it is killed and replaced. Without the
+# systemd watchdog, nothing watches for that, as with one process.
+STALL_MIN = 3 * PUBLISH_INTERVAL
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+class WorkerError(Exception):
+    """A worker could not start; the message is one line for the operator."""
+
+
+def backoff(current: float, lived: float) -> tuple[float, float]:
+    """(delay before starting again a worker that lived ``lived`` seconds, the delay after
+    that): doubling from BACKOFF_FIRST to BACKOFF_MAX, from the first again once a worker
+    lived BACKOFF_RESET."""
+    if lived >= BACKOFF_RESET:
+        current = BACKOFF_FIRST
+    return current, min(2 * current, BACKOFF_MAX)
+
+
+class _ExitWarnings:
+    """ "worker exited" warnings, rate-limited like ``wsechod.ratelimit`` (which needs an
+    event loop for its timers; this process has none): per reason, the first at once,
+    then at most one line per interval, whose ``count`` says how many it stands for."""
+
+    def __init__(self) -> None:
+        self.until: dict[str, float] = {}  # reason -> end of its quiet window
+        self.held: dict[str, tuple[int, dict[str, object]]] = {}
+
+    def warning(self, reason: str, **fields: object) -> None:
+        now = time.monotonic()
+        if now >= self.until.get(reason, 0.0):
+            self.until[reason] = now + ratelimit.INTERVAL
+            log.warning("worker exited", reason=reason, count=1, **fields)
+        else:
+            count = self.held.get(reason, (0, {}))[0]
+            self.held[reason] = (count + 1, fields)  # the latest stands for all
+
+    def due(self) -> float | None:
+        return min((self.until[reason] for reason in self.held), default=None)
+
+    def flush(self, everything: bool = False) -> None:
+        now = time.monotonic()
+        for reason, (count, fields) in list(self.held.items()):
+            if everything or now >= self.until[reason]:
+                del self.held[reason]
+                self.until[reason] = now + ratelimit.INTERVAL
+                log.warning("worker exited", reason=reason, count=count, **fields)
+
+
+@dataclass(slots=True)
+class _Slot:
+    """One worker's place: the process in it now, and its restart schedule."""
+
+    index: int
+    gen: int = 0  # starts so far; the board tells one start's figures from another's
+    pid: int | None = None
+    started: float = 0.0
+    listening: bool = False  # this start has listened (and counts as running)
+    backoff: float = BACKOFF_FIRST
+    due: float | None = None  # when to start it again
+    killed: bool = False  # killed for not responding
+
+
+def run(
+    settings: Settings,
+    bound: listeners.Bound,
+    on_ready: Callable[[], None] | None,
+    handoff: bool,
+    reread: Callable[[], Loaded] | None,
+) -> int:
+    """Serve with ``settings.workers`` processes until stopped; the exit status. Raises
+    WorkerError if a worker exits before every worker listens."""
+    return Supervisor(settings, bound, on_ready, handoff, reread).run()
+
+
+class Supervisor:
+    def __init__(
+        self,
+        settings: Settings,
+        bound: listeners.Bound,
+        on_ready: Callable[[], None] | None,
+        handoff: bool,
+        reread: Callable[[], Loaded] | None,
+    ) -> None:
+        self.settings = settings
+        self.bound = bound
+        self.on_ready = on_ready
+        self.handoff = handoff
+        self.reread = reread
+        self.count = settings.workers
+        self.pid = os.getpid()
+        self.board = Board(self.count)
+        self.totals = Totals(self.board, self.pid)
+        self.slots = [_Slot(i) for i in range(self.count)]
+        self.notifier = systemd.Notifier()
+        self.exits = _ExitWarnings()
+        self.stops = 0
+        self.stopped_at = 0.0
+        self.ready = False
+        self.failure: str | None = None
+        self.mask: set[int | signal.Signals] = set()
+        self.due: dict[str, float] = {}
+        self.extended: int | None = None  # open connections at the last extension
+        self.addresses: list[str] = []
+        for sock in bound.sockets:  # one per address, in order (TCP copies share one)
+            name = listeners.format_address(sock.getsockname())
+            if name not in self.addresses:
+                self.addresses.append(name)
+        usec = self.notifier.watchdog_interval
+        self.stall = None if usec is None else max(2 * usec, STALL_MIN)
+
+    # --- the loop ------------------------------------------------------------------------
+
+    def run(self) -> int:
+        log.info("starting", version=__version__, pid=self.pid, workers=self.count)
+        lifecycle.tls_context(self.settings)  # unreadable TLS files: one error, here
+        self.mask = signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
+        try:
+            early = runner.take_early_stops()
+            self.totals.render()
+            for slot in self.slots:
+                self._start(slot)
+            for name in early:  # sent while we were starting: the workers stop once up
+                self._stop(name)
+            self.due["render"] = time.monotonic() + RENDER_INTERVAL
+            while self.stops == 0 or any(slot.pid is not None for slot in self.slots):
+                timeout = max(0.0, min(self._next_due()) - time.monotonic())
+                info = signal.sigtimedwait(SIGNALS, timeout)
+                if info is not None:
+                    self._signal(info.si_signo)
+                self._run_due()
+        finally:
+            self.notifier.close()
+            self.exits.flush(everything=True)
+        if self.failure is not None:
+            raise WorkerError(self.failure)
+        log.info("stopped", workers=self.count)
+        return 0
+
+    def _next_due(self) -> list[float]:
+        held = self.exits.due()
+        return [
+            *self.due.values(),
+            *(s.due for s in self.slots if s.due is not None),
+            *([] if held is None else [held]),
+        ]
+
+    def _run_due(self) -> None:
+        self.exits.flush()
+        now = time.monotonic()
+        for slot in self.slots:
+            if slot.due is not None and slot.due <= now:
+                slot.due = None
+                self._start(slot)
+                self.totals.restarts += 1
+        for name, when in list(self.due.items()):
+            if when <= now:
+                del self.due[name]
+                getattr(self, f"_{name}")()
+
+    def _signal(self, signum: int) -> None:
+        name = signal.Signals(signum).name
+        if signum == signal.SIGCHLD:
+            self._reap()
+        elif signum == DOORBELL:
+            self._look()
+        elif signum in lifecycle.STOP_SIGNALS:
+            self._stop(name)
+        elif signum in lifecycle.RELOAD_SIGNALS:
+            self._reload(signum)
+
+    # --- timers ---------------------------------------------------------------------------
+
+    def _render(self) -> None:
+        """The shared page and health; a worker that stopped refreshing its figures has a
+        wedged loop: kill it (it is replaced)."""
+        self.due["render"] = time.monotonic() + RENDER_INTERVAL
+        self.totals.render()
+        if self.stall is None:
+            return
+        now = time.monotonic()
+        for slot, entry in self.totals.live.items():
+            worker = self.slots[slot]
+            silent = now - entry.updated
+            if worker.listening and not worker.killed and worker.pid and silent > self.stall:
+                worker.killed = True
+                log.error(
+                    "worker not responding: killed",
+                    worker=slot,
+                    pid=worker.pid,
+                    silent_for=round(silent, 1),
+                )
+                self._kill(worker.pid, signal.SIGKILL)
+
+    def _notify(self) -> None:
+        """STATUS=, and WATCHDOG=1 while some worker serves: with none, systemd's watchdog
+        restarts the whole service."""
+        interval = min(
+            self.notifier.watchdog_interval or runner.STATUS_INTERVAL, runner.STATUS_INTERVAL
+        )
+        self.due["notify"] = time.monotonic() + interval
+        if self.notifier.watchdog_interval is not None and self.totals.running:
+            self.notifier.send(WATCHDOG=1, STATUS=self.status())
+        else:
+            self.notifier.send(STATUS=self.status())
+
+    def _extend(self) -> None:
+        """During the drain, EXTEND_TIMEOUT_USEC= while it is on schedule (as runner)."""
+        self.due["extend"] = time.monotonic() + runner.EXTEND_INTERVAL
+        open_now = self.connections()
+        timeout = self.settings.drain_timeout
+        deadline = self.stopped_at + timeout + lifecycle.HANDSHAKE_GRACE
+        deadline += lifecycle.BROKER_CLOSE_TIMEOUT
+        before = self.extended
+        if before is None or runner.drain_on_schedule(open_now, before, time.monotonic(), deadline):
+            self.notifier.send(
+                EXTEND_TIMEOUT_USEC=int(runner.EXTEND_BY * 1e6),
+                STATUS=f"stopping: draining {open_now} connections",
+            )
+            self.extended = open_now
+
+    # --- signals --------------------------------------------------------------------------
+
+    def _reap(self) -> None:
+        while True:
+            try:
+                pid, status, usage = os.wait4(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            slot = next((s for s in self.slots if s.pid == pid), None)
+            if slot is not None:
+                self._exited(slot, status, usage.ru_utime + usage.ru_stime)
+
+    def _exited(self, slot: _Slot, status: int, cpu: float) -> None:
+        pid, slot.pid = slot.pid, None
+        if slot.listening:  # counted as running
+            self.totals.running -= 1
+        self._look()  # it may have listened before its doorbell was answered (not counted)
+        self.totals.fold(slot.index, slot.gen, cpu)
+        code = os.waitstatus_to_exitcode(status)
+        how = {"exit_status": code} if code >= 0 else {"signal": signal.Signals(-code).name}
+        reason = f"exit status {code}" if code >= 0 else f"killed by {signal.Signals(-code).name}"
+        if self.stops:
+            if code != 0:
+                log.warning("worker exited during the stop", worker=slot.index, pid=pid, **how)
+        elif not self.ready and not slot.listening:
+            self.failure = f"worker {slot.index} exited during start-up ({reason}); see its log"
+            log.error("worker exited during start-up", worker=slot.index, pid=pid, **how)
+            self._stop("start-up failed")
+        else:
+            now = time.monotonic()
+            delay, slot.backoff = backoff(slot.backoff, now - slot.started)
+            slot.due = now + delay
+            self.exits.warning(reason, worker=slot.index, pid=pid, restart_in=delay, **how)
+        self.totals.render()
+
+    def _look(self) -> None:
+        """The doorbell: which workers listen now. Once all do, the daemon is ready."""
+        changed = False
+        for slot in self.slots:
+            if slot.listening or slot.gen == 0:
+                continue
+            entry = self.board.read(slot.index)
+            if entry is not None and entry.gen == slot.gen and entry.state >= LISTENING:
+                slot.listening = changed = True
+                if slot.pid is not None:
+                    self.totals.running += 1
+        if not changed:
+            return
+        self.totals.render()
+        if not self.ready and all(slot.listening for slot in self.slots):
+            self.ready = True
+            pids = [slot.pid for slot in self.slots]
+            log.info("workers ready", workers=self.count, pids=pids, addresses=self.addresses)
+            self.notifier.ready(self.status())
+            if self.notifier.enabled:
+                self._notify()
+            if self.on_ready is not None:
+                self.on_ready()
+
+    def _stop(self, reason: str) -> None:
+        """First: every worker drains (and nothing is restarted); second: they stop now."""
+        self.stops += 1
+        if self.stops == 1:
+            self.stopped_at = time.monotonic()
+            self.totals.stopping = True
+            connections = self.connections()
+            log.info("stop requested", reason=reason, workers=self.count, connections=connections)
+            self.notifier.send(STOPPING=1, STATUS=f"stopping: draining {connections} connections")
+            for slot in self.slots:
+                slot.due = None
+            # The workers hold their own: these copies were kept to start workers again.
+            self.bound.close()
+            if self.notifier.enabled:
+                self._extend()
+        elif self.stops == 2:
+            log.warning("stopping now", reason=reason, workers=self.count)
+        else:
+            return
+        for slot in self.slots:
+            if slot.pid is not None:
+                self._kill(slot.pid, signal.SIGTERM)
+        self.totals.render()
+
+    def _reload(self, signum: int) -> None:
+        """Reopen our log, read the settings (for our log level and drain deadline: the
+        workers apply and report the rest), and pass the signal on to every worker."""
+        name = signal.Signals(signum).name
+        self.notifier.reloading()
+        if logs.reopen():
+            log.info("log file reopened", signal=name)
+        if self.reread is not None:
+            try:
+                settings = self.reread().settings
+            except SettingsError:
+                pass  # each worker logs why
+            else:
+                if settings.log_level != self.settings.log_level:
+                    logs.set_level(settings.log_level)
+                self.settings = settings
+        for slot in self.slots:
+            if slot.pid is not None:
+                self._kill(slot.pid, signum)
+        self.notifier.send(READY=1, STATUS=self.status())
+
+    # --- workers --------------------------------------------------------------------------
+
+    def _start(self, slot: _Slot) -> None:
+        slot.gen += 1
+        slot.listening = slot.killed = False
+        self.board.write(slot.index, b"", gen=slot.gen)
+        try:
+            pid = os.fork()
+        except OSError as exc:
+            log.error("cannot start a worker", worker=slot.index, error=exc.strerror)
+            if not self.ready:
+                self.failure = f"cannot start a worker: {exc.strerror}"
+                self._stop("start-up failed")
+            else:
+                slot.due = time.monotonic() + BACKOFF_MAX
+            return
+        if pid == 0:
+            self._child(slot)
+        slot.pid = pid
+        slot.started = time.monotonic()
+
+    def _child(self, slot: _Slot) -> NoReturn:
+        """In the forked worker: never returns, never unwinds into the main process's
+        stack (which would remove its pidfile and socket files)."""
+        status = 1
+        worker: Worker | None = None
+        try:
+            _die_with_parent(self.pid)
+            os.setpgid(0, 0)
+            signal.signal(signal.SIGTTOU, signal.SIG_IGN)  # may log to the terminal
+            runner.catch_early_signals()
+            for key in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID"):
+                os.environ.pop(key, None)  # systemd hears from the main process only
+            self.notifier.close()
+            mine = self.bound.group(slot.index)
+            for sock in self.bound.sockets:
+                if sock not in mine:
+                    sock.close()
+            logs.tag(worker=slot.index)
+            worker = Worker(self.board, slot.index, slot.gen, os.getpid(), self._orphan_check)
+            ready = functools.partial(_listening, worker, self.pid)
+            signal.pthread_sigmask(signal.SIG_SETMASK, self.mask)
+            status = runner.run(
+                self.settings, mine, ready, self.handoff, self.reread, worker=worker
+            )
+            worker.stopped()
+        except BaseException:
+            log.exception("worker failed", worker=slot.index)
+        finally:
+            logging.shutdown()
+            os._exit(status)
+
+    def _orphan_check(self, worker: Worker) -> None:
+        """Each second, in a worker: the main process is gone (and PR_SET_PDEATHSIG did
+        not say so): stop, as it would have."""
+        if os.getppid() != self.pid and not worker.draining:
+            log.warning("main process gone: stopping", main_pid=self.pid)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    @staticmethod
+    def _kill(pid: int, signum: int) -> None:
+        with contextlib.suppress(ProcessLookupError):  # exited: SIGCHLD says so
+            os.kill(pid, signum)
+
+    # --- figures --------------------------------------------------------------------------
+
+    def connections(self) -> int:
+        return int(self.totals.total.gauges.get("connections_open", 0))
+
+    def status(self) -> str:
+        """systemd's STATUS=, as one process says it, plus the workers."""
+        state = "draining" if self.stops else self.settings.mode
+        running = self.totals.running
+        workers = f"{self.count} workers"
+        if running < self.count:
+            workers = f"{running} of {workers}"
+        where = ", ".join(self.addresses)
+        return f"{state} on {where}: {self.connections()} connections ({workers})"
+
+
+def _listening(worker: Worker, parent: int) -> None:
+    """A worker listens: say so on the board, and ring the main process."""
+    worker.listening()
+    if os.getppid() == parent:
+        os.kill(parent, DOORBELL)
+
+
+def _die_with_parent(parent: int) -> None:
+    """Be sent SIGTERM (a graceful stop) when the main process dies, even by SIGKILL; if
+    it died already, go."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0) != 0:
+        error = os.strerror(ctypes.get_errno())
+        log.warning("cannot ask to be stopped with the main process", error=error)
+    if os.getppid() != parent:
+        os._exit(0)

@@ -1,0 +1,274 @@
+"""What the processes of a daemon with several workers share: one block of memory.
+
+The main process maps it (anonymous, shared) before it forks the workers, so each inherits
+it. It holds one slot per worker, where the worker publishes its figures (a ``Snapshot``,
+the same plain counts ``/metrics`` reads) every PUBLISH_INTERVAL from a timer on its event
+loop, and two slots the main process writes every RENDER_INTERVAL: the ``/metrics`` page of
+the whole daemon, rendered from the workers' slots, and the daemon's health. Whichever
+worker a scrape or a health check lands on serves those, so every answer is the daemon's,
+and one process renders: successive pages never go back, whichever worker serves them.
+The price is staleness: the page is at most PUBLISH_INTERVAL + RENDER_INTERVAL old.
+
+Each slot is a seqlock (a sequence number, odd while written) with a CRC of its body, so a
+reader never takes a half-written slot, and a writer killed mid-write leaves a slot that is
+skipped until it is written again. Nothing here waits: a slot that cannot be read now is
+taken from the last read, or left out.
+"""
+
+import collections
+import contextlib
+import http
+import mmap
+import struct
+import time
+import zlib
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import structlog
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from wsechod import metrics
+from wsechod.engine import Application, Engine, Reply
+from wsechod.metrics import CONTENT_TYPE, Snapshot
+
+log = structlog.stdlib.get_logger("wsechod")
+
+PUBLISH_INTERVAL = 1.0  # seconds between a worker's publications
+RENDER_INTERVAL = 0.5  # seconds between the main process's renders
+SLOT_BYTES = 128 * 1024  # a worker's snapshot: a few KiB; each close code pair is a key
+PAGE_BYTES = 1024 * 1024  # the rendered page
+HEALTH_BYTES = 4096
+READ_ATTEMPTS = 5
+
+# seq (odd while written), gen (which start of the worker), pid, state, length, crc,
+# monotonic time of the write
+_HEADER = struct.Struct("<QQqIIId")
+_SEQ = struct.Struct("<Q")
+HEADER_BYTES = 64
+
+# A worker's state, in its slot.
+STARTING, LISTENING, DRAINING, STOPPED = range(4)
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """One slot as last written."""
+
+    seq: int
+    gen: int
+    pid: int
+    state: int
+    updated: float  # time.monotonic() of the write (the same clock in every process)
+    body: bytes
+
+
+class Board:
+    """The shared block: ``workers`` worker slots, then the page, then the health."""
+
+    def __init__(self, workers: int) -> None:
+        self.workers = workers
+        self.page_slot, self.health_slot = workers, workers + 1
+        self._sizes = [SLOT_BYTES] * workers + [PAGE_BYTES, HEALTH_BYTES]
+        self._offsets = [0]
+        for size in self._sizes:
+            self._offsets.append(self._offsets[-1] + HEADER_BYTES + size)
+        # Anonymous and MAP_SHARED: children forked after this see the same pages. Only
+        # the pages written are ever backed by memory.
+        self._map = mmap.mmap(-1, self._offsets[-1])
+
+    def write(self, slot: int, body: bytes, *, gen: int = 0, pid: int = 0, state: int = 0) -> bool:
+        """Replace a slot; False (nothing written) if ``body`` does not fit."""
+        if len(body) > self._sizes[slot]:
+            return False
+        at, m = self._offsets[slot], self._map
+        seq = _SEQ.unpack_from(m, at)[0]
+        begin = seq + 1 if seq % 2 == 0 else seq + 2  # odd: a writer died mid-write before
+        _SEQ.pack_into(m, at, begin)
+        start = at + HEADER_BYTES
+        m[start : start + len(body)] = body
+        _HEADER.pack_into(
+            m, at, begin, gen, pid, state, len(body), zlib.crc32(body), time.monotonic()
+        )
+        _SEQ.pack_into(m, at, begin + 1)
+        return True
+
+    def seq(self, slot: int) -> int:
+        """Changes whenever the slot is written: what a reader compares with its copy."""
+        return int(_SEQ.unpack_from(self._map, self._offsets[slot])[0])
+
+    def read(self, slot: int) -> Entry | None:
+        """The slot, whole and consistent; None if it is being written (or was left half
+        written by a writer that died)."""
+        at, m = self._offsets[slot], self._map
+        for _ in range(READ_ATTEMPTS):
+            seq, gen, pid, state, length, crc, updated = _HEADER.unpack_from(m, at)
+            if seq % 2 or length > self._sizes[slot]:
+                time.sleep(0)  # let the writer finish
+                continue
+            start = at + HEADER_BYTES
+            body = m[start : start + length]
+            if _SEQ.unpack_from(m, at)[0] == seq and zlib.crc32(body) == crc:
+                return Entry(seq, gen, pid, state, updated, body)
+        return None
+
+
+class Worker:
+    """This process as worker ``index`` of a daemon: publishes its figures, serves the
+    daemon's ``/metrics`` page and health."""
+
+    def __init__(
+        self, board: Board, index: int, gen: int, pid: int, tick: Callable[["Worker"], None]
+    ) -> None:
+        self.board, self.index, self.gen, self.pid = board, index, gen, pid
+        self.state = STARTING
+        self._tick_hook = tick  # called after each publication (the parent check)
+        self._engine: Engine | None = None
+        self._app: Application | None = None
+        self._page: tuple[int, Reply] = (-1, Reply(http.HTTPStatus.OK, ""))
+        self._health: tuple[int, str | None] = (-1, None)
+        self._too_big = False
+
+    def attach(self, engine: Engine, app: Application) -> None:
+        """The engine listens: publish its figures from now on."""
+        self._engine, self._app = engine, app
+        self.publish()
+        self._schedule()
+
+    def listening(self) -> None:
+        self.state = LISTENING
+        self.publish()
+
+    def stopped(self) -> None:
+        """The last publication, after the drain: nothing counted is lost."""
+        self.state = STOPPED
+        self.publish()
+
+    @property
+    def draining(self) -> bool:
+        return self._engine is not None and self._engine.draining
+
+    def publish(self) -> None:
+        if self._engine is None or self._app is None:
+            return
+        snap = metrics.snapshot(self._engine, self._app)
+        state = DRAINING if self._engine.draining and self.state == LISTENING else self.state
+        written = self.board.write(
+            self.index, snap.to_json(), gen=self.gen, pid=self.pid, state=state
+        )
+        if not written and not self._too_big:
+            self._too_big = True  # cannot happen with the families there are; say it once
+            log.error("figures too big to share between workers", limit=SLOT_BYTES)
+
+    def _schedule(self) -> None:
+        assert self._engine is not None
+        self._engine.loop.call_later(PUBLISH_INTERVAL, self._tick)
+
+    def _tick(self) -> None:
+        try:
+            self.publish()
+            self._tick_hook(self)
+        finally:  # whatever happens, keep publishing: a silent worker looks wedged
+            self._schedule()
+
+    def page(self) -> Reply:
+        """The daemon's ``/metrics`` page, as the main process last rendered it."""
+        seq = self.board.seq(self.board.page_slot)
+        if seq != self._page[0]:
+            entry = self.board.read(self.board.page_slot)
+            if entry is not None:
+                body = entry.body.decode()
+                self._page = (entry.seq, Reply(http.HTTPStatus.OK, body, content_type=CONTENT_TYPE))
+        return self._page[1]
+
+    def degraded(self, app: Application) -> str | None:
+        """This worker's own trouble first (fresh), else the daemon's (any worker's broker,
+        a worker not running), as the main process last saw it."""
+        mine = app.degraded()
+        if mine is not None:
+            return mine
+        seq = self.board.seq(self.board.health_slot)
+        if seq != self._health[0]:
+            entry = self.board.read(self.board.health_slot)
+            if entry is not None:
+                self._health = (entry.seq, entry.body.decode() or None)
+        return self._health[1]
+
+
+class Totals:
+    """The main process's side: adds up the workers' slots, keeps what exited workers had
+    counted (so that counters never go back when a worker is replaced), and renders the
+    page and the health for the workers to serve."""
+
+    def __init__(self, board: Board, main_pid: int) -> None:
+        self.board = board
+        self.main_pid = main_pid
+        self.retired: collections.Counter[str] = collections.Counter()
+        self.folded = [0] * board.workers  # per slot: the last start (gen) added up
+        self.cpu_gone = 0.0  # CPU seconds of the workers that exited (from wait4)
+        self.restarts = 0
+        self.running = 0  # workers listening now (the supervisor keeps it)
+        self.stopping = False
+        self.live: dict[int, Entry] = {}
+        self.total = Snapshot()
+        self._registry = CollectorRegistry()
+        self._registry.register(_TotalsCollector(self))
+
+    def fold(self, slot: int, gen: int, cpu: float) -> None:
+        """Worker ``slot`` (its start ``gen``) exited: what it counted becomes retired,
+        from its last publication; its gauges go with it."""
+        entry = self.board.read(slot)
+        if entry is not None and entry.gen == gen and entry.body:
+            with contextlib.suppress(ValueError, KeyError, TypeError):
+                self.retired.update(Snapshot.from_json(entry.body).counters)
+        self.folded[slot] = max(self.folded[slot], gen)
+        self.cpu_gone += cpu
+
+    def render(self) -> Snapshot:
+        """Add up, write the page and the health; returns the total (for systemd)."""
+        self.live = {}
+        snaps = [Snapshot(gauges={"draining": int(self.stopping)}, counters=dict(self.retired))]
+        for slot in range(self.board.workers):
+            entry = self.board.read(slot)
+            if entry is None or entry.gen <= self.folded[slot]:
+                continue
+            self.live[slot] = entry
+            if entry.body:
+                with contextlib.suppress(ValueError, KeyError, TypeError):
+                    snaps.append(Snapshot.from_json(entry.body))
+        self.total = metrics.merge(snaps)
+        for gauge in ("connections_open", "handshakes_pending"):
+            self.total.gauges.setdefault(gauge, 0)
+        self.board.write(self.board.page_slot, generate_latest(self._registry))
+        problems = [self.total.degraded] if self.total.degraded else []
+        missing = self.board.workers - self.running
+        if missing and not self.stopping:
+            problems.append(f"{missing} of {self.board.workers} workers not running")
+        self.board.write(self.board.health_slot, "; ".join(problems).encode())
+        return self.total
+
+
+class _TotalsCollector(Collector):
+    """The page: the summed families, the workers, and the processes (the main one and
+    every worker, with the CPU time of those that exited)."""
+
+    def __init__(self, totals: Totals) -> None:
+        self.totals = totals
+
+    def collect(self) -> Iterable[Metric]:
+        t = self.totals
+        yield from metrics.families(t.total)
+        yield GaugeMetricFamily("wsechod_workers", "worker processes serving now", t.running)
+        yield CounterMetricFamily(
+            "wsechod_worker_restarts",
+            "worker processes started again after one exited",
+            value=t.restarts,
+        )
+        main = metrics.process_figures(t.main_pid)
+        if main is None:
+            return
+        pids = [entry.pid for entry in t.live.values() if entry.pid]
+        figures = [f for pid in pids if (f := metrics.process_figures(pid)) is not None]
+        yield from metrics.process_families([main, *figures], t.cpu_gone, main.start_time)
