@@ -12,7 +12,6 @@ import signal
 import socket
 from collections.abc import Callable
 
-import structlog
 import uvloop
 
 from wsechod import __version__
@@ -25,10 +24,11 @@ from wsechod.lifecycle import (
     capture_signals,
     serve,
 )
+from wsechod.log import get_logger
 from wsechod.process import logs, systemd
 from wsechod.settings import Loaded, Settings, SettingsError, shown
 
-log = structlog.stdlib.get_logger("wsechod")
+log = get_logger("wsechod")
 
 HANDLED_SIGNALS = {*STOP_SIGNALS, *RELOAD_SIGNALS}
 STATUS_INTERVAL = 10.0  # seconds between STATUS= updates to systemd
