@@ -29,6 +29,7 @@ from websockets.sync.client import connect
 import wsechod
 from tests import rawws
 from tests.conftest import clean_env, run_cli
+from tests.test_tls import issue, trusting
 from wsechod import log as wlog
 
 PACKAGE = Path(wsechod.__file__).parent
@@ -401,3 +402,20 @@ def test_leaving_running_after_request_stop_waits_for_the_drain() -> None:
     report, elapsed = asyncio.run(main())
     assert report is not None and report.force_closed == 1
     assert 0.5 <= elapsed < 2
+
+
+@pytest.mark.timeout(30)
+def test_tls_server_url_is_wss(tmp_path: Path) -> None:
+    files = issue(tmp_path)
+    with wsechod.serve_in_thread(
+        port=0, tls_cert=str(files.cert), tls_key=str(files.key)
+    ) as server:
+        assert server.url == f"wss://127.0.0.1:{server.port}"
+        with connect(server.url, ssl=trusting(files.ca)) as client:
+            client.send("secret")
+            assert client.recv(timeout=5) == "secret"
+    files.key.write_text("not a key")
+    with pytest.raises(
+        wsechod.SettingsError, match=r"^invalid tls_key '.*' \(from serve_in_thread\(\)\)"
+    ):
+        wsechod.serve_in_thread(port=0, tls_cert=str(files.cert), tls_key=str(files.key))
