@@ -298,14 +298,17 @@ def test_environment_and_config_file_are_read_only_when_asked(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     config = tmp_path / "wsechod.toml"
-    config.write_text("max_size = 1000\nwrite_limit = 2000\n")
+    config.write_text("max_size = 1000\nwrite_limit = 2000\ndaemon = true\n")
     monkeypatch.setenv("WSECHOD_MAX_SIZE", "3000")
     monkeypatch.setenv("WSECHOD_CONFIG", str(config))
     monkeypatch.setenv("WSECHOD_PORT", "not a port")  # would fail if it were read
     with wsechod.serve_in_thread(port=0) as server:
         assert (server.settings.max_size, server.settings.write_limit) == (2**20, 2**15)
-    with wsechod.serve_in_thread(port=0, config=config) as server:
+    with host_handler() as seen, wsechod.serve_in_thread(port=0, config=config) as server:
         assert (server.settings.max_size, server.settings.write_limit) == (1000, 2000)
+    # A config file shared with the command may set its keys: ignored, with a warning.
+    ignored = seen.event("settings have no effect when embedded")
+    assert (ignored.levelno, ignored.keys) == (logging.WARNING, ["daemon"])  # type: ignore[attr-defined]
     environ = clean_env(WSECHOD_MAX_SIZE="3000", WSECHOD_CONFIG=str(config))
     with wsechod.serve_in_thread(port=0, environ=environ) as server:
         assert (server.settings.max_size, server.settings.write_limit) == (3000, 2000)

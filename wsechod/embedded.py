@@ -56,18 +56,17 @@ STOP_REASON = "stop()"  # the "stop requested" event's reason when the program s
 
 # Keys only a process that owns itself uses. Given as arguments they are an error (they
 # would silently do nothing); from a shared config file or environment, a warning.
+_LOGGING = "an embedded server logs to logging.getLogger('wsechod'), which its program configures"
 PROCESS_KEYS = {
     "daemon": "an embedded server runs in its program's process",
     "pidfile": "an embedded server runs in its program's process",
     "user": "an embedded server runs as its program's user",
     "group": "an embedded server runs as its program's user",
     "unix_socket_owner": "an embedded server does not give its socket files away",
-    "log_level": "an embedded server logs to logging.getLogger('wsechod'): set its level",
-    "log_format": "an embedded server logs to logging.getLogger('wsechod'): its program formats it",
-    "log_file": "an embedded server logs to logging.getLogger('wsechod'): its program "
-    "decides where",
-    "syslog_socket": "an embedded server logs to logging.getLogger('wsechod'): its program "
-    "decides where",
+    "log_level": _LOGGING,
+    "log_format": _LOGGING,
+    "log_file": _LOGGING,
+    "syslog_socket": _LOGGING,
 }
 
 
