@@ -89,7 +89,11 @@ def closed_with(client: Any) -> int | None:
 def test_start_and_stop_50_times_leaks_nothing() -> None:
     with wsechod.serve_in_thread():  # the first start imports the engine: not counted
         pass
-    threads, fds, loops = set(threading.enumerate()), open_fds(), open_loops()
+    # Garbage of earlier tests collected first: in a whole suite its sockets would close
+    # during the loop below. What the suite's other threads close meanwhile is not ours
+    # either: nothing new, and no more than before, is the check.
+    loops = open_loops()
+    threads, fds = set(threading.enumerate()), open_fds()
     started = time.monotonic()
     for _ in range(50):
         with wsechod.serve_in_thread(port=0) as server, connect(server.url) as client:
@@ -97,8 +101,9 @@ def test_start_and_stop_50_times_leaks_nothing() -> None:
             assert client.recv(timeout=5) == "ping"
         assert not server.thread.is_alive()
     elapsed = time.monotonic() - started
-    assert set(threading.enumerate()) == threads
-    assert open_fds() == fds
+    assert set(threading.enumerate()) - threads == set()
+    after = open_fds()
+    assert (after - fds, len(after) <= len(fds)) == (set(), True)
     assert open_loops() == loops
     assert elapsed < 10, f"50 starts and stops took {elapsed:.1f} s"
 

@@ -13,10 +13,11 @@ from tests.conftest import clean_env
 README = Path(__file__).parents[1] / "README.md"
 
 
-def readme_example() -> str:
-    """The complete example test of the README's "pytest fixtures" section."""
+def readme_example(first_line: str = "# test_client.py") -> str:
+    """An example of the README's "Embed" section: by default, the complete test module
+    of its "pytest fixtures"."""
     blocks: list[str] = re.findall(r"```python\n(.*?)```", README.read_text(), re.DOTALL)
-    return next(b for b in blocks if b.startswith("# test_client.py"))
+    return next(b for b in blocks if b.startswith(first_line))
 
 
 def pytest_run(directory: Path, *args: str) -> subprocess.CompletedProcess[str]:
@@ -78,3 +79,18 @@ def test_fixtures_give_servers_and_stop_them_at_teardown(tmp_path: Path) -> None
     run = pytest_run(tmp_path, "-W", "ignore::DeprecationWarning")
     assert run.returncode == 0, run.stdout + run.stderr
     assert "2 passed" in run.stdout
+
+
+@pytest.mark.timeout(30)
+def test_the_readme_embedding_example_runs() -> None:
+    code = readme_example("import wsechod\n")
+    run = subprocess.run(
+        [sys.executable, "-c", code + "\nprint(server.report)"],
+        env=clean_env(),
+        capture_output=True,
+        text=True,
+        timeout=20,
+        check=False,
+    )
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.startswith("DrainReport(connections=0, force_closed=0")
