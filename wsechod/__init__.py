@@ -1,3 +1,38 @@
-"""wsechod: a WebSocket echo and relay server daemon."""
+"""wsechod: a WebSocket echo and relay server daemon, and the same server embedded in a
+program (``serve_in_thread``, ``running``: see ``wsechod.embedded``)."""
+
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
+
+__all__ = [
+    "BindError",
+    "DrainReport",
+    "Server",
+    "SettingsError",
+    "ThreadedServer",
+    "__version__",
+    "running",
+    "serve_in_thread",
+]
+
+if TYPE_CHECKING:
+    from wsechod.embedded import (
+        BindError,
+        DrainReport,
+        Server,
+        SettingsError,
+        ThreadedServer,
+        running,
+        serve_in_thread,
+    )
+
+
+def __getattr__(name: str) -> Any:
+    """The embedding API, imported on first use: ``import wsechod`` (the pytest plugin,
+    ``--version``) stays light, and no submodule is half-imported through this one."""
+    if name in __all__:
+        from wsechod import embedded  # noqa: PLC0415
+
+        return getattr(embedded, name)
+    raise AttributeError(f"module 'wsechod' has no attribute {name!r}")

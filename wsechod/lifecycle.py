@@ -24,17 +24,16 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-import structlog
-
 from wsechod import brokers, metrics, ratelimit, shared, tls
 from wsechod.admission import admission
 from wsechod.apps.echo import Echo
 from wsechod.apps.relay import Relay
 from wsechod.engine import Application, Engine, Options
 from wsechod.engine.frames import GOING_AWAY
+from wsechod.log import get_logger
 from wsechod.settings import RESTART_KEYS, Settings, changes
 
-log = structlog.stdlib.get_logger("wsechod")
+log = get_logger("wsechod")
 
 SHUTDOWN_CODE, SHUTDOWN_REASON = GOING_AWAY, "server shutting down"
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)

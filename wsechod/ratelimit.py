@@ -10,7 +10,7 @@ import time
 import weakref
 from typing import Any
 
-import structlog
+from wsechod.log import get_logger
 
 INTERVAL = 1.0  # seconds: at most one line per reason per interval
 
@@ -73,7 +73,7 @@ _ALL: weakref.WeakSet[RateLimitedLog] = weakref.WeakSet()
 
 
 def logger(name: str) -> RateLimitedLog:
-    return RateLimitedLog(structlog.stdlib.get_logger(name))
+    return RateLimitedLog(get_logger(name))
 
 
 def flush_all() -> None:

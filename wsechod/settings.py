@@ -370,8 +370,18 @@ class Loaded:
     notices: tuple[Notice, ...] = ()
 
 
-def load(cli: Mapping[str, str], environ: Mapping[str, str], config: str | None) -> Loaded:
-    """Merge the sources; ``cli`` holds only the flags that were given, as strings."""
+def load(
+    cli: Mapping[str, str],
+    environ: Mapping[str, str],
+    config: str | None,
+    *,
+    given: Mapping[str, Any] | None = None,
+    given_by: str = "",
+) -> Loaded:
+    """Merge the sources; ``cli`` holds only the flags that were given, as strings.
+    ``given``: values from a program (keyword arguments of ``given_by``, which names them
+    in errors), typed and checked like the TOML file's; they win over every other source.
+    """
     config_path = _config_path(config, environ)
     values: dict[str, Any] = {}
     sources: dict[str, str] = {name: "default" for name in KEY_NAMES}
@@ -408,6 +418,15 @@ def load(cli: Mapping[str, str], environ: Mapping[str, str], config: str | None)
             continue
         values[key] = _convert(key, raw, flag_name(key), text=True)
         sources[key] = _source(key, raw, flag_name(key))
+
+    for key, raw in (given or {}).items():
+        if key in RETIRED:
+            retired[key] = given_by
+            continue
+        _check_known(key, f"passed to {given_by}")
+        typed = list(raw) if isinstance(raw, tuple) else raw  # a Python list may be a tuple
+        values[key] = _convert(key, typed, given_by, text=False)
+        sources[key] = given_by
 
     settings = Settings(**values)
     _check_workers(settings, sources)

@@ -25,16 +25,16 @@ import zlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-import structlog
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from wsechod import metrics
 from wsechod.engine import Application, Engine, Reply
+from wsechod.log import get_logger
 from wsechod.metrics import CONTENT_TYPE, Snapshot
 
-log = structlog.stdlib.get_logger("wsechod")
+log = get_logger("wsechod")
 
 PUBLISH_INTERVAL = 1.0  # seconds between a worker's publications
 RENDER_INTERVAL = 0.5  # seconds between the main process's renders

@@ -34,14 +34,13 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-import structlog
-
 from wsechod import ratelimit
 from wsechod.brokers.base import Broker
 from wsechod.engine import Connection, Prepared, Reply, prepare
 from wsechod.engine.frames import POLICY_VIOLATION
+from wsechod.log import get_logger
 
-log = structlog.stdlib.get_logger("wsechod.relay")
+log = get_logger("wsechod.relay")
 warn = ratelimit.logger("wsechod.relay")
 
 # RFC 3986 path characters: anything else in a channel name is refused with 400.

@@ -32,7 +32,6 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-import structlog
 from redis.asyncio.connection import AbstractConnection, ConnectionPool, parse_url
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
@@ -40,10 +39,11 @@ from redis.exceptions import AuthenticationError, RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from wsechod.brokers.base import Deliver
+from wsechod.log import get_logger
 from wsechod.ratelimit import RateLimitedLog
 from wsechod.settings import redact_url
 
-log = structlog.stdlib.get_logger("wsechod.broker")
+log = get_logger("wsechod.broker")
 
 PREFIX = "wsechod:"
 CONTROL = PREFIX + "\0control"  # always subscribed: keeps the subscriber in pub/sub mode

@@ -20,7 +20,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import structlog
 from websockets.extensions import ServerExtensionFactory
 from websockets.extensions.permessage_deflate import enable_server_permessage_deflate
 
@@ -30,10 +29,11 @@ from wsechod.engine.handshake import Handshake
 from wsechod.engine.interface import Application, Reply, Request
 from wsechod.engine.proxy import Network
 from wsechod.listeners import format_address
+from wsechod.log import get_logger
 
-log = structlog.stdlib.get_logger("wsechod.engine")
+log = get_logger("wsechod.engine")
 warn = ratelimit.logger("wsechod.engine")
-access = structlog.stdlib.get_logger("wsechod.access")
+access = get_logger("wsechod.access")
 
 _DEFLATE = enable_server_permessage_deflate(None)  # websockets' defaults: 12-bit windows
 # File descriptors kept free for what is not a client: a handshake being refused, log

@@ -1,9 +1,13 @@
 """Logging: structlog events rendered for people (console) or machines (JSON lines).
 
 Everything goes through one stdlib handler, so our events and those of websockets and
-asyncio share a format and a destination. Logging starts on stderr, so start-up errors
-reach the terminal; ``use_destination`` then moves it to the log file or syslog once the
-process runs as the user that will have to reopen the file on SIGHUP.
+asyncio share a format and a destination. Our events reach it as plain ``logging``
+records (``wsechod.log``: the event is the message, the fields are attributes), which its
+formatter turns back into event dicts; structlog's global configuration is never touched.
+
+Logging starts on stderr, so start-up errors reach the terminal; ``use_destination`` then
+moves it to the log file or syslog once the process runs as the user that will have to
+reopen the file on SIGHUP.
 
 When stderr is systemd's journal stream, each line starts with its syslog priority
 (``<4>`` for a warning), which journald strips and stores, so ``journalctl -p warning``
@@ -19,12 +23,13 @@ from pathlib import Path
 from typing import TextIO
 
 import structlog
-from structlog.typing import Processor
+from structlog.typing import EventDict, Processor
 
+from wsechod.log import get_logger
 from wsechod.process import paths
 from wsechod.settings import Settings
 
-log = structlog.stdlib.get_logger("wsechod")
+log = get_logger("wsechod")
 
 SYSLOG = "syslog"
 # Structured tracebacks without local variables: they could hold what a client sent.
@@ -71,16 +76,6 @@ def on_journal(stream: TextIO | None = None) -> bool:
 def configure(settings: Settings, stream: TextIO | None = None) -> None:
     """Log to ``stream`` (stderr), in the format and at the level the settings ask for."""
     stream = stream or sys.stderr
-    structlog.configure(
-        processors=[
-            structlog.stdlib.filter_by_level,
-            *_shared(),
-            structlog.stdlib.ProcessorFormatter.wrap_for_formatter,
-        ],
-        logger_factory=structlog.stdlib.LoggerFactory(),
-        wrapper_class=structlog.stdlib.BoundLogger,
-        cache_logger_on_first_use=True,
-    )
     handler = _JournalHandler(stream) if on_journal(stream) else logging.StreamHandler(stream)
     _install(handler, settings, stream.isatty())
     set_level(settings.log_level)
@@ -189,14 +184,28 @@ def tag(**fields: object) -> None:
     _TAGS.update(fields)
 
 
-def _add_tags(_: object, __: str, event: structlog.typing.EventDict) -> structlog.typing.EventDict:
+def _add_tags(_: object, __: str, event: EventDict) -> EventDict:
     for key, value in _TAGS.items():
         event.setdefault(key, value)
     return event
 
 
+def _event_last(_: object, __: str, event_dict: EventDict) -> EventDict:
+    """The event's name after its fields, where structlog's own loggers put it: the JSON
+    lines keep the order they always had. (``message`` and ``asctime``, which another
+    handler's formatter may have added to the record, are no fields.)"""
+    event_dict.pop("message", None)
+    event_dict.pop("asctime", None)
+    event_dict["event"] = event_dict.pop("event")
+    return event_dict
+
+
 def _shared() -> list[Processor]:
+    """Records to event dicts: wsechod's events (``wsechod.log``) carry their fields as
+    record attributes; those of websockets and asyncio have none."""
     return [
+        structlog.stdlib.ExtraAdder(),
+        _event_last,
         structlog.stdlib.add_log_level,
         structlog.stdlib.add_logger_name,
         _add_tags,

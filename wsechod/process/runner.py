@@ -1,21 +1,21 @@
 """The process runner: what the CLI adds around ``lifecycle.serve`` when wsechod owns
-the process. It builds the uvloop loop, captures the signals (turning SIGTERM/SIGINT into
-``Lifecycle.request_stop``, the same call an embedding program makes), tells systemd
-about readiness, reloads and the watchdog, and makes sure the process ends.
+the process. It serves through ``embedded.run`` (the uvloop loop, the lifecycle, the
+drain: the path ``serve_in_thread`` takes too), and around it raises the open-files limit,
+captures the signals (turning SIGTERM/SIGINT into ``Lifecycle.request_stop``, the same
+call an embedding program makes), tells systemd about readiness, reloads and the
+watchdog, and makes sure the process ends.
 """
 
 import asyncio
+import contextlib
 import functools
 import os
 import resource
 import signal
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
-import structlog
-import uvloop
-
-from wsechod import __version__
+from wsechod import __version__, embedded
 from wsechod.lifecycle import (
     BROKER_CLOSE_TIMEOUT,
     HANDSHAKE_GRACE,
@@ -23,17 +23,16 @@ from wsechod.lifecycle import (
     STOP_SIGNALS,
     Lifecycle,
     capture_signals,
-    serve,
 )
+from wsechod.log import get_logger
 from wsechod.process import logs, systemd
 from wsechod.settings import Loaded, Settings, SettingsError, shown
 from wsechod.shared import Worker
 
-log = structlog.stdlib.get_logger("wsechod")
+log = get_logger("wsechod")
 
 HANDLED_SIGNALS = {*STOP_SIGNALS, *RELOAD_SIGNALS}
 STATUS_INTERVAL = 10.0  # seconds between STATUS= updates to systemd
-FINISH_TIMEOUT = 1.0  # seconds for leftover tasks to end once the drain is over
 # During a drain, EXTEND_TIMEOUT_USEC= every EXTEND_INTERVAL seconds, each asking systemd
 # to wait EXTEND_BY more: a drain longer than TimeoutStopSec= is not killed while it is on
 # schedule, and one that stalls (a wedged loop sends nothing) is.
@@ -145,17 +144,17 @@ async def _extend_drain(notifier: systemd.Notifier, life: Lifecycle) -> None:
         await asyncio.sleep(EXTEND_INTERVAL)
 
 
-async def _main(
-    settings: Settings,
-    sockets: list[socket.socket],
+@contextlib.contextmanager
+def _process(
+    life: Lifecycle,
     on_ready: Callable[[], None] | None,
-    handoff: bool,
     reread: Callable[[], Loaded] | None,
     *,
     worker: Worker | None = None,
-) -> None:
+) -> Iterator[Callable[[], None]]:
+    """Around the serving (``embedded.run``'s ``attach``): the signals, systemd, and the
+    daemon's parent waiting for ``on_ready``; a worker shares its figures."""
     loop = asyncio.get_running_loop()
-    life = Lifecycle(settings)
     life.shared = worker
     notifier = systemd.Notifier()
     reporter: asyncio.Task[None] | None = None
@@ -182,7 +181,7 @@ async def _main(
             life.request_stop(name)
         _early_stops.clear()
         try:
-            await serve(sockets, life, handoff=handoff, ready=ready)
+            yield ready
         finally:
             # Stopped: later signals wait, unanswered, until the process exits (status 0)
             # rather than kill it with a traceback on the way out.
@@ -211,28 +210,10 @@ def run(
     """
     log.info("starting", version=__version__, pid=os.getpid())
     _raise_open_files_limit(settings.max_connections)
-    loop = uvloop.new_event_loop()
-    try:
-        loop.run_until_complete(_main(settings, sockets, on_ready, handoff, reread, worker=worker))
-        _finish(loop)
-    finally:
-        loop.close()
+    attach = functools.partial(_process, on_ready=on_ready, reread=reread, worker=worker)
+    embedded.run(settings, sockets, handoff=handoff, attach=attach)
     log.info("stopped")
     return 0
-
-
-def _finish(loop: asyncio.AbstractEventLoop) -> None:
-    """Cancel what is left, but wait for it only so long: asyncio.Runner would wait forever
-    for a library task that does not end when cancelled (seen: a redis-py write to a busy
-    Redis), and a daemon that was told to stop must stop."""
-    left = asyncio.all_tasks(loop)
-    for task in left:
-        task.cancel()
-    if left:
-        _, stuck = loop.run_until_complete(asyncio.wait(left, timeout=FINISH_TIMEOUT))
-        for task in stuck:
-            log.warning("task did not stop; exiting anyway", task=task.get_name())
-    loop.run_until_complete(loop.shutdown_asyncgens())
 
 
 def _raise_open_files_limit(max_connections: int) -> None:

@@ -34,14 +34,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NoReturn
 
-import structlog
-
 from wsechod import __version__, lifecycle, listeners, ratelimit
+from wsechod.log import get_logger
 from wsechod.process import logs, runner, systemd
 from wsechod.settings import Loaded, Settings, SettingsError
 from wsechod.shared import LISTENING, PUBLISH_INTERVAL, RENDER_INTERVAL, Board, Totals, Worker
 
-log = structlog.stdlib.get_logger("wsechod")
+log = get_logger("wsechod")
 
 BACKOFF_FIRST = 0.1  # seconds before a worker that exited is started again...
 BACKOFF_MAX = 10.0  # ...doubling each time it exits again, up to this

@@ -10,9 +10,9 @@ import socket
 import time
 from collections.abc import MutableMapping
 
-import structlog
+from wsechod.log import get_logger
 
-log = structlog.stdlib.get_logger("wsechod")
+log = get_logger("wsechod")
 
 LISTEN_FDS_START = 3
 
