@@ -230,7 +230,9 @@ def test_ping_flood_that_never_reads_is_bounded_and_dropped_by_the_keepalive(
     pings = frame(OP_PING, bytes(125)) * 512
     flood = Hostile(daemon.port, pings)
     try:
-        closed = daemon.wait_for("connection closed", timeout=20)
+        # ping_interval + ping_timeout, and as long again to take the close frame; not
+        # close_timeout (10 s): it does not read, so it is cut.
+        closed = daemon.wait_for("connection closed", timeout=8)
     finally:
         growth = rss.stop()
         flood.close()

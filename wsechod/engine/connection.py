@@ -619,3 +619,9 @@ class WebSocket(asyncio.Protocol):
             self._fail(f.INTERNAL_ERROR, "keepalive ping timeout")
             if self.buffered:  # it does not read: the close frame cannot reach it
                 self.abort()
+            elif self._timer is not None:
+                # It did not answer a ping: it gets as long to take the close frame, not
+                # the whole close_timeout (its buffers in the kernel may be full).
+                self._timer.cancel()
+                grace = min(options.close_timeout or options.ping_timeout, options.ping_timeout)
+                self._timer = self._engine.loop.call_later(grace, self.abort)
