@@ -361,7 +361,8 @@ def test_a_proxy_header_from_an_untrusted_peer_gets_400(start: Callable[..., Dae
         answer = raw_request(daemon.port, header + head)
         assert answer.startswith(b"HTTP/1.1 400 "), answer
         body = answer.split(b"\r\n\r\n", 1)[1]
-        assert body == b"bad request: PROXY protocol header from a peer not in trusted_proxies\n"
+        assert body.startswith(b"bad request: a PROXY protocol header where the HTTP request")
+        assert b"not in trusted_proxies" in body
 
 
 def test_trusted_proxies_are_validated() -> None:
@@ -399,6 +400,31 @@ def test_proxy_parsing() -> None:
     assert proxy.forwarded_for(["10.0.0.2, 10.0.0.1"], networks) == ipaddress.ip_address("10.0.0.2")
     assert proxy.group(ipaddress.ip_address("2001:db8::1"), 48) == "2001:db8::/48"
     assert proxy.group(None, 64) == ""
+    # A dual-stack proxy names an IPv4 client IPv4-mapped in a TCP6 line: each IPv4 client
+    # is still counted as itself, not all of them under ::/64.
+    mapped = b"PROXY TCP6 ::ffff:192.0.2.1 ::1 1234 80\r\n"
+    assert proxy.parse_header(mapped) == (len(mapped), (ipaddress.ip_address("192.0.2.1"), 1234))
+    with pytest.raises(proxy.ProxyError):  # a zone is not a client's address
+        proxy.parse_header(b"PROXY TCP6 fe80::1%eth0 ::1 1234 80\r\n")
+
+
+def test_a_proxy_over_a_unix_socket_is_trusted_with_unix(
+    start: Callable[..., Daemon], tmp_path: Path
+) -> None:
+    """nginx on the same host, over a Unix socket: no address to trust, so the entry
+    ``unix`` trusts such peers; without it their X-Forwarded-For is ignored."""
+    path = tmp_path / "ws.sock"
+    for trusted, expected in ((["--trusted-proxies", "unix"], "203.0.113.7"), ([], str(path))):
+        daemon = start("--listen", f"unix:{path}", "--log-level", "debug", *trusted)
+        with socket.socket(socket.AF_UNIX) as sock:
+            sock.settimeout(10)
+            sock.connect(str(path))
+            sock.sendall(upgrade(80, "X-Forwarded-For: 203.0.113.7"))
+            rawws.read_handshake(sock)
+            event = daemon.wait_for("connection open")
+        assert event["peer"] == expected
+        daemon.signal(signal.SIGTERM)
+        assert daemon.wait(10) == 0
 
 
 def test_trusted_proxies_change_on_reload(start: Callable[..., Daemon], tmp_path: Path) -> None:

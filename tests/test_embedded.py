@@ -269,6 +269,10 @@ def test_port_in_use_raises_in_the_caller_with_the_commands_line() -> None:
             "program's process",
         ),
         ({"log_level": "debug"}, "invalid log_level 'debug' (from serve_in_thread()): "),
+        (
+            {"workers": 4},  # it used to be accepted and quietly ignored
+            "invalid workers 4 (from serve_in_thread()): an embedded server is one event loop",
+        ),
     ],
 )
 def test_a_bad_setting_raises_in_the_caller_with_one_line(

@@ -52,7 +52,7 @@ HOSTILE = {
     "binary": (bytes(range(1, 9)) + b"\r\n\r\n", "invalid HTTP request line"),
     "PROXY header, untrusted": (
         b"PROXY TCP4 198.51.100.1 192.0.2.1 1000 80\r\nGET / HTTP/1.1\r\nHost: x\r\n\r\n",
-        "PROXY protocol header from a peer not in trusted_proxies",
+        "PROXY protocol header where the HTTP request should be",
     ),
 }
 

@@ -54,6 +54,20 @@ def test_the_engine_knows_no_application_nor_lifecycle() -> None:
     assert offending(modules("engine"), forbidden) == {}
 
 
+def test_the_engine_needs_only_itself_and_two_leaves() -> None:
+    """Options in, counts out: no settings, listeners, TLS files or process."""
+    allowed = ("wsechod.engine", "wsechod.ratelimit", "wsechod.log", "wsechod.__version__")
+    found = {
+        str(path.relative_to(PACKAGE)): sorted(
+            i
+            for i in imports(path)
+            if i.startswith("wsechod") and i != "wsechod" and not i.startswith(allowed)
+        )
+        for path in modules("engine")
+    }
+    assert {k: v for k, v in found.items() if v} == {}
+
+
 def test_the_engine_knows_nothing_of_metrics() -> None:
     """The engine keeps plain counts; /metrics reads them at scrape time, from above."""
     assert offending(modules("engine"), ("wsechod.metrics", "prometheus_client")) == {}

@@ -29,6 +29,7 @@ from tests.test_echo import http_get
 from tests.test_metrics import scrape, scrape_when, value
 from tests.test_relay import RedisServer, free_port, make_redis, redis_server
 from tests.test_systemd import HARNESS, HARNESS_REASON, ROOT, NotifyListener, installed_units
+from tests.test_tls import issue, trusting
 from wsechod.process.supervisor import BACKOFF_FIRST, BACKOFF_MAX, BACKOFF_RESET, backoff
 
 __all__ = ["make_redis", "redis_server"]  # fixtures, used by name
@@ -589,3 +590,120 @@ def test_workers_under_a_real_systemd(tmp_path: Path) -> None:
     assert result.stdout.count("| ok") == 4
     assert result.stdout.count(f"| wsechod_workers {WORKERS}.0") == 4
     assert f"| processes {WORKERS + 1}" in result.stdout
+
+
+def test_a_restarted_worker_keeps_what_needs_a_restart(
+    start: Callable[..., Daemon], tmp_path: Path
+) -> None:
+    """A reload asking for another mode is refused by the running workers; a worker
+    started after it must not take it either (it did: one port, two modes)."""
+    config = tmp_path / "wsechod.toml"
+    config.write_text("")
+    daemon = start_workers(start, "--config", str(config))
+    victim = pids(daemon)[0]
+    # Relay with workers needs a shared broker: an unreachable one will do for this.
+    config.write_text(f'mode = "relay"\nbroker = "redis://127.0.0.1:{free_port()}/0"\n')
+    daemon.signal(signal.SIGHUP)
+    for i in range(WORKERS):
+        daemon.wait_for("setting needs a restart", where=of_worker(i))
+    os.kill(victim, signal.SIGKILL)
+    replaced = daemon.wait_for("listening", where=lambda e: e["worker"] == 0 and e["pid"] != victim)
+    assert replaced["mode"] == "echo"
+
+
+def test_workers_are_seen_even_if_sigchld_was_ignored(start: Callable[..., Daemon]) -> None:
+    """A parent that ignores SIGCHLD passes that on: the kernel would reap the workers
+    itself, and a dead one would never be replaced (nor a stop ever end)."""
+    daemon = start_workers(start, prefix=("bash", "-c", "trap '' CHLD; exec \"$@\"", "bash"))
+    victim = pids(daemon)[0]
+    os.kill(victim, signal.SIGKILL)
+    daemon.wait_for("worker exited", where=lambda e: e["pid"] == victim)
+    daemon.wait_for("listening", where=lambda e: e["worker"] == 0 and e["pid"] != victim)
+    daemon.signal(signal.SIGTERM)
+    assert daemon.wait(15) == 0
+
+
+def test_the_pidfile_is_free_as_soon_as_the_main_process_dies(
+    start: Callable[..., Daemon], tmp_path: Path, opened: contextlib.ExitStack
+) -> None:
+    """Workers must not keep the pidfile's lock: after kill -9 of the main process the
+    next start takes the pidfile over, even while the workers still drain."""
+    pidfile = tmp_path / "wsechod.pid"
+    daemon = start_workers(start, "--pidfile", str(pidfile), "--drain-timeout", "30",
+                           "--close-timeout", "60")  # fmt: skip
+    stubborn = raw_on_each(daemon)  # the workers drain for as long as these hold on
+    os.kill(daemon.proc.pid, signal.SIGKILL)
+    assert gone(daemon.proc.pid, 5)
+    assert any(alive(pid) for pid in pids(daemon))  # still draining
+    again = start("--pidfile", str(pidfile))
+    assert again.wait_for("stale pidfile taken over")["pid"] == str(daemon.proc.pid)
+    for sock in stubborn:
+        sock.close()
+
+
+def test_a_worker_started_again_serves_the_certificate_it_was_given(
+    start: Callable[..., Daemon], opened: contextlib.ExitStack, tmp_path: Path
+) -> None:
+    """The TLS files are being replaced (a renewal half done, no SIGHUP yet) when a worker
+    dies: its replacement serves with the main process's certificate, as the other one
+    does, rather than fail on the files and crash-loop."""
+    files = issue(tmp_path)
+    daemon = start_workers(start, "--tls-cert", str(files.cert), "--tls-key", str(files.key))
+    victim = pids(daemon)[0]
+    files.key.rename(tmp_path / "key.new")
+    os.kill(victim, signal.SIGKILL)
+    replaced = daemon.wait_for("listening", where=lambda e: e["worker"] == 0 and e["pid"] != victim)
+    for _ in range(60):
+        ws = opened.enter_context(
+            connect(f"wss://127.0.0.1:{daemon.port}/", ssl=trusting(files.ca), open_timeout=5)
+        )
+        if served_by(daemon, ws.local_address[1], after=replaced["timestamp"]) == 0:
+            ws.send("renewing")
+            assert ws.recv(timeout=5) == "renewing"
+            break
+    else:
+        raise AssertionError("no connection reached the replaced worker")
+    assert not [e for e in daemon.events if e["event"] == "worker failed"]
+
+
+def test_a_reload_reaches_a_worker_that_was_starting(
+    start: Callable[..., Daemon], tmp_path: Path
+) -> None:
+    """A SIGHUP that comes while a worker is starting (here held for seconds by a broker
+    that accepts and never answers) is applied once it listens, not dropped: it was forked
+    with the settings of before."""
+    with socket.socket() as mute:
+        mute.bind(("127.0.0.1", 0))
+        mute.listen()
+        config = tmp_path / "wsechod.toml"
+        config.write_text(
+            f'mode = "relay"\nbroker = "redis://127.0.0.1:{mute.getsockname()[1]}/0"\n'
+        )
+        daemon = start_workers(start, "--config", str(config))
+        mine = pids(daemon)
+        victim = mine[0]
+        os.kill(victim, signal.SIGKILL)
+        daemon.wait_for("starting", where=lambda e: e.get("worker") == 0 and e["pid"] != victim)
+        config.write_text(config.read_text() + "max_size = 4096\n")
+        daemon.signal(signal.SIGHUP)
+        assert daemon.wait_for("setting changed", where=of_worker(1))["key"] == "max_size"
+        # Still starting (the broker holds it for seconds): the reload waits for it.
+        events = daemon.events
+        assert not [e for e in events if e["event"] == "listening" and e["pid"] not in mine]
+        changed = daemon.wait_for("setting changed", where=of_worker(0))
+        assert (changed["key"], changed["new"]) == ("max_size", 4096)
+        replaced = daemon.wait_for(
+            "listening", where=lambda e: e["worker"] == 0 and e["pid"] != victim
+        )
+        assert changed["timestamp"] >= replaced["timestamp"]
+        # And it holds: the replacement closes a message over the new limit with 1009.
+        for _ in range(60):
+            with connect(f"{daemon.url}/room") as ws:
+                if served_by(daemon, ws.local_address[1], after=replaced["timestamp"]) == 0:
+                    ws.send("x" * 5000)
+                    with pytest.raises(ConnectionClosed) as closed:
+                        ws.recv(timeout=5)
+                    assert closed.value.rcvd is not None and closed.value.rcvd.code == 1009
+                    break
+        else:
+            raise AssertionError("no connection reached the replaced worker")

@@ -27,6 +27,7 @@ from typing import Any
 import uvloop
 
 from wsechod import listeners
+from wsechod.engine.addresses import format_address
 from wsechod.lifecycle import (
     BROKER_CLOSE_TIMEOUT,
     HANDSHAKE_GRACE,
@@ -34,7 +35,7 @@ from wsechod.lifecycle import (
     Lifecycle,
     serve,
 )
-from wsechod.listeners import BindError, format_address
+from wsechod.listeners import BindError
 from wsechod.log import get_logger
 from wsechod.settings import CONFIG_ENV, Loaded, Settings, SettingsError, load
 
@@ -63,6 +64,7 @@ PROCESS_KEYS = {
     "user": "an embedded server runs as its program's user",
     "group": "an embedded server runs as its program's user",
     "unix_socket_owner": "an embedded server does not give its socket files away",
+    "workers": "an embedded server is one event loop in its program's process",
     "log_level": _LOGGING,
     "log_format": _LOGGING,
     "log_file": _LOGGING,

@@ -62,6 +62,7 @@ class Lifecycle:
         self.handoff = False  # the sockets belong to systemd: stop accepting at once
         # One of several workers: /metrics and /healthz answer for the whole daemon.
         self.shared: shared.Worker | None = None
+        self.tls: ssl.SSLContext | None = None  # a certificate loaded already, to serve with
 
     def request_stop(self, reason: str) -> None:
         """First call: drain gracefully. Second call: end the drain at once."""
@@ -90,10 +91,7 @@ class Lifecycle:
                 new_options = options(self.settings)  # certificates read again, even unchanged
             except tls.TlsError as exc:  # changed since the settings were checked: keep
                 log.error("tls certificate not reloaded: the old one stays", error=str(exc))
-                new_options = dataclasses.replace(
-                    options(dataclasses.replace(self.settings, tls_cert="")),
-                    tls=self.engine.options.tls,
-                )
+                new_options = options(self.settings, self.engine.options.tls)
             else:
                 if new_options.tls is not None:
                     log.info("tls certificate loaded", tls_cert=self.settings.tls_cert)
@@ -143,9 +141,9 @@ def capture_signals(life: Lifecycle, reload: Callable[[str], None] | None = None
                 signal.signal(sig, handler)
 
 
-def options(settings: Settings) -> Options:
-    """The engine's options; with TLS, a context freshly read from the files (TlsError if
-    they cannot be used)."""
+def options(settings: Settings, loaded: ssl.SSLContext | None = None) -> Options:
+    """The engine's options; with TLS, the context ``loaded`` already, or else one freshly
+    read from the files (TlsError if they cannot be used)."""
     return Options(
         max_size=settings.max_size,
         write_limit=settings.write_limit,
@@ -154,8 +152,11 @@ def options(settings: Settings) -> Options:
         ping_timeout=settings.ping_timeout,
         close_timeout=settings.close_timeout,
         compression=settings.compression == "deflate",
-        tls=tls_context(settings),
-        trusted_proxies=tuple(ipaddress.ip_network(n) for n in settings.trusted_proxies),
+        tls=loaded if loaded is not None and settings.tls_cert else tls_context(settings),
+        trusted_proxies=tuple(
+            ipaddress.ip_network(n) for n in settings.trusted_proxies if n != "unix"
+        ),
+        trust_unix="unix" in settings.trusted_proxies,
         ipv6_prefix_length=settings.ipv6_prefix_length,
         access_log=settings.access_log,
     )
@@ -197,7 +198,9 @@ async def serve(
     """Serve ``life.settings`` on ``sockets`` until ``life.stop`` resolves, then drain."""
     # Start.
     settings = life.settings
-    engine_options = options(settings)  # first: TLS files this user cannot read stop it here
+    # First: TLS files this user cannot read stop it here (a worker is handed the main
+    # process's context: files being replaced do not stop a replacement worker).
+    engine_options = options(settings, life.tls)
     app, broker = application(settings)
     if broker is not None:
         assert isinstance(app, Relay)

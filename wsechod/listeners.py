@@ -17,6 +17,7 @@ import stat
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from wsechod.engine.addresses import format_address
 from wsechod.settings import ListenAddress, Settings, listen_address
 
 
@@ -282,15 +283,3 @@ def _stale(path: str) -> bool:
         except OSError:
             return False
     return False
-
-
-def format_address(sockaddr: object) -> str:
-    """``host:port`` (brackets around IPv6 hosts, as in URLs), a Unix socket's path, or
-    ``@name`` for an abstract one (systemd may pass any of them)."""
-    if isinstance(sockaddr, bytes):  # abstract Unix socket: leading NUL
-        return "@" + sockaddr.lstrip(b"\0").decode(errors="replace")
-    if isinstance(sockaddr, str):
-        return sockaddr or "(unnamed unix socket)"
-    assert isinstance(sockaddr, tuple)
-    host, port = sockaddr[0], sockaddr[1]
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

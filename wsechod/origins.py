@@ -90,7 +90,7 @@ def _parse(text: str, *, pattern: bool) -> Pattern:
         raise ValueError(f"invalid scheme {scheme!r}")
     if "/" in rest or "?" in rest or "#" in rest or "@" in rest:
         raise ValueError("an origin is scheme://host[:port], without path, query or user")
-    host, port = _host_port(rest)
+    host, port = _origin_host_port(rest)
     wildcard = pattern and host.startswith("*.")
     if wildcard:
         host = host[2:]
@@ -99,7 +99,7 @@ def _parse(text: str, *, pattern: bool) -> Pattern:
     return Pattern(scheme or None, host, wildcard, port)
 
 
-def _host_port(text: str) -> tuple[str, int | None]:
+def _origin_host_port(text: str) -> tuple[str, int | None]:
     if text.startswith("["):  # [IPv6]
         host, bracket, rest = text.partition("]")
         host += bracket

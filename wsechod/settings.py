@@ -155,7 +155,9 @@ def _opt(
 
 def _network(entry: str) -> str:
     """An address or a network, as ``ipaddress`` writes it (host bits set are an error:
-    most likely a typo for another network)."""
+    most likely a typo for another network), or ``unix``: peers on Unix sockets."""
+    if entry.strip().lower() == "unix":
+        return "unix"
     try:
         network = ipaddress.ip_network(entry.strip())
     except ValueError as exc:
@@ -244,8 +246,8 @@ class Settings:
     )
     trusted_proxies: tuple[str, ...] = _opt(
         (),
-        "proxies (addresses or networks) whose X-Forwarded-For or PROXY protocol header "
-        "names the client",
+        "proxies (addresses or networks, or 'unix' for peers on Unix sockets) whose "
+        "X-Forwarded-For or PROXY protocol header names the client",
         item=_network,
     )
     open_timeout: float = _opt(
@@ -625,8 +627,6 @@ def _convert(key: str, raw: Any, source: str, *, text: bool) -> Any:
         return _checked(f.metadata, value)
     except ValueError as exc:
         shown = redact_url(raw) if f.metadata["url"] and isinstance(raw, str) else raw
-        if text and isinstance(raw, list):  # a repeated flag: as it was typed
-            shown = ",".join(raw)
         raise SettingsError(f"invalid {key} {shown!r} (from {source}): {exc}") from None
 
 
@@ -636,10 +636,9 @@ _FLOAT = r"[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?"
 
 def _typed(kind: type, raw: Any) -> Any:
     """A string from a flag or an environment variable, parsed as the key's type. Lists are
-    comma-separated, and a flag may be repeated (argparse gives a list then)."""
+    comma-separated (a repeated flag arrives joined by commas)."""
     if kind is tuple:
-        texts = [raw] if isinstance(raw, str) else raw
-        return tuple(e.strip() for text in texts for e in text.split(",") if e.strip())
+        return tuple(e.strip() for e in raw.split(",") if e.strip())
     if kind is bool:
         value = _boolean(raw)
         if value is None:

@@ -212,6 +212,10 @@ class Totals:
         self.running = 0  # workers listening now (the supervisor keeps it)
         self.stopping = False
         self.live: dict[int, Entry] = {}
+        # Per slot, the last entry that could be read: a slot caught mid-write (its
+        # worker preempted while publishing) stands for itself with it, so that no total
+        # goes back for a moment (Prometheus would take that for a reset).
+        self.last: dict[int, Entry] = {}
         self.total = Snapshot()
         self._registry = CollectorRegistry()
         self._registry.register(_TotalsCollector(self))
@@ -219,10 +223,11 @@ class Totals:
     def fold(self, slot: int, gen: int, cpu: float) -> None:
         """Worker ``slot`` (its start ``gen``) exited: what it counted becomes retired,
         from its last publication; its gauges go with it."""
-        entry = self.board.read(slot)
+        entry = self.board.read(slot) or self.last.get(slot)
         if entry is not None and entry.gen == gen and entry.body:
             with contextlib.suppress(ValueError, KeyError, TypeError):
                 self.retired.update(Snapshot.from_json(entry.body).counters)
+        self.last.pop(slot, None)
         self.folded[slot] = max(self.folded[slot], gen)
         self.cpu_gone += cpu
 
@@ -232,6 +237,10 @@ class Totals:
         snaps = [Snapshot(gauges={"draining": int(self.stopping)}, counters=dict(self.retired))]
         for slot in range(self.board.workers):
             entry = self.board.read(slot)
+            if entry is None:
+                entry = self.last.get(slot)
+            else:
+                self.last[slot] = entry
             if entry is None or entry.gen <= self.folded[slot]:
                 continue
             self.live[slot] = entry

@@ -28,10 +28,10 @@ from websockets.server import ServerProtocol
 
 from wsechod import __version__
 from wsechod.engine import proxy
+from wsechod.engine.addresses import format_address
 from wsechod.engine.connection import WebSocket, failures
 from wsechod.engine.deflate import Deflate
 from wsechod.engine.interface import Reply, Request
-from wsechod.listeners import format_address
 
 if TYPE_CHECKING:
     from wsechod.engine.server import Engine
@@ -102,8 +102,8 @@ class Handshake(asyncio.Protocol):
         if options.tls is not None:
             self._tls = engine.loop.start_tls(self._t, self, options.tls, server_side=True)
             self._drive_tls()
-        elif options.trusted_proxies:
-            self._proxy = proxy.trusted(self._addr, options.trusted_proxies)
+        elif options.trusted_proxies or options.trust_unix:
+            self._proxy = proxy.trusted(self._addr, options.trusted_proxies, options.trust_unix)
 
     def _drive_tls(self, _: object = None) -> None:
         """Run ``loop.start_tls`` up to its wait for the TLS handshake, and on when it ends.
@@ -120,9 +120,13 @@ class Handshake(asyncio.Protocol):
         except StopIteration as done:
             self._tls = None
             self._tls_done(done.value)
-        except Exception as exc:  # ssl.SSLError, a reset, an EOF: start_tls closed it
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as exc:  # ssl.SSLError, a reset, an EOF, a cancelled wait
             self._tls = None
             self._engine.tls_failed(self.peer, exc)
+            if self._t is not None:  # start_tls closes it on its errors; not on every one
+                self._t.abort()
             self._lost()
         else:  # a future (or None: a bare yield, go on at the next pass)
             if waiting is None:
@@ -225,7 +229,10 @@ class Handshake(asyncio.Protocol):
         engine = self._engine
         options = engine.options
         if proxy.is_header(head + rest[: len(proxy.V2_SIGNATURE)]):
-            self._refuse("PROXY protocol header from a peer not in trusted_proxies")
+            self._refuse(
+                "a PROXY protocol header where the HTTP request should be (from a peer not "
+                "in trusted_proxies, or a second one)"
+            )
             return
         if head.count(b"\n") != head.count(b"\r\n"):
             # websockets would say "connection closed": say what is wrong instead.
@@ -287,7 +294,7 @@ class Handshake(asyncio.Protocol):
         returns the client's address group."""
         options = self._engine.options
         addr = self._addr
-        if options.trusted_proxies and proxy.trusted(addr, options.trusted_proxies):
+        if proxy.trusted(addr, options.trusted_proxies, options.trust_unix):
             forwarded = headers.get_all("X-Forwarded-For")
             client = proxy.forwarded_for(forwarded, options.trusted_proxies) if forwarded else None
             if client is not None:

@@ -48,8 +48,12 @@ def peer_address(sockaddr: object) -> Address | None:
     return None
 
 
-def trusted(addr: Address | None, networks: Sequence[Network]) -> bool:
-    return addr is not None and any(addr in net for net in networks)
+def trusted(addr: Address | None, networks: Sequence[Network], unix: bool = False) -> bool:
+    """Whether the peer may name the client: its address is in ``networks``, or it came
+    over a Unix socket (no address) and ``unix`` trusts those (a proxy on this host)."""
+    if addr is None:
+        return unix
+    return any(addr in net for net in networks)
 
 
 def group(addr: Address | None, ipv6_prefix_length: int) -> str:
@@ -130,12 +134,18 @@ def _v1(data: bytes | bytearray) -> tuple[int, tuple[Address, int] | None] | Non
     if len(fields) != 6 or fields[1] not in (b"TCP4", b"TCP6"):
         raise ProxyError("expected PROXY TCP4|TCP6 source destination sport dport")
     try:
-        source, destination = (ipaddress.ip_address(f.decode("ascii")) for f in fields[2:4])
+        texts = [f.decode("ascii") for f in fields[2:4]]
+        if any("%" in text for text in texts):  # a zone: not a client's address
+            raise ValueError
+        source, destination = (ipaddress.ip_address(text) for text in texts)
     except (UnicodeDecodeError, ValueError):
         raise ProxyError("invalid address in PROXY v1 line") from None
     version = 4 if fields[1] == b"TCP4" else 6
     if source.version != version or destination.version != version:
         raise ProxyError(f"{fields[1].decode()} with an address of another family")
+    # A dual-stack proxy names its IPv4 clients IPv4-mapped: each counts as itself.
+    if isinstance(source, ipaddress.IPv6Address) and source.ipv4_mapped is not None:
+        source = source.ipv4_mapped
     ports = fields[4:6]
     if not all(p.isdigit() and (p == b"0" or p[:1] != b"0") and int(p) < 65536 for p in ports):
         raise ProxyError("invalid port in PROXY v1 line")

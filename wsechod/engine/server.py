@@ -24,11 +24,11 @@ from websockets.extensions import ServerExtensionFactory
 from websockets.extensions.permessage_deflate import enable_server_permessage_deflate
 
 from wsechod import ratelimit
+from wsechod.engine.addresses import format_address
 from wsechod.engine.connection import WebSocket
 from wsechod.engine.handshake import Handshake
 from wsechod.engine.interface import Application, Reply, Request
 from wsechod.engine.proxy import Network
-from wsechod.listeners import format_address
 from wsechod.log import get_logger
 
 log = get_logger("wsechod.engine")
@@ -64,6 +64,7 @@ class Options:
     compression: bool = False
     tls: ssl.SSLContext | None = None  # every connection starts with a TLS handshake
     trusted_proxies: tuple[Network, ...] = ()  # may say who the client is (proxy.py)
+    trust_unix: bool = False  # so may whoever connects over a Unix socket
     ipv6_prefix_length: int = 64  # IPv6 clients are counted per network this size
     access_log: bool = False  # one info line per closed connection
 

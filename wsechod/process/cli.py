@@ -113,8 +113,6 @@ def build_parser() -> argparse.ArgumentParser:
             )
         default = list(f.default) if isinstance(f.default, tuple) else f.default
         help_text = f"{describe(f.name)}{values} (env {env_name(f.name)}; default: {default!r})"
-        if isinstance(f.default, tuple):  # a list: repeat the flag, or separate by commas
-            help_text += "; a list: repeat the flag or separate with commas"
         if f.type is bool:
             group.add_argument(
                 flag_name(f.name),
@@ -138,7 +136,6 @@ def build_parser() -> argparse.ArgumentParser:
                 dest=f.name,
                 default=argparse.SUPPRESS,
                 metavar=f.name.upper(),
-                action="append" if isinstance(f.default, tuple) else "store",
                 help=help_text,
             )
     return parser

@@ -20,6 +20,7 @@ from typing import NoReturn
 
 import daemon
 
+from wsechod.process import fds
 from wsechod.process.pidfile import PidFile
 from wsechod.process.privileges import Identity
 
@@ -93,6 +94,7 @@ class _Report:
 
     def __init__(self, fd: int) -> None:
         self.fd: int | None = fd
+        fds.private(fd)  # not for workers: the launcher waits for its end
 
     def send(self, line: str) -> None:
         if self.fd is not None:
@@ -103,6 +105,7 @@ class _Report:
         self.send("ready")
         if self.fd is not None:
             os.close(self.fd)
+            fds.released(self.fd)
             self.fd = None
 
 

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from types import TracebackType
 
-from wsechod.process import paths
+from wsechod.process import fds, paths
 
 # Times to retry when the pidfile is replaced between opening and locking it; each retry
 # means another process took it over meanwhile, so a few are plenty.
@@ -110,6 +110,7 @@ class PidFile:
         else:
             raise PidFileError(f"cannot lock pidfile {self.path}: it keeps being replaced")
         self._fds.append(current)
+        fds.private(current)
         # Whatever the file says, no live process holds its lock: it is stale.
         self.stale_pid = os.read(current, 64).decode(errors="replace").strip() or None
         try:
@@ -118,6 +119,7 @@ class PidFile:
             self.release()
             raise PidFileError(f"cannot write pidfile {self.path}: {exc.strerror}") from None
         self._fds.append(fd)
+        fds.private(fd)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)  # new file: nobody else can hold it
             os.write(fd, f"{os.getpid()}\n".encode())
@@ -163,6 +165,7 @@ class PidFile:
             self._inode = None
         for fd in self._fds:
             os.close(fd)
+            fds.released(fd)
         self._fds.clear()
 
     def __enter__(self) -> "PidFile":

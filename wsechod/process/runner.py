@@ -13,6 +13,7 @@ import os
 import resource
 import signal
 import socket
+import ssl
 from collections.abc import Callable, Iterator
 
 from wsechod import __version__, embedded
@@ -39,17 +40,21 @@ STATUS_INTERVAL = 10.0  # seconds between STATUS= updates to systemd
 EXTEND_INTERVAL = 2.0
 EXTEND_BY = EXTEND_INTERVAL + 3.0
 
-# Stop signals that arrived before the event loop could handle them.
+# Signals that arrived before the event loop could handle them.
 _early_stops: list[str] = []
+_early_reloads: list[str] = []
 
 
 def catch_early_signals() -> None:
     """Until the loop runs: a first SIGTERM/SIGINT is kept and becomes a graceful stop as
     soon as the server is up; a second one ends start-up at once (it may be stuck, say on a
-    name lookup); SIGHUP and SIGUSR1 are ignored (there is nothing to reopen yet)."""
+    name lookup). SIGHUP and SIGUSR1 are kept too and become one reload once the server is
+    up: the settings may have changed since they were read (a worker forked just before
+    a reload would otherwise keep the old ones)."""
 
     def early(signum: int, _: object) -> None:
         if signum in RELOAD_SIGNALS:
+            _early_reloads[:] = [signal.Signals(signum).name]
             return
         if _early_stops:
             raise SystemExit(128 + signum)
@@ -59,11 +64,12 @@ def catch_early_signals() -> None:
         signal.signal(sig, early)
 
 
-def take_early_stops() -> list[str]:
-    """The stop signals caught before a loop could handle them (a supervisor handles them
-    itself rather than pass them to the workers it forks)."""
-    taken = list(_early_stops)
+def take_early_signals() -> tuple[list[str], list[str]]:
+    """The stop and reload signals caught before a loop could handle them (a supervisor
+    handles them itself rather than pass them to the workers it forks)."""
+    taken = list(_early_stops), list(_early_reloads)
     _early_stops.clear()
+    _early_reloads.clear()
     return taken
 
 
@@ -151,22 +157,35 @@ def _process(
     reread: Callable[[], Loaded] | None,
     *,
     worker: Worker | None = None,
+    tls: ssl.SSLContext | None = None,
 ) -> Iterator[Callable[[], None]]:
     """Around the serving (``embedded.run``'s ``attach``): the signals, systemd, and the
     daemon's parent waiting for ``on_ready``; a worker shares its figures."""
     loop = asyncio.get_running_loop()
-    life.shared = worker
+    life.shared, life.tls = worker, tls
     notifier = systemd.Notifier()
     reporter: asyncio.Task[None] | None = None
     extender: asyncio.Task[None] | None = None
 
+    serving = False
+
     def ready() -> None:
-        nonlocal reporter
+        nonlocal reporter, serving
         notifier.ready(life.status())
         if notifier.enabled:
             reporter = loop.create_task(_report(notifier, life))
         if on_ready is not None:
             on_ready()
+        serving = True
+        for name in _early_reloads:
+            reload(name)
+        _early_reloads.clear()
+
+    def reload(signame: str) -> None:
+        if serving:
+            _reload(notifier, life, reread, signame)
+        else:  # the server is being built from the settings of before: reload once up
+            _early_reloads[:] = [signame]
 
     def stopping(_: object) -> None:
         nonlocal extender
@@ -176,7 +195,7 @@ def _process(
             extender = loop.create_task(_extend_drain(notifier, life))
 
     life.stop.add_done_callback(stopping)
-    with capture_signals(life, functools.partial(_reload, notifier, life, reread)):
+    with capture_signals(life, reload):
         for name in _early_stops:  # sent while we were starting
             life.request_stop(name)
         _early_stops.clear()
@@ -200,17 +219,19 @@ def run(
     reread: Callable[[], Loaded] | None = None,
     *,
     worker: Worker | None = None,
+    tls: ssl.SSLContext | None = None,
 ) -> int:
     """Run the daemon in this process until it is stopped; returns the exit status.
 
     ``on_ready`` is called once the server is listening (the daemon's parent waits for it);
     ``handoff``: the sockets came from systemd socket activation; ``reread``: loads the
     settings again from the same sources, for a reload; ``worker``: this process is one of
-    several workers (``process.supervisor``), sharing its figures through it.
+    several workers (``process.supervisor``), sharing its figures through it; ``tls``:
+    the certificate to serve with (the supervisor's) rather than the files read again.
     """
     log.info("starting", version=__version__, pid=os.getpid())
     _raise_open_files_limit(settings.max_connections)
-    attach = functools.partial(_process, on_ready=on_ready, reread=reread, worker=worker)
+    attach = functools.partial(_process, on_ready=on_ready, reread=reread, worker=worker, tls=tls)
     embedded.run(settings, sockets, handoff=handoff, attach=attach)
     log.info("stopped")
     return 0

@@ -25,19 +25,22 @@ Ctrl-C reaches the main process only and each worker hears one stop, forwarded.
 
 import contextlib
 import ctypes
+import dataclasses
 import functools
 import logging
 import os
 import signal
+import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NoReturn
 
-from wsechod import __version__, lifecycle, listeners, ratelimit
+from wsechod import __version__, lifecycle, listeners, ratelimit, tls
+from wsechod.engine.addresses import format_address
 from wsechod.log import get_logger
-from wsechod.process import logs, runner, systemd
-from wsechod.settings import Loaded, Settings, SettingsError
+from wsechod.process import fds, logs, runner, systemd
+from wsechod.settings import RESTART_KEYS, Loaded, Settings, SettingsError
 from wsechod.shared import LISTENING, PUBLISH_INTERVAL, RENDER_INTERVAL, Board, Totals, Worker
 
 log = get_logger("wsechod")
@@ -152,8 +155,9 @@ class Supervisor:
         self.due: dict[str, float] = {}
         self.extended: int | None = None  # open connections at the last extension
         self.addresses: list[str] = []
+        self.tls: ssl.SSLContext | None = None
         for sock in bound.sockets:  # one per address, in order (TCP copies share one)
-            name = listeners.format_address(sock.getsockname())
+            name = format_address(sock.getsockname())
             if name not in self.addresses:
                 self.addresses.append(name)
         usec = self.notifier.watchdog_interval
@@ -163,15 +167,21 @@ class Supervisor:
 
     def run(self) -> int:
         log.info("starting", version=__version__, pid=self.pid, workers=self.count)
-        lifecycle.tls_context(self.settings)  # unreadable TLS files: one error, here
+        # Unreadable TLS files: one error, here. Workers, also those started again later,
+        # serve with this context (and the one each reload reads), not the files of then.
+        self.tls = lifecycle.tls_context(self.settings)
+        # An inherited "ignore SIGCHLD" would have the kernel reap the workers unseen.
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         self.mask = signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
         try:
-            early = runner.take_early_stops()
+            stops, reloads = runner.take_early_signals()
             self.totals.render()
             for slot in self.slots:
                 self._start(slot)
-            for name in early:  # sent while we were starting: the workers stop once up
+            for name in stops:  # sent while we were starting: the workers stop once up
                 self._stop(name)
+            for name in reloads:  # and reload once up
+                self._reload(signal.Signals[name])
             self.due["render"] = time.monotonic() + RENDER_INTERVAL
             while self.stops == 0 or any(slot.pid is not None for slot in self.slots):
                 timeout = max(0.0, min(self._next_due()) - time.monotonic())
@@ -202,7 +212,8 @@ class Supervisor:
             if slot.due is not None and slot.due <= now:
                 slot.due = None
                 self._start(slot)
-                self.totals.restarts += 1
+                if slot.pid is not None:
+                    self.totals.restarts += 1
         for name, when in list(self.due.items()):
             if when <= now:
                 del self.due[name]
@@ -369,7 +380,11 @@ class Supervisor:
             else:
                 if settings.log_level != self.settings.log_level:
                     logs.set_level(settings.log_level)
-                self.settings = settings
+                # What needs a restart stays as it was, for the workers started later too.
+                kept = {key: getattr(self.settings, key) for key in RESTART_KEYS}
+                self.settings = dataclasses.replace(settings, **kept)
+                with contextlib.suppress(tls.TlsError):  # each worker logs why
+                    self.tls = lifecycle.tls_context(self.settings)
         for slot in self.slots:
             if slot.pid is not None:
                 self._kill(slot.pid, signum)
@@ -413,12 +428,13 @@ class Supervisor:
             for sock in self.bound.sockets:
                 if sock not in mine:
                     sock.close()
+            fds.close_private()  # the pidfile's lock, the daemon launcher's pipe
             logs.tag(worker=slot.index)
             worker = Worker(self.board, slot.index, slot.gen, os.getpid(), self._orphan_check)
             ready = functools.partial(_listening, worker, self.pid)
             signal.pthread_sigmask(signal.SIG_SETMASK, self.mask)
             status = runner.run(
-                self.settings, mine, ready, self.handoff, self.reread, worker=worker
+                self.settings, mine, ready, self.handoff, self.reread, worker=worker, tls=self.tls
             )
             worker.stopped()
         except BaseException:
