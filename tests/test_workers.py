@@ -707,3 +707,50 @@ def test_a_reload_reaches_a_worker_that_was_starting(
                     break
         else:
             raise AssertionError("no connection reached the replaced worker")
+
+
+def test_a_worker_told_to_stop_alone_is_replaced_at_once_while_it_drains(
+    start: Callable[..., Daemon], opened: contextlib.ExitStack
+) -> None:
+    """SIGTERM to one worker (recycling it): it drains its clients (1001) but takes no
+    newcomer and says nothing of the daemon draining; another worker is started on its
+    sockets at once, so nobody gets 503 meanwhile; what the first counted is kept."""
+    daemon = start_workers(start, "--drain-timeout", "60", "--close-timeout", "60")
+    victim = pids(daemon)[0]
+    mine = raw_on_each(daemon)[0]  # on worker 0; never answers the close frame
+    for i in range(5):
+        rawws.send_frame(mine, 0x1, b"m%d" % i)
+        assert rawws.read_frame(mine) == (0x1, b"m%d" % i)
+    before = scrape_when(
+        daemon.port, lambda s: value(s, "wsechod_messages_received_total", type="text") >= 5
+    )
+    received = value(before, "wsechod_messages_received_total", type="text")
+
+    os.kill(victim, signal.SIGTERM)
+    assert rawws.read_close(mine)[0] == 1001
+    replaced = daemon.wait_for("listening", where=lambda e: e["worker"] == 0 and e["pid"] != victim)
+    assert alive(victim)  # still draining its client
+    answers = [http_get(daemon.port, "/healthz")[:2] for _ in range(40)]
+    assert answers == [(200, "ok\n")] * 40
+    by = spread(daemon, opened, each=1)  # upgrades reach both workers, the new one included
+    assert served_by(daemon, by[0][0].local_address[1], after=replaced["timestamp"]) == 0
+    s = scrape_when(daemon.port, lambda s: value(s, "wsechod_workers") == WORKERS)
+    assert value(s, "wsechod_draining") == 0
+
+    mine.close()  # its last client gone, the first worker's drain ends
+    drained = daemon.wait_for("worker drained")
+    assert drained["pid"] == victim and not alive(victim)
+    assert not [e for e in daemon.events if e["event"] == "worker exited"]
+    after = scrape_when(
+        daemon.port,
+        lambda s: (
+            sum(
+                v
+                for (n, labels), v in s.items()
+                if n == "wsechod_closes_total" and ("code_sent", "1001") in labels
+            )
+            >= 1
+        ),
+    )
+    assert value(after, "wsechod_messages_received_total", type="text") >= received
+    assert value(after, "wsechod_worker_restarts_total") == 1

@@ -103,10 +103,12 @@ class Lifecycle:
     def _stop_accepting(self) -> None:
         """What must not wait for the next loop pass, done before anyone hears of the
         stop: ``/healthz`` turns 503, and systemd's sockets stop being accepted so that
-        newcomers stay in the backlog for the next process."""
+        newcomers stay in the backlog for the next process; so do a worker's when it stops
+        alone, for the worker started in its place."""
         if self.engine is not None:
             self.engine.draining = True
-            if self.handoff:
+            alone = self.shared is not None and self.shared.leaving()
+            if self.handoff or alone:
                 self.engine.stop_accepting()
 
     def status(self) -> str:

@@ -1,10 +1,12 @@
 """What the processes of a daemon with several workers share: one block of memory.
 
 The main process maps it (anonymous, shared) before it forks the workers, so each inherits
-it. It holds one slot per worker, where the worker publishes its figures (a ``Snapshot``,
+it. It holds two slots per worker, where the worker publishes its figures (a ``Snapshot``,
 the same plain counts ``/metrics`` reads) every PUBLISH_INTERVAL from a timer on its event
-loop, and two slots the main process writes every RENDER_INTERVAL: the ``/metrics`` page of
-the whole daemon, rendered from the workers' slots, and the daemon's health. Whichever
+loop (successive starts of a worker alternate between its two: one that drains on its own
+goes on counting while its replacement serves), and two slots the main process writes
+every RENDER_INTERVAL: the ``/metrics`` page of the whole daemon, rendered from the
+workers' slots, and the daemon's health (whose state says whether the daemon stops). Whichever
 worker a scrape or a health check lands on serves those, so every answer is the daemon's,
 and one process renders: successive pages never go back, whichever worker serves them.
 The price is staleness: the page is at most PUBLISH_INTERVAL + RENDER_INTERVAL old.
@@ -66,18 +68,24 @@ class Entry:
 
 
 class Board:
-    """The shared block: ``workers`` worker slots, then the page, then the health."""
+    """The shared block: two slots per worker, then the page, then the health."""
 
     def __init__(self, workers: int) -> None:
         self.workers = workers
-        self.page_slot, self.health_slot = workers, workers + 1
-        self._sizes = [SLOT_BYTES] * workers + [PAGE_BYTES, HEALTH_BYTES]
+        self.worker_slots = 2 * workers
+        self.page_slot, self.health_slot = self.worker_slots, self.worker_slots + 1
+        self._sizes = [SLOT_BYTES] * self.worker_slots + [PAGE_BYTES, HEALTH_BYTES]
         self._offsets = [0]
         for size in self._sizes:
             self._offsets.append(self._offsets[-1] + HEADER_BYTES + size)
         # Anonymous and MAP_SHARED: children forked after this see the same pages. Only
         # the pages written are ever backed by memory.
         self._map = mmap.mmap(-1, self._offsets[-1])
+
+    @staticmethod
+    def slot_of(index: int, gen: int) -> int:
+        """Where start ``gen`` of worker ``index`` publishes."""
+        return 2 * index + gen % 2
 
     def write(self, slot: int, body: bytes, *, gen: int = 0, pid: int = 0, state: int = 0) -> bool:
         """Replace a slot; False (nothing written) if ``body`` does not fit."""
@@ -120,11 +128,20 @@ class Worker:
     daemon's ``/metrics`` page and health."""
 
     def __init__(
-        self, board: Board, index: int, gen: int, pid: int, tick: Callable[["Worker"], None]
+        self,
+        board: Board,
+        index: int,
+        gen: int,
+        pid: int,
+        *,
+        tick: Callable[["Worker"], None],
+        ring: Callable[[], None],
     ) -> None:
         self.board, self.index, self.gen, self.pid = board, index, gen, pid
+        self.slot = board.slot_of(index, gen)
         self.state = STARTING
         self._tick_hook = tick  # called after each publication (the parent check)
+        self._ring = ring  # tells the main process to look at the board now
         self._engine: Engine | None = None
         self._app: Application | None = None
         self._page: tuple[int, Reply] = (-1, Reply(http.HTTPStatus.OK, ""))
@@ -140,6 +157,21 @@ class Worker:
     def listening(self) -> None:
         self.state = LISTENING
         self.publish()
+        self._ring()
+
+    def leaving(self) -> bool:
+        """This worker starts its drain: say so now. True if the daemon is not stopping
+        (the worker alone was told to): the main process then starts another at once on
+        the same sockets, so this one must stop accepting, and newcomers wait in the
+        backlog for the other rather than get 503 from this one."""
+        if self._engine is None or self.state != LISTENING:
+            return False  # not serving yet: it exits, and is started again, as a crash
+        self.publish()
+        daemon = self.board.read(self.board.health_slot)
+        if daemon is None or daemon.state == DRAINING:
+            return False
+        self._ring()
+        return True
 
     def stopped(self) -> None:
         """The last publication, after the drain: nothing counted is lost."""
@@ -156,7 +188,7 @@ class Worker:
         snap = metrics.snapshot(self._engine, self._app)
         state = DRAINING if self._engine.draining and self.state == LISTENING else self.state
         written = self.board.write(
-            self.index, snap.to_json(), gen=self.gen, pid=self.pid, state=state
+            self.slot, snap.to_json(), gen=self.gen, pid=self.pid, state=state
         )
         if not written and not self._too_big:
             self._too_big = True  # cannot happen with the families there are; say it once
@@ -206,7 +238,7 @@ class Totals:
         self.board = board
         self.main_pid = main_pid
         self.retired: collections.Counter[str] = collections.Counter()
-        self.folded = [0] * board.workers  # per slot: the last start (gen) added up
+        self.folded = [0] * board.worker_slots  # per slot: the last start (gen) added up
         self.cpu_gone = 0.0  # CPU seconds of the workers that exited (from wait4)
         self.restarts = 0
         self.running = 0  # workers listening now (the supervisor keeps it)
@@ -220,9 +252,10 @@ class Totals:
         self._registry = CollectorRegistry()
         self._registry.register(_TotalsCollector(self))
 
-    def fold(self, slot: int, gen: int, cpu: float) -> None:
-        """Worker ``slot`` (its start ``gen``) exited: what it counted becomes retired,
+    def fold(self, index: int, gen: int, cpu: float) -> None:
+        """Worker ``index`` (its start ``gen``) exited: what it counted becomes retired,
         from its last publication; its gauges go with it."""
+        slot = self.board.slot_of(index, gen)
         entry = self.board.read(slot) or self.last.get(slot)
         if entry is not None and entry.gen == gen and entry.body:
             with contextlib.suppress(ValueError, KeyError, TypeError):
@@ -235,7 +268,7 @@ class Totals:
         """Add up, write the page and the health; returns the total (for systemd)."""
         self.live = {}
         snaps = [Snapshot(gauges={"draining": int(self.stopping)}, counters=dict(self.retired))]
-        for slot in range(self.board.workers):
+        for slot in range(self.board.worker_slots):
             entry = self.board.read(slot)
             if entry is None:
                 entry = self.last.get(slot)
@@ -248,6 +281,7 @@ class Totals:
                 with contextlib.suppress(ValueError, KeyError, TypeError):
                     snaps.append(Snapshot.from_json(entry.body))
         self.total = metrics.merge(snaps)
+        self.total.gauges["draining"] = int(self.stopping)  # not a worker that drains alone
         for gauge in ("connections_open", "handshakes_pending"):
             self.total.gauges.setdefault(gauge, 0)
         self.board.write(self.board.page_slot, generate_latest(self._registry))
@@ -255,7 +289,8 @@ class Totals:
         missing = self.board.workers - self.running
         if missing and not self.stopping:
             problems.append(f"{missing} of {self.board.workers} workers not running")
-        self.board.write(self.board.health_slot, "; ".join(problems).encode())
+        state = DRAINING if self.stopping else LISTENING
+        self.board.write(self.board.health_slot, "; ".join(problems).encode(), state=state)
         return self.total
 
 

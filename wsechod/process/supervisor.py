@@ -10,7 +10,9 @@ synchronously, and the timeout is the next thing due (a render of the shared pag
 restart, a notification to systemd). It
 
 - restarts a worker that exits (BACKOFF_FIRST doubling to BACKOFF_MAX; back to the first
-  once a worker has lived BACKOFF_RESET), with a rate-limited warning;
+  once a worker has lived BACKOFF_RESET), with a rate-limited warning; one told to stop
+  alone (a SIGTERM to it) is replaced as soon as it starts its drain, on the same sockets,
+  which it stops accepting on;
 - forwards SIGTERM/SIGINT (a second one forces, as in each worker), SIGHUP and SIGUSR1,
   and exits 0 once the last worker has;
 - owns the pidfile, sd_notify (READY=1 once every worker listens, STATUS, STOPPING,
@@ -41,7 +43,15 @@ from wsechod.engine.addresses import format_address
 from wsechod.log import get_logger
 from wsechod.process import fds, logs, runner, systemd
 from wsechod.settings import RESTART_KEYS, Loaded, Settings, SettingsError
-from wsechod.shared import LISTENING, PUBLISH_INTERVAL, RENDER_INTERVAL, Board, Totals, Worker
+from wsechod.shared import (
+    DRAINING,
+    LISTENING,
+    PUBLISH_INTERVAL,
+    RENDER_INTERVAL,
+    Board,
+    Totals,
+    Worker,
+)
 
 log = get_logger("wsechod")
 
@@ -109,6 +119,7 @@ class _Slot:
     pid: int | None = None
     started: float = 0.0
     listening: bool = False  # this start has listened (and counts as running)
+    leaving: tuple[int, int] | None = None  # (pid, gen) of the start draining alone
     backoff: float = BACKOFF_FIRST
     due: float | None = None  # when to start it again
     killed: bool = False  # killed for not responding
@@ -183,7 +194,7 @@ class Supervisor:
             for name in reloads:  # and reload once up
                 self._reload(signal.Signals[name])
             self.due["render"] = time.monotonic() + RENDER_INTERVAL
-            while self.stops == 0 or any(slot.pid is not None for slot in self.slots):
+            while self.stops == 0 or any(s.pid or s.leaving for s in self.slots):
                 timeout = max(0.0, min(self._next_due()) - time.monotonic())
                 info = signal.sigtimedwait(SIGNALS, timeout)
                 if info is not None:
@@ -240,18 +251,19 @@ class Supervisor:
         if self.stall is None:
             return
         now = time.monotonic()
-        for slot, entry in self.totals.live.items():
-            worker = self.slots[slot]
+        for at, entry in self.totals.live.items():
+            worker = self.slots[at // 2]
             silent = now - entry.updated
-            if worker.listening and not worker.killed and worker.pid and silent > self.stall:
+            pid = worker.pid if entry.gen == worker.gen else None  # not one draining alone
+            if pid and worker.listening and not worker.killed and silent > self.stall:
                 worker.killed = True
                 log.error(
                     "worker not responding: killed",
-                    worker=slot,
-                    pid=worker.pid,
+                    worker=worker.index,
+                    pid=pid,
                     silent_for=round(silent, 1),
                 )
-                self._kill(worker.pid, signal.SIGKILL)
+                self._kill(pid, signal.SIGKILL)
 
     def _notify(self) -> None:
         """STATUS=, and WATCHDOG=1 while some worker serves: with none, systemd's watchdog
@@ -290,9 +302,12 @@ class Supervisor:
                 return
             if pid == 0:
                 return
-            slot = next((s for s in self.slots if s.pid == pid), None)
-            if slot is not None:
-                self._exited(slot, status, usage.ru_utime + usage.ru_stime)
+            cpu = usage.ru_utime + usage.ru_stime
+            for slot in self.slots:
+                if slot.pid == pid:
+                    self._exited(slot, status, cpu)
+                elif slot.leaving is not None and slot.leaving[0] == pid:
+                    self._left(slot, status, cpu)
 
     def _exited(self, slot: _Slot, status: int, cpu: float) -> None:
         pid, slot.pid = slot.pid, None
@@ -317,17 +332,38 @@ class Supervisor:
             self.exits.warning(reason, worker=slot.index, pid=pid, restart_in=delay, **how)
         self.totals.render()
 
+    def _left(self, slot: _Slot, status: int, cpu: float) -> None:
+        """A worker that drained alone (another serves in its place) exited."""
+        assert slot.leaving is not None
+        pid, gen = slot.leaving
+        slot.leaving = None
+        self.totals.fold(slot.index, gen, cpu)
+        code = os.waitstatus_to_exitcode(status)
+        if code == 0:
+            log.info("worker drained", worker=slot.index, pid=pid)
+        else:
+            how = {"exit_status": code} if code >= 0 else {"signal": signal.Signals(-code).name}
+            log.warning("worker exited during its drain", worker=slot.index, pid=pid, **how)
+        self.totals.render()
+
     def _look(self) -> None:
-        """The doorbell: which workers listen now. Once all do, the daemon is ready."""
+        """The doorbell: which workers listen now (once all do, the daemon is ready), and
+        which one drains alone (another is started in its place at once)."""
         changed = False
         for slot in self.slots:
-            if slot.listening or slot.gen == 0:
+            if slot.gen == 0:
                 continue
-            entry = self.board.read(slot.index)
-            if entry is not None and entry.gen == slot.gen and entry.state >= LISTENING:
+            entry = self.board.read(self.board.slot_of(slot.index, slot.gen))
+            if entry is None or entry.gen != slot.gen:
+                continue
+            if not slot.listening and entry.state >= LISTENING:
                 slot.listening = changed = True
-                if slot.pid is not None:
+                if slot.pid is not None:  # else: exited already, not counted as running
                     self.totals.running += 1
+            alone = self.ready and not self.stops and not slot.leaving
+            if entry.state == DRAINING and slot.pid is not None and alone:
+                self._replace(slot)
+                changed = True
         if not changed:
             return
         self.totals.render()
@@ -340,6 +376,19 @@ class Supervisor:
                 self._notify()
             if self.on_ready is not None:
                 self.on_ready()
+
+    def _replace(self, slot: _Slot) -> None:
+        """Worker ``slot`` was told to stop, alone: it drains, no longer accepting, and
+        another takes its sockets now (newcomers wait in their backlog meanwhile)."""
+        assert slot.pid is not None
+        slot.leaving = (slot.pid, slot.gen)
+        log.info("worker draining: starting another", worker=slot.index, pid=slot.pid)
+        slot.pid = None
+        if slot.listening:
+            self.totals.running -= 1
+        self._start(slot)
+        if slot.pid is not None:
+            self.totals.restarts += 1
 
     def _stop(self, reason: str) -> None:
         """First: every worker drains (and nothing is restarted); second: they stop now."""
@@ -360,10 +409,12 @@ class Supervisor:
             log.warning("stopping now", reason=reason, workers=self.count)
         else:
             return
+        self.totals.render()  # first: a worker hearing the stop reads that the daemon stops
         for slot in self.slots:
             if slot.pid is not None:
                 self._kill(slot.pid, signal.SIGTERM)
-        self.totals.render()
+            if slot.leaving is not None and self.stops == 2:  # draining already: cut it
+                self._kill(slot.leaving[0], signal.SIGTERM)
 
     def _reload(self, signum: int) -> None:
         """Reopen our log, read the settings (for our log level and drain deadline: the
@@ -386,16 +437,19 @@ class Supervisor:
                 with contextlib.suppress(tls.TlsError):  # each worker logs why
                     self.tls = lifecycle.tls_context(self.settings)
         for slot in self.slots:
-            if slot.pid is not None:
-                self._kill(slot.pid, signum)
+            for pid in (slot.pid, slot.leaving and slot.leaving[0]):
+                if pid:
+                    self._kill(pid, signum)
         self.notifier.send(READY=1, STATUS=self.status())
 
     # --- workers --------------------------------------------------------------------------
 
     def _start(self, slot: _Slot) -> None:
         slot.gen += 1
+        if slot.leaving is not None and slot.leaving[1] % 2 == slot.gen % 2:
+            slot.gen += 1  # the other of its two slots: the one draining publishes in this one
         slot.listening = slot.killed = False
-        self.board.write(slot.index, b"", gen=slot.gen)
+        self.board.write(self.board.slot_of(slot.index, slot.gen), b"", gen=slot.gen)
         try:
             pid = os.fork()
         except OSError as exc:
@@ -430,11 +484,19 @@ class Supervisor:
                     sock.close()
             fds.close_private()  # the pidfile's lock, the daemon launcher's pipe
             logs.tag(worker=slot.index)
-            worker = Worker(self.board, slot.index, slot.gen, os.getpid(), self._orphan_check)
-            ready = functools.partial(_listening, worker, self.pid)
+            ring = functools.partial(_ring, self.pid)
+            worker = Worker(
+                self.board, slot.index, slot.gen, os.getpid(), tick=self._orphan_check, ring=ring
+            )
             signal.pthread_sigmask(signal.SIG_SETMASK, self.mask)
             status = runner.run(
-                self.settings, mine, ready, self.handoff, self.reread, worker=worker, tls=self.tls
+                self.settings,
+                mine,
+                worker.listening,
+                self.handoff,
+                self.reread,
+                worker=worker,
+                tls=self.tls,
             )
             worker.stopped()
         except BaseException:
@@ -471,9 +533,8 @@ class Supervisor:
         return f"{state} on {where}: {self.connections()} connections ({workers})"
 
 
-def _listening(worker: Worker, parent: int) -> None:
-    """A worker listens: say so on the board, and ring the main process."""
-    worker.listening()
+def _ring(parent: int) -> None:
+    """From a worker: look at the board (it listens, or it drains alone)."""
     if os.getppid() == parent:
         os.kill(parent, DOORBELL)
 
