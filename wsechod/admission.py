@@ -37,20 +37,25 @@ def admission(
     state: State,
     app: Application,
     settings: Callable[[], Settings],
+    *,
     metrics: Callable[[], Reply] | None = None,
     degraded: Callable[[], str | None] | None = None,
+    draining: Callable[[], bool] | None = None,
 ) -> Callable[[Request], Reply | None]:
     """``settings()``: the settings of the moment (a reload may change the limits);
     ``metrics()``: the ``/metrics`` page, rendered at each request; ``degraded()``: what
-    ``/healthz`` reports missing (default: the application's, ``app.degraded``)."""
+    ``/healthz`` reports missing (default: the application's, ``app.degraded``);
+    ``draining()``: whether ``/healthz`` says so (default: ``state.draining``; a worker
+    answers for the daemon, which does not drain when one worker is recycled)."""
     why = app.degraded if degraded is None else degraded
+    stopping = (lambda: state.draining) if draining is None else draining
 
     def admit(request: Request) -> Reply | None:  # noqa: PLR0911 - one answer per rule
         if request.method not in ("GET", "HEAD"):
             text = "only GET is served\n"
             return Reply(http.HTTPStatus.METHOD_NOT_ALLOWED, text, ALLOW, refused="method")
         if request.route == "/healthz":
-            return health(state, why)
+            return health(stopping, why)
         if request.route == "/metrics" and metrics is not None:
             return metrics()  # during the drain too: its last figures are the interesting ones
         if state.draining:
@@ -113,11 +118,11 @@ def per_address_refused(state: State, request: Request, settings: Settings) -> R
     )
 
 
-def health(state: State, degraded: Callable[[], str | None]) -> Reply:
+def health(draining: Callable[[], bool], degraded: Callable[[], str | None]) -> Reply:
     """200 while serving, 503 while draining, so load balancers stop sending clients.
     Still 200 when degraded: this instance serves its own clients; the body says what is
     missing."""
-    if state.draining:
+    if draining():
         return Reply(http.HTTPStatus.SERVICE_UNAVAILABLE, "draining\n")
     why = degraded()
     return Reply(http.HTTPStatus.OK, "ok\n" if why is None else f"degraded: {why}\n")

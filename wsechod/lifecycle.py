@@ -210,10 +210,17 @@ async def serve(
     engine = Engine(engine_options, app)
     worker = life.shared
     if worker is None:
-        admit = admission(engine, app, lambda: life.settings, metrics.exporter(engine, app))
+        admit = admission(engine, app, lambda: life.settings, metrics=metrics.exporter(engine, app))
     else:
         degraded = functools.partial(worker.degraded, app)
-        admit = admission(engine, app, lambda: life.settings, worker.page, degraded)
+        admit = admission(
+            engine,
+            app,
+            lambda: life.settings,
+            metrics=worker.page,
+            degraded=degraded,
+            draining=worker.daemon_draining,
+        )
     engine.set_admission(admit)
     await engine.listen(sockets)
     life.attach(engine, app, handoff)

@@ -145,7 +145,7 @@ class Worker:
         self._engine: Engine | None = None
         self._app: Application | None = None
         self._page: tuple[int, Reply] = (-1, Reply(http.HTTPStatus.OK, ""))
-        self._health: tuple[int, str | None] = (-1, None)
+        self._daemon: Entry | None = None  # the health slot, as last read
         self._too_big = False
 
     def attach(self, engine: Engine, app: Application) -> None:
@@ -167,11 +167,15 @@ class Worker:
         if self._engine is None or self.state != LISTENING:
             return False  # not serving yet: it exits, and is started again, as a crash
         self.publish()
-        daemon = self.board.read(self.board.health_slot)
-        if daemon is None or daemon.state == DRAINING:
+        if self.daemon_draining():
             return False
         self._ring()
         return True
+
+    def daemon_draining(self) -> bool:
+        """The daemon stops (not this worker alone): what ``/healthz`` answers."""
+        daemon = self._read_daemon()
+        return daemon is None or daemon.state == DRAINING
 
     def stopped(self) -> None:
         """The last publication, after the drain: nothing counted is lost."""
@@ -221,12 +225,16 @@ class Worker:
         mine = app.degraded()
         if mine is not None:
             return mine
-        seq = self.board.seq(self.board.health_slot)
-        if seq != self._health[0]:
-            entry = self.board.read(self.board.health_slot)
-            if entry is not None:
-                self._health = (entry.seq, entry.body.decode() or None)
-        return self._health[1]
+        daemon = self._read_daemon()
+        return None if daemon is None else daemon.body.decode() or None
+
+    def _read_daemon(self) -> Entry | None:
+        """The health slot the main process writes (its body: what the daemon misses; its
+        state: whether the daemon stops), read again only when it has changed."""
+        daemon = self._daemon
+        if daemon is None or self.board.seq(self.board.health_slot) != daemon.seq:
+            self._daemon = self.board.read(self.board.health_slot) or daemon
+        return self._daemon
 
 
 class Totals:
