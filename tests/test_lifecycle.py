@@ -284,7 +284,9 @@ def test_warns_when_open_files_limit_is_below_max_connections(
 
 
 class IdleClient(asyncio.Protocol):
-    """A connection that only answers the server's close frame (and records its code)."""
+    """A connection that sends nothing of its own: it answers the server's pings (setting
+    up 10,000 of them on a busy machine takes longer than the keepalive's interval) and
+    its close frame, whose code it records."""
 
     def __init__(self, port: int) -> None:
         self.port = port
@@ -306,9 +308,15 @@ class IdleClient(asyncio.Protocol):
                 self.buffer = head
                 return
             self.upgraded.set_result(b" 101 " in head.split(b"\r\n", 1)[0])
-        if len(self.buffer) >= 4 and self.buffer[0] == 0x88:
-            self.code = int.from_bytes(self.buffer[2:4], "big")
-            self.transport.write(rawws.frame(rawws.OP_CLOSE, self.buffer[2:4]))
+        # Control frames only (payload under 126 bytes, unmasked from a server).
+        while len(self.buffer) >= 2 and len(self.buffer) >= 2 + (self.buffer[1] & 0x7F):
+            opcode, size = self.buffer[0] & 0x0F, self.buffer[1] & 0x7F
+            payload, self.buffer = self.buffer[2 : 2 + size], self.buffer[2 + size :]
+            if opcode == rawws.OP_PING:
+                self.transport.write(rawws.frame(rawws.OP_PONG, payload))
+            elif opcode == rawws.OP_CLOSE:
+                self.code = int.from_bytes(payload[:2], "big")
+                self.transport.write(rawws.frame(rawws.OP_CLOSE, payload[:2]))
 
     def connection_lost(self, exc: Exception | None) -> None:
         if not self.gone.done():
