@@ -2,6 +2,7 @@
 needs a restart is named and kept, an invalid file changes nothing."""
 
 import asyncio
+import dataclasses
 import signal
 from collections.abc import Callable
 from pathlib import Path
@@ -12,6 +13,10 @@ from websockets.exceptions import ConnectionClosedError, InvalidStatus
 
 from tests.conftest import Daemon
 from tests.test_echo import http_get
+from wsechod import tls
+from wsechod.engine.server import Options
+from wsechod.lifecycle import Lifecycle
+from wsechod.settings import Settings
 
 
 def configured(start: Callable[..., Daemon], path: Path, text: str, *args: str) -> Daemon:
@@ -106,3 +111,33 @@ def test_relay_limits_and_log_level_change_live(
     reload(daemon, "setting changed", key="max_channel_members")
     asyncio.run(join_two())  # admitted now
     daemon.wait_for("connection open")  # a debug line: the new level is in force
+
+
+def test_a_certificate_that_cannot_be_loaded_at_reload_keeps_the_tls_settings(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The files changed between the check of the settings and their loading (a renewal
+    in progress): the TLS keys stay as they were, the rest applies, nothing raises."""
+    reconfigured: list[Options] = []
+
+    class Engine:
+        options = Options()
+
+        def reconfigure(self, options: Options) -> None:
+            reconfigured.append(options)
+
+    def unusable(*_: object) -> None:
+        raise tls.TlsError("tls_key", "/k.pem", "No such file or directory")
+
+    monkeypatch.setattr(tls, "server_context", unusable)
+
+    async def main() -> tuple[list[str], list[str], Settings]:
+        life = Lifecycle(Settings())
+        life.engine = Engine()  # type: ignore[assignment]
+        new = dataclasses.replace(life.settings, tls_cert="/c.pem", tls_key="/k.pem", max_size=9)
+        return (*life.reload(new), life.settings)
+
+    applied, kept, settings = asyncio.run(main())
+    assert (applied, kept) == (["max_size"], [])
+    assert (settings.tls_cert, settings.tls_key, settings.max_size) == ("", "", 9)
+    assert reconfigured[-1].tls is None and reconfigured[-1].max_size == 9

@@ -31,6 +31,7 @@ from tests.test_relay import RedisServer, free_port, make_redis, redis_server
 from tests.test_systemd import HARNESS, HARNESS_REASON, ROOT, NotifyListener, installed_units
 from tests.test_tls import issue, trusting
 from wsechod.process.supervisor import BACKOFF_FIRST, BACKOFF_MAX, BACKOFF_RESET, backoff
+from wsechod.shared import PUBLISH_INTERVAL, RENDER_INTERVAL
 
 __all__ = ["make_redis", "redis_server"]  # fixtures, used by name
 
@@ -760,3 +761,136 @@ def test_a_worker_told_to_stop_alone_is_replaced_at_once_while_it_drains(
     )
     assert value(after, "wsechod_messages_received_total", type="text") >= received
     assert value(after, "wsechod_worker_restarts_total") == 1
+
+
+def on_worker(daemon: Daemon, worker: int, after: str) -> socket.socket:
+    """A raw WebSocket client served by ``worker`` (one started after ``after``)."""
+    for _ in range(60):
+        sock = rawws.connect(daemon.port)
+        if served_by(daemon, sock.getsockname()[1], after=after) == worker:
+            return sock
+        sock.close()
+    raise AssertionError(f"no connection reached worker {worker}")
+
+
+def test_a_worker_recycled_while_the_one_it_replaced_drains_comes_back_once_drained(
+    start: Callable[..., Daemon],
+) -> None:
+    """Two recycles of one worker in a row: the second cannot leave alone (the first still
+    drains in the board's other slot), so it drains as any process does; once it has, it
+    is started again at once, as a recycle, not a crash."""
+    daemon = start_workers(start, "--drain-timeout", "60", "--close-timeout", "60")
+    victim = pids(daemon)[0]
+    first = raw_on_each(daemon)[0]
+    os.kill(victim, signal.SIGTERM)
+    assert rawws.read_close(first)[0] == 1001
+    second = daemon.wait_for("listening", where=lambda e: e["worker"] == 0 and e["pid"] != victim)
+    held = on_worker(daemon, 0, second["timestamp"])
+    os.kill(second["pid"], signal.SIGTERM)
+    assert rawws.read_close(held)[0] == 1001
+    held.close()
+    drained = daemon.wait_for("worker drained")
+    assert drained["pid"] == second["pid"]
+    third = daemon.wait_for(
+        "listening", where=lambda e: e["worker"] == 0 and e["pid"] not in (victim, second["pid"])
+    )
+    assert alive(victim) and alive(third["pid"])
+    first.close()
+    daemon.wait_for("worker drained", where=lambda e: e["pid"] == victim)
+    assert not [e for e in daemon.events if e["event"] == "worker exited"]
+    s = scrape_when(daemon.port, lambda s: value(s, "wsechod_worker_restarts_total") == 2)
+    assert value(s, "wsechod_workers") == WORKERS
+    wait_until(lambda: http_get(daemon.port, "/healthz")[:2] == (200, "ok\n"), what="ok")
+
+
+def test_a_recycled_worker_gone_before_the_main_process_looked_is_no_crash(
+    start: Callable[..., Daemon],
+) -> None:
+    """An idle worker drains in a moment: with the main process held (SIGSTOP) until the
+    worker has exited, its doorbell and its exit come together. Either way: a recycle."""
+    daemon = start_workers(start)
+    victim = pids(daemon)[0]
+    os.kill(daemon.proc.pid, signal.SIGSTOP)
+    try:
+        os.kill(victim, signal.SIGTERM)
+        wait_until(lambda: not alive(victim), what="the worker exited")
+    finally:
+        os.kill(daemon.proc.pid, signal.SIGCONT)
+    assert daemon.wait_for("worker drained")["pid"] == victim
+    daemon.wait_for("listening", where=lambda e: e["worker"] == 0 and e["pid"] != victim)
+    assert not [e for e in daemon.events if e["event"] == "worker exited"]
+
+
+def test_workers_whose_main_process_died_answer_503_while_they_drain(
+    start: Callable[..., Daemon],
+) -> None:
+    """The main process killed: each worker drains, as in any stop, and keeps its socket
+    open meanwhile, so newcomers get 503 (not a refused connection)."""
+    daemon = start_workers(start, "--drain-timeout", "60", "--close-timeout", "60")
+    workers = pids(daemon)
+    held = raw_on_each(daemon)
+    daemon.proc.kill()
+    for sock in held:
+        assert rawws.read_close(sock)[0] == 1001
+    for _ in range(10):
+        assert http_get(daemon.port, "/healthz")[:2] == (503, "draining\n")
+    for sock in held:
+        sock.close()
+    wait_until(lambda: not any(alive(pid) for pid in workers), what="the workers exited")
+
+
+def test_systemd_hears_ready_once_every_worker_listens_even_after_an_early_sighup(
+    tmp_path: Path,
+) -> None:
+    """A SIGHUP while the workers start (a broker holds them): no RELOADING=1 or READY=1
+    before the start's READY=1, and each worker reloads once it listens."""
+    notify = NotifyListener(str(tmp_path / "notify"))
+    with socket.socket() as mute:
+        mute.bind(("127.0.0.1", 0))
+        mute.listen()
+        broker = f"redis://127.0.0.1:{mute.getsockname()[1]}/0"
+        env = clean_env(NOTIFY_SOCKET=notify.address)
+        daemon = Daemon("--workers", str(WORKERS), "--mode", "relay", "--broker", broker, env=env)
+        try:
+            daemon.wait_for("starting", where=lambda e: "workers" in e)  # the main process's
+            daemon.signal(signal.SIGHUP)
+            daemon.wait_for("workers ready")
+            for i in range(WORKERS):
+                daemon.wait_for("settings reloaded: nothing changed", where=of_worker(i))
+            first = notify.wait_for("READY")[0]
+            assert first["STATUS"].endswith(f"({WORKERS} workers)"), first
+            before = [m for _, m in notify.messages][: [m for _, m in notify.messages].index(first)]
+            assert not [m for m in before if "RELOADING" in m or "READY" in m], before
+        finally:
+            daemon.kill()
+            notify.close()
+
+
+def test_recycling_a_relay_worker_leaves_the_daemon_healthy(
+    start: Callable[..., Daemon], redis_server: RedisServer
+) -> None:
+    """The recycled worker closes its broker while it drains: that is not the daemon's
+    trouble. /healthz stays ok and wsechod_broker_connected 1 all along."""
+    daemon = start_workers(
+        start, "--mode", "relay", "--broker", redis_server.url,
+        "--drain-timeout", "60", "--close-timeout", "60",
+    )  # fmt: skip
+    victim = pids(daemon)[0]
+    held = raw_on_each(daemon)[0]
+    wait_until(lambda: http_get(daemon.port, "/healthz")[:2] == (200, "ok\n"), what="ok")
+    os.kill(victim, signal.SIGTERM)
+    assert rawws.read_close(held)[0] == 1001
+    daemon.wait_for("broker closed", where=lambda e: e.get("worker") == 0)
+    replaced = daemon.wait_for("listening", where=lambda e: e["worker"] == 0 and e["pid"] != victim)
+    # The new one counts as running once its doorbell is answered (a moment after it
+    # logs listening): from then on, sampled over more than one publication of each
+    # worker and one render after it
+    # (the recycled worker's figures now say its broker is closed): never degraded.
+    wait_until(lambda: http_get(daemon.port, "/healthz")[:2] == (200, "ok\n"), what="ok")
+    deadline = time.monotonic() + PUBLISH_INTERVAL + 2 * RENDER_INTERVAL + 0.5
+    while time.monotonic() < deadline:
+        assert http_get(daemon.port, "/healthz")[:2] == (200, "ok\n")
+        assert value(scrape(daemon.port), "wsechod_broker_connected") == 1
+    assert alive(victim) and replaced["pid"] != victim
+    held.close()
+    daemon.wait_for("worker drained", where=lambda e: e["pid"] == victim)

@@ -40,6 +40,7 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 RELOAD_SIGNALS = (signal.SIGHUP, signal.SIGUSR1)
 HANDSHAKE_GRACE = 0.2  # seconds a connection accepted at the very end has to ask
 BROKER_CLOSE_TIMEOUT = 1.0  # seconds the broker gets to unsubscribe, within the drain
+TLS_KEYS = ("tls_cert", "tls_key", "tls_ca")  # kept together when the files cannot be used
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,7 +83,8 @@ class Lifecycle:
     def reload(self, new: Settings) -> tuple[list[str], list[str]]:
         """Apply what can change live (for new connections); keep the rest as it is.
         Returns the keys applied and those that need a restart."""
-        changed = changes(self.settings, new)
+        old = self.settings
+        changed = changes(old, new)
         kept = [key for key in changed if key in RESTART_KEYS]
         applied = [key for key in changed if key not in RESTART_KEYS]
         self.settings = dataclasses.replace(new, **{k: getattr(self.settings, k) for k in kept})
@@ -91,6 +93,9 @@ class Lifecycle:
                 new_options = options(self.settings)  # certificates read again, even unchanged
             except tls.TlsError as exc:  # changed since the settings were checked: keep
                 log.error("tls certificate not reloaded: the old one stays", error=str(exc))
+                before = {key: getattr(old, key) for key in TLS_KEYS}
+                self.settings = dataclasses.replace(self.settings, **before)
+                applied = [key for key in applied if key not in TLS_KEYS]
                 new_options = options(self.settings, self.engine.options.tls)
             else:
                 if new_options.tls is not None:

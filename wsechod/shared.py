@@ -6,7 +6,8 @@ the same plain counts ``/metrics`` reads) every PUBLISH_INTERVAL from a timer on
 loop (successive starts of a worker alternate between its two: one that drains on its own
 goes on counting while its replacement serves), and two slots the main process writes
 every RENDER_INTERVAL: the ``/metrics`` page of the whole daemon, rendered from the
-workers' slots, and the daemon's health (whose state says whether the daemon stops). Whichever
+workers' slots, and the daemon's: its health, whether it stops, and which workers may be
+recycled alone (stop accepting and be replaced at once when told to stop). Whichever
 worker a scrape or a health check lands on serves those, so every answer is the daemon's,
 and one process renders: successive pages never go back, whichever worker serves them.
 The price is staleness: the page is at most PUBLISH_INTERVAL + RENDER_INTERVAL old.
@@ -20,7 +21,10 @@ taken from the last read, or left out.
 import collections
 import contextlib
 import http
+import json
 import mmap
+import os
+import signal
 import struct
 import time
 import zlib
@@ -42,7 +46,7 @@ PUBLISH_INTERVAL = 1.0  # seconds between a worker's publications
 RENDER_INTERVAL = 0.5  # seconds between the main process's renders
 SLOT_BYTES = 128 * 1024  # a worker's snapshot: a few KiB; each close code pair is a key
 PAGE_BYTES = 1024 * 1024  # the rendered page
-HEALTH_BYTES = 4096
+DAEMON_BYTES = 64 * 1024
 READ_ATTEMPTS = 5
 
 # seq (odd while written), gen (which start of the worker), pid, state, length, crc,
@@ -51,8 +55,11 @@ _HEADER = struct.Struct("<QQqIIId")
 _SEQ = struct.Struct("<Q")
 HEADER_BYTES = 64
 
-# A worker's state, in its slot.
-STARTING, LISTENING, DRAINING, STOPPED = range(4)
+# A worker's state, in its slot: LEAVING and LEFT are a drain of its own (recycled: it
+# stopped accepting, another takes its sockets), DRAINING and STOPPED any other.
+STARTING, LISTENING, DRAINING, STOPPED, LEAVING, LEFT = range(6)
+# From a worker to the main process: look at the board (I listen, or I leave).
+DOORBELL = signal.SIGUSR2
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,13 +75,13 @@ class Entry:
 
 
 class Board:
-    """The shared block: two slots per worker, then the page, then the health."""
+    """The shared block: two slots per worker, then the page, then the daemon's."""
 
     def __init__(self, workers: int) -> None:
         self.workers = workers
         self.worker_slots = 2 * workers
-        self.page_slot, self.health_slot = self.worker_slots, self.worker_slots + 1
-        self._sizes = [SLOT_BYTES] * self.worker_slots + [PAGE_BYTES, HEALTH_BYTES]
+        self.page_slot, self.daemon_slot = self.worker_slots, self.worker_slots + 1
+        self._sizes = [SLOT_BYTES] * self.worker_slots + [PAGE_BYTES, DAEMON_BYTES]
         self._offsets = [0]
         for size in self._sizes:
             self._offsets.append(self._offsets[-1] + HEADER_BYTES + size)
@@ -128,24 +135,17 @@ class Worker:
     daemon's ``/metrics`` page and health."""
 
     def __init__(
-        self,
-        board: Board,
-        index: int,
-        gen: int,
-        pid: int,
-        *,
-        tick: Callable[["Worker"], None],
-        ring: Callable[[], None],
+        self, board: Board, index: int, gen: int, main_pid: int, tick: Callable[["Worker"], None]
     ) -> None:
-        self.board, self.index, self.gen, self.pid = board, index, gen, pid
+        self.board, self.index, self.gen, self.main_pid = board, index, gen, main_pid
+        self.pid = os.getpid()
         self.slot = board.slot_of(index, gen)
         self.state = STARTING
         self._tick_hook = tick  # called after each publication (the parent check)
-        self._ring = ring  # tells the main process to look at the board now
         self._engine: Engine | None = None
         self._app: Application | None = None
         self._page: tuple[int, Reply] = (-1, Reply(http.HTTPStatus.OK, ""))
-        self._daemon: Entry | None = None  # the health slot, as last read
+        self._daemon: tuple[int, Daemon] = (-1, Daemon())  # the daemon slot, as last read
         self._too_big = False
 
     def attach(self, engine: Engine, app: Application) -> None:
@@ -160,27 +160,40 @@ class Worker:
         self._ring()
 
     def leaving(self) -> bool:
-        """This worker starts its drain: say so now. True if the daemon is not stopping
-        (the worker alone was told to): the main process then starts another at once on
-        the same sockets, so this one must stop accepting, and newcomers wait in the
-        backlog for the other rather than get 503 from this one."""
-        if self._engine is None or self.state != LISTENING:
-            return False  # not serving yet: it exits, and is started again, as a crash
-        self.publish()
-        if self.daemon_draining():
+        """This worker starts its drain. True if it leaves alone: the main process says
+        (now, in the daemon's slot) that it does not stop and would start another in this
+        one's place at once; then this one must stop accepting, so that newcomers wait in
+        the backlog for the other rather than get 503 from this one. Otherwise (the daemon
+        stops, the main process is gone or cannot be read, the one this worker replaced
+        still drains, the daemon is still starting) it drains as any process does."""
+        if self._engine is None or self.state != LISTENING or not self._parent_alive():
             return False
+        daemon = self.board.read(self.board.daemon_slot)
+        if daemon is None or daemon.state == DRAINING:
+            return False
+        if self.index not in Daemon.from_json(daemon.body).alone:
+            return False
+        self.state = LEAVING
+        self.publish()
         self._ring()
         return True
 
     def daemon_draining(self) -> bool:
-        """The daemon stops (not this worker alone): what ``/healthz`` answers."""
-        daemon = self._read_daemon()
-        return daemon is None or daemon.state == DRAINING
+        """The daemon stops (not this worker alone), or its main process is gone: what
+        ``/healthz`` answers."""
+        return not self._parent_alive() or self._read_daemon().draining
 
     def stopped(self) -> None:
         """The last publication, after the drain: nothing counted is lost."""
-        self.state = STOPPED
+        self.state = LEFT if self.state == LEAVING else STOPPED
         self.publish()
+
+    def _parent_alive(self) -> bool:
+        return os.getppid() == self.main_pid
+
+    def _ring(self) -> None:
+        if self._parent_alive():
+            os.kill(self.main_pid, DOORBELL)
 
     @property
     def draining(self) -> bool:
@@ -225,16 +238,34 @@ class Worker:
         mine = app.degraded()
         if mine is not None:
             return mine
-        daemon = self._read_daemon()
-        return None if daemon is None else daemon.body.decode() or None
+        return self._read_daemon().degraded
 
-    def _read_daemon(self) -> Entry | None:
-        """The health slot the main process writes (its body: what the daemon misses; its
-        state: whether the daemon stops), read again only when it has changed."""
-        daemon = self._daemon
-        if daemon is None or self.board.seq(self.board.health_slot) != daemon.seq:
-            self._daemon = self.board.read(self.board.health_slot) or daemon
-        return self._daemon
+    def _read_daemon(self) -> "Daemon":
+        """The daemon's slot as the main process last wrote it, read again only when it
+        has changed (while it is being written: as read before)."""
+        seq = self.board.seq(self.board.daemon_slot)
+        if seq != self._daemon[0]:
+            entry = self.board.read(self.board.daemon_slot)
+            if entry is not None:
+                self._daemon = (entry.seq, Daemon.from_json(entry.body, entry.state))
+        return self._daemon[1]
+
+
+@dataclass(frozen=True, slots=True)
+class Daemon:
+    """What the main process says of the whole daemon, in its slot."""
+
+    degraded: str | None = None  # what /healthz reports missing
+    alone: frozenset[int] = frozenset()  # workers that may be recycled alone
+    draining: bool = False  # the slot's state: DRAINING
+
+    def to_json(self) -> bytes:
+        return json.dumps({"degraded": self.degraded, "alone": sorted(self.alone)}).encode()
+
+    @classmethod
+    def from_json(cls, body: bytes, state: int = LISTENING) -> "Daemon":
+        raw = json.loads(body) if body else {}
+        return cls(raw.get("degraded"), frozenset(raw.get("alone", ())), state == DRAINING)
 
 
 class Totals:
@@ -251,6 +282,7 @@ class Totals:
         self.restarts = 0
         self.running = 0  # workers listening now (the supervisor keeps it)
         self.stopping = False
+        self.alone: Callable[[], Iterable[int]] = tuple  # workers that may leave alone now
         self.live: dict[int, Entry] = {}
         # Per slot, the last entry that could be read: a slot caught mid-write (its
         # worker preempted while publishing) stands for itself with it, so that no total
@@ -275,7 +307,7 @@ class Totals:
     def render(self) -> Snapshot:
         """Add up, write the page and the health; returns the total (for systemd)."""
         self.live = {}
-        snaps = [Snapshot(gauges={"draining": int(self.stopping)}, counters=dict(self.retired))]
+        snaps = [Snapshot(counters=dict(self.retired))]
         for slot in range(self.board.worker_slots):
             entry = self.board.read(slot)
             if entry is None:
@@ -287,7 +319,12 @@ class Totals:
             self.live[slot] = entry
             if entry.body:
                 with contextlib.suppress(ValueError, KeyError, TypeError):
-                    snaps.append(Snapshot.from_json(entry.body))
+                    snap = Snapshot.from_json(entry.body)
+                    if entry.state >= DRAINING and not self.stopping:
+                        # A worker recycled closes its broker: not the daemon's trouble.
+                        snap.degraded = None
+                        snap.gauges.pop("broker_connected", None)
+                    snaps.append(snap)
         self.total = metrics.merge(snaps)
         self.total.gauges["draining"] = int(self.stopping)  # not a worker that drains alone
         for gauge in ("connections_open", "handshakes_pending"):
@@ -297,8 +334,9 @@ class Totals:
         missing = self.board.workers - self.running
         if missing and not self.stopping:
             problems.append(f"{missing} of {self.board.workers} workers not running")
+        daemon = Daemon("; ".join(problems) or None, frozenset(self.alone()))
         state = DRAINING if self.stopping else LISTENING
-        self.board.write(self.board.health_slot, "; ".join(problems).encode(), state=state)
+        self.board.write(self.board.daemon_slot, daemon.to_json(), state=state)
         return self.total
 
 
@@ -315,7 +353,7 @@ class _TotalsCollector(Collector):
         yield GaugeMetricFamily("wsechod_workers", "worker processes serving now", t.running)
         yield CounterMetricFamily(
             "wsechod_worker_restarts",
-            "worker processes started again after one exited",
+            "worker processes started in the place of one that exited or was recycled",
             value=t.restarts,
         )
         main = metrics.process_figures(t.main_pid)

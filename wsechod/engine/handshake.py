@@ -18,6 +18,7 @@ import asyncio
 import email.utils
 import http
 import re
+import socket
 from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any, cast
 
@@ -103,7 +104,17 @@ class Handshake(asyncio.Protocol):
             self._tls = engine.loop.start_tls(self._t, self, options.tls, server_side=True)
             self._drive_tls()
         elif options.trusted_proxies or options.trust_unix:
-            self._proxy = proxy.trusted(self._addr, options.trusted_proxies, options.trust_unix)
+            self._proxy = self._trusted()
+
+    def _trusted(self) -> bool:
+        """The peer may name the client (PROXY header, X-Forwarded-For): its address is
+        trusted, or it came over a Unix socket and ``unix`` is (not just any peer without
+        an address: a TCP peer already gone has none either)."""
+        options = self._engine.options
+        t = self._t
+        sock = t.get_extra_info("socket") if t is not None and options.trust_unix else None
+        unix = sock is not None and sock.family == socket.AF_UNIX
+        return proxy.trusted(self._addr, options.trusted_proxies, unix)
 
     def _drive_tls(self, _: object = None) -> None:
         """Run ``loop.start_tls`` up to its wait for the TLS handshake, and on when it ends.
@@ -294,7 +305,7 @@ class Handshake(asyncio.Protocol):
         returns the client's address group."""
         options = self._engine.options
         addr = self._addr
-        if proxy.trusted(addr, options.trusted_proxies, options.trust_unix):
+        if self._trusted():
             forwarded = headers.get_all("X-Forwarded-For")
             client = proxy.forwarded_for(forwarded, options.trusted_proxies) if forwarded else None
             if client is not None:

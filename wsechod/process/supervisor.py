@@ -28,7 +28,6 @@ Ctrl-C reaches the main process only and each worker hears one stop, forwarded.
 import contextlib
 import ctypes
 import dataclasses
-import functools
 import logging
 import os
 import signal
@@ -44,10 +43,13 @@ from wsechod.log import get_logger
 from wsechod.process import fds, logs, runner, systemd
 from wsechod.settings import RESTART_KEYS, Loaded, Settings, SettingsError
 from wsechod.shared import (
-    DRAINING,
+    DOORBELL,
+    LEAVING,
+    LEFT,
     LISTENING,
     PUBLISH_INTERVAL,
     RENDER_INTERVAL,
+    STOPPED,
     Board,
     Totals,
     Worker,
@@ -58,7 +60,6 @@ log = get_logger("wsechod")
 BACKOFF_FIRST = 0.1  # seconds before a worker that exited is started again...
 BACKOFF_MAX = 10.0  # ...doubling each time it exits again, up to this
 BACKOFF_RESET = 10.0  # a worker that lived this long starts the next one from the first
-DOORBELL = signal.SIGUSR2  # from a worker: "I listen", look at the board
 SIGNALS = {*runner.HANDLED_SIGNALS, signal.SIGCHLD, DOORBELL}
 # A worker whose figures have not been refreshed for this long (and for at least the
 # systemd watchdog's interval) has a wedged loop: it is killed and replaced. Without the
@@ -122,7 +123,6 @@ class _Slot:
     leaving: tuple[int, int] | None = None  # (pid, gen) of the start draining alone
     backoff: float = BACKOFF_FIRST
     due: float | None = None  # when to start it again
-    killed: bool = False  # killed for not responding
 
 
 def run(
@@ -155,6 +155,7 @@ class Supervisor:
         self.pid = os.getpid()
         self.board = Board(self.count)
         self.totals = Totals(self.board, self.pid)
+        self.totals.alone = self._alone
         self.slots = [_Slot(i) for i in range(self.count)]
         self.notifier = systemd.Notifier()
         self.exits = _ExitWarnings()
@@ -167,6 +168,7 @@ class Supervisor:
         self.extended: int | None = None  # open connections at the last extension
         self.addresses: list[str] = []
         self.tls: ssl.SSLContext | None = None
+        self.killed: set[int] = set()  # pids killed for not responding
         for sock in bound.sockets:  # one per address, in order (TCP copies share one)
             name = format_address(sock.getsockname())
             if name not in self.addresses:
@@ -244,19 +246,26 @@ class Supervisor:
     # --- timers ---------------------------------------------------------------------------
 
     def _render(self) -> None:
-        """The shared page and health; a worker that stopped refreshing its figures has a
-        wedged loop: kill it (it is replaced)."""
+        """The shared page and health; a look at the board (a doorbell may have been
+        missed: a worker preempted while writing its slot); a worker that stopped
+        refreshing its figures has a wedged loop: kill it (it is replaced)."""
         self.due["render"] = time.monotonic() + RENDER_INTERVAL
+        self._look()
         self.totals.render()
         if self.stall is None:
             return
         now = time.monotonic()
         for at, entry in self.totals.live.items():
             worker = self.slots[at // 2]
+            if entry.gen == worker.gen:
+                pid = worker.pid if worker.listening else None
+            else:  # the one it replaced, if it still drains
+                pid = (
+                    worker.leaving[0] if worker.leaving and worker.leaving[1] == entry.gen else None
+                )
             silent = now - entry.updated
-            pid = worker.pid if entry.gen == worker.gen else None  # not one draining alone
-            if pid and worker.listening and not worker.killed and silent > self.stall:
-                worker.killed = True
+            if pid and pid not in self.killed and silent > self.stall:
+                self.killed.add(pid)
                 log.error(
                     "worker not responding: killed",
                     worker=worker.index,
@@ -303,6 +312,7 @@ class Supervisor:
             if pid == 0:
                 return
             cpu = usage.ru_utime + usage.ru_stime
+            self.killed.discard(pid)
             for slot in self.slots:
                 if slot.pid == pid:
                     self._exited(slot, status, cpu)
@@ -314,11 +324,19 @@ class Supervisor:
         if slot.listening:  # counted as running
             self.totals.running -= 1
         self._look()  # it may have listened before its doorbell was answered (not counted)
+        last = self.board.read(self.board.slot_of(slot.index, slot.gen))
         self.totals.fold(slot.index, slot.gen, cpu)
         code = os.waitstatus_to_exitcode(status)
-        how = {"exit_status": code} if code >= 0 else {"signal": signal.Signals(-code).name}
-        reason = f"exit status {code}" if code >= 0 else f"killed by {signal.Signals(-code).name}"
-        if self.stops:
+        how = {"exit_status": code} if code >= 0 else {"signal": _signal_name(-code)}
+        reason = f"exit status {code}" if code >= 0 else f"killed by {_signal_name(-code)}"
+        drained = code == 0 and last is not None and last.gen == slot.gen
+        up = self.ready and not self.stops
+        if drained and last is not None and last.state in (STOPPED, LEFT) and up:
+            # Told to stop alone, and drained before it could be replaced (or while the
+            # one it replaced still drained): started again at once, not as a crash.
+            log.info("worker drained", worker=slot.index, pid=pid)
+            slot.due = time.monotonic()
+        elif self.stops:
             if code != 0:
                 log.warning("worker exited during the stop", worker=slot.index, pid=pid, **how)
         elif not self.ready and not slot.listening:
@@ -342,13 +360,13 @@ class Supervisor:
         if code == 0:
             log.info("worker drained", worker=slot.index, pid=pid)
         else:
-            how = {"exit_status": code} if code >= 0 else {"signal": signal.Signals(-code).name}
+            how = {"exit_status": code} if code >= 0 else {"signal": _signal_name(-code)}
             log.warning("worker exited during its drain", worker=slot.index, pid=pid, **how)
         self.totals.render()
 
     def _look(self) -> None:
         """The doorbell: which workers listen now (once all do, the daemon is ready), and
-        which one drains alone (another is started in its place at once)."""
+        which one leaves alone (another is started in its place at once)."""
         changed = False
         for slot in self.slots:
             if slot.gen == 0:
@@ -360,15 +378,16 @@ class Supervisor:
                 slot.listening = changed = True
                 if slot.pid is not None:  # else: exited already, not counted as running
                     self.totals.running += 1
-            alone = self.ready and not self.stops and not slot.leaving
-            if entry.state == DRAINING and slot.pid is not None and alone:
+            leaves = entry.state in (LEAVING, LEFT) and slot.pid is not None
+            if leaves and not self.stops and slot.leaving is None:
                 self._replace(slot)
                 changed = True
         if not changed:
             return
-        self.totals.render()
-        if not self.ready and all(slot.listening for slot in self.slots):
-            self.ready = True
+        became_ready = not self.ready and all(slot.listening for slot in self.slots)
+        self.ready = self.ready or became_ready
+        self.totals.render()  # with ready set: from now on, workers may be recycled alone
+        if became_ready:
             pids = [slot.pid for slot in self.slots]
             log.info("workers ready", workers=self.count, pids=pids, addresses=self.addresses)
             self.notifier.ready(self.status())
@@ -376,6 +395,14 @@ class Supervisor:
                 self._notify()
             if self.on_ready is not None:
                 self.on_ready()
+
+    def _alone(self) -> list[int]:
+        """The workers that may be recycled alone now (``Worker.leaving``): the daemon is
+        up and does not stop, and the one before them no longer drains (it and a third
+        would need a third slot on the board)."""
+        if not self.ready or self.stops:
+            return []
+        return [s.index for s in self.slots if s.listening and s.pid and s.leaving is None]
 
     def _replace(self, slot: _Slot) -> None:
         """Worker ``slot`` was told to stop, alone: it drains, no longer accepting, and
@@ -420,7 +447,8 @@ class Supervisor:
         """Reopen our log, read the settings (for our log level and drain deadline: the
         workers apply and report the rest), and pass the signal on to every worker."""
         name = signal.Signals(signum).name
-        self.notifier.reloading()
+        if self.ready:  # before that, systemd waits for READY=1 of the start
+            self.notifier.reloading()
         if logs.reopen():
             log.info("log file reopened", signal=name)
         if self.reread is not None:
@@ -433,14 +461,17 @@ class Supervisor:
                     logs.set_level(settings.log_level)
                 # What needs a restart stays as it was, for the workers started later too.
                 kept = {key: getattr(self.settings, key) for key in RESTART_KEYS}
+                try:
+                    self.tls = lifecycle.tls_context(settings)
+                except tls.TlsError:  # each worker logs why; the certificate stays as it was
+                    kept |= {key: getattr(self.settings, key) for key in lifecycle.TLS_KEYS}
                 self.settings = dataclasses.replace(settings, **kept)
-                with contextlib.suppress(tls.TlsError):  # each worker logs why
-                    self.tls = lifecycle.tls_context(self.settings)
         for slot in self.slots:
             for pid in (slot.pid, slot.leaving and slot.leaving[0]):
                 if pid:
                     self._kill(pid, signum)
-        self.notifier.send(READY=1, STATUS=self.status())
+        if self.ready:
+            self.notifier.send(READY=1, STATUS=self.status())
 
     # --- workers --------------------------------------------------------------------------
 
@@ -448,7 +479,7 @@ class Supervisor:
         slot.gen += 1
         if slot.leaving is not None and slot.leaving[1] % 2 == slot.gen % 2:
             slot.gen += 1  # the other of its two slots: the one draining publishes in this one
-        slot.listening = slot.killed = False
+        slot.listening = False
         self.board.write(self.board.slot_of(slot.index, slot.gen), b"", gen=slot.gen)
         try:
             pid = os.fork()
@@ -484,10 +515,7 @@ class Supervisor:
                     sock.close()
             fds.close_private()  # the pidfile's lock, the daemon launcher's pipe
             logs.tag(worker=slot.index)
-            ring = functools.partial(_ring, self.pid)
-            worker = Worker(
-                self.board, slot.index, slot.gen, os.getpid(), tick=self._orphan_check, ring=ring
-            )
+            worker = Worker(self.board, slot.index, slot.gen, self.pid, self._orphan_check)
             signal.pthread_sigmask(signal.SIG_SETMASK, self.mask)
             status = runner.run(
                 self.settings,
@@ -533,10 +561,11 @@ class Supervisor:
         return f"{state} on {where}: {self.connections()} connections ({workers})"
 
 
-def _ring(parent: int) -> None:
-    """From a worker: look at the board (it listens, or it drains alone)."""
-    if os.getppid() == parent:
-        os.kill(parent, DOORBELL)
+def _signal_name(signum: int) -> str:
+    try:
+        return signal.Signals(signum).name
+    except ValueError:  # a real-time signal
+        return f"signal {signum}"
 
 
 def _die_with_parent(parent: int) -> None:
