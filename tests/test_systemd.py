@@ -35,6 +35,20 @@ for tool in ("systemd-analyze", "systemd-socket-activate"):
         pytest.fail(f"{tool} is missing: `make systemd-tools` installs it", pytrace=False)
 
 
+# For SYSD_PROBE: ``$(ours)`` lists the wsechod processes of this harness instance only:
+# those holding the listening socket of its port (a second copy of the suite on the machine
+# runs its own instances, with processes of the same name).
+def ours(port: int) -> str:
+    return (
+        "ours() { for i in $(awk '$2 ~ /:"
+        f"{port:04X}"
+        '$/ && $4 == "0A" {print $10}\' /proc/net/tcp /proc/net/tcp6); do '
+        "for p in $(pgrep -f '^/usr/bin/python3 -m wsechod '); do "
+        'ls -l /proc/$p/fd 2>/dev/null | grep -q "socket:\\[$i\\]" && echo $p; '
+        "done; done | sort -u; }; "
+    )
+
+
 class NotifyListener:
     """Plays systemd's side of sd_notify: a datagram socket that records every message."""
 
@@ -417,8 +431,8 @@ def test_unit_runs_under_a_real_systemd(tmp_path: Path, variant: str) -> None:
         files.insert(0, str(work / socket_name))
         # Served through the socket; then the network namespaces of the service and ours.
         env["SYSD_PROBE"] = (
-            f"curl -s --max-time 10 http://127.0.0.1:{port}/healthz && echo && "
-            "for p in $(pgrep -f '^/usr/bin/python3 -m wsechod '); do "
+            f"{ours(port)}curl -s --max-time 10 http://127.0.0.1:{port}/healthz && echo && "
+            "for p in $(ours); do "
             'echo "netns service $(readlink /proc/$p/ns/net)"; done; '
             'echo "netns host $(readlink /proc/self/ns/net)"'
         )

@@ -28,7 +28,14 @@ from tests.test_daemon import gone, read_log, stat_fields
 from tests.test_echo import http_get
 from tests.test_metrics import scrape, scrape_when, value
 from tests.test_relay import RedisServer, free_port, make_redis, redis_server
-from tests.test_systemd import HARNESS, HARNESS_REASON, ROOT, NotifyListener, installed_units
+from tests.test_systemd import (
+    HARNESS,
+    HARNESS_REASON,
+    ROOT,
+    NotifyListener,
+    installed_units,
+    ours,
+)
 from tests.test_tls import issue, trusting
 from wsechod.process.supervisor import BACKOFF_FIRST, BACKOFF_MAX, BACKOFF_RESET, backoff
 from wsechod.shared import PUBLISH_INTERVAL, RENDER_INTERVAL
@@ -572,11 +579,11 @@ def test_workers_under_a_real_systemd(tmp_path: Path) -> None:
         f"{work}:/srv/wsechod/cfg",
         SYSD_TIMEOUT="30",
         SYSD_PROBE=(
-            f"sleep 1.5; for i in 1 2 3 4; do "
+            f"{ours(port)}sleep 1.5; for i in 1 2 3 4; do "
             f"curl -s --max-time 10 http://127.0.0.1:{port}/healthz; "
             f"curl -s --max-time 10 http://127.0.0.1:{port}/metrics | grep -E "
             "'^(wsechod_workers|process_open_fds|wsechod_connections_open) '; done; "
-            "echo \"processes $(pgrep -f '^/usr/bin/python3 -m wsechod ' | wc -l)\""
+            'echo "processes $(ours | wc -l)"'
         ),
     )
     result = subprocess.run(
@@ -798,8 +805,12 @@ def test_a_worker_recycled_while_the_one_it_replaced_drains_comes_back_once_drai
     first.close()
     daemon.wait_for("worker drained", where=lambda e: e["pid"] == victim)
     assert not [e for e in daemon.events if e["event"] == "worker exited"]
-    s = scrape_when(daemon.port, lambda s: value(s, "wsechod_worker_restarts_total") == 2)
-    assert value(s, "wsechod_workers") == WORKERS
+    scrape_when(  # the third counts as running once its doorbell is answered
+        daemon.port,
+        lambda s: (
+            (value(s, "wsechod_worker_restarts_total"), value(s, "wsechod_workers")) == (2, WORKERS)
+        ),
+    )
     wait_until(lambda: http_get(daemon.port, "/healthz")[:2] == (200, "ok\n"), what="ok")
 
 
@@ -894,3 +905,25 @@ def test_recycling_a_relay_worker_leaves_the_daemon_healthy(
     assert alive(victim) and replaced["pid"] != victim
     held.close()
     daemon.wait_for("worker drained", where=lambda e: e["pid"] == victim)
+
+
+def test_the_daemons_stop_does_not_cut_a_worker_already_draining(
+    start: Callable[..., Daemon],
+) -> None:
+    """Workers already draining (one recycled alone, one recycled while the first still
+    drains) do not take the daemon's stop for a second one, which would cut their drain."""
+    daemon = start_workers(start, "--drain-timeout", "60", "--close-timeout", "60")
+    victim = pids(daemon)[0]
+    first = raw_on_each(daemon)[0]
+    os.kill(victim, signal.SIGTERM)
+    assert rawws.read_close(first)[0] == 1001
+    second = daemon.wait_for("listening", where=lambda e: e["worker"] == 0 and e["pid"] != victim)
+    held = on_worker(daemon, 0, second["timestamp"])
+    os.kill(second["pid"], signal.SIGTERM)
+    assert rawws.read_close(held)[0] == 1001  # it has said it drains
+    daemon.signal(signal.SIGTERM)
+    daemon.wait_for("stop requested", where=lambda e: "workers" in e)  # the main process's
+    for sock in (first, held):
+        sock.close()
+    assert daemon.wait(15) == 0
+    assert not [e for e in daemon.events if e["event"] == "stopping now"]

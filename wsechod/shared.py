@@ -166,12 +166,15 @@ class Worker:
         the backlog for the other rather than get 503 from this one. Otherwise (the daemon
         stops, the main process is gone or cannot be read, the one this worker replaced
         still drains, the daemon is still starting) it drains as any process does."""
-        if self._engine is None or self.state != LISTENING or not self._parent_alive():
+        if self._engine is None or self.state != LISTENING:
+            return False
+        self.publish()  # DRAINING, now: the main process must not stop it a second time
+        if not self._parent_alive():
             return False
         daemon = self.board.read(self.board.daemon_slot)
         if daemon is None or daemon.state == DRAINING:
             return False
-        if self.index not in Daemon.from_json(daemon.body).alone:
+        if self.pid not in Daemon.from_json(daemon.body).alone:
             return False
         self.state = LEAVING
         self.publish()
@@ -256,7 +259,7 @@ class Daemon:
     """What the main process says of the whole daemon, in its slot."""
 
     degraded: str | None = None  # what /healthz reports missing
-    alone: frozenset[int] = frozenset()  # workers that may be recycled alone
+    alone: frozenset[int] = frozenset()  # pids of the workers that may be recycled alone
     draining: bool = False  # the slot's state: DRAINING
 
     def to_json(self) -> bytes:
@@ -282,7 +285,7 @@ class Totals:
         self.restarts = 0
         self.running = 0  # workers listening now (the supervisor keeps it)
         self.stopping = False
-        self.alone: Callable[[], Iterable[int]] = tuple  # workers that may leave alone now
+        self.alone: Callable[[], Iterable[int]] = tuple  # pids that may leave alone now
         self.live: dict[int, Entry] = {}
         # Per slot, the last entry that could be read: a slot caught mid-write (its
         # worker preempted while publishing) stands for itself with it, so that no total

@@ -44,6 +44,7 @@ from wsechod.process import fds, logs, runner, systemd
 from wsechod.settings import RESTART_KEYS, Loaded, Settings, SettingsError
 from wsechod.shared import (
     DOORBELL,
+    DRAINING,
     LEAVING,
     LEFT,
     LISTENING,
@@ -330,8 +331,8 @@ class Supervisor:
         how = {"exit_status": code} if code >= 0 else {"signal": _signal_name(-code)}
         reason = f"exit status {code}" if code >= 0 else f"killed by {_signal_name(-code)}"
         drained = code == 0 and last is not None and last.gen == slot.gen
-        up = self.ready and not self.stops
-        if drained and last is not None and last.state in (STOPPED, LEFT) and up:
+        # (Also before the daemon is ready: a worker that drained has listened.)
+        if drained and last is not None and last.state in (STOPPED, LEFT) and not self.stops:
             # Told to stop alone, and drained before it could be replaced (or while the
             # one it replaced still drained): started again at once, not as a crash.
             log.info("worker drained", worker=slot.index, pid=pid)
@@ -384,7 +385,7 @@ class Supervisor:
                 changed = True
         if not changed:
             return
-        became_ready = not self.ready and all(slot.listening for slot in self.slots)
+        became_ready = not self.ready and all(s.listening and s.pid for s in self.slots)
         self.ready = self.ready or became_ready
         self.totals.render()  # with ready set: from now on, workers may be recycled alone
         if became_ready:
@@ -396,13 +397,19 @@ class Supervisor:
             if self.on_ready is not None:
                 self.on_ready()
 
+    def _draining(self, slot: _Slot) -> bool:
+        """The worker drains already (told to stop alone, say by a ``pkill`` that reached
+        every process): the daemon's stop must not reach it as a second one."""
+        entry = self.board.read(self.board.slot_of(slot.index, slot.gen))
+        return entry is not None and entry.gen == slot.gen and entry.state >= DRAINING
+
     def _alone(self) -> list[int]:
         """The workers that may be recycled alone now (``Worker.leaving``): the daemon is
         up and does not stop, and the one before them no longer drains (it and a third
         would need a third slot on the board)."""
         if not self.ready or self.stops:
             return []
-        return [s.index for s in self.slots if s.listening and s.pid and s.leaving is None]
+        return [s.pid for s in self.slots if s.listening and s.pid and s.leaving is None]
 
     def _replace(self, slot: _Slot) -> None:
         """Worker ``slot`` was told to stop, alone: it drains, no longer accepting, and
@@ -438,7 +445,7 @@ class Supervisor:
             return
         self.totals.render()  # first: a worker hearing the stop reads that the daemon stops
         for slot in self.slots:
-            if slot.pid is not None:
+            if slot.pid is not None and (self.stops == 2 or not self._draining(slot)):
                 self._kill(slot.pid, signal.SIGTERM)
             if slot.leaving is not None and self.stops == 2:  # draining already: cut it
                 self._kill(slot.leaving[0], signal.SIGTERM)
