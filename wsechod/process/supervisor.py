@@ -330,11 +330,11 @@ class Supervisor:
         code = os.waitstatus_to_exitcode(status)
         how = {"exit_status": code} if code >= 0 else {"signal": _signal_name(-code)}
         reason = f"exit status {code}" if code >= 0 else f"killed by {_signal_name(-code)}"
-        drained = code == 0 and last is not None and last.gen == slot.gen
-        # (Also before the daemon is ready: a worker that drained has listened.)
-        if drained and last is not None and last.state in (STOPPED, LEFT) and not self.stops:
+        drained = last is not None and last.gen == slot.gen and last.state in (STOPPED, LEFT)
+        if code == 0 and drained and not self.stops:
             # Told to stop alone, and drained before it could be replaced (or while the
-            # one it replaced still drained): started again at once, not as a crash.
+            # one it replaced still drained, or before the daemon was ready: a worker that
+            # drained has listened): started again at once, not as a crash.
             log.info("worker drained", worker=slot.index, pid=pid)
             slot.due = time.monotonic()
         elif self.stops:
