@@ -780,12 +780,11 @@ def on_worker(daemon: Daemon, worker: int, after: str) -> socket.socket:
     raise AssertionError(f"no connection reached worker {worker}")
 
 
-def test_a_worker_recycled_while_the_one_it_replaced_drains_comes_back_once_drained(
+def recycle_twice(
     start: Callable[..., Daemon],
-) -> None:
-    """Two recycles of one worker in a row: the second cannot leave alone (the first still
-    drains in the board's other slot), so it drains as any process does; once it has, it
-    is started again at once, as a recycle, not a crash."""
+) -> tuple[Daemon, int, socket.socket, dict[str, Any], socket.socket]:
+    """Worker 0 recycled (it drains a client that never answers the close, ``first``),
+    then its replacement (``second``, draining ``held``): the daemon, the first pid, ..."""
     daemon = start_workers(start, "--drain-timeout", "60", "--close-timeout", "60")
     victim = pids(daemon)[0]
     first = raw_on_each(daemon)[0]
@@ -794,7 +793,17 @@ def test_a_worker_recycled_while_the_one_it_replaced_drains_comes_back_once_drai
     second = daemon.wait_for("listening", where=lambda e: e["worker"] == 0 and e["pid"] != victim)
     held = on_worker(daemon, 0, second["timestamp"])
     os.kill(second["pid"], signal.SIGTERM)
-    assert rawws.read_close(held)[0] == 1001
+    assert rawws.read_close(held)[0] == 1001  # it has said it drains
+    return daemon, victim, first, second, held
+
+
+def test_a_worker_recycled_while_the_one_it_replaced_drains_comes_back_once_drained(
+    start: Callable[..., Daemon],
+) -> None:
+    """Two recycles of one worker in a row: the second cannot leave alone (the first still
+    drains in the board's other slot), so it drains as any process does; once it has, it
+    is started again at once, as a recycle, not a crash."""
+    daemon, victim, first, second, held = recycle_twice(start)
     held.close()
     drained = daemon.wait_for("worker drained")
     assert drained["pid"] == second["pid"]
@@ -912,15 +921,7 @@ def test_the_daemons_stop_does_not_cut_a_worker_already_draining(
 ) -> None:
     """Workers already draining (one recycled alone, one recycled while the first still
     drains) do not take the daemon's stop for a second one, which would cut their drain."""
-    daemon = start_workers(start, "--drain-timeout", "60", "--close-timeout", "60")
-    victim = pids(daemon)[0]
-    first = raw_on_each(daemon)[0]
-    os.kill(victim, signal.SIGTERM)
-    assert rawws.read_close(first)[0] == 1001
-    second = daemon.wait_for("listening", where=lambda e: e["worker"] == 0 and e["pid"] != victim)
-    held = on_worker(daemon, 0, second["timestamp"])
-    os.kill(second["pid"], signal.SIGTERM)
-    assert rawws.read_close(held)[0] == 1001  # it has said it drains
+    daemon, _, first, _, held = recycle_twice(start)
     daemon.signal(signal.SIGTERM)
     daemon.wait_for("stop requested", where=lambda e: "workers" in e)  # the main process's
     for sock in (first, held):
