@@ -781,11 +781,11 @@ def on_worker(daemon: Daemon, worker: int, after: str) -> socket.socket:
 
 
 def recycle_twice(
-    start: Callable[..., Daemon],
+    start: Callable[..., Daemon], *args: str
 ) -> tuple[Daemon, int, socket.socket, dict[str, Any], socket.socket]:
     """Worker 0 recycled (it drains a client that never answers the close, ``first``),
     then its replacement (``second``, draining ``held``): the daemon, the first pid, ..."""
-    daemon = start_workers(start, "--drain-timeout", "60", "--close-timeout", "60")
+    daemon = start_workers(start, "--drain-timeout", "60", "--close-timeout", "60", *args)
     victim = pids(daemon)[0]
     first = raw_on_each(daemon)[0]
     os.kill(victim, signal.SIGTERM)
@@ -928,3 +928,41 @@ def test_the_daemons_stop_does_not_cut_a_worker_already_draining(
         sock.close()
     assert daemon.wait(15) == 0
     assert not [e for e in daemon.events if e["event"] == "stopping now"]
+
+
+def test_a_relay_worker_draining_without_a_replacement_says_the_daemon_is_ok(
+    start: Callable[..., Daemon], redis_server: RedisServer
+) -> None:
+    """The second of two recycles in a row drains as any process does, still answering on
+    its socket: its closed broker is not the daemon's trouble there either."""
+    daemon, _, first, _, held = recycle_twice(
+        start, "--mode", "relay", "--broker", redis_server.url
+    )
+    wait_until(
+        lambda: (
+            sum(e["event"] == "broker closed" and e.get("worker") == 0 for e in daemon.events) == 2
+        ),
+        what="both recycled workers closed their broker",
+    )
+    assert {http_get(daemon.port, "/healthz")[:2] for _ in range(20)} == {(200, "ok\n")}
+    for sock in (first, held):
+        sock.close()
+
+
+def test_the_main_process_survives_being_stopped_and_continued(
+    start: Callable[..., Daemon],
+) -> None:
+    """SIGSTOP, then SIGCONT after its timer's deadline (a debugger, a frozen container):
+    it goes on supervising."""
+    daemon = start_workers(start)
+    main = daemon.proc.pid
+    for _ in range(3):
+        os.kill(main, signal.SIGSTOP)
+        wait_until(lambda: stat_fields(main)[0] == "T", what="stopped")
+        time.sleep(RENDER_INTERVAL + 0.2)  # the stimulus: stopped past its timer's deadline
+        os.kill(main, signal.SIGCONT)
+    victim = pids(daemon)[0]
+    os.kill(victim, signal.SIGKILL)  # and it still replaces a worker
+    daemon.wait_for("listening", where=lambda e: e["worker"] == 0 and e["pid"] != victim)
+    assert daemon.proc.poll() is None
+    assert not [e for e in daemon.events if e["event"] == "crashed"]

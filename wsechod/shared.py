@@ -236,9 +236,10 @@ class Worker:
         return self._page[1]
 
     def degraded(self, app: Application) -> str | None:
-        """This worker's own trouble first (fresh), else the daemon's (any worker's broker,
-        a worker not running), as the main process last saw it."""
-        mine = app.degraded()
+        """This worker's own trouble first (fresh; not while it drains: its broker closing
+        is not the daemon's trouble), else the daemon's (any worker's broker, a worker not
+        running), as the main process last saw it."""
+        mine = None if self.draining else app.degraded()
         if mine is not None:
             return mine
         return self._read_daemon().degraded

@@ -5,9 +5,9 @@ The listening sockets are bound before (each TCP listener once per worker, with
 SO_REUSEPORT; unix sockets and systemd's are shared), then each worker is forked with no
 event loop in the parent: it builds its own uvloop loop and runs what a single process
 runs (``runner.run``), serving its sockets. The main process never serves a client. It
-is a small loop on ``sigtimedwait``: with its signals blocked, each one is handled in turn,
-synchronously, and the timeout is the next thing due (a render of the shared page, a
-restart, a notification to systemd). It
+is a small loop on ``sigwaitinfo``: with its signals blocked, each one is handled in turn,
+synchronously, and an interval timer (SIGALRM) wakes it for the next thing due (a render
+of the shared page, a restart, a notification to systemd). It
 
 - restarts a worker that exits (BACKOFF_FIRST doubling to BACKOFF_MAX; back to the first
   once a worker has lived BACKOFF_RESET), with a rate-limited warning; one told to stop
@@ -61,7 +61,8 @@ log = get_logger("wsechod")
 BACKOFF_FIRST = 0.1  # seconds before a worker that exited is started again...
 BACKOFF_MAX = 10.0  # ...doubling each time it exits again, up to this
 BACKOFF_RESET = 10.0  # a worker that lived this long starts the next one from the first
-SIGNALS = {*runner.HANDLED_SIGNALS, signal.SIGCHLD, DOORBELL}
+ALARM = signal.SIGALRM  # the loop's timer: the next thing due
+SIGNALS = {*runner.HANDLED_SIGNALS, signal.SIGCHLD, DOORBELL, ALARM}
 # A worker whose figures have not been refreshed for this long (and for at least the
 # systemd watchdog's interval) has a wedged loop: it is killed and replaced. Without the
 # systemd watchdog, nothing watches for that, as with one process.
@@ -198,10 +199,9 @@ class Supervisor:
                 self._reload(signal.Signals[name])
             self.due["render"] = time.monotonic() + RENDER_INTERVAL
             while self.stops == 0 or any(s.pid or s.leaving for s in self.slots):
-                timeout = max(0.0, min(self._next_due()) - time.monotonic())
-                info = signal.sigtimedwait(SIGNALS, timeout)
-                if info is not None:
-                    self._signal(info.si_signo)
+                signum = _wait(max(0.0, min(self._next_due()) - time.monotonic()))
+                if signum is not None:
+                    self._signal(signum)
                 self._run_due()
         finally:
             self.notifier.close()
@@ -566,6 +566,21 @@ class Supervisor:
             workers = f"{running} of {workers}"
         where = ", ".join(self.addresses)
         return f"{state} on {where}: {self.connections()} connections ({workers})"
+
+
+def _wait(timeout: float) -> int | None:
+    """The next of SIGNALS (blocked), or None once ``timeout`` seconds have passed.
+
+    Not ``signal.sigtimedwait``: interrupted by a stop and continue (SIGSTOP, SIGCONT)
+    past its deadline, CPython 3.11's returns a siginfo that the kernel never filled
+    (whatever an earlier call left there: a crash, or a signal nobody sent). Its
+    ``sigwaitinfo`` retries on EINTR; the interval timer bounds the wait."""
+    signal.setitimer(signal.ITIMER_REAL, max(timeout, 1e-6))
+    try:
+        signum = signal.sigwaitinfo(SIGNALS).si_signo
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+    return None if signum == ALARM else signum  # a late alarm, left pending: a pass more
 
 
 def _signal_name(signum: int) -> str:
