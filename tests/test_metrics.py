@@ -6,7 +6,6 @@ import itertools
 import os
 import signal
 import socket
-import subprocess
 import sysconfig
 import time
 from collections.abc import Callable
@@ -23,7 +22,14 @@ from tests import rawws
 from tests.conftest import WSECHOD, Daemon, clean_env, peer_port
 from tests.test_echo import http_get
 from tests.test_relay import RedisServer, make_redis, redis_server, wait_health
-from tests.test_systemd import HARNESS, HARNESS_REASON, ROOT, NotifyListener, installed_units
+from tests.test_systemd import (
+    HARNESS,
+    HARNESS_REASON,
+    ROOT,
+    NotifyListener,
+    installed_units,
+    run_harness,
+)
 from wsechod.metrics import RENDER_INTERVAL, SelfProcessCollector
 from wsechod.process.runner import EXTEND_BY, EXTEND_INTERVAL, drain_on_schedule
 
@@ -442,10 +448,7 @@ def test_systemd_waits_past_its_stop_timeout_for_a_drain_on_schedule(tmp_path: P
         f"--max-time 10 http://127.0.0.1:{port}/metrics | grep -E '^(process_|wsechod_conn)'",
     )
     started = time.monotonic()
-    result = subprocess.run(
-        ["bash", str(HARNESS), str(work / "wsechod.service")], env=env, capture_output=True,
-        text=True, timeout=150, check=False,
-    )  # fmt: skip
+    result = run_harness([str(work / "wsechod.service")], env)
     print(result.stdout[-4000:])
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-2000:]
     assert "main process exited 0 on SIGTERM" in result.stdout

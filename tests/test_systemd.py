@@ -49,6 +49,23 @@ def ours(port: int) -> str:
     )
 
 
+def run_harness(units: list[str], env: dict[str, str]) -> "subprocess.CompletedProcess[str]":
+    """The harness on ``units``. Run again, once, if the private journald got nothing at
+    all from the manager (its "manager log" section is empty: seen once with two suites'
+    harnesses starting together): the harness's own checks of READY=1 and of the exit
+    read that log, and a manager that ran a unit always logs its Starting line."""
+    for attempt in (1, 2):
+        result = subprocess.run(
+            ["bash", str(HARNESS), *units], env=env, capture_output=True, text=True,
+            timeout=150, check=False,
+        )  # fmt: skip
+        section = result.stdout.partition("(key lines)\n")[2].partition("== result")[0]
+        if result.returncode == 0 or section.strip() or attempt == 2:
+            return result
+        print("the manager's log never reached the journal: the harness once more")
+    raise AssertionError("unreachable")
+
+
 class NotifyListener:
     """Plays systemd's side of sd_notify: a datagram socket that records every message."""
 
@@ -436,10 +453,7 @@ def test_unit_runs_under_a_real_systemd(tmp_path: Path, variant: str) -> None:
             'echo "netns service $(readlink /proc/$p/ns/net)"; done; '
             'echo "netns host $(readlink /proc/self/ns/net)"'
         )
-    result = subprocess.run(
-        ["bash", str(HARNESS), *files], env=env, capture_output=True, text=True, timeout=150,
-        check=False,
-    )  # fmt: skip
+    result = run_harness(files, env)
     print(result.stdout[-3000:])
     print("\n".join(ln for ln in result.stdout.splitlines() if re.search("netns|Uid:", ln)))
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-2000:]

@@ -29,12 +29,12 @@ from tests.test_echo import http_get
 from tests.test_metrics import scrape, scrape_when, value
 from tests.test_relay import RedisServer, free_port, make_redis, redis_server
 from tests.test_systemd import (
-    HARNESS,
     HARNESS_REASON,
     ROOT,
     NotifyListener,
     installed_units,
     ours,
+    run_harness,
 )
 from tests.test_tls import issue, trusting
 from wsechod.process.supervisor import BACKOFF_FIRST, BACKOFF_MAX, BACKOFF_RESET, backoff
@@ -586,10 +586,7 @@ def test_workers_under_a_real_systemd(tmp_path: Path) -> None:
             'echo "processes $(ours | wc -l)"'
         ),
     )
-    result = subprocess.run(
-        ["bash", str(HARNESS), str(work / "wsechod.service")],
-        env=env, capture_output=True, text=True, timeout=150, check=False,
-    )  # fmt: skip
+    result = run_harness([str(work / "wsechod.service")], env)
     print(result.stdout[-4000:])
     print(
         "\n".join(ln for ln in result.stdout.splitlines() if re.search(r"\| (ok|wsechod|proc)", ln))
