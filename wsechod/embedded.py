@@ -155,7 +155,7 @@ def bind(settings: Settings) -> listeners.Bound:
     """The listening sockets, bound in the caller's thread: "address already in use"
     is the caller's ``BindError``, with the line the command prints."""
     where = listeners.addresses(settings)
-    bound = listeners.bind(where, mode=int(settings.unix_socket_mode, 8))
+    bound = listeners.bind(where, mode=int(settings.unix_socket_mode, 8), backlog=settings.backlog)
     for path in bound.replaced:
         log.warning("stale unix socket replaced", path=path)
     return bound

@@ -166,6 +166,7 @@ def options(settings: Settings, loaded: ssl.SSLContext | None = None) -> Options
         trust_unix="unix" in settings.trusted_proxies,
         ipv6_prefix_length=settings.ipv6_prefix_length,
         access_log=settings.access_log,
+        backlog=settings.backlog,
     )
 
 

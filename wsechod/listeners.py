@@ -93,8 +93,10 @@ def bind(
     mode: int = 0o660,
     owner: tuple[int, int] | None = None,
     copies: int = 1,
+    backlog: int = socket.SOMAXCONN,
 ) -> Bound:
-    """Listen on every address; unix socket files get ``mode`` and ``owner`` (uid, gid).
+    """Listen on every address, with ``backlog``; unix socket files get ``mode`` and
+    ``owner`` (uid, gid).
 
     ``copies`` > 1 (workers): each TCP address is bound that many times with SO_REUSEPORT,
     so that the kernel spreads the connections over the workers' sockets; a unix socket
@@ -104,16 +106,17 @@ def bind(
     try:
         for address in where:
             if address.path:
-                sock = _listen_unix(address.path, mode, owner, bound)
+                sock = _listen_unix(address.path, mode, owner, bound, backlog)
                 bound.sockets.append(sock)
                 for group in groups:
                     group.append(sock)
             elif groups:
-                for i, sock in enumerate(_bind_tcp_copies(address.host, address.port, copies)):
+                copied = _bind_tcp_copies(address.host, address.port, copies, backlog)
+                for i, sock in enumerate(copied):
                     bound.sockets.append(sock)
                     groups[i % copies].append(sock)
             else:
-                bound.sockets += _bind_tcp(address.host, address.port)
+                bound.sockets += _bind_tcp(address.host, address.port, backlog)
         bound.groups = groups
     except BaseException:
         bound.close()
@@ -137,7 +140,7 @@ def resolve(host: str, port: int) -> list[tuple[int, str]]:
     return [(family, str(sockaddr[0])) for family, _, _, _, sockaddr in infos]
 
 
-def _bind_tcp(host: str, port: int) -> list[socket.socket]:
+def _bind_tcp(host: str, port: int, backlog: int) -> list[socket.socket]:
     """Listen on every address ``host`` resolves to; with port 0 they all share one port."""
     infos = resolve(host, port)
     sockets: list[socket.socket] = []
@@ -149,7 +152,7 @@ def _bind_tcp(host: str, port: int) -> list[socket.socket]:
             seen.add((family, address))
             if sockets and port == 0:
                 port = sockets[0].getsockname()[1]
-            sockets.append(_listen(family, address, port))
+            sockets.append(_listen(family, address, port, backlog))
     except BaseException:
         for sock in sockets:
             sock.close()
@@ -157,7 +160,7 @@ def _bind_tcp(host: str, port: int) -> list[socket.socket]:
     return sockets
 
 
-def _bind_tcp_copies(host: str, port: int, copies: int) -> list[socket.socket]:
+def _bind_tcp_copies(host: str, port: int, copies: int, backlog: int) -> list[socket.socket]:
     """``copies`` sockets for each address ``host`` resolves to, in that order per address,
     all on one port with SO_REUSEPORT.
 
@@ -174,7 +177,9 @@ def _bind_tcp_copies(host: str, port: int, copies: int) -> list[socket.socket]:
             if sockets and port == 0:
                 port = sockets[0].getsockname()[1]
             port = _probe(family, address, port)
-            sockets += [_listen(family, address, port, reuseport=True) for _ in range(copies)]
+            sockets += [
+                _listen(family, address, port, backlog, reuseport=True) for _ in range(copies)
+            ]
     except BaseException:
         for sock in sockets:
             sock.close()
@@ -197,7 +202,9 @@ def _probe(family: int, address: str, port: int) -> int:
         return int(probe.getsockname()[1])
 
 
-def _listen(family: int, address: str, port: int, *, reuseport: bool = False) -> socket.socket:
+def _listen(
+    family: int, address: str, port: int, backlog: int, *, reuseport: bool = False
+) -> socket.socket:
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -206,7 +213,7 @@ def _listen(family: int, address: str, port: int, *, reuseport: bool = False) ->
         if family == socket.AF_INET6:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         sock.bind((address, port))
-        sock.listen(socket.SOMAXCONN)
+        sock.listen(backlog)
         sock.setblocking(False)
     except OSError as exc:
         sock.close()
@@ -216,7 +223,7 @@ def _listen(family: int, address: str, port: int, *, reuseport: bool = False) ->
 
 
 def _listen_unix(
-    path: str, mode: int, owner: tuple[int, int] | None, bound: Bound
+    path: str, mode: int, owner: tuple[int, int] | None, bound: Bound, backlog: int
 ) -> socket.socket:
     abstract = path.startswith("@")
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -241,7 +248,7 @@ def _listen_unix(
                     raise BindError(
                         f"cannot give unix socket {path} to {who}: {exc.strerror}"
                     ) from None
-        sock.listen(socket.SOMAXCONN)  # only now may clients connect: mode and owner are set
+        sock.listen(backlog)  # only now may clients connect: mode and owner are set
         sock.setblocking(False)
     except OSError as exc:
         sock.close()

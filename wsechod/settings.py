@@ -16,6 +16,7 @@ import json
 import math
 import os
 import re
+import socket
 import tomllib
 import typing
 import urllib.parse
@@ -45,6 +46,8 @@ COMPRESSIONS = ("none", "deflate")
 MODES = ("echo", "relay")
 SLOW_CONSUMER_POLICIES = ("drop", "close")
 MAX_WORKERS = 1024
+MAX_BACKLOG = 65535
+SOMAXCONN = Path("/proc/sys/net/core/somaxconn")
 BROKER_SCHEMES = ("redis", "rediss", "unix")
 
 T = TypeVar("T")
@@ -108,6 +111,17 @@ def _check_listen(entries: tuple[str, ...]) -> tuple[str, ...]:
     return tuple(normalized)
 
 
+def kernel_backlog() -> int:
+    """The kernel's maximum listen backlog (net.core.somaxconn: listen() caps what it is
+    asked for to it); the C library's SOMAXCONN where /proc/sys is hidden (systemd's
+    ProcSubset=pid), which is the kernel's own default."""
+    try:
+        value = int(SOMAXCONN.read_text())
+    except (OSError, ValueError):
+        value = socket.SOMAXCONN
+    return max(1, min(value, MAX_BACKLOG))
+
+
 def _check_mode(mode: str) -> str:
     if not re.fullmatch(r"0?[0-7]{3}", mode.strip()):
         raise ValueError("expected an octal file mode such as 0660")
@@ -128,6 +142,7 @@ def _opt(
     restart: bool = False,
     item: Callable[[str], str] | None = None,
     words: Mapping[str, Callable[[], Any]] | None = None,
+    default_word: str | None = None,
 ) -> T:
     """``path``: the value is a file path, made absolute (a daemon runs in /), except for
     the words listed, which have a meaning of their own. ``aliases``: other spellings of
@@ -136,7 +151,9 @@ def _opt(
     returns it normalized (raises ValueError). ``restart``: a reload (SIGHUP) cannot
     change it; the others take effect for new connections. ``item``: the key is a list
     (``tuple[str, ...]``) and this checks and normalises each entry (ValueError).
-    ``words``: names that stand for a value computed at load time (``workers = "auto"``)."""
+    ``words``: names that stand for a value computed at load time (``workers = "auto"``).
+    ``default_word``: the word the default is written as where it differs from machine to
+    machine (the sample config, the README, ``--help``)."""
     meta = {
         "restart": restart,
         "doc": doc,
@@ -149,6 +166,7 @@ def _opt(
         "check": check,
         "item": item,
         "words": words or {},
+        "default_word": default_word,
     }
     return field(default=default, metadata=meta)
 
@@ -187,6 +205,16 @@ class Settings:
     unix_socket_owner: str = _opt(
         "",
         "user[:group] owning the unix sockets in listen; '': the user and group it runs as",
+        restart=True,
+    )
+    backlog: int = _opt(
+        kernel_backlog(),
+        "connections each listening socket (systemd's too) holds until they are accepted; "
+        "max: the kernel's maximum (net.core.somaxconn), which caps any larger value",
+        minimum=1,
+        maximum=MAX_BACKLOG,
+        words={"max": kernel_backlog},
+        default_word="max",
         restart=True,
     )
     log_level: str = _opt(
@@ -789,6 +817,13 @@ def choices(key: str) -> tuple[tuple[str, ...], Mapping[str, str]] | None:
     """The values a choice key takes and its other accepted spellings, for ``--help``."""
     meta = _BY_NAME[key].metadata
     return None if meta["choices"] is None else (meta["choices"], meta["aliases"])
+
+
+def default_text(key: str) -> Any:
+    """A key's default as the sample config, the README and ``--help`` write it: the word
+    for a default that each machine computes (``backlog = "max"``), else the value."""
+    f = _BY_NAME[key]
+    return f.metadata["default_word"] or f.default
 
 
 def shown(key: str, value: Any) -> Any:

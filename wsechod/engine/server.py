@@ -67,6 +67,8 @@ class Options:
     trust_unix: bool = False  # so may whoever connects over a Unix socket
     ipv6_prefix_length: int = 64  # IPv6 clients are counted per network this size
     access_log: bool = False  # one info line per closed connection
+    # uvloop listens again on every socket it is given: with this, not its own 100.
+    backlog: int = socket.SOMAXCONN
 
 
 class Engine:
@@ -116,7 +118,9 @@ class Engine:
         # Read now: once the loop stops accepting on them, uvloop has detached the sockets.
         self._addresses = [format_address(sock.getsockname()) for sock in sockets]
         for sock in sockets:
-            server = await self.loop.create_server(lambda: Handshake(self), sock=sock)
+            server = await self.loop.create_server(
+                lambda: Handshake(self), sock=sock, backlog=self.options.backlog
+            )
             self._servers.append(server)
 
     @property

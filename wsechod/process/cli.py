@@ -41,6 +41,7 @@ from wsechod.settings import (
     Settings,
     SettingsError,
     choices,
+    default_text,
     describe,
     env_name,
     flag_name,
@@ -111,7 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
                 + "; ".join(f"{', '.join(a)} for {v}" for v, a in spellings.items() if a)
                 + ")"
             )
-        default = list(f.default) if isinstance(f.default, tuple) else f.default
+        default = default_text(f.name)
+        default = list(default) if isinstance(default, tuple) else default
         help_text = f"{describe(f.name)}{values} (env {env_name(f.name)}; default: {default!r})"
         if f.type is bool:
             group.add_argument(
@@ -269,6 +271,7 @@ def _bind(
         mode=int(settings.unix_socket_mode, 8),
         owner=socket_owner,
         copies=settings.workers,
+        backlog=settings.backlog,
     )
 
 
