@@ -73,6 +73,21 @@ def test_the_engine_knows_nothing_of_metrics() -> None:
     assert offending(modules("engine"), ("wsechod.metrics", "prometheus_client")) == {}
 
 
+def test_the_drains_bound_is_computed_in_one_place() -> None:
+    """``lifecycle.drain_bound``: the parts of a drain's deadline are named nowhere else
+    (the runner, the supervisor and the embedded stop each added them up)."""
+    parts = {"HANDSHAKE_GRACE", "BROKER_CLOSE_TIMEOUT"}
+    named = {
+        str(path.relative_to(PACKAGE))
+        for path in modules()
+        for node in ast.walk(ast.parse(path.read_text()))
+        if (isinstance(node, ast.Name) and node.id in parts)
+        or (isinstance(node, ast.Attribute) and node.attr in parts)
+        or (isinstance(node, ast.alias) and node.name in parts)
+    }
+    assert named == {"lifecycle.py"}
+
+
 def test_rules_see_real_imports() -> None:
     """The checks above would pass on nothing: make sure they see what is there."""
     assert "wsechod.engine" in {i for p in modules("apps") for i in imports(p)}

@@ -28,13 +28,7 @@ import uvloop
 
 from wsechod import listeners
 from wsechod.engine.addresses import format_address
-from wsechod.lifecycle import (
-    BROKER_CLOSE_TIMEOUT,
-    HANDSHAKE_GRACE,
-    DrainReport,
-    Lifecycle,
-    serve,
-)
+from wsechod.lifecycle import DrainReport, Lifecycle, drain_bound, serve
 from wsechod.listeners import BindError
 from wsechod.log import get_logger
 from wsechod.settings import CONFIG_ENV, Loaded, Settings, SettingsError, load
@@ -291,8 +285,7 @@ class ThreadedServer(Server):
         if threading.current_thread() is self._thread:
             return None
         if timeout is None:
-            timeout = self.settings.drain_timeout + HANDSHAKE_GRACE + BROKER_CLOSE_TIMEOUT
-            timeout += FINISH_TIMEOUT + 2.0
+            timeout = drain_bound(self.settings) + FINISH_TIMEOUT + 2.0
         self._thread.join(timeout)
         if self._thread.is_alive():
             self._request("stop() timed out", again=True)  # the second request: stop now

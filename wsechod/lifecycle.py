@@ -43,6 +43,13 @@ BROKER_CLOSE_TIMEOUT = 1.0  # seconds the broker gets to unsubscribe, within the
 TLS_KEYS = ("tls_cert", "tls_key", "tls_ca")  # kept together when the files cannot be used
 
 
+def drain_bound(settings: Settings) -> float:
+    """The longest a drain lasts from the stop: ``drain_timeout``, then the grace of the
+    handshakes accepted at the very end, and the broker's close. What a stop waits for
+    before it cuts (``ThreadedServer.stop``), and systemd's extensions are measured by."""
+    return settings.drain_timeout + HANDSHAKE_GRACE + BROKER_CLOSE_TIMEOUT
+
+
 @dataclass(frozen=True, slots=True)
 class DrainReport:
     connections: int

@@ -18,12 +18,11 @@ from collections.abc import Callable, Iterator
 
 from wsechod import __version__, embedded
 from wsechod.lifecycle import (
-    BROKER_CLOSE_TIMEOUT,
-    HANDSHAKE_GRACE,
     RELOAD_SIGNALS,
     STOP_SIGNALS,
     Lifecycle,
     capture_signals,
+    drain_bound,
 )
 from wsechod.log import get_logger
 from wsechod.process import logs, systemd
@@ -138,8 +137,7 @@ async def _extend_drain(notifier: systemd.Notifier, life: Lifecycle) -> None:
     """sd_notify(3) EXTEND_TIMEOUT_USEC= while the drain is on schedule. systemd never
     shortens its own stop timeout for it, so a short drain loses nothing."""
     loop = asyncio.get_running_loop()
-    settings = life.settings
-    deadline = loop.time() + settings.drain_timeout + HANDSHAKE_GRACE + BROKER_CLOSE_TIMEOUT
+    deadline = loop.time() + drain_bound(life.settings)
     before: int | None = None  # open connections at the last extension
     while True:
         now = 0 if life.engine is None else len(life.engine.connections)

@@ -291,9 +291,7 @@ class Supervisor:
         """During the drain, EXTEND_TIMEOUT_USEC= while it is on schedule (as runner)."""
         self.due["extend"] = time.monotonic() + runner.EXTEND_INTERVAL
         open_now = self.connections()
-        timeout = self.settings.drain_timeout
-        deadline = self.stopped_at + timeout + lifecycle.HANDSHAKE_GRACE
-        deadline += lifecycle.BROKER_CLOSE_TIMEOUT
+        deadline = self.stopped_at + lifecycle.drain_bound(self.settings)
         before = self.extended
         if before is None or runner.drain_on_schedule(open_now, before, time.monotonic(), deadline):
             self.notifier.send(
