@@ -65,12 +65,15 @@ class SocketFile:
 class Bound:
     """The listening sockets, the unix socket files made for them (removed at exit), and
     the stale ones replaced (for a warning in the log). With several workers, ``groups``
-    holds each one's sockets: its own copy of each TCP listener, and the shared ones."""
+    holds each one's sockets: its own copy of each TCP listener, and the shared ones; and
+    ``reuseport`` each TCP address's copies (a reuseport group: worker ``i``'s is the
+    ``i``-th to listen, the kernel's number for it in the group)."""
 
     sockets: list[socket.socket] = field(default_factory=list)
     files: list[SocketFile] = field(default_factory=list)
     replaced: list[str] = field(default_factory=list)
     groups: list[list[socket.socket]] = field(default_factory=list)
+    reuseport: list[list[socket.socket]] = field(default_factory=list)
 
     def group(self, worker: int) -> list[socket.socket]:
         """What worker ``worker`` serves: all the sockets, if they are not per worker."""
@@ -115,6 +118,8 @@ def bind(
                 for i, sock in enumerate(copied):
                     bound.sockets.append(sock)
                     groups[i % copies].append(sock)
+                for i in range(0, len(copied), copies):
+                    bound.reuseport.append(copied[i : i + copies])
             else:
                 bound.sockets += _bind_tcp(address.host, address.port, backlog)
         bound.groups = groups

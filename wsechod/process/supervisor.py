@@ -40,7 +40,7 @@ from typing import NoReturn
 from wsechod import __version__, lifecycle, listeners, ratelimit, tls
 from wsechod.engine.addresses import format_address
 from wsechod.log import get_logger
-from wsechod.process import fds, logs, runner, systemd
+from wsechod.process import fds, logs, runner, steering, systemd
 from wsechod.settings import RESTART_KEYS, Loaded, Settings, SettingsError
 from wsechod.shared import (
     DOORBELL,
@@ -171,6 +171,8 @@ class Supervisor:
         self.addresses: list[str] = []
         self.tls: ssl.SSLContext | None = None
         self.killed: set[int] = set()  # pids killed for not responding
+        # New connections go to the workers that accept (None: the kernel refused it).
+        self.steering: steering.Steering | None = steering.Steering(bound.reuseport, self.count)
         for sock in bound.sockets:  # one per address, in order (TCP copies share one)
             name = format_address(sock.getsockname())
             if name not in self.addresses:
@@ -203,6 +205,7 @@ class Supervisor:
                 if signum is not None:
                     self._signal(signum)
                 self._run_due()
+                self._steer()
         finally:
             self.notifier.close()
             self.exits.flush(everything=True)
@@ -243,6 +246,31 @@ class Supervisor:
             self._stop(name)
         elif signum in lifecycle.RELOAD_SIGNALS:
             self._reload(signum)
+
+    def _steer(self) -> None:
+        """New connections to the workers that accept now, at once when that changes (an
+        exit reaped, a doorbell, a recycle; a drain seen at a render): ``steering``."""
+        if self.stops or self.steering is None:
+            return
+        live = [slot.index for slot in self.slots if self._accepting(slot)]
+        try:
+            changed = self.steering.update(live)
+        except OSError as exc:
+            log.warning(
+                "cannot steer new connections to the workers that accept",
+                error=exc.strerror or str(exc),
+            )
+            self.steering = None
+            return
+        if changed:
+            log.info("new connections steered", workers=list(self.steering.live))
+
+    def _accepting(self, slot: _Slot) -> bool:
+        """The worker in ``slot`` listens and does not drain."""
+        if slot.pid is None or not slot.listening:
+            return False
+        entry = self.board.read(self.board.slot_of(slot.index, slot.gen))
+        return entry is None or entry.gen != slot.gen or entry.state == LISTENING
 
     # --- timers ---------------------------------------------------------------------------
 
