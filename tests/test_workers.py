@@ -4,6 +4,7 @@ the main process killed, the daemon's metrics and health from whichever worker a
 
 import contextlib
 import functools
+import logging
 import os
 import re
 import shutil
@@ -37,8 +38,10 @@ from tests.test_systemd import (
     run_harness,
 )
 from tests.test_tls import issue, trusting
+from wsechod import ratelimit
+from wsechod.log import fields, get_logger
 from wsechod.process.supervisor import BACKOFF_FIRST, BACKOFF_MAX, BACKOFF_RESET, backoff
-from wsechod.shared import PUBLISH_INTERVAL, RENDER_INTERVAL
+from wsechod.shared import LISTENING, PUBLISH_INTERVAL, RENDER_INTERVAL, Board, Totals
 
 __all__ = ["make_redis", "redis_server"]  # fixtures, used by name
 
@@ -454,6 +457,51 @@ def test_backoff_doubles_up_to_its_maximum_and_resets_after_a_long_life() -> Non
     assert delays[:4] == [0.1, 0.2, 0.4, 0.8]
     assert delays[-1] == BACKOFF_MAX
     assert backoff(current, lived=BACKOFF_RESET) == (BACKOFF_FIRST, 2 * BACKOFF_FIRST)
+
+
+def test_figures_that_do_not_parse_are_an_error_rate_limited(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A worker's figures that the main process cannot parse (only a bug of ours could
+    write them) are left out of the page, or lost at its exit, and said so: an error with
+    the traceback at once, then one line per interval with the count, from the main
+    process's loop (it has no event loop to time it)."""
+    caplog.set_level(logging.INFO, logger="wsechod")
+    board = Board(1)
+    warn = ratelimit.RateLimitedLog(get_logger("wsechod"), interval=0.05, polled=True)
+    totals = Totals(board, os.getpid(), warn)
+    board.write(board.slot_of(0, 1), b'{"counters": {}}', gen=1, pid=4242, state=LISTENING)
+
+    def said() -> list[dict[str, Any]]:
+        return [
+            {**fields(r), "traceback": r.exc_info is not None}
+            for r in caplog.records
+            if r.getMessage() == "worker figures unreadable"
+        ]
+
+    for _ in range(3):
+        totals.render()
+    [first] = said()
+    assert first == {
+        "reason": "left out of the page",
+        "worker": 0,
+        "pid": 4242,
+        "error": "KeyError: 'gauges'",
+        "count": 1,
+        "traceback": True,
+    }
+    assert caplog.records[-1].levelno == logging.ERROR
+    due = warn.due()
+    assert due is not None
+    wait_until(lambda: time.monotonic() >= due)
+    warn.flush_due()
+    assert said()[1:] == [{**first, "count": 2, "traceback": False}]
+    assert warn.due() is None
+
+    board.write(board.slot_of(0, 1), b'{"gauges": {', gen=1, pid=4242, state=LISTENING)
+    totals.fold(0, 1, 0.0)  # another reason: at once
+    assert said()[2]["reason"] == "its counts are lost"
+    assert said()[2]["error"].startswith("JSONDecodeError: ")
 
 
 def test_unix_socket_is_shared_by_the_workers(start: Callable[..., Daemon], tmp_path: Path) -> None:

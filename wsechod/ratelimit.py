@@ -20,12 +20,18 @@ class RateLimitedLog:
     logged at once; repeats within ``interval`` are counted and logged as one line when
     the interval ends."""
 
-    def __init__(self, logger: Any, interval: float = INTERVAL) -> None:
+    def __init__(self, logger: Any, interval: float = INTERVAL, *, polled: bool = False) -> None:
+        """``polled``: for a process with no event loop to time the counts held back
+        (the supervisor's main process): its owner asks when one is ``due`` and calls
+        ``flush_due`` then, and ``flush`` at exit; ``flush_all`` leaves it alone (a
+        worker forked with it must not log what the main process held back)."""
         self._log = logger
         self._interval = interval
+        self._polled = polled
         self._until: dict[str, float] = {}  # event and reason -> end of its quiet window
         self._repeats: dict[str, tuple[int, str, str, dict[str, Any]]] = {}  # held back
-        _ALL.add(self)
+        if not polled:
+            _ALL.add(self)
 
     def info(self, event: str, **fields: Any) -> None:
         self._event("info", event, fields)
@@ -48,7 +54,7 @@ class RateLimitedLog:
             getattr(self._log, level)(event, count=1 + held, **fields, **extra)
             return
         count = self._repeats.get(key, (0, level, event, fields))[0]
-        if count == 0:
+        if count == 0 and not self._polled:
             try:
                 loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
             except RuntimeError:  # no loop: the next event outside the window reports
@@ -67,6 +73,17 @@ class RateLimitedLog:
         """Log every count still held back (at shutdown)."""
         for key in list(self._repeats):
             self._flush(key)
+
+    def due(self) -> float | None:
+        """When the first count held back is to be logged (``time.monotonic()``)."""
+        return min((self._until[key] for key in self._repeats), default=None)
+
+    def flush_due(self) -> None:
+        """Log the counts held back whose interval has ended."""
+        now = time.monotonic()
+        for key in list(self._repeats):
+            if now >= self._until[key]:
+                self._flush(key)
 
 
 _ALL: weakref.WeakSet[RateLimitedLog] = weakref.WeakSet()

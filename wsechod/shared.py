@@ -19,7 +19,6 @@ taken from the last read, or left out.
 """
 
 import collections
-import contextlib
 import http
 import json
 import mmap
@@ -35,7 +34,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from wsechod import metrics
+from wsechod import metrics, ratelimit
 from wsechod.engine import Application, Engine, Reply
 from wsechod.log import get_logger
 from wsechod.metrics import CONTENT_TYPE, Snapshot
@@ -277,9 +276,14 @@ class Totals:
     counted (so that counters never go back when a worker is replaced), and renders the
     page and the health for the workers to serve."""
 
-    def __init__(self, board: Board, main_pid: int) -> None:
+    def __init__(
+        self, board: Board, main_pid: int, warn: ratelimit.RateLimitedLog | None = None
+    ) -> None:
         self.board = board
         self.main_pid = main_pid
+        # Figures a worker wrote that cannot be parsed (which only a bug of ours can do):
+        # an error, rate-limited (the supervisor's, polled by its loop).
+        self.warn = warn or ratelimit.RateLimitedLog(log, polled=True)
         self.retired: collections.Counter[str] = collections.Counter()
         self.folded = [0] * board.worker_slots  # per slot: the last start (gen) added up
         self.cpu_gone = 0.0  # CPU seconds of the workers that exited (from wait4)
@@ -302,8 +306,10 @@ class Totals:
         slot = self.board.slot_of(index, gen)
         entry = self.board.read(slot) or self.last.get(slot)
         if entry is not None and entry.gen == gen and entry.body:
-            with contextlib.suppress(ValueError, KeyError, TypeError):
+            try:
                 self.retired.update(Snapshot.from_json(entry.body).counters)
+            except (ValueError, KeyError, TypeError) as exc:
+                self._unreadable(slot, entry, exc, "its counts are lost")
         self.last.pop(slot, None)
         self.folded[slot] = max(self.folded[slot], gen)
         self.cpu_gone += cpu
@@ -322,13 +328,16 @@ class Totals:
                 continue
             self.live[slot] = entry
             if entry.body:
-                with contextlib.suppress(ValueError, KeyError, TypeError):
+                try:
                     snap = Snapshot.from_json(entry.body)
-                    if entry.state >= DRAINING and not self.stopping:
-                        # A worker recycled closes its broker: not the daemon's trouble.
-                        snap.degraded = None
-                        snap.gauges.pop("broker_connected", None)
-                    snaps.append(snap)
+                except (ValueError, KeyError, TypeError) as exc:
+                    self._unreadable(slot, entry, exc, "left out of the page")
+                    continue
+                if entry.state >= DRAINING and not self.stopping:
+                    # A worker recycled closes its broker: not the daemon's trouble.
+                    snap.degraded = None
+                    snap.gauges.pop("broker_connected", None)
+                snaps.append(snap)
         self.total = metrics.merge(snaps)
         self.total.gauges["draining"] = int(self.stopping)  # not a worker that drains alone
         for gauge in ("connections_open", "handshakes_pending"):
@@ -342,6 +351,16 @@ class Totals:
         state = DRAINING if self.stopping else LISTENING
         self.board.write(self.board.daemon_slot, daemon.to_json(), state=state)
         return self.total
+
+    def _unreadable(self, slot: int, entry: Entry, exc: Exception, reason: str) -> None:
+        """A worker's figures that do not parse (the traceback with the first)."""
+        self.warn.error(
+            "worker figures unreadable",
+            reason=reason,
+            worker=slot // 2,
+            pid=entry.pid,
+            error=f"{type(exc).__name__}: {exc}",
+        )
 
 
 class _TotalsCollector(Collector):

@@ -83,36 +83,6 @@ def backoff(current: float, lived: float) -> tuple[float, float]:
     return current, min(2 * current, BACKOFF_MAX)
 
 
-class _ExitWarnings:
-    """ "worker exited" warnings, rate-limited like ``wsechod.ratelimit`` (which needs an
-    event loop for its timers; this process has none): per reason, the first at once,
-    then at most one line per interval, whose ``count`` says how many it stands for."""
-
-    def __init__(self) -> None:
-        self.until: dict[str, float] = {}  # reason -> end of its quiet window
-        self.held: dict[str, tuple[int, dict[str, object]]] = {}
-
-    def warning(self, reason: str, **fields: object) -> None:
-        now = time.monotonic()
-        if now >= self.until.get(reason, 0.0):
-            self.until[reason] = now + ratelimit.INTERVAL
-            log.warning("worker exited", reason=reason, count=1, **fields)
-        else:
-            count = self.held.get(reason, (0, {}))[0]
-            self.held[reason] = (count + 1, fields)  # the latest stands for all
-
-    def due(self) -> float | None:
-        return min((self.until[reason] for reason in self.held), default=None)
-
-    def flush(self, everything: bool = False) -> None:
-        now = time.monotonic()
-        for reason, (count, fields) in list(self.held.items()):
-            if everything or now >= self.until[reason]:
-                del self.held[reason]
-                self.until[reason] = now + ratelimit.INTERVAL
-                log.warning("worker exited", reason=reason, count=count, **fields)
-
-
 @dataclass(slots=True)
 class _Slot:
     """One worker's place: the process in it now, and its restart schedule."""
@@ -156,11 +126,13 @@ class Supervisor:
         self.count = settings.workers
         self.pid = os.getpid()
         self.board = Board(self.count)
-        self.totals = Totals(self.board, self.pid)
+        # Warnings that may repeat (exits, unreadable figures): this process has no event
+        # loop to time what they hold back, its own loop does (see _next_due).
+        self.warn = ratelimit.RateLimitedLog(log, polled=True)
+        self.totals = Totals(self.board, self.pid, self.warn)
         self.totals.alone = self._alone
         self.slots = [_Slot(i) for i in range(self.count)]
         self.notifier = systemd.Notifier()
-        self.exits = _ExitWarnings()
         self.stops = 0
         self.stopped_at = 0.0
         self.ready = False
@@ -208,14 +180,14 @@ class Supervisor:
                 self._steer()
         finally:
             self.notifier.close()
-            self.exits.flush(everything=True)
+            self.warn.flush()
         if self.failure is not None:
             raise WorkerError(self.failure)
         log.info("stopped", workers=self.count)
         return 0
 
     def _next_due(self) -> list[float]:
-        held = self.exits.due()
+        held = self.warn.due()
         return [
             *self.due.values(),
             *(s.due for s in self.slots if s.due is not None),
@@ -223,7 +195,7 @@ class Supervisor:
         ]
 
     def _run_due(self) -> None:
-        self.exits.flush()
+        self.warn.flush_due()
         now = time.monotonic()
         for slot in self.slots:
             if slot.due is not None and slot.due <= now:
@@ -374,7 +346,9 @@ class Supervisor:
             now = time.monotonic()
             delay, slot.backoff = backoff(slot.backoff, now - slot.started)
             slot.due = now + delay
-            self.exits.warning(reason, worker=slot.index, pid=pid, restart_in=delay, **how)
+            self.warn.warning(
+                "worker exited", reason=reason, worker=slot.index, pid=pid, restart_in=delay, **how
+            )
         self.totals.render()
 
     def _left(self, slot: _Slot, status: int, cpu: float) -> None:
