@@ -7,7 +7,9 @@ loop (successive starts of a worker alternate between its two: one that drains o
 goes on counting while its replacement serves), and two slots the main process writes
 every RENDER_INTERVAL: the ``/metrics`` page of the whole daemon, rendered from the
 workers' slots, and the daemon's: its health, whether it stops, and which workers may be
-recycled alone (stop accepting and be replaced at once when told to stop). Whichever
+recycled alone (stop accepting and be replaced at once when told to stop). One more holds
+the settings a reload read: the main process reads them once and every worker applies
+those, so that a file changed meanwhile cannot give workers different ones. Whichever
 worker a scrape or a health check lands on serves those, so every answer is the daemon's,
 and one process renders: successive pages never go back, whichever worker serves them.
 The price is staleness: the page is at most PUBLISH_INTERVAL + RENDER_INTERVAL old.
@@ -23,6 +25,7 @@ import http
 import json
 import mmap
 import os
+import pickle
 import signal
 import struct
 import time
@@ -38,6 +41,7 @@ from wsechod import metrics, ratelimit
 from wsechod.engine import Application, Engine, Reply
 from wsechod.log import get_logger
 from wsechod.metrics import CONTENT_TYPE, Snapshot
+from wsechod.settings import Loaded
 
 log = get_logger("wsechod")
 
@@ -46,6 +50,7 @@ RENDER_INTERVAL = 0.5  # seconds between the main process's renders
 SLOT_BYTES = 128 * 1024  # a worker's snapshot: a few KiB; each close code pair is a key
 PAGE_BYTES = 1024 * 1024  # the rendered page
 DAEMON_BYTES = 64 * 1024
+SETTINGS_BYTES = 1024 * 1024  # a reload's settings (pickled: about 1 KiB, more with long lists)
 READ_ATTEMPTS = 5
 
 # seq (odd while written), gen (which start of the worker), pid, state, length, crc,
@@ -74,13 +79,14 @@ class Entry:
 
 
 class Board:
-    """The shared block: two slots per worker, then the page, then the daemon's."""
+    """The shared block: two slots per worker, then the page, the daemon's, the settings."""
 
     def __init__(self, workers: int) -> None:
         self.workers = workers
         self.worker_slots = 2 * workers
         self.page_slot, self.daemon_slot = self.worker_slots, self.worker_slots + 1
-        self._sizes = [SLOT_BYTES] * self.worker_slots + [PAGE_BYTES, DAEMON_BYTES]
+        self.settings_slot = self.worker_slots + 2
+        self._sizes = [SLOT_BYTES] * self.worker_slots + [PAGE_BYTES, DAEMON_BYTES, SETTINGS_BYTES]
         self._offsets = [0]
         for size in self._sizes:
             self._offsets.append(self._offsets[-1] + HEADER_BYTES + size)
@@ -108,6 +114,21 @@ class Board:
         )
         _SEQ.pack_into(m, at, begin + 1)
         return True
+
+    def hand_down(self, loaded: Loaded | None) -> bool:
+        """The settings a reload read, for the workers (None: none to apply, the main
+        process said why); False if they do not fit. Only our own processes map this
+        block, so what they read back is what the main process wrote: pickle will do."""
+        return self.write(self.settings_slot, pickle.dumps(loaded))
+
+    def handed_down(self) -> Loaded | None:
+        """What a worker applies on a reload: the settings the main process read last, or
+        None (none read, or none could be)."""
+        entry = self.read(self.settings_slot)
+        if entry is None or not entry.body:
+            return None
+        loaded: Loaded | None = pickle.loads(entry.body)
+        return loaded
 
     def seq(self, slot: int) -> int:
         """Changes whenever the slot is written: what a reader compares with its copy."""

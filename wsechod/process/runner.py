@@ -75,7 +75,7 @@ def take_early_signals() -> tuple[list[str], list[str]]:
 def _reload(
     notifier: systemd.Notifier,
     life: Lifecycle,
-    reread: Callable[[], Loaded] | None,
+    reread: Callable[[], Loaded | None] | None,
     signame: str,
 ) -> None:
     """SIGHUP (or SIGUSR1, which logrotate configs written for nginx send): reopen the
@@ -89,11 +89,15 @@ def _reload(
     notifier.send(READY=1, STATUS=life.status())
 
 
-def _reload_settings(life: Lifecycle, reread: Callable[[], Loaded], signame: str) -> None:
+def _reload_settings(life: Lifecycle, reread: Callable[[], Loaded | None], signame: str) -> None:
+    """Apply the settings ``reread`` gives (a worker's: those its main process read, which
+    said what was wrong with them when it gives None), and say what changed."""
     try:
         loaded = reread()
     except SettingsError as exc:
         log.error("settings not reloaded: the old ones stay", signal=signame, error=str(exc))
+        return
+    if loaded is None:
         return
     old = life.settings
     if loaded.settings.log_level != old.log_level:
@@ -152,7 +156,7 @@ async def _extend_drain(notifier: systemd.Notifier, life: Lifecycle) -> None:
 def _process(
     life: Lifecycle,
     on_ready: Callable[[], None] | None,
-    reread: Callable[[], Loaded] | None,
+    reread: Callable[[], Loaded | None] | None,
     *,
     worker: Worker | None = None,
     tls: ssl.SSLContext | None = None,
@@ -214,7 +218,7 @@ def run(
     sockets: list[socket.socket],
     on_ready: Callable[[], None] | None = None,
     handoff: bool = False,
-    reread: Callable[[], Loaded] | None = None,
+    reread: Callable[[], Loaded | None] | None = None,
     *,
     worker: Worker | None = None,
     tls: ssl.SSLContext | None = None,
@@ -223,7 +227,8 @@ def run(
 
     ``on_ready`` is called once the server is listening (the daemon's parent waits for it);
     ``handoff``: the sockets came from systemd socket activation; ``reread``: loads the
-    settings again from the same sources, for a reload; ``worker``: this process is one of
+    settings again from the same sources, for a reload (a worker's gives those its main
+    process read, or None: nothing to apply); ``worker``: this process is one of
     several workers (``process.supervisor``), sharing its figures through it; ``tls``:
     the certificate to serve with (the supervisor's) rather than the files read again.
     """

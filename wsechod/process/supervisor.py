@@ -451,34 +451,50 @@ class Supervisor:
                 self._kill(slot.leaving[0], signal.SIGTERM)
 
     def _reload(self, signum: int) -> None:
-        """Reopen our log, read the settings (for our log level and drain deadline: the
-        workers apply and report the rest), and pass the signal on to every worker."""
+        """Reopen our log, read the settings once for every worker (our log level and
+        drain deadline too), hand them down through the board before the signal goes on
+        to every worker: each applies them and reports what it did."""
         name = signal.Signals(signum).name
         if self.ready:  # before that, systemd waits for READY=1 of the start
             self.notifier.reloading()
         if logs.reopen():
             log.info("log file reopened", signal=name)
-        if self.reread is not None:
-            try:
-                settings = self.reread().settings
-            except SettingsError:
-                pass  # each worker logs why
-            else:
-                if settings.log_level != self.settings.log_level:
-                    logs.set_level(settings.log_level)
-                # What needs a restart stays as it was, for the workers started later too.
-                kept = {key: getattr(self.settings, key) for key in RESTART_KEYS}
-                try:
-                    self.tls = lifecycle.tls_context(settings)
-                except tls.TlsError:  # each worker logs why; the certificate stays as it was
-                    kept |= {key: getattr(self.settings, key) for key in lifecycle.TLS_KEYS}
-                self.settings = dataclasses.replace(settings, **kept)
+        if self.reread is not None and not self.board.hand_down(self._reread(name)):
+            log.error(
+                "settings not reloaded: the old ones stay",
+                signal=name,
+                error="too large to hand to the workers",
+            )
+            self.board.hand_down(None)
         for slot in self.slots:
             for pid in (slot.pid, slot.leaving and slot.leaving[0]):
                 if pid:
                     self._kill(pid, signum)
         if self.ready:
             self.notifier.send(READY=1, STATUS=self.status())
+
+    def _reread(self, signame: str) -> Loaded | None:
+        """The settings again, for the workers (None: they stay as they are); a bad file
+        and the warnings about the settings are said here, once for the daemon."""
+        assert self.reread is not None
+        try:
+            loaded = self.reread()
+        except SettingsError as exc:
+            log.error("settings not reloaded: the old ones stay", signal=signame, error=str(exc))
+            return None
+        for notice in loaded.notices:
+            log.warning(notice.event, **notice.fields)
+        settings = loaded.settings
+        if settings.log_level != self.settings.log_level:
+            logs.set_level(settings.log_level)
+        # What needs a restart stays as it was, for the workers started later too.
+        kept = {key: getattr(self.settings, key) for key in RESTART_KEYS}
+        try:
+            self.tls = lifecycle.tls_context(settings)
+        except tls.TlsError:  # each worker logs why; the certificate stays as it was
+            kept |= {key: getattr(self.settings, key) for key in lifecycle.TLS_KEYS}
+        self.settings = dataclasses.replace(settings, **kept)
+        return dataclasses.replace(loaded, notices=())
 
     # --- workers --------------------------------------------------------------------------
 
@@ -529,7 +545,7 @@ class Supervisor:
                 mine,
                 worker.listening,
                 self.handoff,
-                self.reread,
+                self.board.handed_down,  # a reload: what the main process read
                 worker=worker,
                 tls=self.tls,
             )
