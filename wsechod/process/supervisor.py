@@ -320,6 +320,7 @@ class Supervisor:
 
     def _exited(self, slot: _Slot, status: int, cpu: float) -> None:
         pid, slot.pid = slot.pid, None
+        self._steer()  # first: newcomers to the others, before the figures and the log
         if slot.listening:  # counted as running
             self.totals.running -= 1
         self._look()  # it may have listened before its doorbell was answered (not counted)
