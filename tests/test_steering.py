@@ -9,7 +9,8 @@ import signal
 import socket
 import time
 from collections.abc import Callable
-from datetime import datetime
+from datetime import UTC, datetime
+from typing import Any
 
 import pytest
 from websockets.asyncio.client import connect as aconnect
@@ -125,6 +126,11 @@ def _accept_all(sock: socket.socket) -> int:
 CLIENTS, CHECKS, TIMEOUT = 100, 6, 1.5
 
 
+def steered_to(workers: list[int], after: str) -> Callable[[dict[str, Any]], bool]:
+    """The main process's ``new connections steered`` to ``workers``, logged after a time."""
+    return lambda e: e["workers"] == workers and e["timestamp"] >= after
+
+
 async def _echo(url: str, i: int) -> str | None:
     """None if echoed within TIMEOUT, else what went wrong."""
     try:
@@ -169,6 +175,7 @@ def test_a_dead_workers_share_goes_to_the_live_ones_during_its_backoff(
     seen = {victim}
     backoff = BACKOFF_FIRST
     while True:
+        killed = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")  # as the log has it
         os.kill(victim, signal.SIGKILL)
         if backoff >= 3.2:
             break
@@ -178,10 +185,9 @@ def test_a_dead_workers_share_goes_to_the_live_ones_during_its_backoff(
         victim = last["pid"]
         seen.add(victim)
         backoff *= 2
-    steered = daemon.wait_for(
-        "new connections steered",
-        where=lambda e: e["workers"] == [1] and e["timestamp"] > last["timestamp"],
-    )
+        # Killed once the main process has seen it listen and steers to it again.
+        daemon.wait_for("new connections steered", where=steered_to([0, 1], last["timestamp"]))
+    steered = daemon.wait_for("new connections steered", where=steered_to([1], killed))
     checks: list[str | None]
     failures, checks = asyncio.run(_during(daemon.url, daemon.port))
     done = datetime.now().astimezone()
@@ -192,10 +198,7 @@ def test_a_dead_workers_share_goes_to_the_live_ones_during_its_backoff(
     )
     # All of this happened while worker 0 waited for its restart.
     assert datetime.fromisoformat(back["timestamp"]) > done, (steered, back, done)
-    daemon.wait_for(
-        "new connections steered",
-        where=lambda e: e["workers"] == [0, 1] and e["timestamp"] >= back["timestamp"],
-    )
+    daemon.wait_for("new connections steered", where=steered_to([0, 1], back["timestamp"]))
     deadline = time.monotonic() + 20
     while True:  # and the replacement gets newcomers again
         with connect(daemon.url) as ws:

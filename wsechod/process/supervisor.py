@@ -221,8 +221,9 @@ class Supervisor:
 
     def _steer(self) -> None:
         """New connections to the workers that accept now, at once when that changes (an
-        exit reaped, a doorbell, a recycle; a drain seen at a render): ``steering``."""
-        if self.stops or self.steering is None:
+        exit reaped, a doorbell, a recycle; a drain seen at a render): ``steering``. Not
+        while the daemon starts (a worker that exits then fails the start) or stops."""
+        if self.stops or not self.ready or self.steering is None:
             return
         live = [slot.index for slot in self.slots if self._accepting(slot)]
         try:
