@@ -451,7 +451,9 @@ def test_unit_runs_under_a_real_systemd(tmp_path: Path, variant: str) -> None:
             f"{ours(port)}curl -s --max-time 10 http://127.0.0.1:{port}/healthz && echo && "
             "for p in $(ours); do "
             'echo "netns service $(readlink /proc/$p/ns/net)"; done; '
-            'echo "netns host $(readlink /proc/self/ns/net)"'
+            'echo "netns host $(readlink /proc/self/ns/net)"; '
+            # The socket's backlog once wsechod listens on it again: the unit's Backlog=.
+            f"echo \"backlog $(ss -ltnH 'sport = :{port}' | awk '{{print $3}}')\""
         )
     result = run_harness(files, env)
     print(result.stdout[-3000:])
@@ -469,3 +471,6 @@ def test_unit_runs_under_a_real_systemd(tmp_path: Path, variant: str) -> None:
         assert len(found) == 2 and set(netns) == {"service", "host"}, found
         # Only the activated variant has a network of its own.
         assert (netns["service"] != netns["host"]) == (variant == "activated"), netns
+        backlog = re.search(r"^Backlog=(\d+)$", socket_unit, re.MULTILINE)
+        assert backlog is not None
+        assert re.findall(r"\| backlog (\S+)", result.stdout) == [backlog[1]]
