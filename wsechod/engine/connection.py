@@ -135,7 +135,8 @@ class WebSocket(asyncio.Protocol):
         self.opened_at = engine.loop.time()
         limit = options.write_limit
         transport.set_write_buffer_limits(high=limit, low=limit // 4)
-        self._keepalive_later(options.ping_interval)
+        if options.ping_interval:
+            self._keepalive_later(options.ping_interval)
 
     # --- what applications call ------------------------------------------------------
 
@@ -594,8 +595,9 @@ class WebSocket(asyncio.Protocol):
     # --- keepalive -------------------------------------------------------------------
 
     def _keepalive_later(self, delay: float) -> None:
-        if delay:
-            self._timer = self._engine.loop.call_later(delay, self._keepalive)
+        """The next keepalive step in ``delay`` seconds (0: at the next loop pass; a pong
+        that came late is followed by the next ping at once, never by none)."""
+        self._timer = self._engine.loop.call_later(delay, self._keepalive)
 
     def _keepalive(self) -> None:
         """Ping every ``ping_interval``; no pong within ``ping_timeout``: fail with 1011.
