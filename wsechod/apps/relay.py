@@ -184,9 +184,8 @@ class Relay:
             self._not_behind(member, settle=False)
         # A publisher held with its message: the message was received whole, so it still
         # goes out when the channel moves (``_release`` skips resuming the gone client).
-        if not channel.members and not channel.waiting:
-            del self.channels[channel.name]
-            self.broker.unsubscribe(channel.name)
+        # (Leaving while behind may have released, and so forgotten, the channel already.)
+        self._forget_if_empty(channel)
 
     # --- messages --------------------------------------------------------------------
 
@@ -361,6 +360,15 @@ class Relay:
             self.broker.publish(channel.name, payload, text)
             if member.conn in channel.members:
                 member.conn.resume_reading()
-        if not channel.members and not waiting and self.channels.get(channel.name) is channel:
+        self._forget_if_empty(channel)
+
+    def _forget_if_empty(self, channel: Channel) -> None:
+        """A channel with no member and no held message is gone (once: several paths
+        lead here, and a new channel of the same name may have been made since)."""
+        if (
+            not channel.members
+            and not channel.waiting
+            and self.channels.get(channel.name) is channel
+        ):
             del self.channels[channel.name]
             self.broker.unsubscribe(channel.name)

@@ -25,7 +25,7 @@ from websockets.extensions.permessage_deflate import enable_server_permessage_de
 
 from wsechod import ratelimit
 from wsechod.engine.addresses import format_address
-from wsechod.engine.connection import WebSocket
+from wsechod.engine.connection import WebSocket, failures
 from wsechod.engine.handshake import Handshake
 from wsechod.engine.interface import Application, Reply, Request
 from wsechod.engine.proxy import Network
@@ -183,8 +183,8 @@ class Engine:
             log.debug("connection open", peer=ws.peer, path=ws.path)
         try:
             self.app.opened(ws)
-        except Exception:
-            log.exception("application failed on open")
+        except Exception:  # a bug, but one a client may trigger over and over
+            failures.error("application failed on open", peer=ws.peer)
             ws.close(1011, "internal error")
 
     def closed(self, ws: WebSocket) -> None:
@@ -210,7 +210,7 @@ class Engine:
         try:
             self.app.closed(ws)
         except Exception:
-            log.exception("application failed on close")
+            failures.error("application failed on close", peer=ws.peer)
         if self._debug:
             log.debug(
                 "connection closed",
