@@ -18,11 +18,10 @@ import asyncio
 import codecs
 from typing import TYPE_CHECKING, Any
 
-from websockets.speedups import apply_mask
-
 from wsechod import ratelimit
 from wsechod.engine import frames as f
 from wsechod.engine.deflate import Corrupt, Deflate, TooBig
+from wsechod.engine.frames import apply_mask
 from wsechod.engine.interface import Application, Prepared
 
 if TYPE_CHECKING:
@@ -225,13 +224,14 @@ class WebSocket(asyncio.Protocol):
         buf = self._buf
         if buf is None:
             used = self._parse(data)
-            if used < len(data):
-                self._buf = bytearray(memoryview(data)[used:])
+            if used < len(data) and self._state != CLOSED:
+                self._buf = buf = bytearray(memoryview(data)[used:])
+                if self._need:  # a frame still arriving
+                    self._check_partial_text(buf)
             return
         buf += data
         if len(buf) < self._need:
-            if (self._msg or buf[0] & 0x0F) == f.OP_TEXT:
-                self._check_partial_text(buf)
+            self._check_partial_text(buf)
             return
         self._continue()
 
@@ -269,7 +269,9 @@ class WebSocket(asyncio.Protocol):
         if self._buf is not None and used:  # not closed meanwhile
             # A fresh buffer for the rest: deleting the front of a bytearray keeps its
             # allocation, which would pin a whole max_size frame per idle connection.
-            self._buf = bytearray(memoryview(buf)[used:]) if used < len(buf) else None
+            self._buf = buf = bytearray(memoryview(buf)[used:]) if used < len(buf) else None
+            if self._need and buf is not None:  # a frame still arriving
+                self._check_partial_text(buf)
 
     def _parse(self, buf: bytes | bytearray) -> int:  # noqa: PLR0911, PLR0912, PLR0915 - inline
         """Handle every whole frame at the start of ``buf``; return the bytes used."""
@@ -468,17 +470,22 @@ class WebSocket(asyncio.Protocol):
         return True
 
     def _check_partial_text(self, buf: bytearray) -> None:
-        """A big text frame still arriving: check what has come so far, so that invalid
-        UTF-8 is refused at once rather than after the rest of the frame (or never, if
-        the client stalls). ``_checked`` bytes are already fed to the message's decoder;
-        the frame's completion feeds only the rest."""
-        if self._compressed or buf[0] & 0x40:
+        """A text frame still arriving: check what has come so far, at every read, so that
+        invalid UTF-8 is refused at once rather than after the rest of the frame (or never,
+        if the client stalls). ``_checked`` bytes are already fed to the message's decoder;
+        the frame's completion feeds only the rest. A compressed frame is checked once it
+        has arrived whole and been inflated."""
+        b0 = buf[0]
+        opcode = b0 & 0x0F
+        if opcode != f.OP_TEXT and (opcode != f.OP_CONT or self._msg != f.OP_TEXT):
+            return  # binary, or a control frame between the fragments of a text message
+        if self._compressed or b0 & 0x40:
             return
         length = buf[1] & 0x7F
         start = 14 if length == 127 else 8 if length == 126 else 6
         checked = self._checked
-        if len(buf) - start - checked < 65536:
-            return  # worth it for big frames only; small ones complete soon enough
+        if len(buf) <= start + checked:
+            return  # nothing new of the payload yet (or not even the whole mask)
         mask = bytes(buf[start - 4 : start])
         turn = checked % 4
         mask = mask[turn:] + mask[:turn]
