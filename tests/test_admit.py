@@ -258,6 +258,29 @@ def test_x_forwarded_for_from_a_trusted_proxy_names_the_client(
     asyncio.run(main())
 
 
+def test_after_a_proxy_header_x_forwarded_for_is_not_read(start: Callable[..., Daemon]) -> None:
+    """A client behind an L4 proxy whose own address falls in a broad trusted network
+    must not pick its counted address with X-Forwarded-For: the PROXY header's word on the
+    client is final."""
+    daemon = start("--trusted-proxies", "127.0.0.0/8", "--log-level", "debug")
+    port = daemon.port
+    named = b"PROXY TCP4 127.0.0.9 127.0.0.1 4242 443\r\n"
+    forged = upgrade(port, "X-Forwarded-For: 203.0.113.66")
+    assert opened_peer(daemon, port, named + forged) == "127.0.0.9:4242"
+    assert opened_peer(daemon, port, forged) == "203.0.113.66"  # without one: read
+
+
+def test_an_x_forwarded_for_entry_with_an_ipv6_zone_is_not_an_address(
+    start: Callable[..., Daemon],
+) -> None:
+    """A zone names an interface of the proxy's host, not a client (PROXY v1 refuses it
+    too): the walk ends there, at the address before it."""
+    daemon = start("--trusted-proxies", "127.0.0.1", "--log-level", "debug")
+    port = daemon.port
+    zoned = upgrade(port, "X-Forwarded-For: 198.51.100.4, fe80::1%eth0")
+    assert opened_peer(daemon, port, zoned).startswith("127.0.0.1:")
+
+
 def test_x_forwarded_for_from_anyone_else_is_ignored(start: Callable[..., Daemon]) -> None:
     daemon = start("--trusted-proxies", "10.0.0.0/8", "--log-level", "debug")
     forged = upgrade(daemon.port, "X-Forwarded-For: 203.0.113.7")

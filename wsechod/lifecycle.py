@@ -85,8 +85,13 @@ class Lifecycle:
         Returns the keys applied and those that need a restart."""
         old = self.settings
         changed = changes(old, new)
-        kept = [key for key in changed if key in RESTART_KEYS]
-        applied = [key for key in changed if key not in RESTART_KEYS]
+        # Whether the listeners speak TLS is decided when they start accepting; a reload
+        # renews the certificate.
+        restart = RESTART_KEYS | (
+            set(TLS_KEYS) if bool(old.tls_cert) != bool(new.tls_cert) else set()
+        )
+        kept = [key for key in changed if key in restart]
+        applied = [key for key in changed if key not in restart]
         self.settings = dataclasses.replace(new, **{k: getattr(self.settings, k) for k in kept})
         if self.engine is not None:
             try:
@@ -165,6 +170,7 @@ def options(settings: Settings, loaded: ssl.SSLContext | None = None) -> Options
         ),
         trust_unix="unix" in settings.trusted_proxies,
         ipv6_prefix_length=settings.ipv6_prefix_length,
+        max_connections_per_ip=settings.max_connections_per_ip,
         access_log=settings.access_log,
     )
 
