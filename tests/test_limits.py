@@ -2,6 +2,7 @@
 reason, with a count, however many clients are turned away."""
 
 import contextlib
+import re
 import signal
 import socket
 import ssl
@@ -150,6 +151,11 @@ def test_one_address_holding_pending_handshakes_cannot_keep_another_out(
             sock.close()
     cut = daemon.wait_for("pending handshake cut")
     assert (cut["client"], cut["level"]) == ("127.0.0.1", "warning")
+    raw = socket.create_connection(("127.0.0.1", daemon.port), timeout=10)
+    with trusting(files.ca).wrap_socket(raw, server_hostname="127.0.0.1") if tls else raw as sock:
+        sock.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        page = rawws.until_eof(sock).decode()
+    assert re.search(r"^wsechod_handshakes_cut_total [1-9]", page, re.MULTILINE), page
 
 
 def test_pending_handshakes_count_against_max_connections_per_ip(

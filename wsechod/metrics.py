@@ -122,6 +122,7 @@ def snapshot(engine: Engine, app: Application) -> Snapshot:
     }
     counters = {
         "connections_opened": stats["connections_opened"],
+        "handshakes_cut": stats["handshakes_cut"],
         "received/text": stats["text_in"] + count("text_in"),
         "received/binary": stats["messages_in"] - stats["text_in"] + count("binary_in"),
         "sent/text": stats["text_out"] + count("text_out"),
@@ -191,6 +192,11 @@ def families(snap: Snapshot) -> Iterable[Metric]:
         "wsechod_connections_opened",
         "WebSocket connections opened (handshake completed)",
         value=counters.get("connections_opened", 0),
+    )
+    yield CounterMetricFamily(
+        "wsechod_handshakes_cut",
+        "pending handshakes cut to make room for others when file descriptors ran short",
+        value=counters.get("handshakes_cut", 0),
     )
     yield counter(
         "wsechod_handshakes_refused",
