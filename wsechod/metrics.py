@@ -151,6 +151,7 @@ def snapshot(engine: Engine, app: Application) -> Snapshot:
         counts = broker.stats()
         for outcome in BROKER_OUTCOMES:
             counters[f"broker/{outcome}"] = counts.get(outcome, 0)
+        counters["broker/too_big"] = app.stats["remote_too_big"]
         counters["broker_reconnects"] = counts.get("reconnects", 0)
     return snap
 
@@ -278,7 +279,7 @@ def _relay(snap: Snapshot) -> Iterable[Metric]:
         "wsechod_broker_messages",
         "messages between instances by outcome: published (answered by Redis), delivered "
         "(from other instances), lost (never sent), unconfirmed (sent, not answered), "
-        "failed (refused by Redis), malformed (not wsechod's)",
+        "failed (refused by Redis), malformed (not wsechod's), too_big (over max_size)",
         ["outcome"],
         _labelled(counters, "broker"),
     )

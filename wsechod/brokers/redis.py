@@ -1,9 +1,10 @@
 """Redis pub/sub between instances, on redis-py's asyncio connections driven directly.
 
 Each instance subscribes only to the channels it has members on (Redis channel
-``wsechod:<path>``) and publishes each relayed message once, prefixed with its own random
-id and the frame type, so it can ignore its own messages when Redis echoes them back: a
-client never gets a message twice. Nothing is retried, so delivery between instances is at
+``wsechod:<path>``) and publishes each relayed message once, in an envelope: a marker and
+version (``MAGIC``), its own random id and the frame type, so it can ignore its own
+messages when Redis echoes them back (a client never gets a message twice) and drop, as
+malformed, what anyone else publishes there. Nothing is retried, so delivery between instances is at
 most once, and every loss is counted (``stats()``) and logged, rate-limited.
 
 A session with Redis is two connections: the subscriber (SUBSCRIBE, and a PING every
@@ -47,8 +48,10 @@ log = get_logger("wsechod.broker")
 
 PREFIX = "wsechod:"
 CONTROL = PREFIX + "\0control"  # always subscribed: keeps the subscriber in pub/sub mode
+MAGIC = b"WSE\x01"  # the envelope's marker and version
 TEXT, BINARY = b"t", b"b"
 ID_SIZE = 8
+HEAD = len(MAGIC) + ID_SIZE + 1  # marker, instance id, frame type; then the payload
 
 # Deadlines, in seconds. Redis answers a PING in well under a millisecond; a second and a
 # half without an answer is a hang, not load. Detection takes at most about
@@ -139,7 +142,7 @@ class RedisBroker:
                 lost = self.counts["lost"]
                 self._warn.warning(f"broker {self.state}: message not sent", lost=lost)
             return
-        data = b"".join((self.id, TEXT if text else BINARY, payload))
+        data = b"".join((MAGIC, self.id, TEXT if text else BINARY, payload))
         name = (PREFIX + channel).encode()
         size = len(data) + len(name) + OVERHEAD
         if self._queued + size > OUTBOX_LIMIT:
@@ -389,11 +392,13 @@ class RedisBroker:
     def _received(self, channel: object, payload: object) -> None:
         if not isinstance(payload, bytes) or not isinstance(channel, bytes):
             return
-        if payload[:ID_SIZE] == self.id:
+        if payload[len(MAGIC) : HEAD - 1] == self.id:
             return  # our own message coming back: already delivered locally
-        kind = payload[ID_SIZE : ID_SIZE + 1]
-        body = payload[ID_SIZE + 1 :]
+        kind = payload[HEAD - 1 : HEAD]
+        body = payload[HEAD:]
         try:
+            if not payload.startswith(MAGIC):
+                raise ValueError("not a wsechod envelope")
             if kind not in (TEXT, BINARY):
                 raise ValueError(f"unknown frame type {kind!r}")
             if kind == TEXT:
