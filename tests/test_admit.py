@@ -132,6 +132,10 @@ def test_require_origin_and_origins_change_on_reload(
         ("https://*", "invalid host"),
         ("https://app.example.com:99999", "between 1 and 65535"),
         ("https://bücher.example", "punycode"),
+        ("https://*.com", "*.com covers a public suffix"),
+        ("*.co.uk", "*.co.uk covers a public suffix"),
+        ("https://*.github.io", "covers a public suffix"),  # the list's private section
+        ("*.xn--fiqs8s", "covers a public suffix"),  # an IDN top-level domain
     ],
 )
 def test_invalid_origin_entries_are_one_line_and_exit_2(entry: str, says: str) -> None:
@@ -146,6 +150,12 @@ def test_invalid_origin_entries_are_one_line_and_exit_2(entry: str, says: str) -
         and says in lines[0]
         and "(from --allowed-origins)" in lines[0]
     )
+
+
+def test_wildcards_under_a_registrable_domain_or_localhost_are_fine() -> None:
+    for entry in ("https://*.example.co.uk", "*.app.github.io", "http://*.localhost:3000"):
+        result = run_cli("--config", "", "--check-config", "--allowed-origins", entry)
+        assert result.returncode == 0, result.stderr
 
 
 def test_origin_matching() -> None:
