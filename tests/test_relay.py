@@ -2,6 +2,7 @@
 
 import asyncio
 import contextlib
+import inspect
 import shutil
 import signal
 import socket
@@ -806,3 +807,28 @@ def test_wrong_redis_password_is_reported_and_no_password_is_logged(
         daemon.wait_for("broker closed")
         assert "s3cret-pass" not in daemon.log
         assert "wrong-pass-42" not in daemon.log
+
+
+def test_the_redis_py_calls_the_broker_makes_are_there() -> None:
+    """The broker drives redis-py's connections itself (wsechod/brokers/redis.py says
+    which calls, and why): a redis-py release that renames or reshapes one fails here."""
+    from redis.asyncio.connection import (  # noqa: PLC0415
+        AbstractConnection,
+        Connection,
+        ConnectionPool,
+    )
+
+    assert callable(ConnectionPool.from_url)
+    assert inspect.iscoroutinefunction(ConnectionPool.get_connection)
+    assert inspect.iscoroutinefunction(ConnectionPool.disconnect)
+    for name, parameters in {
+        "send_command": (),
+        "send_packed_command": ("command", "check_health"),
+        "pack_commands": ("commands",),
+        "read_response": (),
+        "disconnect": ("nowait",),
+    }.items():
+        method = getattr(AbstractConnection, name)
+        assert set(parameters) <= set(inspect.signature(method).parameters), name
+    packed = Connection().pack_commands([("PUBLISH", b"c", b"p")])  # not connected
+    assert b"".join(packed) == b"*3\r\n$7\r\nPUBLISH\r\n$1\r\nc\r\n$1\r\np\r\n"
