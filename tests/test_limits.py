@@ -2,19 +2,23 @@
 reason, with a count, however many clients are turned away."""
 
 import contextlib
+import os
 import re
+import selectors
 import signal
 import socket
 import ssl
+import struct
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 
 from tests import rawws
-from tests.conftest import Daemon
+from tests.conftest import Daemon, RssPeak
 from tests.test_tls import issue, trusting
 
 
@@ -174,3 +178,72 @@ def test_pending_handshakes_count_against_max_connections_per_ip(
             sock.close()
     with rawws.connect(daemon.port):  # they are gone: room again
         pass
+
+
+class Flood(threading.Thread):
+    """Sends each socket its data on one thread (non-blocking: a socket the server does
+    not read waits, the others go on), then keeps them open."""
+
+    def __init__(self, socks: list[socket.socket], data: bytes) -> None:
+        super().__init__(daemon=True)
+        self.left = {sock: memoryview(data) for sock in socks}
+        self.done = threading.Event()
+        for sock in socks:
+            sock.setblocking(False)
+        self.start()
+
+    def run(self) -> None:
+        with selectors.DefaultSelector() as selector:
+            for sock in self.left:
+                selector.register(sock, selectors.EVENT_WRITE)
+            while self.left and not self.done.is_set():
+                for key, _ in selector.select(0.1):
+                    sock = cast(socket.socket, key.fileobj)
+                    try:
+                        sent = sock.send(self.left[sock][:65536])
+                    except BlockingIOError:
+                        continue
+                    except OSError:  # closed by the server
+                        sent = len(self.left[sock])
+                    self.left[sock] = self.left[sock][sent:]
+                    if not self.left[sock]:
+                        del self.left[sock]
+                        selector.unregister(sock)
+
+
+@pytest.mark.timeout(120)
+def test_many_clients_holding_frames_open_stay_within_the_memory_limit(
+    start: Callable[..., Daemon],
+) -> None:
+    """200 clients each send all of a 1 MiB frame but its last byte: 200 MiB without a
+    budget. With memory_limit = 32 MiB the server stops reading them, then closes the
+    heaviest with 1013; a client sending small messages is answered throughout."""
+    limit, clients, size = 32 * 2**20, 200, 2**20
+    daemon = start("--memory-limit", str(limit), "--ping-interval", "0", "--log-level", "info")
+    rss = RssPeak(daemon.proc.pid)
+    header = struct.pack("!BBQ", 0x82, 0xFF, size) + os.urandom(4)  # masked, 64-bit length
+    hogs = [rawws.connect(daemon.port) for _ in range(clients)]
+    flood = Flood(hogs, header + bytes(size - 1))
+    try:
+        with rawws.connect(daemon.port) as good:
+            good.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            deadline = time.monotonic() + 60
+            shed = None
+            while shed is None:
+                rawws.send_frame(good, rawws.OP_TEXT, b"still here")
+                assert rawws.read_frame(good) == (rawws.OP_TEXT, b"still here")
+                assert time.monotonic() < deadline, daemon.log[-3000:]
+                shed = next(
+                    (e for e in daemon.events if e["event"] == "connection closed: memory limit"),
+                    None,
+                )
+    finally:
+        growth = rss.stop()
+        flood.done.set()
+        for sock in hogs:
+            sock.close()
+    reached = daemon.wait_for("memory limit reached: reading paused")
+    assert (reached["limit"], reached["level"]) == (limit, "warning")
+    bound = (limit + clients * 256 * 1024) / 2**20 + 16  # + one read each + the allocator
+    print(f"{clients} clients holding 1 MiB frames: server grew {growth:.0f} MiB (bound {bound})")
+    assert growth < bound

@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from wsechod import brokers, metrics, ratelimit, shared, tls
+from wsechod import brokers, memory, metrics, ratelimit, shared, tls
 from wsechod.admission import admission
 from wsechod.apps.echo import Echo
 from wsechod.apps.relay import Relay
@@ -171,6 +171,7 @@ def options(settings: Settings, loaded: ssl.SSLContext | None = None) -> Options
         trust_unix="unix" in settings.trusted_proxies,
         ipv6_prefix_length=settings.ipv6_prefix_length,
         max_connections_per_ip=settings.max_connections_per_ip,
+        memory_limit=settings.memory_limit or memory.auto_limit(settings.workers),
         access_log=settings.access_log,
     )
 

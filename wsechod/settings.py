@@ -223,6 +223,15 @@ class Settings:
         "open WebSocket connections before new ones get HTTP 503; 0: no limit",
         minimum=0,
     )
+    memory_limit: int = _opt(
+        0,
+        "bytes buffered for clients (frames still arriving, write buffers above "
+        "write_limit) per serving process before reading pauses, then the heaviest "
+        "connections close with 1013; 0 or auto: a quarter of the memory the process may "
+        "use (its cgroup's limit, else the machine's), divided among the workers",
+        minimum=0,
+        words={"auto": lambda: 0},
+    )
     # --- who may connect, and how (TLS, origins, per-client limit, proxies) ---
     tls_cert: str = _opt(
         "", "TLS certificate (PEM, chain after it): the port serves wss only; '': none", path=()

@@ -206,18 +206,21 @@ class Relay:
 
     def data(self, conn: Connection, payload: bytes, text: bool, first: bool, last: bool) -> None:
         member: Member = conn.app_data
-        if not last:
+        if not last:  # put together (the engine bounds it by max_size), and counted
             if first:
                 member.parts, member.text = bytearray(payload), text
             elif member.parts is not None:
                 member.parts += payload
+            conn.hold(len(payload))
             return
         if not first and member.parts is not None:
             member.parts += payload
             payload, text, member.parts = bytes(member.parts), member.text, None
+            conn.hold(-conn.app_held)  # the parts are let go of...
         channel = member.channel
         if channel.behind or channel.waiting or not self.broker.writable():
             member.pending = (payload, text)
+            conn.hold(len(payload))  # ...and a message held with its publisher counted
             conn.pause_reading()
             channel.waiting.append(member)
             self._wait_for_broker(channel)
@@ -381,6 +384,7 @@ class Relay:
             assert member.pending is not None
             payload, text = member.pending
             member.pending = None
+            member.conn.hold(-len(payload))
             self._fan_out(channel, prepare(payload, text), None if self.echo else member)
             self.broker.publish(channel.name, payload, text)
             if member.conn in channel.members:

@@ -30,9 +30,9 @@ if TYPE_CHECKING:
 # States. Reading goes on in CLOSING (we sent a close frame and wait for the client's);
 # in CLOSED nothing more is parsed.
 OPEN, CLOSING, CLOSED = 1, 2, 3
-# Why reading is paused: our own write buffer is full, the application asked, or this
-# connection has had its turn of the event loop.
-PAUSED_WRITE, PAUSED_APP, PAUSED_TURN = 1, 2, 4
+# Why reading is paused: our own write buffer is full, the application asked, this
+# connection has had its turn of the event loop, or the process is over its memory budget.
+PAUSED_WRITE, PAUSED_APP, PAUSED_TURN, PAUSED_MEMORY = 1, 2, 4, 8
 # Work a connection may do before it lets the others have the loop: a unit per frame and
 # per 4 KiB of payload (inflated, for compressed frames). Without it one client sending
 # tiny frames, or small frames that inflate to much, could hold everyone else for seconds.
@@ -72,6 +72,7 @@ class WebSocket(asyncio.Protocol):
         "_timer",
         "_utf8",
         "app_data",
+        "app_held",
         "binary_in",
         "binary_out",
         "blocked",
@@ -122,6 +123,7 @@ class WebSocket(asyncio.Protocol):
         self.peer = peer
         self.group = ""  # the client's address group (proxy.group), counted by the engine
         self.app_data: Any = None
+        self.app_held = 0  # bytes the application keeps for it (``hold``)
         self.blocked = False
         # Whole messages, by type: counted apart rather than a total and the text ones, so
         # that a message costs one increment, as a plain count would.
@@ -216,6 +218,51 @@ class WebSocket(asyncio.Protocol):
     def resume_reading(self) -> None:
         self._release(PAUSED_APP)
 
+    def hold(self, nbytes: int) -> None:
+        nbytes = max(nbytes, -self.app_held)  # never below nothing, whatever comes late
+        self.app_held += nbytes
+        self._grew(nbytes)
+
+    # --- the memory budget (``budget.py``) -------------------------------------------
+
+    @property
+    def holding(self) -> bool:
+        """Part of a frame is buffered, or the application holds part of a message."""
+        return self._buf is not None or self.app_held > 0
+
+    @property
+    def weight(self) -> int:
+        """What closing it would let go of."""
+        buf = self._buf
+        held = (0 if buf is None else len(buf)) + self.app_held
+        return held + self._t.get_write_buffer_size() if self.blocked else held
+
+    def memory_pause(self) -> None:
+        self._hold(PAUSED_MEMORY)
+
+    def memory_resume(self) -> None:
+        self._release(PAUSED_MEMORY)
+
+    def shed(self, code: int) -> None:
+        """Closed to bring the process back under its budget: what it holds is let go of
+        now; a client that does not read its buffer cannot take the close frame."""
+        self._fail(code, "server is short of memory")
+        if self.blocked:
+            self.abort()
+
+    def _grew(self, nbytes: int) -> None:
+        budget = self._engine.budget
+        budget.held += nbytes
+        if nbytes > 0 and budget.held + budget.outgoing > budget.limit:
+            budget.pause(self)
+
+    def _set_buf(self, buf: bytearray | None) -> None:
+        old = self._buf
+        self._buf = buf
+        self._engine.budget.held += (0 if buf is None else len(buf)) - (
+            0 if old is None else len(old)
+        )
+
     # --- asyncio.Protocol ------------------------------------------------------------
 
     def data_received(self, data: bytes) -> None:
@@ -226,10 +273,12 @@ class WebSocket(asyncio.Protocol):
             used = self._parse(data)
             if used < len(data) and self._state != CLOSED:
                 self._buf = buf = bytearray(memoryview(data)[used:])
+                self._grew(len(buf))
                 if self._need:  # a frame still arriving
                     self._check_partial_text(buf)
             return
         buf += data
+        self._grew(len(data))
         if len(buf) < self._need:
             self._check_partial_text(buf)
             return
@@ -240,24 +289,29 @@ class WebSocket(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         self.blocked = True
+        self._engine.budget.blocked.add(self)
         self._hold(PAUSED_WRITE)
         self._app.blocked(self)
 
     def resume_writing(self) -> None:
         self.blocked = False
+        self._engine.budget.blocked.discard(self)
         self._app.unblocked(self)
         if self.blocked:  # what the application wrote meanwhile filled it again
             return
         self._release(PAUSED_WRITE)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._engine.transports -= 1
+        engine = self._engine
+        engine.transports -= 1
         self._state = CLOSED
-        self._buf = None
+        self._set_buf(None)
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        self._engine.closed(self)
+        engine.closed(self)
+        engine.budget.forget(self)
+        self.hold(-self.app_held)  # what the application did not let go of itself
 
     # --- parsing ---------------------------------------------------------------------
 
@@ -269,7 +323,8 @@ class WebSocket(asyncio.Protocol):
         if self._buf is not None and used:  # not closed meanwhile
             # A fresh buffer for the rest: deleting the front of a bytearray keeps its
             # allocation, which would pin a whole max_size frame per idle connection.
-            self._buf = buf = bytearray(memoryview(buf)[used:]) if used < len(buf) else None
+            self._set_buf(bytearray(memoryview(buf)[used:]) if used < len(buf) else None)
+            buf = self._buf
             if self._need and buf is not None:  # a frame still arriving
                 self._check_partial_text(buf)
 
@@ -551,6 +606,7 @@ class WebSocket(asyncio.Protocol):
         if self._state == OPEN:
             self._write_close(code, reason)
         self._state = CLOSED
+        self._set_buf(None)  # nothing more is parsed: what is buffered is let go of now
         self._engine.failed(self, code, reason)
         self._close_later()
         if self._t.can_write_eof():

@@ -25,6 +25,7 @@ from websockets.extensions.permessage_deflate import enable_server_permessage_de
 
 from wsechod import ratelimit
 from wsechod.engine.addresses import format_address
+from wsechod.engine.budget import Budget
 from wsechod.engine.connection import WebSocket, failures
 from wsechod.engine.handshake import Handshake
 from wsechod.engine.interface import Application, Reply, Request
@@ -69,6 +70,7 @@ class Options:
     trust_unix: bool = False  # so may whoever connects over a Unix socket
     ipv6_prefix_length: int = 64  # IPv6 clients are counted per network this size
     max_connections_per_ip: int = 0  # connections (pending and open) per address group
+    memory_limit: int = 2**62  # bytes buffered for clients in the whole process (budget.py)
     access_log: bool = False  # one info line per closed connection
 
 
@@ -94,6 +96,7 @@ class Engine:
         # received (code_label): counted at close, never per message.
         self.closes: Counter[tuple[str, str, str]] = Counter()
         self.transports = 0  # accepted and not yet lost: each holds a file descriptor
+        self.budget = Budget(self, options.memory_limit)
         # Connections per client address group (proxy.group), pending handshakes and open
         # WebSockets, for max_connections_per_ip; a group leaves when its last one goes.
         self.per_address: Counter[str] = Counter()
@@ -119,6 +122,7 @@ class Engine:
         except OSError:
             self._fd_base = 64  # no /proc: a guess on the safe side
         self._sockets = list(sockets)
+        self.budget.start()
         # Read now: once the loop stops accepting on them, uvloop has detached the sockets.
         self._addresses = [format_address(sock.getsockname()) for sock in sockets]
         for sock in sockets:
@@ -271,6 +275,7 @@ class Engine:
     def reconfigure(self, options: Options) -> None:
         """A reload: new connections get ``options``; open ones keep theirs."""
         self.options = options
+        self.budget.limit = options.memory_limit
         self._debug = logging.getLogger("wsechod.engine").isEnabledFor(logging.DEBUG)
 
     @property
@@ -420,5 +425,6 @@ class Engine:
         """The listening sockets we own are closed last, so that clients arriving during
         the drain get a definite 503 rather than a refused connection."""
         self.stop_accepting()
+        self.budget.stop()
         for sock in self._sockets:
             sock.close()
