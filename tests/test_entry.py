@@ -148,6 +148,50 @@ def early_daemon(tmp_path: Path) -> Iterator[Callable[[], Launched]]:
         launched.kill()
 
 
+# A stand-in for python-daemon's ``daemon``, first on PYTHONPATH: the command's import of
+# it waits until the test lets go, then goes on with the real one. So the signal lands,
+# deterministically, while the command is being imported: the window this is about.
+HOLD = """
+import os, sys, time
+print('{"event": "held in the import"}', file=sys.stderr, flush=True)
+while not os.path.exists(os.environ["RELEASE"]):
+    time.sleep(0.01)
+sys.path.remove(os.path.dirname(__file__))
+del sys.modules[__name__]
+import daemon
+"""
+
+
+@pytest.mark.parametrize(
+    "sig", [signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1], ids=["SIGTERM", "SIGHUP", "SIGUSR1"]
+)
+def test_a_signal_while_the_command_is_imported_is_handled_once_it_can_be(
+    tmp_path: Path, sig: signal.Signals
+) -> None:
+    """It used to end the process with the signal's default action (status -15, -1, -10),
+    with no log line."""
+    (tmp_path / "daemon.py").write_text(HOLD)
+    release = tmp_path / "release"
+    env = clean_env(PYTHONPATH=str(tmp_path), RELEASE=str(release))
+    daemon = Daemon(env=env)
+    try:
+        daemon.wait_for("held in the import")
+        daemon.signal(sig)
+        release.touch()
+        if sig == signal.SIGTERM:
+            assert daemon.wait(10) == 0, daemon.log
+            assert daemon.wait_for("stop requested")["reason"] == "SIGTERM"
+        else:
+            assert daemon.wait_for("settings reloaded: nothing changed")["signal"] == sig.name
+            names = [e["event"] for e in daemon.events]
+            assert names.index("listening") < names.index("settings reloaded: nothing changed")
+            daemon.signal(signal.SIGTERM)
+            assert daemon.wait(10) == 0, daemon.log
+        assert "Traceback" not in daemon.log
+    finally:
+        daemon.kill()
+
+
 def test_the_entry_point_blocks_every_signal_the_command_handles() -> None:
     assert entry.EARLY_SIGNALS == runner.HANDLED_SIGNALS
 
