@@ -175,7 +175,10 @@ def _sample(config: bool, unit: str | None, logrotate: bool) -> str | None:
     if config:
         return samples.text(samples.CONFIG)
     if unit is not None:
-        return samples.unit(unit)
+        printed = samples.unit(unit)
+        for problem in samples.unit_problems(printed, samples.needed()):
+            print(f"wsechod: warning: {unit}: {problem}", file=sys.stderr)
+        return printed
     if logrotate:
         return samples.text(samples.LOGROTATE)
     return None
