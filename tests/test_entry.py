@@ -8,6 +8,7 @@ moment the window used to be open (it lasted the import of the whole command, 15
 """
 
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -20,8 +21,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import WSECHOD, Daemon, clean_env
-from tests.test_daemon import gone, read_log
-from tests.test_workers import of_worker
+from tests.test_daemon import gone
 from wsechod.process import entry, runner
 
 EARLY = frozenset(entry.EARLY_SIGNALS)
@@ -34,6 +34,11 @@ BARE = (
 )
 BUDGET = 0.020  # seconds the command may take beyond the bare interpreter to block them
 MIN_ROUNDS, MAX_ROUNDS = 10, 60
+
+
+def of_worker(i: int) -> Callable[[dict[str, Any]], bool]:
+    """Events logged by worker ``i``."""
+    return lambda event: event.get("worker") == i
 
 
 def signal_set(pid: int, field: str) -> set[int] | None:
@@ -109,7 +114,12 @@ class Launched:
         )  # fmt: skip
 
     def events(self) -> list[dict[str, Any]]:
-        return read_log(self.log) if self.log.exists() else []
+        """The log file's events so far (a line still being written is not one yet)."""
+        found = []
+        for line in self.log.read_text().splitlines() if self.log.exists() else []:
+            with contextlib.suppress(ValueError):
+                found.append(json.loads(line))
+        return found
 
     def wait_for(self, event: str, timeout: float = 10.0, **fields: Any) -> dict[str, Any]:
         """The log file's first ``event`` with ``fields`` (re-read every 20 ms until then)."""
@@ -213,8 +223,9 @@ def test_the_entry_point_imports_none_of_the_command() -> None:
     assert "typing" not in loaded
 
 
-def time_to_block(argv: list[str]) -> float:
-    """Seconds from the exec of ``argv`` until /proc shows the handled signals blocked."""
+def time_to_block(argv: list[str]) -> float | None:
+    """Seconds from the exec of ``argv`` until /proc shows the handled signals blocked;
+    None if this saw its handlers installed first (it was not scheduled in between)."""
     began = time.monotonic()
     proc = subprocess.Popen(
         argv, env=clean_env(), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
@@ -222,12 +233,12 @@ def time_to_block(argv: list[str]) -> float:
     )  # fmt: skip
     try:
         while True:
-            blocked = signal_set(proc.pid, "SigBlk")
+            blocked, caught = signal_set(proc.pid, "SigBlk"), signal_set(proc.pid, "SigCgt")
             assert blocked is not None, f"{argv} exited before it blocked the signals"
             if EARLY.issubset(blocked):
                 return time.monotonic() - began
-            caught = signal_set(proc.pid, "SigCgt")
-            assert caught is None or not EARLY.issubset(caught), f"{argv} never blocked the signals"
+            if caught is not None and EARLY.issubset(caught):
+                return None
             assert time.monotonic() - began < 10, f"{argv} did not block the signals in 10 s"
             time.sleep(0.0002)
     finally:
@@ -243,9 +254,17 @@ def test_signals_are_blocked_within_20_ms_of_a_bare_interpreter(command: str) ->
     argv = [*COMMANDS[command], "--config", "", "--port", "0"]
     bare: list[float] = []
     ours: list[float] = []
-    while len(bare) < MIN_ROUNDS or (min(ours) - min(bare) > BUDGET and len(bare) < MAX_ROUNDS):
-        bare.append(time_to_block([sys.executable, "-c", BARE]))
-        ours.append(time_to_block(argv))
+    missed = 0
+    while len(ours) < MIN_ROUNDS or (min(ours) - min(bare) > BUDGET and len(ours) < MAX_ROUNDS):
+        mine = time_to_block(argv)
+        if mine is None:  # the handlers were seen first: never blocked, or not seen blocked
+            missed += 1
+            assert missed < 5, f"{command}: the handlers came before any block, {missed} times"
+            continue
+        reference = time_to_block([sys.executable, "-c", BARE])
+        assert reference is not None
+        ours.append(mine)
+        bare.append(reference)
     figures = (
         f"{command}: blocked {min(ours) * 1e3:.1f} ms after exec (median "
         f"{sorted(ours)[len(ours) // 2] * 1e3:.1f}), bare interpreter {min(bare) * 1e3:.1f} ms "
