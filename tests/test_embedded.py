@@ -249,10 +249,15 @@ def test_port_in_use_raises_in_the_caller_with_the_commands_line() -> None:
     ("settings", "message"),
     [
         ({"port": -1}, "invalid port -1 (from serve_in_thread()): must be between 0 and 65535"),
-        (
+        (  # advice in Python's terms, not the config file's (TOML: write 64 without quotes)
             {"max_size": "64"},
             "invalid max_size '64' (from serve_in_thread()): expected int, got str "
-            "(TOML: write 64 without quotes)",
+            "(in Python: max_size=64, without quotes)",
+        ),
+        (
+            {"allowed_origins": "https://a.example"},
+            "invalid allowed_origins 'https://a.example' (from serve_in_thread()): expected a "
+            "list of strings (in Python: allowed_origins=['https://a.example'])",
         ),
         (
             {"mode": "mirror"},

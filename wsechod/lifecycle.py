@@ -238,7 +238,9 @@ async def serve(
     life.attach(engine, app, handoff)
     if worker is not None:
         worker.attach(engine, app)
-    log.info("listening", addresses=engine.addresses, mode=settings.mode, pid=os.getpid())
+    # tls: which of the addresses speak TLS (wss://, https://); today all of them or none.
+    tls = engine.addresses if engine_options.tls is not None else []
+    log.info("listening", addresses=engine.addresses, tls=tls, mode=settings.mode, pid=os.getpid())
     if ready is not None:
         ready()
 
