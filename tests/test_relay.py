@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 import redis
+import uvloop
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect as sync_connect
@@ -22,7 +23,9 @@ from websockets.sync.client import connect as sync_connect
 from tests import rawws
 from tests.conftest import Daemon, RssPeak, run_cli
 from tests.test_echo import http_get
+from wsechod import lifecycle
 from wsechod.apps import channels
+from wsechod.settings import Settings
 
 REDIS_SERVER = shutil.which("redis-server")
 if REDIS_SERVER is None:
@@ -832,3 +835,21 @@ def test_the_redis_py_calls_the_broker_makes_are_there() -> None:
         assert set(parameters) <= set(inspect.signature(method).parameters), name
     packed = Connection().pack_commands([("PUBLISH", b"c", b"p")])  # not connected
     assert b"".join(packed) == b"*3\r\n$7\r\nPUBLISH\r\n$1\r\nc\r\n$1\r\np\r\n"
+
+
+def test_a_start_that_fails_after_the_broker_started_leaves_nothing_running(
+    redis_server: RedisServer,
+) -> None:
+    """An embedding program's loop goes on after a failed start (``running``): the broker
+    connected during the start must not stay behind."""
+
+    async def main() -> None:
+        life = lifecycle.Lifecycle(Settings(mode="relay", broker=redis_server.url))
+        closed = socket.socket()
+        closed.close()  # listening on it fails, after the broker has connected
+        with pytest.raises(OSError):
+            await lifecycle.serve([closed], life)
+        left = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        assert left == []
+
+    uvloop.run(main())
