@@ -28,11 +28,17 @@ setup: python-version
 	       "($$want): rebuilding it" >&2; \
 	  rm -rf $(VENV); \
 	fi
-	@$(MAKE) --no-print-directory $(STAMP)
+	@$(MAKE) --no-print-directory installed
 
 ## Fail first, in one line, rather than deep inside pip.
 python-version:
 	$(if $(filter ok,$(PYTHON_OK)),@:,$(error wsechod needs Python 3.11 or newer and $(PYTHON) is $(PYTHON_OK): choose one with make setup PYTHON=python3.12))
+
+## The packages, (re)installed when pyproject.toml is newer; silent when it is not (asked for
+## $(STAMP) itself, make would say that it "is up to date", which is make's business).
+.PHONY: installed
+installed: $(STAMP)
+	@:
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)

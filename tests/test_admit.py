@@ -132,6 +132,10 @@ def test_require_origin_and_origins_change_on_reload(
         ("https://*", "invalid host"),
         ("https://app.example.com:99999", "between 1 and 65535"),
         ("https://bücher.example", "punycode"),
+        ("https://*.com", "*.com covers a public suffix"),
+        ("*.co.uk", "*.co.uk covers a public suffix"),
+        ("https://*.github.io", "covers a public suffix"),  # the list's private section
+        ("*.xn--fiqs8s", "covers a public suffix"),  # an IDN top-level domain
     ],
 )
 def test_invalid_origin_entries_are_one_line_and_exit_2(entry: str, says: str) -> None:
@@ -146,6 +150,12 @@ def test_invalid_origin_entries_are_one_line_and_exit_2(entry: str, says: str) -
         and says in lines[0]
         and "(from --allowed-origins)" in lines[0]
     )
+
+
+def test_wildcards_under_a_registrable_domain_or_localhost_are_fine() -> None:
+    for entry in ("https://*.example.co.uk", "*.app.github.io", "http://*.localhost:3000"):
+        result = run_cli("--config", "", "--check-config", "--allowed-origins", entry)
+        assert result.returncode == 0, result.stderr
 
 
 def test_origin_matching() -> None:
@@ -256,6 +266,29 @@ def test_x_forwarded_for_from_a_trusted_proxy_names_the_client(
                 await echo(ws2)
 
     asyncio.run(main())
+
+
+def test_after_a_proxy_header_x_forwarded_for_is_not_read(start: Callable[..., Daemon]) -> None:
+    """A client behind an L4 proxy whose own address falls in a broad trusted network
+    must not pick its counted address with X-Forwarded-For: the PROXY header's word on the
+    client is final."""
+    daemon = start("--trusted-proxies", "127.0.0.0/8", "--log-level", "debug")
+    port = daemon.port
+    named = b"PROXY TCP4 127.0.0.9 127.0.0.1 4242 443\r\n"
+    forged = upgrade(port, "X-Forwarded-For: 203.0.113.66")
+    assert opened_peer(daemon, port, named + forged) == "127.0.0.9:4242"
+    assert opened_peer(daemon, port, forged) == "203.0.113.66"  # without one: read
+
+
+def test_an_x_forwarded_for_entry_with_an_ipv6_zone_is_not_an_address(
+    start: Callable[..., Daemon],
+) -> None:
+    """A zone names an interface of the proxy's host, not a client (PROXY v1 refuses it
+    too): the walk ends there, at the address before it."""
+    daemon = start("--trusted-proxies", "127.0.0.1", "--log-level", "debug")
+    port = daemon.port
+    zoned = upgrade(port, "X-Forwarded-For: 198.51.100.4, fe80::1%eth0")
+    assert opened_peer(daemon, port, zoned).startswith("127.0.0.1:")
 
 
 def test_x_forwarded_for_from_anyone_else_is_ignored(start: Callable[..., Daemon]) -> None:

@@ -5,6 +5,7 @@ own listeners, on each worker's copies, and on a socket systemd passes."""
 
 import os
 import signal
+import socket
 import subprocess
 import time
 from collections.abc import Callable
@@ -14,7 +15,8 @@ import pytest
 from websockets.sync.client import connect
 
 from tests.conftest import WSECHOD, Daemon, clean_env, run_cli
-from tests.test_systemd import free_port
+from tests.test_systemd import activation_prefix, free_port
+from tests.test_tls import issue, trusting
 from tests.test_workers import WORKERS, pids, start_workers, wait_until
 from wsechod.settings import kernel_backlog
 
@@ -87,6 +89,25 @@ def test_socket_activated_sockets_get_the_backlog() -> None:
     finally:
         proc.kill()
     assert proc.returncode == 0, err
+
+
+def test_systemds_socket_served_with_tls_gets_the_backlog(
+    start: Callable[..., Daemon], tmp_path: Path
+) -> None:
+    """With TLS the engine accepts on the socket itself (no event loop server to listen
+    again): it listens again with the setting all the same."""
+    files = issue(tmp_path)
+    with socket.create_server(("127.0.0.1", 0), backlog=5) as sock:
+        port = sock.getsockname()[1]
+        prefix, fd = activation_prefix(sock)
+        daemon = start("--tls-cert", str(files.cert), "--tls-key", str(files.key),
+                       "--backlog", str(GIVEN), prefix=prefix, pass_fds=(fd,))  # fmt: skip
+        os.close(fd)
+        assert daemon.port == port
+        assert tcp(port) == [GIVEN]
+        with connect(f"wss://127.0.0.1:{port}/", ssl=trusting(files.ca), open_timeout=10) as ws:
+            ws.send("over tls")
+            assert ws.recv(timeout=10) == "over tls"
 
 
 def test_max_is_the_kernels_maximum() -> None:

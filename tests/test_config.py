@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import clean_env, run_cli
-from wsechod import __version__
+from wsechod import __version__, memory
 from wsechod.settings import KEYS, default_text
 
 
@@ -336,3 +336,42 @@ def test_retired_key_still_starts_with_a_notice(where: str, tmp_path: Path) -> N
     assert "max_queue" not in result.stdout  # not a setting any more
     assert result.stderr.count("\n") == 1
     assert "max_queue" in result.stderr and "has no effect any more" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("cgroup", "files", "expected_gib"),
+    [
+        ("0::/\n", {}, 16.0),  # no limit: the machine's
+        ("0::/ws\n", {"sys/fs/cgroup/ws/memory.max": "max\n"}, 16.0),
+        ("0::/ws\n", {"sys/fs/cgroup/ws/memory.max": str(4 * 2**30)}, 4.0),  # cgroup v2
+        (
+            "4:memory:/docker/abc\n",
+            {"sys/fs/cgroup/memory/docker/abc/memory.limit_in_bytes": str(2 * 2**30)},
+            2.0,
+        ),
+        (  # v1, the container sees its group as the root; unlimited is a huge number
+            "4:memory:/docker/abc\n",
+            {"sys/fs/cgroup/memory/memory.limit_in_bytes": "9223372036854771712"},
+            16.0,
+        ),
+    ],
+)
+def test_memory_limit_auto_is_a_quarter_of_what_the_process_may_use(
+    tmp_path: Path, cgroup: str, files: dict[str, str], expected_gib: float
+) -> None:
+    (tmp_path / "proc/self").mkdir(parents=True)
+    (tmp_path / "proc/meminfo").write_text(f"MemTotal: {16 * 2**20} kB\nMemFree: 1 kB\n")
+    (tmp_path / "proc/self/cgroup").write_text(cgroup)
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    assert memory.available(tmp_path) == expected_gib * 2**30
+    assert memory.auto_limit(1, tmp_path) == expected_gib * 2**30 // 4
+    assert memory.auto_limit(4, tmp_path) == expected_gib * 2**30 // 16
+
+
+def test_memory_limit_takes_auto_and_bytes() -> None:
+    assert run_cli("--config", "", "--check-config", "--memory-limit", "auto").returncode == 0
+    result = run_cli("--config", "", "--check-config", "--memory-limit", "1.5")
+    assert result.returncode == 2
+    assert "invalid memory_limit '1.5' (from --memory-limit)" in result.stderr

@@ -105,7 +105,8 @@ def test_start_and_stop_50_times_leaks_nothing() -> None:
     after = open_fds()
     assert (after - fds, len(after) <= len(fds)) == (set(), True)
     assert open_loops() == loops
-    assert elapsed < 10, f"50 starts and stops took {elapsed:.1f} s"
+    # None waited for a deadline (a drain_timeout of 10 s would show, even when loaded).
+    assert elapsed < 45, f"50 starts and stops took {elapsed:.1f} s"
 
 
 @pytest.mark.timeout(30)
@@ -249,10 +250,15 @@ def test_port_in_use_raises_in_the_caller_with_the_commands_line() -> None:
     ("settings", "message"),
     [
         ({"port": -1}, "invalid port -1 (from serve_in_thread()): must be between 0 and 65535"),
-        (
+        (  # advice in Python's terms, not the config file's (TOML: write 64 without quotes)
             {"max_size": "64"},
             "invalid max_size '64' (from serve_in_thread()): expected int, got str "
-            "(TOML: write 64 without quotes)",
+            "(in Python: max_size=64, without quotes)",
+        ),
+        (
+            {"allowed_origins": "https://a.example"},
+            "invalid allowed_origins 'https://a.example' (from serve_in_thread()): expected a "
+            "list of strings (in Python: allowed_origins=['https://a.example'])",
         ),
         (
             {"mode": "mirror"},
@@ -394,7 +400,7 @@ def test_stop_after_request_stop_waits_for_the_drain_rather_than_cut_it() -> Non
         report = server.stop()
         elapsed = time.monotonic() - begin
     assert report is not None and report.force_closed == 1
-    assert 0.5 <= elapsed < 2
+    assert 0.5 <= elapsed < 30  # the drain's deadline, not close_timeout's (60 s)
 
 
 @pytest.mark.timeout(30)
@@ -413,7 +419,7 @@ def test_leaving_running_after_request_stop_waits_for_the_drain() -> None:
 
     report, elapsed = asyncio.run(main())
     assert report is not None and report.force_closed == 1
-    assert 0.5 <= elapsed < 2
+    assert 0.5 <= elapsed < 30  # the drain's deadline, not close_timeout's (60 s)
 
 
 @pytest.mark.timeout(30)

@@ -3,16 +3,18 @@ will: corner cases of flow control and timers that real sockets reach only by lu
 Behaviour over real sockets is in test_protocol.py and test_relay.py."""
 
 import asyncio
+import logging
 import struct
 from collections.abc import Iterator
 
 import pytest
 
 from tests.rawws import OP_BINARY, OP_PING, frame
+from wsechod import embedded
 from wsechod.apps.echo import Echo
 from wsechod.apps.relay import Relay
 from wsechod.brokers.memory import MemoryBroker
-from wsechod.engine import Application, Engine, Options, frames
+from wsechod.engine import Application, Connection, Engine, Options, frames
 from wsechod.engine.connection import WebSocket
 
 
@@ -155,3 +157,74 @@ def test_ping_payloads_never_overflow(loop: asyncio.AbstractEventLoop) -> None:
     engine = make_engine(loop, Echo())
     engine._pings = iter([2**32 + 5])  # type: ignore[assignment]
     assert engine.next_ping() == (5).to_bytes(4, "big")
+
+
+def test_the_last_member_leaving_while_behind_forgets_its_channel_once(
+    loop: asyncio.AbstractEventLoop, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Leaving while behind releases the channel, which forgets it when empty; the leave
+    then forgot it again (a KeyError, logged as "application failed on close")."""
+
+    async def main() -> Relay:
+        relay = Relay(MemoryBroker(), write_limit=1000, max_size=10_000, slow_consumer_timeout=60)
+        engine = Engine(Options(write_limit=1000, max_size=10_000, ping_interval=0), relay)
+        receiver, _ = connect(engine)
+        publisher, _ = connect(engine)
+        publisher.data_received(frame(OP_BINARY, bytes(1500)))  # the receiver is behind
+        assert receiver.blocked
+        publisher.connection_lost(None)
+        receiver.connection_lost(None)  # the last member, still behind
+        await asyncio.sleep(0)
+        return relay
+
+    with caplog.at_level(logging.DEBUG, logger="wsechod"):
+        relay = loop.run_until_complete(main())
+    assert relay.channels == {}
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
+
+
+class Failing(Echo):
+    """An application with a bug a client can trigger at every connection."""
+
+    def opened(self, conn: Connection) -> None:
+        raise RuntimeError("bug on open")
+
+    def closed(self, conn: Connection) -> None:
+        raise RuntimeError("bug on close")
+
+
+def test_application_failures_are_rate_limited(
+    loop: asyncio.AbstractEventLoop, caplog: pytest.LogCaptureFixture
+) -> None:
+    """One line (with its traceback) per second per kind, with a count, not one per
+    connection: clients can trigger a bug as often as they like."""
+
+    async def main() -> None:
+        engine = Engine(Options(ping_interval=0), Failing())
+        for _ in range(100):
+            ws, _ = connect(engine, "/")
+            ws.connection_lost(None)
+
+    with caplog.at_level(logging.ERROR, logger="wsechod"):
+        loop.run_until_complete(main())
+    events = [r.getMessage() for r in caplog.records]
+    assert events.count("application failed on open") == 1
+    assert events.count("application failed on close") == 1
+
+
+def test_failing_callbacks_on_our_loop_are_rate_limited(
+    loop: asyncio.AbstractEventLoop, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An application's timer or wake-up that raises goes to the loop's exception
+    handler; ours logs one line (with the traceback) per second, not one per failure."""
+    try:
+        raise RuntimeError("bug in a timer")
+    except RuntimeError as exc:
+        error = exc
+    with caplog.at_level(logging.ERROR, logger="wsechod"):
+        for _ in range(100):
+            embedded._callback_failed(
+                loop, {"message": "Exception in callback", "exception": error}
+            )
+    assert [r.getMessage() for r in caplog.records] == ["callback failed"]
+    assert caplog.records[0].exc_info is not None

@@ -50,6 +50,19 @@ HOSTILE = {
     "space before the colon": (b"GET / HTTP/1.1\r\nHost : x\r\n\r\n", "invalid HTTP header name"),
     "header without a colon": (b"GET / HTTP/1.1\r\nHost: x\r\nXYZ\r\n\r\n", "invalid HTTP header"),
     "binary": (bytes(range(1, 9)) + b"\r\n\r\n", "invalid HTTP request line"),
+    "NUL in the target of an upgrade": (
+        b"GET /a\x00b HTTP/1.1\r\nHost: x\r\n" + UPGRADE + b"\r\n",
+        "control character in the request target: /a\\x00b",
+    ),
+    "NUL in /healthz": (b"GET /healthz\x00 HTTP/1.1\r\nHost: x\r\n\r\n", "control character"),
+    "DEL in the target": (
+        b"GET /a\x7fb HTTP/1.1\r\nHost: x\r\n" + UPGRADE + b"\r\n",
+        "control character in the request target: /a\\x7fb",
+    ),
+    "HTTP/1.0 upgrade": (
+        b"GET / HTTP/1.0\r\nHost: x\r\n" + UPGRADE + b"\r\n",
+        "a WebSocket upgrade needs HTTP/1.1, not HTTP/1.0",
+    ),
     "PROXY header, untrusted": (
         b"PROXY TCP4 198.51.100.1 192.0.2.1 1000 80\r\nGET / HTTP/1.1\r\nHost: x\r\n\r\n",
         "PROXY protocol header where the HTTP request should be",
@@ -116,3 +129,11 @@ def test_no_warning_for_any_of_them(daemon: Daemon) -> None:
             assert read_answer(sock).startswith(b"HTTP/1.1 400 ")
     loud = [e for e in daemon.events if e.get("level") in ("warning", "error")]
     assert loud == []
+
+
+def test_http_1_0_health_checks_are_answered(daemon: Daemon) -> None:
+    """HTTP/1.0 is fine for plain requests (curl -0, old probes): only upgrades need 1.1."""
+    with socket.create_connection(("127.0.0.1", daemon.port), timeout=10) as sock:
+        sock.sendall(b"GET /healthz HTTP/1.0\r\n\r\n")
+        answer = read_answer(sock)
+    assert answer.startswith(b"HTTP/1.1 200 OK\r\n") and answer.endswith(b"\r\n\r\nok\n")

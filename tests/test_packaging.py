@@ -1,10 +1,15 @@
-"""What a `pip install` user gets (the wheel's data files, the --print-* flags, redis as
-an extra) and what `make setup` does with the wrong interpreter."""
+"""What a `pip install` user gets (the wheel's data files, the --print-* flags and what
+they warn about, redis as an extra), what the sdist holds (the whole tree, so that its
+tests run), and what `make setup` and `make run` do and say."""
 
+import os
 import shutil
 import subprocess
 import sys
+import tarfile
+import tempfile
 import zipfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +17,7 @@ import pytest
 from websockets.sync.client import connect
 
 from tests.conftest import WSECHOD, clean_env, run_cli
+from wsechod.process import samples
 
 ROOT = Path(__file__).parents[1]
 UNITS = (
@@ -51,6 +57,7 @@ def test_wheel_ships_the_sample_files_py_typed_and_license(wheel: Path) -> None:
     with zipfile.ZipFile(wheel) as whl:
         names = set(whl.namelist())
         assert "wsechod/py.typed" in names
+        assert not [n for n in names if n.startswith("tests/")]  # the sdist has them
         for name, source in SHIPPED.items():
             assert whl.read(f"wsechod/data/{name}") == source.read_bytes(), name
         [metadata] = [n for n in names if n.endswith(".dist-info/METADATA")]
@@ -115,6 +122,164 @@ def test_print_flags_show_the_repository_files(tmp_path: Path) -> None:
     assert bad.returncode == 2
     assert "invalid choice: 'nginx.service'" in bad.stderr
     assert bad.stderr.count("\n") == 1
+
+
+@pytest.fixture(scope="module")
+def sdist(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The sdist of a copy of this tree, built offline with the venv's setuptools (the
+    PEP 517 hook every frontend calls), unpacked: its top directory."""
+    work = tmp_path_factory.mktemp("sdist")
+    shutil.copytree(ROOT, work / "src", symlinks=True, ignore=NOT_SOURCE)
+    subprocess.run(
+        [sys.executable, "-c", "import setuptools.build_meta as b; b.build_sdist('../dist')"],
+        cwd=work / "src", check=True, timeout=120, capture_output=True,
+    )  # fmt: skip
+    [built] = (work / "dist").glob("wsechod-*.tar.gz")
+    with tarfile.open(built) as tar:
+        if hasattr(tarfile, "data_filter"):
+            tar.extractall(work / "unpacked", filter="data")
+        else:  # Python before 3.11.4: this tarball is our own
+            tar.extractall(work / "unpacked")
+    [top] = (work / "unpacked").iterdir()
+    return top
+
+
+@pytest.mark.timeout(150)
+def test_sdist_is_the_whole_source_tree(sdist: Path) -> None:
+    """Tests and every helper they import or file they read, or the sdist's tests fail."""
+    listed = subprocess.run(
+        ["git", "-C", str(ROOT), "ls-files"], capture_output=True, text=True, timeout=20,
+        check=False,
+    )  # fmt: skip
+    if listed.returncode != 0:
+        pytest.skip("not a git checkout (an unpacked sdist, say): nothing to compare with")
+    shipped = {str(p.relative_to(sdist)) for p in sdist.rglob("*") if not p.is_dir()}
+    missing = sorted(set(listed.stdout.splitlines()) - shipped)
+    assert not missing, f"not in the sdist (add them to MANIFEST.in): {missing}"
+    assert not [p for p in shipped if "node_modules" in p or "__pycache__" in p]
+
+
+@pytest.mark.timeout(150)
+def test_the_sdists_tests_find_their_helpers(sdist: Path) -> None:
+    """Collected in the unpacked sdist: every test module imports what it needs."""
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider"],
+        cwd=sdist, env=clean_env(), capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:]
+    assert "tests/test_packaging.py::test_the_sdists_tests_find_their_helpers" in result.stdout
+
+
+@pytest.fixture
+def outside() -> Iterator[Callable[[str], Path]]:
+    """Directories made in the given place (/tmp, /home), removed at the end."""
+    made: list[Path] = []
+
+    def _outside(where: str) -> Path:
+        if not os.access(where, os.W_OK):
+            pytest.skip(f"cannot write in {where}")
+        made.append(Path(tempfile.mkdtemp(prefix="wsechod-test-", dir=where)))
+        made[-1].chmod(0o755)
+        return made[-1]
+
+    yield _outside
+    for path in made:
+        shutil.rmtree(path)
+
+
+@pytest.mark.parametrize(
+    ("where", "warning"),
+    [
+        (
+            "/tmp",
+            "which PrivateTmp=yes in this unit hides from the service: it would fail with "
+            "status 203/EXEC; install wsechod outside /tmp and /var/tmp, e.g. with make "
+            "install (/opt/wsechod); DynamicUser=yes implies PrivateTmp=yes",
+        ),
+        (
+            "/home",
+            "which ProtectHome=yes in this unit hides from the service: it would fail with "
+            "status 203/EXEC; install wsechod outside /home, /root and /run/user, e.g. with "
+            "make install (/opt/wsechod), or set ProtectHome=read-only in the unit",
+        ),
+    ],
+    ids=["tmp", "home"],
+)
+def test_print_unit_warns_when_the_sandbox_hides_the_command(
+    outside: Callable[[str], Path], where: str, warning: str
+) -> None:
+    """A venv under /tmp or /home printed a unit that failed with 203/EXEC, and nothing said
+    so. The copy of the console script still runs this venv's wsechod."""
+    command = outside(where) / "wsechod"
+    shutil.copy(WSECHOD, command)
+    result = subprocess.run(
+        [str(command), "--print-unit", "wsechod.service"],
+        env=clean_env(), capture_output=True, text=True, timeout=20, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0
+    assert f"ExecStart={command} --config" in result.stdout  # printed all the same
+    assert (
+        f"wsechod: warning: wsechod.service: the command {command} is under {where}, {warning}"
+        in result.stderr.splitlines()
+    )
+    socket_unit = subprocess.run(
+        [str(command), "--print-unit", "wsechod.socket"],
+        env=clean_env(), capture_output=True, text=True, timeout=20, check=False,
+    )  # fmt: skip
+    assert (socket_unit.returncode, socket_unit.stderr) == (0, "")  # nothing it runs
+
+
+UNIT = samples.text("wsechod.service")
+
+
+def test_unit_problems_follow_links_and_name_the_interpreter(
+    outside: Callable[[str], Path],
+) -> None:
+    linked = outside("/run") / "wsechod"
+    linked.symlink_to("/tmp/somewhere/.venv/bin/wsechod")
+    problems = samples.unit_problems(
+        UNIT,
+        [("the command", linked), ("the interpreter", Path("/root/.pyenv/bin/python3.12"))],
+    )
+    assert [p.split(", which ")[0] for p in problems] == [
+        "the interpreter /root/.pyenv/bin/python3.12 is under /root",
+        "the command /tmp/somewhere/.venv/bin/wsechod is under /tmp",  # where the link leads
+    ]
+    python = Path("/home/nobody-here/py/bin/python")  # a way open to others, as far as it goes
+    [home] = samples.unit_problems(UNIT, [("the interpreter", python)])
+    assert home == (
+        f"the interpreter {python} is under /home, which ProtectHome=yes in this "
+        "unit hides from the service: it would fail with status 203/EXEC; use a Python "
+        "installed outside /home, /root and /run/user, e.g. with make install "
+        "PYTHON=/usr/bin/python3 (/opt/wsechod), or set ProtectHome=read-only in the unit"
+    )
+
+
+def test_unit_problems_name_a_directory_the_dynamic_user_cannot_enter(
+    outside: Callable[[str], Path],
+) -> None:
+    private = outside("/run")
+    private.chmod(0o700)
+    (private / "lib").mkdir()
+    assert samples.unit_problems(UNIT, [("the package", private / "lib")]) == [
+        f"the package {private / 'lib'} is out of reach of the transient user of "
+        f"DynamicUser=yes ({private} has mode 700): it would fail to import wsechod; make "
+        "the way readable by others (chmod o+rx), or install wsechod elsewhere"
+    ]
+    private.chmod(0o711)
+    assert samples.unit_problems(UNIT, [("the package", private / "lib")]) == []
+
+
+def test_unit_problems_respect_what_the_unit_says() -> None:
+    relaxed = (
+        UNIT.replace("DynamicUser=yes", "DynamicUser=no")
+        .replace("ProtectHome=yes", "ProtectHome=read-only")
+        .replace("PrivateTmp=yes", "PrivateTmp=no")
+    )
+    paths = [("the command", Path("/home/me/.venv/bin/wsechod")), ("the package", Path("/tmp/w"))]
+    assert samples.unit_problems(relaxed, paths) == []
+    assert len(samples.unit_problems(UNIT, paths)) == 2
+    assert samples.unit_problems(samples.text("wsechod.socket"), paths) == []
 
 
 @pytest.fixture
@@ -217,3 +382,17 @@ def test_make_setup_rebuilds_a_venv_another_python_made(tmp_path: Path) -> None:
     again = make(work, "setup", f"PYTHON={new}")
     assert (again.returncode, again.stderr) == (0, "")
     assert not pip_log.exists()
+
+
+def test_make_run_says_only_what_it_runs(tmp_path: Path) -> None:
+    """Not make's own "'.venv/.installed' is up to date", once the venv is there."""
+    work = make_copy(tmp_path)
+    new = script(tmp_path / "bin" / "python3.12", FAKE_NEW_PYTHON)
+    assert make(work, "setup", f"PYTHON={new}").returncode == 0
+    script(work / ".venv" / "bin" / "wsechod", '#!/bin/sh\necho "serving with $*"\n')
+    result = make(work, "run", f"PYTHON={new}", "PORT=9999")
+    assert (result.returncode, result.stderr) == (0, "")
+    assert result.stdout.splitlines() == [
+        ".venv/bin/wsechod --port 9999 ",
+        "serving with --port 9999",
+    ]

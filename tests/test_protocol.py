@@ -7,6 +7,7 @@ answered; fragments stream; control frames interleave in stream order.
 import os
 import socket
 import struct
+import sys
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -125,6 +126,43 @@ def test_invalid_utf8_at_the_start_of_a_big_frame_fails_before_its_end(
         whole = frame(OP_TEXT, b"\xff" + bytes(4 * 2**20 - 1))
         sock.sendall(whole[: 512 * 1024])  # an eighth of the frame; the rest never comes
         assert close_of(sock) == 1007
+
+
+@pytest.mark.parametrize(
+    ("size", "bad_at", "chunk"),
+    [(1000, 5, 10), (2**20, 10_000, 4096), (70_000, 65_000, 4096)],
+    ids=["small frame in 10-byte reads", "1 MiB frame in 4 KiB reads", "16-bit length"],
+)
+def test_invalid_utf8_in_a_frame_still_arriving_fails_at_the_read_that_brings_it(
+    start: Callable[..., Daemon], size: int, bad_at: int, chunk: int
+) -> None:
+    """RFC 6455 8.1: fail at once, whatever the frame's size. The client sends up to the
+    chunk that holds the bad byte and no more: the 1007 must come without the rest."""
+    daemon = start("--max-size", str(2**21))
+    payload = bytearray(b"a" * size)
+    payload[bad_at] = 0xFF
+    whole = frame(OP_TEXT, bytes(payload))
+    header = len(whole) - size
+    upto = header + bad_at + 1
+    with rawws.connect(daemon.port) as sock:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        for offset in range(0, upto, chunk):
+            sock.sendall(whole[offset : min(offset + chunk, upto)])
+        assert close_of(sock) == 1007
+
+
+def test_a_ping_between_text_fragments_is_not_checked_as_text(daemon: Daemon) -> None:
+    """A control frame still arriving inside a text message carries bytes, not text."""
+    with rawws.connect(daemon.port) as sock:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        rawws.send_frame(sock, OP_TEXT, b"abc", fin=False)
+        assert rawws.read_frame_fin(sock) == (OP_TEXT, False, b"abc")
+        ping = frame(OP_PING, b"\xff\xfe\xfd")
+        sock.sendall(ping[:7])  # the header, the mask and one byte of the payload
+        sock.sendall(ping[7:])
+        assert rawws.read_frame(sock) == (OP_PONG, b"\xff\xfe\xfd")
+        rawws.send_frame(sock, OP_CONT, b"d")
+        assert rawws.read_frame_fin(sock) == (OP_CONT, True, b"d")
 
 
 def test_ping_pong_and_messages_are_answered_in_stream_order(daemon: Daemon) -> None:
@@ -272,3 +310,32 @@ def test_unsupported_version_is_refused_with_the_version_we_speak(daemon: Daemon
     status, *headers = head.split("\r\n")
     assert status.startswith("HTTP/1.1 4"), status
     assert "Sec-WebSocket-Version: 13" in headers
+
+
+# wsechod with websockets' C extension hidden, as where it was built without it (no wheel
+# for the platform, PyPy): the engine then masks with websockets' pure-Python apply_mask.
+WITHOUT_SPEEDUPS = (
+    sys.executable,
+    "-c",
+    "import sys; sys.modules['websockets.speedups'] = None\n"
+    "from wsechod.engine import frames\n"
+    "from websockets.utils import apply_mask\n"
+    "assert frames.apply_mask is apply_mask, 'not the pure-Python apply_mask'\n"
+    "from wsechod.process.cli import main\n"
+    "sys.exit(main(sys.argv[2:]))",
+)
+
+
+def test_without_websockets_speedups_the_engine_masks_in_pure_python(
+    start: Callable[..., Daemon],
+) -> None:
+    daemon = start("--max-size", str(2**21), prefix=WITHOUT_SPEEDUPS)
+    with rawws.connect(daemon.port) as sock:
+        for size in (0, 5, 125, 4097, 70_000, 2**20):  # inline, small, view, 16/64-bit lengths
+            payload = os.urandom(size)
+            rawws.send_frame(sock, OP_BINARY, payload)
+            assert rawws.read_frame(sock) == (OP_BINARY, payload)
+        text = b"a" * 10_000 + b"\xff" + b"a" * 100_000
+        whole = frame(OP_TEXT, text)
+        sock.sendall(whole[: len(whole) - len(text) + 10_001])  # through the bad byte only
+        assert close_of(sock) == 1007

@@ -2,6 +2,7 @@
 
 import asyncio
 import contextlib
+import inspect
 import shutil
 import signal
 import socket
@@ -14,6 +15,7 @@ from typing import Any
 
 import pytest
 import redis
+import uvloop
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect as sync_connect
@@ -21,6 +23,9 @@ from websockets.sync.client import connect as sync_connect
 from tests import rawws
 from tests.conftest import Daemon, RssPeak, run_cli
 from tests.test_echo import http_get
+from wsechod import lifecycle
+from wsechod.apps import channels
+from wsechod.settings import Settings
 
 REDIS_SERVER = shutil.which("redis-server")
 if REDIS_SERVER is None:
@@ -179,6 +184,60 @@ def test_slow_consumer_cannot_grow_memory_or_hold_up_others(
     else:
         daemon.wait_for("slow consumer: closing")
         daemon.wait_for("connection closed", where=lambda e: e["code_sent"] == 1008)
+
+
+SPELLINGS = ["/room", "//room", "/%72oom", "/%72%6F%6fm", "/a/../room", "/./room", "/room?x=1"]
+
+
+def test_spellings_of_one_path_are_one_channel(start: Callable[..., Daemon]) -> None:
+    """RFC 3986 6.2.2: percent-encoded unreserved characters, dot-segments and repeated
+    slashes do not make another channel."""
+    daemon = relay(start)
+    members = [rawws.connect(daemon.port, path) for path in SPELLINGS]
+    others = [rawws.connect(daemon.port, path) for path in ("/Room", "/room/", "/r%2Foom")]
+    try:
+        rawws.send_frame(members[0], rawws.OP_TEXT, b"one channel")
+        for sock in members[1:]:
+            assert rawws.read_frame(sock) == (rawws.OP_TEXT, b"one channel")
+        for sock in others:  # other channels: the test's last word reaches them first
+            rawws.send_frame(sock, rawws.OP_TEXT, b"not yours")
+        rawws.send_frame(members[0], rawws.OP_TEXT, b"last")
+        assert rawws.read_frame(members[1]) == (rawws.OP_TEXT, b"last")
+    finally:
+        for sock in members + others:
+            sock.close()
+    channels = {e["path"] for e in daemon.events if e["event"] == "connection open"}
+    assert channels >= set(SPELLINGS)  # the log shows what each client asked for
+
+
+@pytest.mark.parametrize(
+    ("path", "name"),
+    [
+        ("/room", "/room"),
+        ("//room///x", "/room/x"),
+        ("/%72oom", "/room"),
+        ("/a%2fb", "/a%2Fb"),
+        ("/%7E%2D%5f", "/~-_"),
+        ("/a/./b/../c", "/a/c"),
+        ("/a/..", "/"),
+        ("/a/.", "/a/"),
+        ("/../..", "/"),
+        ("/room/", "/room/"),
+        ("/Room?q=/x", "/Room"),
+        ("/%e2%82%ac", "/%E2%82%AC"),
+    ],
+)
+def test_channel_names_are_normalised(path: str, name: str) -> None:
+    assert channels.normalize(path) == name
+
+
+def test_a_broken_percent_encoding_names_no_channel(start: Callable[..., Daemon]) -> None:
+    daemon = relay(start)
+    for path in ["/a%", "/a%4", "/a%zz"]:
+        with pytest.raises(channels.InvalidName):
+            channels.normalize(path)
+        with pytest.raises(ConnectionError, match=" 400 "):
+            rawws.connect(daemon.port, path)
 
 
 def test_sigterm_in_relay_mode_closes_every_member_with_1001(
@@ -427,8 +486,10 @@ def test_sigterm_under_load_with_redis_exits_within_the_drain(
 def test_malformed_message_in_redis_does_not_stop_the_relay(
     start: Callable[..., Daemon], redis_server: RedisServer
 ) -> None:
-    one = relay(start, "--broker", redis_server.url)
-    two = relay(start, "--broker", redis_server.url)
+    """What comes from Redis is bounded and checked like what comes from clients: only
+    wsechod's envelope, valid UTF-8 for text, at most max_size."""
+    one = relay(start, "--broker", redis_server.url, "--max-size", "1024")
+    two = relay(start, "--broker", redis_server.url, "--max-size", "1024")
 
     async def main() -> None:
         since = len(one.events), len(two.events)
@@ -436,13 +497,19 @@ def test_malformed_message_in_redis_does_not_stop_the_relay(
             await asyncio.to_thread(subscribed, one, "/room", since[0])
             await asyncio.to_thread(subscribed, two, "/room", since[1])
             poison = redis.Redis(port=redis_server.port)
-            poison.publish("wsechod:/room", b"12345678t\xff")  # not UTF-8
+            envelope = b"WSE\x0112345678t"
+            poison.publish("wsechod:/room", envelope + b"\xff")  # not UTF-8
             poison.publish("wsechod:/room", b"x")  # too short to be anybody's
+            poison.publish("wsechod:/room", b"12345678tlooks like ours")  # no marker
+            poison.publish("wsechod:/room", envelope + b"a" * 1025)  # over max_size
             await p.send("after the poison")
             assert await asyncio.wait_for(q.recv(), 10) == "after the poison"
 
     asyncio.run(main())
-    two.wait_for("malformed message from redis dropped")
+    malformed = "malformed message from redis dropped"
+    two.wait_for(malformed, where=lambda e: e["count"] == 2)  # rate-limited: 1, then 2 held
+    assert sum(e["count"] for e in two.events if e["event"] == malformed) == 3
+    two.wait_for("message from another instance over max_size dropped")
     assert "Traceback" not in one.log + two.log
 
 
@@ -743,3 +810,46 @@ def test_wrong_redis_password_is_reported_and_no_password_is_logged(
         daemon.wait_for("broker closed")
         assert "s3cret-pass" not in daemon.log
         assert "wrong-pass-42" not in daemon.log
+
+
+def test_the_redis_py_calls_the_broker_makes_are_there() -> None:
+    """The broker drives redis-py's connections itself (wsechod/brokers/redis.py says
+    which calls, and why): a redis-py release that renames or reshapes one fails here."""
+    from redis.asyncio.connection import (  # noqa: PLC0415
+        AbstractConnection,
+        Connection,
+        ConnectionPool,
+    )
+
+    assert callable(ConnectionPool.from_url)
+    assert inspect.iscoroutinefunction(ConnectionPool.get_connection)
+    assert inspect.iscoroutinefunction(ConnectionPool.disconnect)
+    for name, parameters in {
+        "send_command": (),
+        "send_packed_command": ("command", "check_health"),
+        "pack_commands": ("commands",),
+        "read_response": (),
+        "disconnect": ("nowait",),
+    }.items():
+        method = getattr(AbstractConnection, name)
+        assert set(parameters) <= set(inspect.signature(method).parameters), name
+    packed = Connection().pack_commands([("PUBLISH", b"c", b"p")])  # not connected
+    assert b"".join(packed) == b"*3\r\n$7\r\nPUBLISH\r\n$1\r\nc\r\n$1\r\np\r\n"
+
+
+def test_a_start_that_fails_after_the_broker_started_leaves_nothing_running(
+    redis_server: RedisServer,
+) -> None:
+    """An embedding program's loop goes on after a failed start (``running``): the broker
+    connected during the start must not stay behind."""
+
+    async def main() -> None:
+        life = lifecycle.Lifecycle(Settings(mode="relay", broker=redis_server.url))
+        closed = socket.socket()
+        closed.close()  # listening on it fails, after the broker has connected
+        with pytest.raises(OSError):
+            await lifecycle.serve([closed], life)
+        left = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        assert left == []
+
+    uvloop.run(main())

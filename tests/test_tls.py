@@ -388,3 +388,24 @@ def test_sigterm_drains_tls_clients_with_1001(start: Callable[..., Daemon], tmp_
     drained = daemon.wait_for("drained")
     assert drained["force_closed"] == 0
     quiet(daemon)
+
+
+def test_turning_tls_on_or_off_needs_a_restart(
+    start: Callable[..., Daemon], tmp_path: Path
+) -> None:
+    """Whether the listeners speak TLS is set when they start accepting: a reload that
+    would change it keeps it as it is, and says so; renewing stays live (above)."""
+    files = issue(tmp_path)
+    config = tmp_path / "wsechod.toml"
+    config.write_text("")
+    daemon = start("--config", str(config))
+    config.write_text(f'tls_cert = "{files.cert}"\ntls_key = "{files.key}"\n')
+    daemon.signal(signal.SIGHUP)
+    warning = daemon.wait_for("setting needs a restart", where=lambda e: e["key"] == "tls_cert")
+    assert warning["kept"] == ""
+
+    async def main() -> None:
+        async with connect(f"ws://127.0.0.1:{daemon.port}/") as ws:
+            await echo(ws, "still plain")
+
+    asyncio.run(main())

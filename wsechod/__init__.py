@@ -1,7 +1,11 @@
 """wsechod: a WebSocket echo and relay server daemon, and the same server embedded in a
 program (``serve_in_thread``, ``running``: see ``wsechod.embedded``)."""
 
-from typing import TYPE_CHECKING, Any
+# Not typing's: the command imports this package before it can handle signals (see
+# process/entry.py), and typing alone would take several milliseconds of that window.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
 
 __version__ = "0.1.0"
 
@@ -28,7 +32,7 @@ if TYPE_CHECKING:
     )
 
 
-def __getattr__(name: str) -> Any:
+def __getattr__(name: str) -> "Any":
     """The embedding API, imported on first use: ``import wsechod`` (the pytest plugin,
     ``--version``) stays light, and no submodule is half-imported through this one."""
     if name in __all__:

@@ -103,9 +103,10 @@ def origin_refused(request: Request, settings: Settings) -> Reply | None:
 
 
 def per_address_refused(state: State, request: Request, settings: Settings) -> Reply | None:
-    """503 with Retry-After beyond ``max_connections_per_ip`` from one address group."""
+    """503 with Retry-After beyond ``max_connections_per_ip`` from one address group (its
+    connections are counted from their accept: this one too)."""
     limit = settings.max_connections_per_ip
-    if not limit or not request.group or state.connections_from(request.group) < limit:
+    if not limit or not request.group or state.connections_from(request.group) <= limit:
         return None
     warn.warning(
         "connection refused", reason="max_connections_per_ip", limit=limit, client=request.group

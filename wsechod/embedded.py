@@ -26,7 +26,7 @@ from typing import Any
 
 import uvloop
 
-from wsechod import listeners
+from wsechod import listeners, ratelimit
 from wsechod.engine.addresses import format_address
 from wsechod.lifecycle import DrainReport, Lifecycle, drain_bound, serve
 from wsechod.listeners import BindError
@@ -45,6 +45,7 @@ __all__ = [
 ]
 
 log = get_logger("wsechod")
+failures = ratelimit.logger("wsechod")
 
 FINISH_TIMEOUT = 1.0  # seconds for leftover tasks to end once the drain is over
 STOP_REASON = "stop()"  # the "stop requested" event's reason when the program stops it
@@ -85,12 +86,25 @@ def run(
     once the server listens.
     """
     loop = uvloop.new_event_loop()
+    loop.set_exception_handler(_callback_failed)
     try:
         report = loop.run_until_complete(_serve(settings, sockets, handoff, attach))
         finish(loop)
     finally:
         loop.close()
     return report
+
+
+def _callback_failed(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+    """A callback on our loop raised (an application's timer, a broker's wake-up): a bug,
+    but one a client may trigger over and over, so rate-limited like the engine's own
+    failures; asyncio's default handler would log every occurrence."""
+    exc = context.get("exception")
+    failures.error(
+        "callback failed",
+        reason=str(context.get("message", "")),
+        exc_info=(type(exc), exc, exc.__traceback__) if exc is not None else None,
+    )
 
 
 async def _serve(

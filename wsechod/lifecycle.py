@@ -24,11 +24,11 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from wsechod import brokers, metrics, ratelimit, shared, tls
+from wsechod import brokers, memory, metrics, ratelimit, shared, tls
 from wsechod.admission import admission
 from wsechod.apps.echo import Echo
 from wsechod.apps.relay import Relay
-from wsechod.engine import Application, Engine, Options
+from wsechod.engine import Application, Engine, Options, Reply, Request
 from wsechod.engine.frames import GOING_AWAY
 from wsechod.log import get_logger
 from wsechod.settings import RESTART_KEYS, Settings, changes
@@ -92,8 +92,13 @@ class Lifecycle:
         Returns the keys applied and those that need a restart."""
         old = self.settings
         changed = changes(old, new)
-        kept = [key for key in changed if key in RESTART_KEYS]
-        applied = [key for key in changed if key not in RESTART_KEYS]
+        # Whether the listeners speak TLS is decided when they start accepting; a reload
+        # renews the certificate.
+        restart = RESTART_KEYS | (
+            set(TLS_KEYS) if bool(old.tls_cert) != bool(new.tls_cert) else set()
+        )
+        kept = [key for key in changed if key in restart]
+        applied = [key for key in changed if key not in restart]
         self.settings = dataclasses.replace(new, **{k: getattr(self.settings, k) for k in kept})
         if self.engine is not None:
             try:
@@ -172,6 +177,8 @@ def options(settings: Settings, loaded: ssl.SSLContext | None = None) -> Options
         ),
         trust_unix="unix" in settings.trusted_proxies,
         ipv6_prefix_length=settings.ipv6_prefix_length,
+        max_connections_per_ip=settings.max_connections_per_ip,
+        memory_limit=settings.memory_limit or memory.auto_limit(settings.workers),
         access_log=settings.access_log,
         backlog=settings.backlog,
     )
@@ -217,31 +224,33 @@ async def serve(
     # process's context: files being replaced do not stop a replacement worker).
     engine_options = options(settings, life.tls)
     app, broker = application(settings)
-    if broker is not None:
-        assert isinstance(app, Relay)
-        await broker.start(app.deliver)
-    engine = Engine(engine_options, app)
-    worker = life.shared
-    if worker is None:
-        admit = admission(engine, app, lambda: life.settings, metrics=metrics.exporter(engine, app))
-    else:
-        degraded = functools.partial(worker.degraded, app)
-        admit = admission(
-            engine,
-            app,
-            lambda: life.settings,
-            metrics=worker.page,
-            degraded=degraded,
-            draining=worker.daemon_draining,
+    engine: Engine | None = None
+    try:
+        if broker is not None:
+            assert isinstance(app, Relay)
+            await broker.start(app.deliver)
+        engine = Engine(engine_options, app)
+        engine.set_admission(_admission(engine, app, life))
+        await engine.listen(sockets)
+        life.attach(engine, app, handoff)
+        if life.shared is not None:
+            life.shared.attach(engine, app)
+        # tls: which of the addresses speak TLS (wss://, https://); all of them or none.
+        tls = engine.addresses if engine_options.tls is not None else []
+        log.info(
+            "listening", addresses=engine.addresses, tls=tls, mode=settings.mode, pid=os.getpid()
         )
-    engine.set_admission(admit)
-    await engine.listen(sockets)
-    life.attach(engine, app, handoff)
-    if worker is not None:
-        worker.attach(engine, app)
-    log.info("listening", addresses=engine.addresses, mode=settings.mode, pid=os.getpid())
-    if ready is not None:
-        ready()
+        if ready is not None:
+            ready()
+    except BaseException:
+        # A start that fails half-way leaves nothing running: an embedding program's
+        # loop goes on after it (``running``), a broker task would too.
+        if engine is not None:
+            engine.stop_accepting()
+            engine.budget.stop()
+        if broker is not None:
+            await _close_broker(broker)
+        raise
 
     # Serve.
     reason = await life.stop
@@ -282,6 +291,24 @@ async def serve(
         **totals,
     )
     return report
+
+
+def _admission(
+    engine: Engine, app: Application, life: Lifecycle
+) -> Callable[[Request], Reply | None]:
+    """What a request gets before the upgrade; a worker answers /metrics and /healthz for
+    the whole daemon."""
+    worker = life.shared
+    if worker is None:
+        return admission(engine, app, lambda: life.settings, metrics=metrics.exporter(engine, app))
+    return admission(
+        engine,
+        app,
+        lambda: life.settings,
+        metrics=worker.page,
+        degraded=functools.partial(worker.degraded, app),
+        draining=worker.daemon_draining,
+    )
 
 
 async def _close_broker(broker: brokers.Broker) -> None:

@@ -122,6 +122,7 @@ def snapshot(engine: Engine, app: Application) -> Snapshot:
     }
     counters = {
         "connections_opened": stats["connections_opened"],
+        "handshakes_cut": stats["handshakes_cut"],
         "received/text": stats["text_in"] + count("text_in"),
         "received/binary": stats["messages_in"] - stats["text_in"] + count("binary_in"),
         "sent/text": stats["text_out"] + count("text_out"),
@@ -150,6 +151,7 @@ def snapshot(engine: Engine, app: Application) -> Snapshot:
         counts = broker.stats()
         for outcome in BROKER_OUTCOMES:
             counters[f"broker/{outcome}"] = counts.get(outcome, 0)
+        counters["broker/too_big"] = app.stats["remote_too_big"]
         counters["broker_reconnects"] = counts.get("reconnects", 0)
     return snap
 
@@ -191,6 +193,11 @@ def families(snap: Snapshot) -> Iterable[Metric]:
         "wsechod_connections_opened",
         "WebSocket connections opened (handshake completed)",
         value=counters.get("connections_opened", 0),
+    )
+    yield CounterMetricFamily(
+        "wsechod_handshakes_cut",
+        "pending handshakes cut to make room for others when file descriptors ran short",
+        value=counters.get("handshakes_cut", 0),
     )
     yield counter(
         "wsechod_handshakes_refused",
@@ -272,7 +279,7 @@ def _relay(snap: Snapshot) -> Iterable[Metric]:
         "wsechod_broker_messages",
         "messages between instances by outcome: published (answered by Redis), delivered "
         "(from other instances), lost (never sent), unconfirmed (sent, not answered), "
-        "failed (refused by Redis), malformed (not wsechod's)",
+        "failed (refused by Redis), malformed (not wsechod's), too_big (over max_size)",
         ["outcome"],
         _labelled(counters, "broker"),
     )

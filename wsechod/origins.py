@@ -4,7 +4,9 @@ An entry is ``[scheme://]host[:port]``:
 
 - ``https://app.example.com``: exactly that origin (the scheme's default port);
 - ``https://*.example.com``: any subdomain of example.com, at any depth, but not
-  example.com itself;
+  example.com itself; a wildcard over a public suffix (``*.com``, ``*.co.uk``,
+  ``*.github.io``: names anyone can register under) is refused, per the Public Suffix List
+  (the ``publicsuffixlist`` package), except ``*.localhost``;
 - without a scheme (``app.example.com``, ``*.example.com``), any scheme;
 - ``http://localhost:3000``: a port other than the default must be written;
 - ``*``: any origin (with ``require_origin``: any, as long as there is one);
@@ -20,6 +22,8 @@ import ipaddress
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+
+from publicsuffixlist import PublicSuffixList
 
 DEFAULT_PORTS = {"http": 80, "https": 443, "ws": 80, "wss": 443}
 _SCHEME = re.compile(r"[a-z][a-z0-9+.-]*")
@@ -96,7 +100,19 @@ def _parse(text: str, *, pattern: bool) -> Pattern:
         host = host[2:]
     if not _valid_host(host, wildcard):
         raise ValueError(f"invalid host {host!r}")
+    if wildcard and host != "localhost" and _public_suffixes().is_public(host):
+        raise ValueError(
+            f"*.{host} covers a public suffix: any site registered under it would be "
+            "allowed; list the origins, or a wildcard under a domain of yours (*.example.com)"
+        )
     return Pattern(scheme or None, host, wildcard, port)
+
+
+@functools.cache
+def _public_suffixes() -> PublicSuffixList:
+    """The Public Suffix List as the package ships it, read once (about 20 ms), when the
+    first wildcard is checked."""
+    return PublicSuffixList()
 
 
 def _origin_host_port(text: str) -> tuple[str, int | None]:

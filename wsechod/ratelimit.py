@@ -44,13 +44,15 @@ class RateLimitedLog:
         self._event("error", event, fields)
 
     def _event(self, level: str, event: str, fields: dict[str, Any]) -> None:
-        """One line per event and ``reason`` field per interval."""
+        """One line per event and ``reason`` field per interval. An error carries the
+        traceback of the exception being handled (or ``exc_info``), the first time only."""
+        exc_info = fields.pop("exc_info", True)
         key = f"{event}\0{fields.get('reason', '')}"
         now = time.monotonic()
         if now >= self._until.get(key, 0.0):
             self._until[key] = now + self._interval
             held = self._repeats.pop(key, (0, level, event, fields))[0]  # no timer reported
-            extra = {"exc_info": True} if level == "error" else {}
+            extra = {"exc_info": exc_info} if level == "error" else {}
             getattr(self._log, level)(event, count=1 + held, **fields, **extra)
             return
         count = self._repeats.get(key, (0, level, event, fields))[0]

@@ -251,6 +251,15 @@ class Settings:
         "open WebSocket connections before new ones get HTTP 503; 0: no limit",
         minimum=0,
     )
+    memory_limit: int = _opt(
+        0,
+        "bytes buffered for clients (frames still arriving, write buffers above "
+        "write_limit) per serving process before reading pauses, then the heaviest "
+        "connections close with 1013; 0 or auto: a quarter of the memory the process may "
+        "use (its cgroup's limit, else the machine's), divided among the workers",
+        minimum=0,
+        words={"auto": lambda: 0},
+    )
     # --- who may connect, and how (TLS, origins, per-client limit, proxies) ---
     tls_cert: str = _opt(
         "", "TLS certificate (PEM, chain after it): the port serves wss only; '': none", path=()
@@ -455,7 +464,7 @@ def load(
             continue
         _check_known(key, f"passed to {given_by}")
         typed = list(raw) if isinstance(raw, tuple) else raw  # a Python list may be a tuple
-        values[key] = _convert(key, typed, given_by, text=False)
+        values[key] = _convert(key, typed, given_by, text=False, program=True)
         sources[key] = given_by
 
     settings = Settings(**values)
@@ -635,9 +644,10 @@ def _check_known(key: str, where: str) -> None:
     raise SettingsError(f"unknown key {key!r} {where}{hint}")
 
 
-def _convert(key: str, raw: Any, source: str, *, text: bool) -> Any:
+def _convert(key: str, raw: Any, source: str, *, text: bool, program: bool = False) -> Any:
     """Turn a TOML value (``text`` False: it must have the key's type already) or an
-    env/CLI string (``text`` True: parsed) into the key's type, then check its range."""
+    env/CLI string (``text`` True: parsed) into the key's type, then check its range.
+    ``program``: the value came from a Python program, whose author wants Python advice."""
     f = _BY_NAME[key]
     kind = typing.get_origin(f.type) or f.type  # tuple[str, ...]: a list of strings
     assert isinstance(kind, type)
@@ -648,7 +658,7 @@ def _convert(key: str, raw: Any, source: str, *, text: bool) -> Any:
             if word is not None:
                 value = words[word]()
             else:
-                value = _typed(kind, raw) if text else _native(kind, raw)
+                value = _typed(kind, raw) if text else _native(kind, raw, key if program else "")
         except ValueError as exc:  # not of the key's type: say which words it also takes
             also = f" (or {', '.join(words)})" if words else ""
             raise ValueError(f"{exc}{also}") from None
@@ -681,14 +691,18 @@ def _typed(kind: type, raw: Any) -> Any:
     return kind(raw)
 
 
-def _native(kind: type, raw: Any) -> Any:
+def _native(kind: type, raw: Any, python: str = "") -> Any:
     """A TOML value, which has a type of its own: port = "8080" is a string, not a port
-    (a quoted number or a "yes" is most likely a mistake that would hide another)."""
+    (a quoted number or a "yes" is most likely a mistake that would hide another). With
+    ``python`` (the key), a value from a program: the same rule, said in Python's terms."""
     if kind is float and isinstance(raw, int | float) and not isinstance(raw, bool):
         return float(raw)
     if kind is tuple:  # a list of strings: a TOML array
         if isinstance(raw, list) and all(isinstance(e, str) for e in raw):
             return tuple(raw)
+        if python:
+            hint = f" (in Python: {python}=[{raw!r}])" if isinstance(raw, str) else ""
+            raise ValueError(f"expected a list of strings{hint}")
         hint = f" (TOML: write [{json.dumps(raw)}])" if isinstance(raw, str) else ""
         raise ValueError(f"expected an array of strings{hint}")
     if isinstance(raw, kind) and (kind is bool or not isinstance(raw, bool)):
@@ -696,7 +710,11 @@ def _native(kind: type, raw: Any) -> Any:
     hint = ""
     if isinstance(raw, str) and kind is not str:
         with contextlib.suppress(ValueError):
-            hint = f" (TOML: write {json.dumps(_typed(kind, raw))} without quotes)"
+            value = _typed(kind, raw)
+            if python:
+                hint = f" (in Python: {python}={value!r}, without quotes)"
+            else:
+                hint = f" (TOML: write {json.dumps(value)} without quotes)"
     raise ValueError(f"expected {kind.__name__}, got {type(raw).__name__}{hint}")
 
 

@@ -35,6 +35,7 @@ from collections.abc import Callable
 from typing import Any
 
 from wsechod import ratelimit
+from wsechod.apps import channels
 from wsechod.brokers.base import Broker
 from wsechod.engine import Connection, Prepared, Reply, prepare
 from wsechod.engine.frames import POLICY_VIOLATION
@@ -51,8 +52,9 @@ POLICIES = ("drop", "close")
 
 
 def channel_of(path: str) -> str:
-    """The channel is the request path, without the query string."""
-    return path.partition("?")[0]
+    """The channel is the request path, normalised (``wsechod.apps.channels``), without the
+    query string; admission has refused the paths that name none."""
+    return channels.normalize(path)
 
 
 class Member:
@@ -103,13 +105,20 @@ class Relay:
     def __init__(self, broker: Broker, **options: Any) -> None:
         self.broker = broker
         self.echo = False
+        self.max_size = 0  # what a client may send: what another instance may, too
         self.cap = 0  # a receiver's buffer never grows past this
         self.max_channels = self.max_channel_members = self.max_path_length = 0
         self.policy = "drop"
         self.timeout = 0.0
         self.configure(**options)
         self.channels: dict[str, Channel] = {}
-        self.stats = {"dropped": 0, "slow_dropping": 0, "slow_closed": 0, "remote": 0}
+        self.stats = {
+            "dropped": 0,
+            "slow_dropping": 0,
+            "slow_closed": 0,
+            "remote": 0,
+            "remote_too_big": 0,
+        }
         self._now: Callable[[], float] = asyncio.get_running_loop().time
 
     def configure(
@@ -126,6 +135,7 @@ class Relay:
     ) -> None:
         """At start, and on a reload: the limits and the policy apply from now on."""
         self.echo = echo
+        self.max_size = max_size
         self.cap = write_limit + max_size
         self.max_channels = max_channels
         self.max_channel_members = max_channel_members
@@ -137,12 +147,17 @@ class Relay:
 
     def admit(self, path: str) -> Reply | None:
         """Refuse, before the handshake, a channel name or a member over the limits."""
-        name = channel_of(path)
-        if len(name) > self.max_path_length:
+        written = path.partition("?")[0]
+        if len(written) > self.max_path_length:
             status, text = http.HTTPStatus.REQUEST_URI_TOO_LONG, "channel name too long\n"
             return Reply(status, text, refused="max_path_length")
-        if not _PATH.fullmatch(name):
+        if not _PATH.fullmatch(written):
             text = "invalid character in channel name\n"
+            return Reply(http.HTTPStatus.BAD_REQUEST, text, refused="invalid_channel")
+        try:
+            name = channels.normalize(written)
+        except channels.InvalidName as exc:
+            text = f"invalid channel name: {exc}\n"
             return Reply(http.HTTPStatus.BAD_REQUEST, text, refused="invalid_channel")
         channel = self.channels.get(name)
         if channel is None and len(self.channels) >= self.max_channels:
@@ -184,26 +199,28 @@ class Relay:
             self._not_behind(member, settle=False)
         # A publisher held with its message: the message was received whole, so it still
         # goes out when the channel moves (``_release`` skips resuming the gone client).
-        if not channel.members and not channel.waiting:
-            del self.channels[channel.name]
-            self.broker.unsubscribe(channel.name)
+        # (Leaving while behind may have released, and so forgotten, the channel already.)
+        self._forget_if_empty(channel)
 
     # --- messages --------------------------------------------------------------------
 
     def data(self, conn: Connection, payload: bytes, text: bool, first: bool, last: bool) -> None:
         member: Member = conn.app_data
-        if not last:
+        if not last:  # put together (the engine bounds it by max_size), and counted
             if first:
                 member.parts, member.text = bytearray(payload), text
             elif member.parts is not None:
                 member.parts += payload
+            conn.hold(len(payload))
             return
         if not first and member.parts is not None:
             member.parts += payload
             payload, text, member.parts = bytes(member.parts), member.text, None
+            conn.hold(-conn.app_held)  # the parts are let go of...
         channel = member.channel
         if channel.behind or channel.waiting or not self.broker.writable():
             member.pending = (payload, text)
+            conn.hold(len(payload))  # ...and a message held with its publisher counted
             conn.pause_reading()
             channel.waiting.append(member)
             self._wait_for_broker(channel)
@@ -215,9 +232,19 @@ class Relay:
         """A message from another instance: to every member here, never held (the broker
         serves every channel); a receiver it pushes past the cap is slow at once."""
         channel = self.channels.get(name)
-        if channel is not None:
-            self.stats["remote"] += 1
-            self._fan_out(channel, prepare(payload, text), None)
+        if channel is None:
+            return
+        if len(payload) > self.max_size:  # bounded like what a client sends
+            self.stats["remote_too_big"] += 1
+            warn.warning(
+                "message from another instance over max_size dropped",
+                reason="max_size",
+                channel=name,
+                size=len(payload),
+            )
+            return
+        self.stats["remote"] += 1
+        self._fan_out(channel, prepare(payload, text), None)
 
     def _fan_out(self, channel: Channel, message: Prepared, exclude: Member | None) -> None:
         channel.fanning = True
@@ -357,10 +384,20 @@ class Relay:
             assert member.pending is not None
             payload, text = member.pending
             member.pending = None
+            member.conn.hold(-len(payload))
             self._fan_out(channel, prepare(payload, text), None if self.echo else member)
             self.broker.publish(channel.name, payload, text)
             if member.conn in channel.members:
                 member.conn.resume_reading()
-        if not channel.members and not waiting and self.channels.get(channel.name) is channel:
+        self._forget_if_empty(channel)
+
+    def _forget_if_empty(self, channel: Channel) -> None:
+        """A channel with no member and no held message is gone (once: several paths
+        lead here, and a new channel of the same name may have been made since)."""
+        if (
+            not channel.members
+            and not channel.waiting
+            and self.channels.get(channel.name) is channel
+        ):
             del self.channels[channel.name]
             self.broker.unsubscribe(channel.name)

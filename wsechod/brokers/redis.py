@@ -1,9 +1,19 @@
 """Redis pub/sub between instances, on redis-py's asyncio connections driven directly.
 
+What of redis-py this uses, all public (no underscore) and documented in its API reference
+(tested with redis-py 8.2; ``tests/test_relay.py`` checks these calls on the installed
+version, so a release that changes them fails there, not in production):
+``ConnectionPool.from_url`` and ``ConnectionPool.get_connection`` (a connected connection
+with the URL's credentials and database), and on that connection ``send_command``,
+``send_packed_command``, ``pack_commands``, ``read_response`` and ``disconnect``. The
+client classes (``Redis``, ``PubSub``, pipelines) are not used: they retry, check health
+and reconnect on their own, and a retried PUBLISH can be delivered twice.
+
 Each instance subscribes only to the channels it has members on (Redis channel
-``wsechod:<path>``) and publishes each relayed message once, prefixed with its own random
-id and the frame type, so it can ignore its own messages when Redis echoes them back: a
-client never gets a message twice. Nothing is retried, so delivery between instances is at
+``wsechod:<path>``) and publishes each relayed message once, in an envelope: a marker and
+version (``MAGIC``), its own random id and the frame type, so it can ignore its own
+messages when Redis echoes them back (a client never gets a message twice) and drop, as
+malformed, what anyone else publishes there. Nothing is retried, so delivery between instances is at
 most once, and every loss is counted (``stats()``) and logged, rate-limited.
 
 A session with Redis is two connections: the subscriber (SUBSCRIBE, and a PING every
@@ -32,7 +42,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-from redis.asyncio.connection import AbstractConnection, ConnectionPool, parse_url
+from redis.asyncio.connection import AbstractConnection, ConnectionPool
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import AuthenticationError, RedisError, ResponseError
@@ -47,8 +57,10 @@ log = get_logger("wsechod.broker")
 
 PREFIX = "wsechod:"
 CONTROL = PREFIX + "\0control"  # always subscribed: keeps the subscriber in pub/sub mode
+MAGIC = b"WSE\x01"  # the envelope's marker and version
 TEXT, BINARY = b"t", b"b"
 ID_SIZE = 8
+HEAD = len(MAGIC) + ID_SIZE + 1  # marker, instance id, frame type; then the payload
 
 # Deadlines, in seconds. Redis answers a PING in well under a millisecond; a second and a
 # half without an answer is a hang, not load. Detection takes at most about
@@ -139,7 +151,7 @@ class RedisBroker:
                 lost = self.counts["lost"]
                 self._warn.warning(f"broker {self.state}: message not sent", lost=lost)
             return
-        data = b"".join((self.id, TEXT if text else BINARY, payload))
+        data = b"".join((MAGIC, self.id, TEXT if text else BINARY, payload))
         name = (PREFIX + channel).encode()
         size = len(data) + len(name) + OVERHEAD
         if self._queued + size > OUTBOX_LIMIT:
@@ -235,26 +247,25 @@ class RedisBroker:
         timeouts inside redis-py: a retried PUBLISH can be delivered twice, and our own
         deadlines cover every wait."""
         try:
-            options: dict[str, Any] = {**parse_url(self.url)}
-            options.update(
+            pool = ConnectionPool.from_url(
+                self.url,
                 socket_timeout=None,
                 socket_connect_timeout=CONNECT_TIMEOUT,
                 retry=Retry(NoBackoff(), 0),
                 health_check_interval=0,
                 protocol=2,  # pub/sub replies as plain replies (RESP3 hands them to a hook)
             )
-            pool = ConnectionPool(**options)
         except (ValueError, TypeError) as exc:
             raise _Down(UNREACHABLE, self._scrub(f"invalid broker URL: {exc}"), "url") from None
-        conn: AbstractConnection = pool.make_connection()  # type: ignore[no-untyped-call]
+        conn: AbstractConnection | None = None
         try:
             async with asyncio.timeout(CONNECT_TIMEOUT):
-                await conn.connect()  # type: ignore[no-untyped-call]
+                conn = await pool.get_connection()  # type: ignore[no-untyped-call]
                 await conn.send_command("PING", check_health=False)
                 await conn.read_response()
         except BaseException as exc:  # cancelled too: never leave a socket behind
             with contextlib.suppress(Exception):
-                await conn.disconnect(nowait=True)
+                await pool.disconnect()
             if isinstance(exc, RedisError | OSError):
                 raise self._failure(exc, CONNECT_TIMEOUT) from None
             raise
@@ -389,11 +400,13 @@ class RedisBroker:
     def _received(self, channel: object, payload: object) -> None:
         if not isinstance(payload, bytes) or not isinstance(channel, bytes):
             return
-        if payload[:ID_SIZE] == self.id:
+        if payload[len(MAGIC) : HEAD - 1] == self.id:
             return  # our own message coming back: already delivered locally
-        kind = payload[ID_SIZE : ID_SIZE + 1]
-        body = payload[ID_SIZE + 1 :]
+        kind = payload[HEAD - 1 : HEAD]
+        body = payload[HEAD:]
         try:
+            if not payload.startswith(MAGIC):
+                raise ValueError("not a wsechod envelope")
             if kind not in (TEXT, BINARY):
                 raise ValueError(f"unknown frame type {kind!r}")
             if kind == TEXT:

@@ -18,11 +18,10 @@ import asyncio
 import codecs
 from typing import TYPE_CHECKING, Any
 
-from websockets.speedups import apply_mask
-
 from wsechod import ratelimit
 from wsechod.engine import frames as f
 from wsechod.engine.deflate import Corrupt, Deflate, TooBig
+from wsechod.engine.frames import apply_mask
 from wsechod.engine.interface import Application, Prepared
 
 if TYPE_CHECKING:
@@ -31,9 +30,9 @@ if TYPE_CHECKING:
 # States. Reading goes on in CLOSING (we sent a close frame and wait for the client's);
 # in CLOSED nothing more is parsed.
 OPEN, CLOSING, CLOSED = 1, 2, 3
-# Why reading is paused: our own write buffer is full, the application asked, or this
-# connection has had its turn of the event loop.
-PAUSED_WRITE, PAUSED_APP, PAUSED_TURN = 1, 2, 4
+# Why reading is paused: our own write buffer is full, the application asked, this
+# connection has had its turn of the event loop, or the process is over its memory budget.
+PAUSED_WRITE, PAUSED_APP, PAUSED_TURN, PAUSED_MEMORY = 1, 2, 4, 8
 # Work a connection may do before it lets the others have the loop: a unit per frame and
 # per 4 KiB of payload (inflated, for compressed frames). Without it one client sending
 # tiny frames, or small frames that inflate to much, could hold everyone else for seconds.
@@ -73,6 +72,7 @@ class WebSocket(asyncio.Protocol):
         "_timer",
         "_utf8",
         "app_data",
+        "app_held",
         "binary_in",
         "binary_out",
         "blocked",
@@ -123,6 +123,7 @@ class WebSocket(asyncio.Protocol):
         self.peer = peer
         self.group = ""  # the client's address group (proxy.group), counted by the engine
         self.app_data: Any = None
+        self.app_held = 0  # bytes the application keeps for it (``hold``)
         self.blocked = False
         # Whole messages, by type: counted apart rather than a total and the text ones, so
         # that a message costs one increment, as a plain count would.
@@ -135,7 +136,8 @@ class WebSocket(asyncio.Protocol):
         self.opened_at = engine.loop.time()
         limit = options.write_limit
         transport.set_write_buffer_limits(high=limit, low=limit // 4)
-        self._keepalive_later(options.ping_interval)
+        if options.ping_interval:
+            self._keepalive_later(options.ping_interval)
 
     # --- what applications call ------------------------------------------------------
 
@@ -216,6 +218,51 @@ class WebSocket(asyncio.Protocol):
     def resume_reading(self) -> None:
         self._release(PAUSED_APP)
 
+    def hold(self, nbytes: int) -> None:
+        nbytes = max(nbytes, -self.app_held)  # never below nothing, whatever comes late
+        self.app_held += nbytes
+        self._grew(nbytes)
+
+    # --- the memory budget (``budget.py``) -------------------------------------------
+
+    @property
+    def holding(self) -> bool:
+        """Part of a frame is buffered, or the application holds part of a message."""
+        return self._buf is not None or self.app_held > 0
+
+    @property
+    def weight(self) -> int:
+        """What closing it would let go of."""
+        buf = self._buf
+        held = (0 if buf is None else len(buf)) + self.app_held
+        return held + self._t.get_write_buffer_size() if self.blocked else held
+
+    def memory_pause(self) -> None:
+        self._hold(PAUSED_MEMORY)
+
+    def memory_resume(self) -> None:
+        self._release(PAUSED_MEMORY)
+
+    def shed(self, code: int) -> None:
+        """Closed to bring the process back under its budget: what it holds is let go of
+        now; a client that does not read its buffer cannot take the close frame."""
+        self._fail(code, "server is short of memory")
+        if self.blocked:
+            self.abort()
+
+    def _grew(self, nbytes: int) -> None:
+        budget = self._engine.budget
+        budget.held += nbytes
+        if nbytes > 0 and budget.held + budget.outgoing > budget.limit:
+            budget.pause(self)
+
+    def _set_buf(self, buf: bytearray | None) -> None:
+        old = self._buf
+        self._buf = buf
+        self._engine.budget.held += (0 if buf is None else len(buf)) - (
+            0 if old is None else len(old)
+        )
+
     # --- asyncio.Protocol ------------------------------------------------------------
 
     def data_received(self, data: bytes) -> None:
@@ -224,13 +271,16 @@ class WebSocket(asyncio.Protocol):
         buf = self._buf
         if buf is None:
             used = self._parse(data)
-            if used < len(data):
-                self._buf = bytearray(memoryview(data)[used:])
+            if used < len(data) and self._state != CLOSED:
+                self._buf = buf = bytearray(memoryview(data)[used:])
+                self._grew(len(buf))
+                if self._need:  # a frame still arriving
+                    self._check_partial_text(buf)
             return
         buf += data
+        self._grew(len(data))
         if len(buf) < self._need:
-            if (self._msg or buf[0] & 0x0F) == f.OP_TEXT:
-                self._check_partial_text(buf)
+            self._check_partial_text(buf)
             return
         self._continue()
 
@@ -239,24 +289,29 @@ class WebSocket(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         self.blocked = True
+        self._engine.budget.blocked.add(self)
         self._hold(PAUSED_WRITE)
         self._app.blocked(self)
 
     def resume_writing(self) -> None:
         self.blocked = False
+        self._engine.budget.blocked.discard(self)
         self._app.unblocked(self)
         if self.blocked:  # what the application wrote meanwhile filled it again
             return
         self._release(PAUSED_WRITE)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._engine.transports -= 1
+        engine = self._engine
+        engine.transports -= 1
         self._state = CLOSED
-        self._buf = None
+        self._set_buf(None)
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        self._engine.closed(self)
+        engine.closed(self)
+        engine.budget.forget(self)
+        self.hold(-self.app_held)  # what the application did not let go of itself
 
     # --- parsing ---------------------------------------------------------------------
 
@@ -268,7 +323,10 @@ class WebSocket(asyncio.Protocol):
         if self._buf is not None and used:  # not closed meanwhile
             # A fresh buffer for the rest: deleting the front of a bytearray keeps its
             # allocation, which would pin a whole max_size frame per idle connection.
-            self._buf = bytearray(memoryview(buf)[used:]) if used < len(buf) else None
+            self._set_buf(bytearray(memoryview(buf)[used:]) if used < len(buf) else None)
+            buf = self._buf
+            if self._need and buf is not None:  # a frame still arriving
+                self._check_partial_text(buf)
 
     def _parse(self, buf: bytes | bytearray) -> int:  # noqa: PLR0911, PLR0912, PLR0915 - inline
         """Handle every whole frame at the start of ``buf``; return the bytes used."""
@@ -467,17 +525,22 @@ class WebSocket(asyncio.Protocol):
         return True
 
     def _check_partial_text(self, buf: bytearray) -> None:
-        """A big text frame still arriving: check what has come so far, so that invalid
-        UTF-8 is refused at once rather than after the rest of the frame (or never, if
-        the client stalls). ``_checked`` bytes are already fed to the message's decoder;
-        the frame's completion feeds only the rest."""
-        if self._compressed or buf[0] & 0x40:
+        """A text frame still arriving: check what has come so far, at every read, so that
+        invalid UTF-8 is refused at once rather than after the rest of the frame (or never,
+        if the client stalls). ``_checked`` bytes are already fed to the message's decoder;
+        the frame's completion feeds only the rest. A compressed frame is checked once it
+        has arrived whole and been inflated."""
+        b0 = buf[0]
+        opcode = b0 & 0x0F
+        if opcode != f.OP_TEXT and (opcode != f.OP_CONT or self._msg != f.OP_TEXT):
+            return  # binary, or a control frame between the fragments of a text message
+        if self._compressed or b0 & 0x40:
             return
         length = buf[1] & 0x7F
         start = 14 if length == 127 else 8 if length == 126 else 6
         checked = self._checked
-        if len(buf) - start - checked < 65536:
-            return  # worth it for big frames only; small ones complete soon enough
+        if len(buf) <= start + checked:
+            return  # nothing new of the payload yet (or not even the whole mask)
         mask = bytes(buf[start - 4 : start])
         turn = checked % 4
         mask = mask[turn:] + mask[:turn]
@@ -543,6 +606,7 @@ class WebSocket(asyncio.Protocol):
         if self._state == OPEN:
             self._write_close(code, reason)
         self._state = CLOSED
+        self._set_buf(None)  # nothing more is parsed: what is buffered is let go of now
         self._engine.failed(self, code, reason)
         self._close_later()
         if self._t.can_write_eof():
@@ -594,8 +658,9 @@ class WebSocket(asyncio.Protocol):
     # --- keepalive -------------------------------------------------------------------
 
     def _keepalive_later(self, delay: float) -> None:
-        if delay:
-            self._timer = self._engine.loop.call_later(delay, self._keepalive)
+        """The next keepalive step in ``delay`` seconds (0: at the next loop pass; a pong
+        that came late is followed by the next ping at once, never by none)."""
+        self._timer = self._engine.loop.call_later(delay, self._keepalive)
 
     def _keepalive(self) -> None:
         """Ping every ``ping_interval``; no pong within ``ping_timeout``: fail with 1011.

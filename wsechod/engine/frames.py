@@ -7,6 +7,13 @@ costs one concatenation.
 
 import struct
 
+try:  # websockets' C version when its extension is built...
+    from websockets.speedups import apply_mask
+except ImportError:  # ...else its pure-Python one, as websockets itself does (PyPy, no wheel)
+    from websockets.utils import apply_mask
+
+__all__ = ["apply_mask"]  # and the constants and functions below
+
 OP_CONT, OP_TEXT, OP_BINARY = 0x0, 0x1, 0x2
 OP_CLOSE, OP_PING, OP_PONG = 0x8, 0x9, 0xA
 

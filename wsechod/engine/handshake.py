@@ -7,9 +7,13 @@ it hands the transport to a ``WebSocket`` with ``set_protocol`` and is dropped: 
 of the handshake stays in memory for the life of the connection. Bytes the client sent
 after the request head, before the 101, are the first bytes of the WebSocket stream.
 
-With TLS, the TLS handshake comes first (``loop.start_tls`` on the accepted connection, so
-that the connection is counted, timed by ``open_timeout`` and its failure logged like any
-other); from a trusted proxy without TLS, a PROXY protocol header may come first.
+A handshake is in the engine's table of pending handshakes from the moment its
+connection is accepted: it is counted for its client's address (``max_connections_per_ip``)
+and, when file descriptors run short, the oldest pending handshakes of the address that
+holds the most are cut first. On a TLS listener the engine accepts the connection itself
+and runs the TLS handshake with ``loop.connect_accepted_socket`` (a Task that lives as
+long as the TLS handshake); this protocol then sees the decrypted request. From a trusted
+proxy without TLS, a PROXY protocol header may come first.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import email.utils
 import http
 import re
 import socket
-from collections.abc import Coroutine
+import ssl
 from typing import TYPE_CHECKING, Any, cast
 
 from websockets.datastructures import Headers
@@ -46,6 +50,9 @@ TOO_LARGE = "head_too_large"  # why a 431 refuses, in /metrics
 
 _UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f]")
 CAUSE_MAX = 200  # characters of the client's own text quoted back in a 400
+# Seconds a connection accepted beyond its address's max_connections_per_ip has to send
+# its request and hear 503 (rather than the whole open_timeout, holding a descriptor).
+REFUSE_WITHIN = 1.0
 
 
 def serialize(reply: Reply, head_only: bool = False) -> bytes:
@@ -70,94 +77,114 @@ def _quoted(cause: object) -> str:
 
 
 class Handshake(asyncio.Protocol):
-    __slots__ = ("_addr", "_engine", "_gone", "_head", "_proxy", "_t", "_timer", "_tls", "peer")
+    __slots__ = (
+        "_addr",
+        "_engine",
+        "_gone",
+        "_head",
+        "_proxy",
+        "_sock",
+        "_t",
+        "_timer",
+        "_tls",
+        "_trusted",
+        "group",
+        "peer",
+    )
 
     def __init__(self, engine: Engine) -> None:
         self._engine = engine
         self._head = bytearray()
         self._t: asyncio.Transport | None = None
         self._timer: asyncio.TimerHandle | None = None
-        # The TLS handshake under way: start_tls's coroutine, driven by _drive_tls.
-        self._tls: Coroutine[Any, Any, asyncio.Transport | None] | None = None
+        # The TLS handshake under way (``connect_accepted_socket``), and its socket.
+        self._tls: asyncio.Task[Any] | None = None
+        self._sock: socket.socket | None = None
         self._addr: proxy.Address | None = None  # the peer's, or the client's per PROXY
+        self._trusted = False  # the peer may name the client (a trusted proxy)
         self._proxy = False  # a PROXY protocol header may come first
-        self._gone = False  # connection_lost (or a failed TLS handshake) has counted it
+        self._gone = False  # its connection is over and uncounted
         self.peer = ""
+        self.group = ""  # the client's address group (proxy.group), once known
+
+    # --- accepted --------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        engine = self._engine
         self._t = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
-        self.peer = engine.peer_of(transport)
-        self._addr = proxy.peer_address(transport.get_extra_info("peername"))
-        engine.transports += 1  # until connection_lost, whoever owns it then
-        options = engine.options
-        if engine.out_of_fds():
-            if options.tls is None:
-                self._answer(Reply(http.HTTPStatus.SERVICE_UNAVAILABLE, "server is at capacity\n"))
-            else:  # no TLS session to answer in: spare the handshake's CPU
-                self._t.abort()
+        if self._tls is not None:  # the TLS handshake is done: the request comes now
             return
-        engine.handshakes.add(self)
-        if options.open_timeout:
-            self._timer = engine.loop.call_later(options.open_timeout, self.abort)
-        if options.tls is not None:
-            self._tls = engine.loop.start_tls(self._t, self, options.tls, server_side=True)
-            self._drive_tls()
-        elif options.trusted_proxies or options.trust_unix:
-            self._proxy = self._trusted()
+        info = transport.get_extra_info
+        if not self._accepted(info("peername"), info("sockname"), info("socket").family):
+            # No room: its request would be answered 503 anyway; say it now.
+            self._answer(Reply(http.HTTPStatus.SERVICE_UNAVAILABLE, "server is at capacity\n"))
 
-    def _trusted(self) -> bool:
-        """The peer may name the client (PROXY header, X-Forwarded-For): its address is
-        trusted, or it came over a Unix socket and ``unix`` is (not just any peer without
-        an address: a TCP peer already gone has none either)."""
-        options = self._engine.options
-        t = self._t
-        sock = t.get_extra_info("socket") if t is not None and options.trust_unix else None
-        unix = sock is not None and sock.family == socket.AF_UNIX
-        return proxy.trusted(self._addr, options.trusted_proxies, unix)
-
-    def _drive_tls(self, _: object = None) -> None:
-        """Run ``loop.start_tls`` up to its wait for the TLS handshake, and on when it ends.
-
-        Not a Task: uvloop starts reading as soon as ``connection_made`` returns, and a
-        Task would call start_tls one loop pass later, after this protocol had been handed
-        the ClientHello. Run here, start_tls puts its TLS protocol in place before
-        ``connection_made`` returns (what arrives before its own ``connection_made`` waits
-        in its buffer), and no Task is made per connection."""
-        coro = self._tls
-        assert coro is not None
+    def start_tls(self, sock: socket.socket, context: ssl.SSLContext) -> None:
+        """A connection accepted on a TLS listener: its TLS handshake, then the request.
+        Nothing reads the socket until ``connect_accepted_socket`` has set up TLS on it,
+        so the ClientHello cannot reach anyone else first."""
+        self._sock = sock
         try:
-            waiting = coro.send(None)
-        except StopIteration as done:
-            self._tls = None
-            self._tls_done(done.value)
-        except (KeyboardInterrupt, SystemExit):
-            raise
-        except BaseException as exc:  # ssl.SSLError, a reset, an EOF, a cancelled wait
-            self._tls = None
-            self._engine.tls_failed(self.peer, exc)
-            if self._t is not None:  # start_tls closes it on its errors; not on every one
-                self._t.abort()
-            self._lost()
-        else:  # a future (or None: a bare yield, go on at the next pass)
-            if waiting is None:
-                self._engine.loop.call_soon(self._drive_tls)
-            else:
-                waiting.add_done_callback(self._drive_tls)
-
-    def _tls_done(self, tls: asyncio.Transport | None) -> None:
-        """The TLS handshake is done: the HTTP request comes through ``tls``."""
-        if tls is None or tls.is_closing():  # closed meanwhile (the client, a timeout)
-            self._engine.tls_failed(self.peer, ConnectionAbortedError("connection closed"))
+            peername = sock.getpeername()
+        except OSError:  # gone already (reset): it has no name any more
+            peername = None
+        if not self._accepted(peername, sock.getsockname(), sock.family):
+            sock.close()  # no TLS session to answer in: spare the handshake's CPU
             self._lost()
             return
-        self._t = tls
-        if self._head:  # decrypted before start_tls returned
-            early, self._head = bytes(self._head), bytearray()
-            self.data_received(early)
+        loop = self._engine.loop
+        timeout = self._engine.options.open_timeout or None
+        self._tls = loop.create_task(
+            loop.connect_accepted_socket(
+                lambda: self, sock, ssl=context, ssl_handshake_timeout=timeout
+            )
+        )
+        self._tls.add_done_callback(self._tls_done)
+
+    def _accepted(self, peername: object, sockname: object, family: int) -> bool:
+        """Who the peer is, its open deadline, its place in the engine's table; False if
+        there are not file descriptors enough for it."""
+        engine = self._engine
+        options = engine.options
+        # A unix socket's clients have no name: the socket's path stands for them.
+        name = peername or sockname
+        self.peer = format_address(name) if name else "unix"
+        self._addr = proxy.peer_address(peername)
+        self._trusted = proxy.trusted(
+            self._addr, options.trusted_proxies, family == socket.AF_UNIX and options.trust_unix
+        )
+        self._proxy = self._trusted and options.tls is None
+        if not self._trusted:  # a trusted proxy speaks for others: counted once named
+            self.group = proxy.group(self._addr, options.ipv6_prefix_length)
+        if not engine.accepted(self):
+            return False
+        if options.open_timeout:
+            # Beyond its address's limit it will be refused: it gets a second to ask.
+            over = engine.over_limit(self.group)
+            within = min(options.open_timeout, REFUSE_WITHIN) if over else options.open_timeout
+            self._timer = engine.loop.call_later(within, self.abort)
+        return True
+
+    def _tls_done(self, task: asyncio.Task[Any]) -> None:
+        """The TLS handshake ended: on success ``connection_made`` has had the decrypted
+        transport already; otherwise the connection is gone."""
+        if task.cancelled():
+            exc: BaseException = ConnectionAbortedError("cut before the end of TLS handshake")
+        elif (error := task.exception()) is not None:
+            exc = error
+        else:
+            self._tls = None
+            if self._head and not self._gone:  # decrypted before the task could end
+                early, self._head = bytes(self._head), bytearray()
+                self.data_received(early)
+            return
+        self._tls = None
+        if self._sock is not None and self._sock.fileno() != -1:
+            self._sock.close()  # cut before the loop took it over
+        self._engine.tls_failed(self.peer, exc)
+        self._lost()
 
     def data_received(self, data: bytes) -> None:
-        if self._tls is not None:
+        if self._tls is not None:  # decrypted before the TLS task has ended
             self._head += data
             return
         if self._proxy:
@@ -191,11 +218,11 @@ class Handshake(asyncio.Protocol):
 
     def _lost(self) -> None:
         """Once, whether the loss is reported by connection_lost, a failed TLS handshake
-        or both (uvloop reports some TLS failures both ways)."""
+        or both."""
         if not self._gone:
             self._gone = True
-            self._engine.transports -= 1
             self._finish()
+            self._engine.lost(self)
 
     def _proxy_header(self, data: bytes) -> None:
         """The first bytes from a trusted proxy: a PROXY protocol header, if they start
@@ -211,25 +238,38 @@ class Handshake(asyncio.Protocol):
             return  # bounded: a header says its size, at most 64 KiB
         self._proxy = False
         size, source = found
-        if source is not None:
-            self._addr, port = source
-            self.peer = format_address((str(self._addr), port))
+        if size:  # a PROXY header: its word on the client is final (no X-Forwarded-For)
+            if source is not None:
+                self._addr, port = source
+                self.peer = format_address((str(self._addr), port))
+            # Counted as the client it names; a proxy's own connection (LOCAL) as itself.
+            self._regroup(self._addr)
         self._head = bytearray()
         data = bytes(head[size:])
         if data:
             self.data_received(data)
 
     def abort(self) -> None:
-        """The client did not complete the handshake in time, or the server stops."""
-        if self._t is not None:
+        """The client did not complete the handshake in time, the server stops, or it is
+        cut to make room for others."""
+        if self._tls is not None:
+            self._tls.cancel()  # its transport is aborted, the socket closed
+        elif self._t is not None:
             self._t.abort()
         self._finish()
 
-    def _finish(self) -> None:
+    def _finish(self, *, upgraded: bool = False) -> None:
+        """Out of the table of pending handshakes (once)."""
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        self._engine.handshake_done(self)
+        self._engine.handshake_done(self, upgraded=upgraded)
+
+    def _regroup(self, addr: proxy.Address | None) -> None:
+        """A trusted proxy named the client: from now on it is counted as that client."""
+        self._trusted = False
+        options = self._engine.options
+        self._engine.regroup(self, proxy.group(addr, options.ipv6_prefix_length))
 
     def _refuse(self, problem: str) -> None:
         """400, saying what is wrong with the request."""
@@ -238,40 +278,25 @@ class Handshake(asyncio.Protocol):
 
     def _request(self, head: bytes, rest: bytes) -> None:
         engine = self._engine
-        options = engine.options
-        if proxy.is_header(head + rest[: len(proxy.V2_SIGNATURE)]):
-            self._refuse(
-                "a PROXY protocol header where the HTTP request should be (from a peer not "
-                "in trusted_proxies, or a second one)"
-            )
+        protocol = ServerProtocol(extensions=engine.extensions, max_size=engine.options.max_size)
+        raw = self._parse(protocol, head, rest)
+        if raw is None:
             return
-        if head.count(b"\n") != head.count(b"\r\n"):
-            # websockets would say "connection closed": say what is wrong instead.
-            self._refuse("a line ends with a bare LF; HTTP lines end with CRLF")
-            return
-        protocol = ServerProtocol(extensions=engine.extensions, max_size=options.max_size)
-        protocol.receive_data(head)
-        events = protocol.events_received()
-        if not events or not isinstance(events[0], WsRequest):
-            why = protocol.handshake_exc
-            self._refuse(_quoted(why.__cause__ if why is not None and why.__cause__ else why))
-            return
-        raw = events[0]
-        method = raw.method
-        hosts = len(raw.headers.get_all("Host"))
-        if hosts != 1 and raw.protocol == "HTTP/1.1":
-            # RFC 9112 3.2 (and RFC 6455 4.2.1): exactly one Host, or 400.
-            self._refuse("missing Host header" if not hosts else "more than one Host header")
-            return
-        group = self._client(raw.headers)
-        request = Request(method, raw.path, raw.headers, self.peer, group)
+        if self._trusted:
+            self._client(raw.headers)
+        request = Request(raw.method, raw.path, raw.headers, self.peer, self.group)
         try:
             reply = engine.admit(request)
         except Exception:  # a bug, but one a client may trigger over and over
             failures.error("admission failed", peer=self.peer)
             reply = Reply(http.HTTPStatus.INTERNAL_SERVER_ERROR, "internal error\n")
         if reply is not None:
-            self._answer(reply, head_only=method == "HEAD")
+            self._answer(reply, head_only=raw.method == "HEAD")
+            return
+        if raw.protocol != "HTTP/1.1":
+            # RFC 6455 4.1: the opening handshake is an HTTP/1.1 request (websockets would
+            # answer 505, but HTTP/1.0 is the same major version: this request is wrong).
+            self._refuse(f"a WebSocket upgrade needs HTTP/1.1, not {_quoted(raw.protocol)}")
             return
         response = protocol.accept(raw)
         if response.status_code != 101:
@@ -289,29 +314,59 @@ class Handshake(asyncio.Protocol):
         assert transport is not None
         for chunk in protocol.data_to_send():
             transport.write(chunk)
-        self._finish()
+        self._finish(upgraded=True)  # still counted for its address, as a WebSocket now
         negotiated = protocol.extensions[0] if protocol.extensions else None
         deflate = Deflate(negotiated) if isinstance(negotiated, PerMessageDeflate) else None
         ws = WebSocket(engine, transport, raw.path, self.peer, deflate)
-        ws.group = group
+        ws.group = self.group
         transport.set_protocol(ws)
         self._t = None
         engine.opened(ws)
         if rest:
             ws.data_received(rest)
 
-    def _client(self, headers: Headers) -> str:
-        """Behind a trusted proxy, the client its X-Forwarded-For names becomes the peer;
-        returns the client's address group."""
-        options = self._engine.options
+    def _parse(self, protocol: ServerProtocol, head: bytes, rest: bytes) -> WsRequest | None:
+        """The request, or None once it has been answered 400 saying what is wrong."""
+        if proxy.is_header(head + rest[: len(proxy.V2_SIGNATURE)]):
+            self._refuse(
+                "a PROXY protocol header where the HTTP request should be (from a peer not "
+                "in trusted_proxies, or a second one)"
+            )
+            return None
+        if head.count(b"\n") != head.count(b"\r\n"):
+            # websockets would say "connection closed": say what is wrong instead.
+            self._refuse("a line ends with a bare LF; HTTP lines end with CRLF")
+            return None
+        protocol.receive_data(head)
+        events = protocol.events_received()
+        if not events or not isinstance(events[0], WsRequest):
+            why = protocol.handshake_exc
+            self._refuse(_quoted(why.__cause__ if why is not None and why.__cause__ else why))
+            return None
+        raw = events[0]
+        if _UNPRINTABLE.search(raw.path):
+            self._refuse(f"control character in the request target: {_quoted(raw.path)}")
+            return None
+        hosts = len(raw.headers.get_all("Host"))
+        if hosts != 1 and raw.protocol == "HTTP/1.1":
+            # RFC 9112 3.2 (and RFC 6455 4.2.1): exactly one Host, or 400.
+            self._refuse("missing Host header" if not hosts else "more than one Host header")
+            return None
+        return raw
+
+    def _client(self, headers: Headers) -> None:
+        """From a trusted proxy that sent no PROXY header, the client its
+        X-Forwarded-For names becomes the peer (the proxy itself, if it names none). After
+        a PROXY header, X-Forwarded-For is never read: the header named the client, and
+        a client may write any X-Forwarded-For it likes."""
         addr = self._addr
-        if self._trusted():
-            forwarded = headers.get_all("X-Forwarded-For")
-            client = proxy.forwarded_for(forwarded, options.trusted_proxies) if forwarded else None
+        forwarded = headers.get_all("X-Forwarded-For")
+        if forwarded:
+            client = proxy.forwarded_for(forwarded, self._engine.options.trusted_proxies)
             if client is not None:
                 addr = client
                 self.peer = str(client)
-        return proxy.group(addr, options.ipv6_prefix_length)
+        self._regroup(addr)
 
     def _answer(self, reply: Reply, head_only: bool = False) -> None:
         """Plain HTTP: write the reply and close once it is sent."""

@@ -59,6 +59,7 @@ class Connection(Protocol):
     path: str  # the request path, query string included
     peer: str  # "host:port", or the Unix socket's name
     dropped: int  # messages an application chose not to send (relay slow consumers)
+    app_held: int  # bytes the application said it keeps for this connection (``hold``)
     app_data: Any  # free for the application's per-connection state
 
     @property
@@ -97,6 +98,11 @@ class Connection(Protocol):
 
     def resume_reading(self) -> None:
         """Undo ``pause_reading``; reading goes on once nothing else holds it."""
+
+    def hold(self, nbytes: int) -> None:
+        """The application keeps ``nbytes`` more (negative: fewer) for this connection, a
+        message it puts together: counted in the process's memory budget, which stops
+        reading from it when the process is over (see ``wsechod.engine.budget``)."""
 
 
 class Application(Protocol):

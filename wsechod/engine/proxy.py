@@ -90,6 +90,8 @@ def _forwarded_address(entry: str) -> Address | None:
     """``1.2.3.4``, ``2001:db8::1``, and the forms with a port some proxies write:
     ``1.2.3.4:5678``, ``[2001:db8::1]:5678``."""
     entry = entry.strip('"')
+    if "%" in entry:  # an IPv6 zone names an interface of the proxy's host, not a client
+        return None
     if entry.startswith("["):
         return address(entry[1:].partition("]")[0])
     if entry.count(":") == 1:

@@ -25,7 +25,8 @@ from websockets.extensions.permessage_deflate import enable_server_permessage_de
 
 from wsechod import ratelimit
 from wsechod.engine.addresses import format_address
-from wsechod.engine.connection import WebSocket
+from wsechod.engine.budget import Budget
+from wsechod.engine.connection import WebSocket, failures
 from wsechod.engine.handshake import Handshake
 from wsechod.engine.interface import Application, Reply, Request
 from wsechod.engine.proxy import Network
@@ -39,6 +40,8 @@ _DEFLATE = enable_server_permessage_deflate(None)  # websockets' defaults: 12-bi
 # File descriptors kept free for what is not a client: a handshake being refused, log
 # files reopened, broker connections, DNS.
 FD_HEADROOM = 16
+ACCEPT_BATCH = 64  # connections accepted on a TLS listener per loop pass
+ACCEPT_RETRY = 0.1  # seconds before accepting again when the process is out of descriptors
 # The access log shows this much of a request path (the head may hold 16 KiB of it).
 ACCESS_PATH = 512
 
@@ -66,6 +69,8 @@ class Options:
     trusted_proxies: tuple[Network, ...] = ()  # may say who the client is (proxy.py)
     trust_unix: bool = False  # so may whoever connects over a Unix socket
     ipv6_prefix_length: int = 64  # IPv6 clients are counted per network this size
+    max_connections_per_ip: int = 0  # connections (pending and open) per address group
+    memory_limit: int = 2**62  # bytes buffered for clients in the whole process (budget.py)
     access_log: bool = False  # one info line per closed connection
     # uvloop listens again on every socket it is given: with this, not its own 100.
     backlog: int = socket.SOMAXCONN
@@ -84,18 +89,22 @@ class Engine:
         self.app = app
         self.loop = asyncio.get_running_loop()
         self.connections: set[WebSocket] = set()  # the table of open connections
-        self.handshakes: set[Handshake] = set()  # accepted, not upgraded yet
+        # Accepted, not upgraded yet, oldest first; and the same per address group.
+        self.handshakes: dict[Handshake, None] = {}
+        self.pending: dict[str, dict[Handshake, None]] = {}
         self.draining = False
         self.stats: Counter[str] = Counter()  # plain counts, summed up in the "drained" line
         # Closed connections by who sent the first close frame, the code sent and the code
         # received (code_label): counted at close, never per message.
         self.closes: Counter[tuple[str, str, str]] = Counter()
         self.transports = 0  # accepted and not yet lost: each holds a file descriptor
-        # Open connections per client address group (proxy.group), for
-        # max_connections_per_ip; a group leaves when its last connection closes.
+        self.budget = Budget(self, options.memory_limit)
+        # Connections per client address group (proxy.group), pending handshakes and open
+        # WebSockets, for max_connections_per_ip; a group leaves when its last one goes.
         self.per_address: Counter[str] = Counter()
         self._admit = admit
         self._servers: list[asyncio.AbstractServer] = []
+        self._accepting: list[socket.socket] = []  # TLS listeners: accepted here
         self._sockets: list[socket.socket] = []
         self._idle: asyncio.Future[None] | None = None
         self._no_handshakes: asyncio.Future[None] | None = None
@@ -115,13 +124,43 @@ class Engine:
         except OSError:
             self._fd_base = 64  # no /proc: a guess on the safe side
         self._sockets = list(sockets)
+        self.budget.start()
         # Read now: once the loop stops accepting on them, uvloop has detached the sockets.
         self._addresses = [format_address(sock.getsockname()) for sock in sockets]
         for sock in sockets:
-            server = await self.loop.create_server(
-                lambda: Handshake(self), sock=sock, backlog=self.options.backlog
-            )
-            self._servers.append(server)
+            if self.options.tls is not None:
+                # Accepted here, so that TLS is set up (connect_accepted_socket) before
+                # anything reads the connection; a reload renews the certificate only.
+                sock.listen(self.options.backlog)  # systemd's too, as uvloop does below
+                self.loop.add_reader(sock.fileno(), self._accept_tls, sock)
+                self._accepting.append(sock)
+            else:
+                server = await self.loop.create_server(
+                    lambda: Handshake(self), sock=sock, backlog=self.options.backlog
+                )
+                self._servers.append(server)
+
+    def _accept_tls(self, listening: socket.socket) -> None:
+        """Accept what is waiting on a TLS listener (a batch at a time, so that a flood of
+        connections leaves the loop to the others between batches)."""
+        for _ in range(ACCEPT_BATCH):
+            try:
+                sock, _ = listening.accept()
+            except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+                return
+            except OSError as exc:  # EMFILE, ENFILE, ENOBUFS: wait for descriptors
+                warn.warning("cannot accept", reason=exc.strerror or str(exc))
+                self.loop.remove_reader(listening.fileno())
+                self.loop.call_later(ACCEPT_RETRY, self._resume_accepting, listening)
+                return
+            sock.setblocking(False)
+            tls = self.options.tls
+            assert tls is not None
+            Handshake(self).start_tls(sock, tls)
+
+    def _resume_accepting(self, listening: socket.socket) -> None:
+        if listening in self._accepting:
+            self.loop.add_reader(listening.fileno(), self._accept_tls, listening)
 
     @property
     def addresses(self) -> list[str]:
@@ -133,33 +172,115 @@ class Engine:
         for server in self._servers:
             server.close()
         self._servers.clear()
+        for sock in self._accepting:
+            self.loop.remove_reader(sock.fileno())
+        self._accepting.clear()
 
     # --- the table -------------------------------------------------------------------
 
-    def out_of_fds(self) -> bool:
-        """Whether accepting one more client would leave too few file descriptors.
+    def accepted(self, handshake: Handshake) -> bool:
+        """A connection was accepted: count its descriptor and its address, and put it in
+        the table of pending handshakes. False if accepting it would leave too few file
+        descriptors and no room could be made: the caller refuses it.
 
         When the process runs out, the event loop's accept (libuv) quietly accepts and
-        closes the clients it cannot keep: nobody would hear of it. Refusing before that
-        point gives the client a 503 and the operator a log line. ``transports`` counts
-        this one already, and every other until its connection is lost."""
+        closes the clients it cannot keep: nobody would hear of it. Before that point,
+        room is made by cutting the oldest pending handshake of the address group that
+        holds the most, if it holds more than the newcomer's would (one address opening
+        connections and sending nothing cannot keep the others out); otherwise the
+        newcomer is refused, with a 503 and a log line."""
+        self.transports += 1
+        if self._short_of_fds() and not self._make_room(handshake.group):
+            self.stats["refused_open_files_limit"] += 1
+            warn.warning(
+                "connection refused",
+                reason="open files limit",
+                limit=self._fd_limit,
+                connections=len(self.connections),
+                hint="raise the open files limit (ulimit -n, LimitNOFILE=) or lower "
+                "max_connections",
+            )
+            return False
+        self.handshakes[handshake] = None
+        self.pending.setdefault(handshake.group, {})[handshake] = None
+        if handshake.group:
+            self.per_address[handshake.group] += 1
+        return True
+
+    def _short_of_fds(self) -> bool:
         if self._fd_limit == resource.RLIM_INFINITY:
             return False
-        if self._fd_base + self.transports + FD_HEADROOM < self._fd_limit:
+        return self._fd_base + self.transports + FD_HEADROOM >= self._fd_limit
+
+    def _make_room(self, group: str) -> bool:
+        """Cut the oldest pending handshake of the heaviest address group, if it is
+        heavier than ``group`` would be with one more."""
+        if not self.pending:
             return False
-        self.stats["refused_open_files_limit"] += 1
+        heaviest, waiting = max(self.pending.items(), key=lambda item: len(item[1]))
+        if len(waiting) <= len(self.pending.get(group, ())) + 1:
+            return False
+        oldest = next(iter(waiting))
+        self.stats["handshakes_cut"] += 1
         warn.warning(
-            "connection refused",
+            "pending handshake cut",
             reason="open files limit",
-            limit=self._fd_limit,
-            connections=len(self.connections),
-            hint="raise the open files limit (ulimit -n, LimitNOFILE=) or lower max_connections",
+            client=heaviest or "unnamed",
+            pending=len(waiting),
         )
+        oldest.abort()
         return True
+
+    def over_limit(self, group: str) -> bool:
+        """Whether ``group`` holds more connections than ``max_connections_per_ip``."""
+        limit = self.options.max_connections_per_ip
+        return bool(limit and group and self.per_address.get(group, 0) > limit)
+
+    def regroup(self, handshake: Handshake, group: str) -> None:
+        """A trusted proxy named the client of a pending handshake: count it there."""
+        if handshake not in self.handshakes or group == handshake.group:
+            handshake.group = group
+            return
+        self._leave(handshake)
+        handshake.group = group
+        self.pending.setdefault(group, {})[handshake] = None
+        if group:
+            self.per_address[group] += 1
+
+    def handshake_done(self, handshake: Handshake, *, upgraded: bool = False) -> None:
+        """Out of the table of pending handshakes (once); upgraded, its connection stays
+        counted for its address until it closes."""
+        if self.handshakes.pop(handshake, False) is None:
+            self._leave(handshake, count=not upgraded)
+        waiter = self._no_handshakes
+        if not self.handshakes and waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def _leave(self, handshake: Handshake, *, count: bool = True) -> None:
+        group = handshake.group
+        waiting = self.pending.get(group)
+        if waiting is not None:
+            waiting.pop(handshake, None)
+            if not waiting:
+                del self.pending[group]
+        if count and group:
+            self._uncount(group)
+
+    def _uncount(self, group: str) -> None:
+        left = self.per_address[group] - 1
+        if left > 0:
+            self.per_address[group] = left
+        else:
+            del self.per_address[group]
+
+    def lost(self, handshake: Handshake) -> None:
+        """A connection that never became a WebSocket is gone: its descriptor too."""
+        self.transports -= 1
 
     def reconfigure(self, options: Options) -> None:
         """A reload: new connections get ``options``; open ones keep theirs."""
         self.options = options
+        self.budget.limit = options.memory_limit
         self._debug = logging.getLogger("wsechod.engine").isEnabledFor(logging.DEBUG)
 
     @property
@@ -180,15 +301,13 @@ class Engine:
 
     def opened(self, ws: WebSocket) -> None:
         self.connections.add(ws)
-        if ws.group:
-            self.per_address[ws.group] += 1
         self.stats["connections_opened"] += 1
         if self._debug:
             log.debug("connection open", peer=ws.peer, path=ws.path)
         try:
             self.app.opened(ws)
-        except Exception:
-            log.exception("application failed on open")
+        except Exception:  # a bug, but one a client may trigger over and over
+            failures.error("application failed on open", peer=ws.peer)
             ws.close(1011, "internal error")
 
     def closed(self, ws: WebSocket) -> None:
@@ -196,11 +315,7 @@ class Engine:
             return
         self.connections.discard(ws)
         if ws.group:
-            left = self.per_address[ws.group] - 1
-            if left > 0:
-                self.per_address[ws.group] = left
-            else:
-                del self.per_address[ws.group]
+            self._uncount(ws.group)
         stats = self.stats
         stats["connections_closed"] += 1
         stats["messages_in"] += ws.received
@@ -214,7 +329,7 @@ class Engine:
         try:
             self.app.closed(ws)
         except Exception:
-            log.exception("application failed on close")
+            failures.error("application failed on close", peer=ws.peer)
         if self._debug:
             log.debug(
                 "connection closed",
@@ -265,19 +380,8 @@ class Engine:
             error = reason or str(exc) or type(exc).__name__
             log.debug("tls handshake failed", peer=peer, error=error)
 
-    def handshake_done(self, handshake: Handshake) -> None:
-        self.handshakes.discard(handshake)
-        waiter = self._no_handshakes
-        if not self.handshakes and waiter is not None and not waiter.done():
-            waiter.set_result(None)
-
     def next_ping(self) -> bytes:
         return (next(self._pings) & 0xFFFFFFFF).to_bytes(4, "big")
-
-    def peer_of(self, transport: asyncio.BaseTransport) -> str:
-        """``host:port``; a unix socket's clients have no name: the socket's path."""
-        name = transport.get_extra_info("peername") or transport.get_extra_info("sockname")
-        return format_address(name) if name else "unix"
 
     # --- stopping --------------------------------------------------------------------
 
@@ -326,5 +430,6 @@ class Engine:
         """The listening sockets we own are closed last, so that clients arriving during
         the drain get a definite 503 rather than a refused connection."""
         self.stop_accepting()
+        self.budget.stop()
         for sock in self._sockets:
             sock.close()

@@ -62,9 +62,9 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="wsechod",
-        description="WebSocket echo server daemon. Every setting can also be given as a key "
-        "in the config file or as a WSECHOD_<KEY> environment variable; flags win over the "
-        "environment, which wins over the file.",
+        description="WebSocket echo and relay server daemon. Every setting can also be given "
+        "as a key in the config file or as a WSECHOD_<KEY> environment variable; flags win over "
+        "the environment, which wins over the file.",
     )
     parser.add_argument("--version", action="version", version=f"wsechod {__version__}")
     parser.add_argument(
@@ -177,7 +177,10 @@ def _sample(config: bool, unit: str | None, logrotate: bool) -> str | None:
     if config:
         return samples.text(samples.CONFIG)
     if unit is not None:
-        return samples.unit(unit)
+        printed = samples.unit(unit)
+        for problem in samples.unit_problems(printed, samples.needed()):
+            print(f"wsechod: warning: {unit}: {problem}", file=sys.stderr)
+        return printed
     if logrotate:
         return samples.text(samples.LOGROTATE)
     return None

@@ -49,7 +49,8 @@ def catch_early_signals() -> None:
     soon as the server is up; a second one ends start-up at once (it may be stuck, say on a
     name lookup). SIGHUP and SIGUSR1 are kept too and become one reload once the server is
     up: the settings may have changed since they were read (a worker forked just before
-    a reload would otherwise keep the old ones)."""
+    a reload would otherwise keep the old ones). Signals that came before this (the entry
+    point blocks them) are handled here too."""
 
     def early(signum: int, _: object) -> None:
         if signum in RELOAD_SIGNALS:
@@ -61,6 +62,9 @@ def catch_early_signals() -> None:
 
     for sig in HANDLED_SIGNALS:
         signal.signal(sig, early)
+    # The entry point blocked them until now: what came meanwhile is delivered here, to
+    # the handler above.
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED_SIGNALS)
 
 
 def take_early_signals() -> tuple[list[str], list[str]]:

@@ -1,0 +1,145 @@
+"""The memory budget: what the whole process buffers for its clients, bounded.
+
+Each connection is bounded on its own (a frame being assembled, at most ``max_size``; a
+write buffer, which stops reading from whoever fills it past ``write_limit``), but many
+connections at their bounds add up: a thousand clients each holding a 1 MiB frame open
+make a gigabyte. The budget counts, for the whole process,
+
+- what connections hold of frames still arriving (exactly: the engine's slow path, where
+  a frame spans reads, is where it grows) and of messages an application puts together
+  for them (``Connection.hold``, the relay's reassembly of fragments);
+- the write buffers of the connections above ``write_limit`` ("blocked": they are the
+  ones that grow; the others hold less than ``write_limit`` each), summed every
+  ``CHECK_INTERVAL``.
+
+Over ``limit``, reading stops on every connection that holds part of a frame, and on any
+other as soon as it starts one (whole small messages, the common case, are read as
+usual: they do not stay in memory). Back under ``RESUME_AT`` of the limit, reading goes
+on. Over the limit for ``GRACE`` seconds, the connections that hold the most are closed
+with 1013 (try again later) until the rest fits: a partial frame is dropped at once, a
+client that does not read its buffer is cut.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING
+
+from wsechod import ratelimit
+
+if TYPE_CHECKING:
+    from wsechod.engine.connection import WebSocket
+    from wsechod.engine.server import Engine
+
+CHECK_INTERVAL = 0.1  # seconds between sums of the blocked write buffers
+GRACE = 1.0  # seconds over the limit before the heaviest connections are closed
+RESUME_AT = 0.75  # share of the limit under which reading goes on
+TRY_AGAIN_LATER = 1013
+
+warn = ratelimit.logger("wsechod.engine")
+
+
+class Budget:
+    """One process's budget; ``held`` is kept by the connections themselves."""
+
+    __slots__ = (
+        "_engine",
+        "_over_since",
+        "_timer",
+        "blocked",
+        "held",
+        "limit",
+        "outgoing",
+        "paused",
+        "shed",
+    )
+
+    def __init__(self, engine: Engine, limit: int) -> None:
+        self._engine = engine
+        self.limit = limit
+        self.held = 0  # bytes of frames still arriving, and held by applications
+        self.outgoing = 0  # the blocked connections' write buffers, at the last check
+        self.blocked: set[WebSocket] = set()  # above write_limit
+        self.paused: set[WebSocket] = set()  # not read while over the limit
+        self.shed = 0  # connections closed to bring the process back under
+        self._over_since: float | None = None
+        self._timer: asyncio.TimerHandle | None = None
+
+    @property
+    def total(self) -> int:
+        return self.held + self.outgoing
+
+    @property
+    def over(self) -> bool:
+        return self.held + self.outgoing > self.limit
+
+    def start(self) -> None:
+        self._timer = self._engine.loop.call_later(CHECK_INTERVAL, self.check)
+
+    def stop(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def check(self) -> None:
+        """Every CHECK_INTERVAL: sum the blocked write buffers, then pause, resume or
+        shed as the total says."""
+        engine = self._engine
+        self._timer = engine.loop.call_later(CHECK_INTERVAL, self.check)
+        self.outgoing = sum(ws.buffered for ws in self.blocked)
+        total = self.total
+        if total <= self.limit * RESUME_AT:
+            self._over_since = None
+            if self.paused:
+                paused, self.paused = self.paused, set()
+                for ws in paused:
+                    ws.memory_resume()
+            return
+        if total <= self.limit:
+            self._over_since = None  # between the two marks: as it is
+            return
+        now = engine.loop.time()
+        if self._over_since is None:
+            self._over_since = now
+            warn.warning(
+                "memory limit reached: reading paused",
+                reason="memory_limit",
+                buffered=total,
+                limit=self.limit,
+            )
+            for ws in engine.connections:
+                if ws.holding:
+                    self.pause(ws)
+        elif now - self._over_since >= GRACE:
+            self._shed(total - self.limit)
+            self._over_since = now  # what was closed takes a moment to be gone
+
+    def pause(self, ws: WebSocket) -> None:
+        if ws not in self.paused:
+            self.paused.add(ws)
+            ws.memory_pause()
+
+    def forget(self, ws: WebSocket) -> None:
+        self.blocked.discard(ws)
+        self.paused.discard(ws)
+
+    def _shed(self, excess: int) -> None:
+        """Close the heaviest connections until ``excess`` bytes are let go."""
+        heavy = sorted(
+            (ws for ws in self._engine.connections if ws.holding or ws.blocked),
+            key=lambda ws: ws.weight,
+            reverse=True,
+        )
+        for ws in heavy:
+            if excess <= 0:
+                break
+            excess -= ws.weight
+            self.shed += 1
+            warn.warning(
+                "connection closed: memory limit",
+                reason="memory_limit",
+                peer=ws.peer,
+                held=ws.weight,
+                limit=self.limit,
+            )
+            ws.shed(TRY_AGAIN_LATER)
