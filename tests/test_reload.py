@@ -4,6 +4,7 @@ needs a restart is named and kept, an invalid file changes nothing."""
 import asyncio
 import dataclasses
 import signal
+import ssl
 from collections.abc import Callable
 from pathlib import Path
 
@@ -119,9 +120,10 @@ def test_a_certificate_that_cannot_be_loaded_at_reload_keeps_the_tls_settings(
     """The files changed between the check of the settings and their loading (a renewal
     in progress): the TLS keys stay as they were, the rest applies, nothing raises."""
     reconfigured: list[Options] = []
+    serving = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)  # the one loaded before
 
     class Engine:
-        options = Options()
+        options = Options(tls=serving)
 
         def reconfigure(self, options: Options) -> None:
             reconfigured.append(options)
@@ -132,12 +134,13 @@ def test_a_certificate_that_cannot_be_loaded_at_reload_keeps_the_tls_settings(
     monkeypatch.setattr(tls, "server_context", unusable)
 
     async def main() -> tuple[list[str], list[str], Settings]:
-        life = Lifecycle(Settings())
+        life = Lifecycle(Settings(tls_cert="/old.pem", tls_key="/old-key.pem"))
         life.engine = Engine()  # type: ignore[assignment]
         new = dataclasses.replace(life.settings, tls_cert="/c.pem", tls_key="/k.pem", max_size=9)
         return (*life.reload(new), life.settings)
 
     applied, kept, settings = asyncio.run(main())
     assert (applied, kept) == (["max_size"], [])
-    assert (settings.tls_cert, settings.tls_key, settings.max_size) == ("", "", 9)
-    assert reconfigured[-1].tls is None and reconfigured[-1].max_size == 9
+    assert (settings.tls_cert, settings.tls_key) == ("/old.pem", "/old-key.pem")
+    assert settings.max_size == 9
+    assert reconfigured[-1].tls is serving and reconfigured[-1].max_size == 9
