@@ -155,7 +155,10 @@ def test_one_address_holding_pending_handshakes_cannot_keep_another_out(
             sock.close()
     cut = daemon.wait_for("pending handshake cut")
     assert (cut["client"], cut["level"]) == ("127.0.0.1", "warning")
-    raw = socket.create_connection(("127.0.0.1", daemon.port), timeout=10)
+    # From a third address: the hog's connections may not all be gone yet.
+    raw = socket.create_connection(
+        ("127.0.0.1", daemon.port), timeout=10, source_address=("127.0.0.3", 0)
+    )
     with trusting(files.ca).wrap_socket(raw, server_hostname="127.0.0.1") if tls else raw as sock:
         sock.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
         page = rawws.until_eof(sock).decode()
