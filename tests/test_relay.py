@@ -25,7 +25,8 @@ from tests.conftest import Daemon, RssPeak, run_cli
 from tests.test_echo import http_get
 from wsechod import lifecycle
 from wsechod.apps import channels
-from wsechod.settings import Settings
+from wsechod.engine import Listener
+from wsechod.settings import ROLES, Settings
 
 REDIS_SERVER = shutil.which("redis-server")
 if REDIS_SERVER is None:
@@ -848,7 +849,7 @@ def test_a_start_that_fails_after_the_broker_started_leaves_nothing_running(
         closed = socket.socket()
         closed.close()  # listening on it fails, after the broker has connected
         with pytest.raises(OSError):
-            await lifecycle.serve([closed], life)
+            await lifecycle.serve([Listener(closed, frozenset(ROLES))], life)
         left = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
         assert left == []
 

@@ -1,10 +1,12 @@
 """HTTP admission: what a request gets before any upgrade, as a function from the request
 to a reply (or None: go on with the WebSocket handshake).
 
-Operations endpoints live on the WebSocket port (``/healthz``, ``/metrics``), so a load
-balancer checks, and Prometheus scrapes, the very socket clients use. Refusals are decided
-here, before the 101, so that a client over a limit gets a definite HTTP status rather
-than a WebSocket that closes at once.
+Operations endpoints live on the WebSocket port by default (``/healthz``, ``/metrics``), so
+a load balancer checks, and Prometheus scrapes, the very socket clients use; a listener's
+roles (``listen = ["0.0.0.0:8765 public", "127.0.0.1:9100 ops"]``) put them apart: a
+request for what its listener does not serve gets 404. Refusals are decided here, before
+the 101, so that a client over a limit gets a definite HTTP status rather than a WebSocket
+that closes at once.
 """
 
 import http
@@ -18,6 +20,7 @@ from wsechod.settings import Settings
 warn = ratelimit.logger("wsechod.admission")
 
 ALLOW = {"Allow": "GET, HEAD"}
+OPS_ROUTES = ("/healthz", "/metrics")  # the ops role's
 # Seconds a client over max_connections_per_ip is told to wait: about how long a client
 # that reconnects in a loop takes to notice that one of its own connections went away.
 RETRY_AFTER = 5
@@ -54,10 +57,18 @@ def admission(
         if request.method not in ("GET", "HEAD"):
             text = "only GET is served\n"
             return Reply(http.HTTPStatus.METHOD_NOT_ALLOWED, text, ALLOW, refused="method")
-        if request.route == "/healthz":
-            return health(stopping, why)
-        if request.route == "/metrics" and metrics is not None:
-            return metrics()  # during the drain too: its last figures are the interesting ones
+        route = request.route
+        if route in OPS_ROUTES:
+            if "ops" not in request.roles:
+                text = f"not found: {route} is served on the operations listener\n"
+                return Reply(http.HTTPStatus.NOT_FOUND, text, refused="listener")
+            if route == "/healthz":
+                return health(stopping, why)
+            if metrics is not None:
+                return metrics()  # during the drain too: its last figures matter most
+        if "public" not in request.roles:
+            text = "not found: this listener serves no WebSocket clients\n"
+            return Reply(http.HTTPStatus.NOT_FOUND, text, refused="listener")
         if state.draining:
             text = "server is shutting down\n"
             return Reply(http.HTTPStatus.SERVICE_UNAVAILABLE, text, refused="draining")

@@ -27,6 +27,7 @@ from typing import Any
 import uvloop
 
 from wsechod import listeners, ratelimit
+from wsechod.engine import Listener
 from wsechod.engine.addresses import format_address
 from wsechod.lifecycle import DrainReport, Lifecycle, drain_bound, serve
 from wsechod.listeners import BindError
@@ -72,12 +73,12 @@ PROCESS_KEYS = {
 
 def run(
     settings: Settings,
-    sockets: list[socket.socket],
+    listeners: list[Listener],
     *,
     handoff: bool = False,
     attach: Callable[[Lifecycle], AbstractContextManager[Callable[[], None] | None]] | None = None,
 ) -> DrainReport:
-    """Serve ``settings`` on ``sockets`` on a new uvloop loop in this thread until the
+    """Serve ``settings`` on ``listeners`` on a new uvloop loop in this thread until the
     lifecycle is stopped; then drain, end what is left and close the loop.
 
     ``attach(life)`` is entered as soon as the lifecycle exists and left after the drain:
@@ -88,7 +89,7 @@ def run(
     loop = uvloop.new_event_loop()
     loop.set_exception_handler(_callback_failed)
     try:
-        report = loop.run_until_complete(_serve(settings, sockets, handoff, attach))
+        report = loop.run_until_complete(_serve(settings, listeners, handoff, attach))
         finish(loop)
     finally:
         loop.close()
@@ -109,13 +110,13 @@ def _callback_failed(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -
 
 async def _serve(
     settings: Settings,
-    sockets: list[socket.socket],
+    listeners: list[Listener],
     handoff: bool,
     attach: Callable[[Lifecycle], AbstractContextManager[Callable[[], None] | None]] | None,
 ) -> DrainReport:
     life = Lifecycle(settings)
     with contextlib.nullcontext() if attach is None else attach(life) as ready:
-        return await serve(sockets, life, handoff=handoff, ready=ready)
+        return await serve(listeners, life, handoff=handoff, ready=ready)
 
 
 def finish(loop: asyncio.AbstractEventLoop) -> None:
@@ -277,7 +278,7 @@ class ThreadedServer(Server):
 
     def _run(self) -> None:
         try:
-            self.report = run(self.settings, self._bound.sockets, attach=self._attach)
+            self.report = run(self.settings, self._bound.listeners(), attach=self._attach)
         except BaseException as exc:  # handed to the caller: start() or stop() raises it
             self._error = exc
         finally:
@@ -373,7 +374,7 @@ async def running(
     async def main() -> DrainReport:
         life = Lifecycle(server.settings)
         with server._attached(life):
-            return await serve(bound.sockets, life, ready=lambda: listening.set_result(None))
+            return await serve(bound.listeners(), life, ready=lambda: listening.set_result(None))
 
     try:
         task = loop.create_task(main(), name=repr(server))

@@ -17,7 +17,6 @@ import functools
 import ipaddress
 import os
 import signal
-import socket
 import ssl
 import time
 from collections.abc import Callable, Iterator
@@ -28,7 +27,7 @@ from wsechod import brokers, memory, metrics, ratelimit, shared, tls
 from wsechod.admission import admission
 from wsechod.apps.echo import Echo
 from wsechod.apps.relay import Relay
-from wsechod.engine import Application, Engine, Options, Reply, Request
+from wsechod.engine import Application, Engine, Listener, Options, Reply, Request
 from wsechod.engine.frames import GOING_AWAY
 from wsechod.log import get_logger
 from wsechod.settings import RESTART_KEYS, Settings, changes
@@ -211,13 +210,13 @@ def relay_options(settings: Settings) -> dict[str, Any]:
 
 
 async def serve(
-    sockets: list[socket.socket],
+    listeners: list[Listener],
     life: Lifecycle,
     *,
     handoff: bool = False,
     ready: Callable[[], None] | None = None,
 ) -> DrainReport:
-    """Serve ``life.settings`` on ``sockets`` until ``life.stop`` resolves, then drain."""
+    """Serve ``life.settings`` on ``listeners`` until ``life.stop`` resolves, then drain."""
     # Start.
     settings = life.settings
     # First: TLS files this user cannot read stop it here (a worker is handed the main
@@ -231,14 +230,19 @@ async def serve(
             await broker.start(app.deliver)
         engine = Engine(engine_options, app)
         engine.set_admission(_admission(engine, app, life))
-        await engine.listen(sockets)
+        await engine.listen(listeners)
         life.attach(engine, app, handoff)
         if life.shared is not None:
             life.shared.attach(engine, app)
         # tls: which of the addresses speak TLS (wss://, https://); all of them or none.
         tls = engine.addresses if engine_options.tls is not None else []
         log.info(
-            "listening", addresses=engine.addresses, tls=tls, mode=settings.mode, pid=os.getpid()
+            "listening",
+            addresses=engine.addresses,
+            tls=tls,
+            roles=[sorted(roles) for roles in engine.roles],
+            mode=settings.mode,
+            pid=os.getpid(),
         )
         if ready is not None:
             ready()

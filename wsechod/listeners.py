@@ -17,8 +17,16 @@ import stat
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from wsechod.engine import Listener
 from wsechod.engine.addresses import format_address
-from wsechod.settings import ListenAddress, Settings, listen_address
+from wsechod.settings import (
+    ALL_ROLES,
+    ListenAddress,
+    Settings,
+    describe_roles,
+    listen_address,
+    roles_of_name,
+)
 
 
 class BindError(Exception):
@@ -33,10 +41,12 @@ def addresses(settings: Settings) -> list[ListenAddress]:
 
 
 def describe(address: ListenAddress) -> str:
-    """An address as ``listen`` writes it."""
+    """An address as ``listen`` writes it, with its roles if not all."""
+    roles = describe_roles(address.roles)
     if address.path:
-        return f"unix:{address.path}"
-    return format_address((address.host, address.port)) if address.host else f":{address.port}"
+        return f"unix:{address.path}{roles}"
+    where = format_address((address.host, address.port)) if address.host else f":{address.port}"
+    return where + roles
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,10 +84,27 @@ class Bound:
     replaced: list[str] = field(default_factory=list)
     groups: list[list[socket.socket]] = field(default_factory=list)
     reuseport: list[list[socket.socket]] = field(default_factory=list)
+    roles: dict[socket.socket, frozenset[str]] = field(default_factory=dict)  # if not all
 
     def group(self, worker: int) -> list[socket.socket]:
         """What worker ``worker`` serves: all the sockets, if they are not per worker."""
         return self.groups[worker] if self.groups else self.sockets
+
+    def listeners(self, worker: int | None = None) -> list[Listener]:
+        """The sockets (of ``worker``, if given) with the roles each serves."""
+        sockets = self.sockets if worker is None else self.group(worker)
+        return [Listener(sock, self.roles.get(sock, ALL_ROLES)) for sock in sockets]
+
+    @classmethod
+    def inherited(cls, named: list[tuple[socket.socket, str]]) -> "Bound":
+        """Sockets systemd passed, with the names it gave them: a name made of roles
+        (``FileDescriptorName=ops``) gives the socket those roles."""
+        bound = cls([sock for sock, _ in named])
+        for sock, name in named:
+            roles = roles_of_name(name)
+            if roles is not None:
+                bound.roles[sock] = roles
+        return bound
 
     def close(self) -> None:
         for sock in self.sockets:
@@ -108,6 +135,7 @@ def bind(
     groups: list[list[socket.socket]] = [[] for _ in range(copies)] if copies > 1 else []
     try:
         for address in where:
+            made = len(bound.sockets)
             if address.path:
                 sock = _listen_unix(address.path, mode, owner, bound, backlog)
                 bound.sockets.append(sock)
@@ -122,6 +150,9 @@ def bind(
                     bound.reuseport.append(copied[i : i + copies])
             else:
                 bound.sockets += _bind_tcp(address.host, address.port, backlog)
+            if address.roles != ALL_ROLES:
+                for sock in bound.sockets[made:]:
+                    bound.roles[sock] = address.roles
         bound.groups = groups
     except BaseException:
         bound.close()

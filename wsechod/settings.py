@@ -20,7 +20,7 @@ import socket
 import tomllib
 import typing
 import urllib.parse
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple, TypeVar
@@ -60,53 +60,88 @@ class SettingsError(Exception):
 # --- Listening addresses (listen, unix_socket_mode) ---------------------------------------
 
 LISTEN_FORMS = "host:port, [IPv6 address]:port, :port, unix:/path or unix:@name"
+# What a listener serves: WebSocket clients (public), /healthz and /metrics (ops), the
+# HTTP API of the relay (api). A listener without roles serves them all.
+ROLES = ("public", "ops", "api")
+ALL_ROLES = frozenset(ROLES)
+ROLE_SERVES = {"public": "WebSocket clients", "ops": "/healthz and /metrics", "api": "the API"}
 UNIX_PATH_MAX = 107  # bytes of sun_path, less the terminating NUL
 UNIX_SOCKET_KEYS = ("unix_socket_mode", "unix_socket_owner")
 
 
 class ListenAddress(NamedTuple):
     """One ``listen`` entry: a TCP ``host`` (a name, an address, or "" for every
-    interface) and ``port``, or a unix socket ``path`` ("@name": an abstract socket)."""
+    interface) and ``port``, or a unix socket ``path`` ("@name": an abstract socket), and
+    the ``roles`` it serves."""
 
     host: str = ""
     port: int = 0
     path: str = ""
+    roles: frozenset[str] = ALL_ROLES
 
 
 def listen_address(entry: str) -> ListenAddress:
-    """Parse one ``listen`` entry; raises ValueError saying what is wrong with it."""
-    if entry.startswith("unix:"):
-        path = entry[len("unix:") :]
+    """Parse one ``listen`` entry, ``ADDRESS [ROLE ...]``; raises ValueError saying what
+    is wrong with it."""
+    where, *words = entry.split()  # a unix socket path with a space cannot be listed
+    roles = listener_roles(words) if words else ALL_ROLES
+    if where.startswith("unix:"):
+        path = where[len("unix:") :]
         if path in ("", "@"):
             raise ValueError("expected unix:/path/to/socket or unix:@name")
         size = len(os.fsencode(path))  # an abstract name's "@" stands for its leading NUL
         if size > UNIX_PATH_MAX:
             raise ValueError(f"a unix socket address is at most {UNIX_PATH_MAX} bytes")
-        return ListenAddress(path=path)
-    if entry.count(":") > 1 and not entry.startswith("["):
+        return ListenAddress(path=path, roles=roles)
+    if where.count(":") > 1 and not where.startswith("["):
         raise ValueError("an IPv6 address goes in brackets: [::1]:8765")
-    host, port = _host_port(entry)
+    host, port = _host_port(where)
     if port is None:
-        raise ValueError(f"expected {LISTEN_FORMS}")
+        raise ValueError(f"expected {LISTEN_FORMS}, then its roles if not all")
     if not (re.fullmatch(r"[0-9]{1,5}", port) and int(port) <= 65535):
         raise ValueError(f"port {port!r} must be a number between 0 and 65535")
-    return ListenAddress(host, int(port))
+    return ListenAddress(host, int(port), roles=roles)
+
+
+def listener_roles(words: Sequence[str]) -> frozenset[str]:
+    """The roles a listener is given (ValueError for a word that is none)."""
+    for word in words:
+        if word not in ROLES:
+            raise ValueError(f"unknown role {word!r}: a listener's roles are {', '.join(ROLES)}")
+    return frozenset(words)
+
+
+def roles_of_name(name: str) -> frozenset[str] | None:
+    """The roles in a name systemd gives a socket (``FileDescriptorName=ops``, or
+    ``public+ops``), or None if the name is not made of roles (the default ``stdin``, a
+    unit's own name): such a socket serves every role."""
+    words = name.split("+")
+    return frozenset(words) if all(word in ROLES for word in words) else None
+
+
+def describe_roles(roles: frozenset[str]) -> str:
+    """How ``listen`` writes them: nothing for all roles."""
+    return "" if roles == ALL_ROLES else " " + " ".join(r for r in ROLES if r in roles)
 
 
 def _check_listen(entries: tuple[str, ...]) -> tuple[str, ...]:
-    """Each entry valid, none twice; unix paths made absolute (a daemon runs in /)."""
+    """Each entry valid, no address twice; unix paths made absolute (a daemon runs in /)."""
     normalized: list[str] = []
+    seen: set[tuple[str, int, str]] = set()
     for given in entries:
-        entry = given
+        entry = " ".join(given.split())
         try:
             address = listen_address(entry)
             if address.path and not address.path.startswith("@"):
-                entry = "unix:" + os.path.abspath(os.path.expanduser(address.path))
-                listen_address(entry)  # still short enough
+                path = os.path.abspath(os.path.expanduser(address.path))
+                entry = "unix:" + path + describe_roles(address.roles)
+                address = listen_address(entry)  # still short enough
         except ValueError as exc:  # in a list, say which entry
             raise ValueError(f"{entry!r}: {exc}" if len(entries) > 1 else str(exc)) from None
-        if entry in normalized:
-            raise ValueError(f"{entry!r} is listed twice")
+        if address[:3] in seen:
+            raise ValueError(f"{entry.split()[0]!r} is listed twice")
+        if address.port or address.path:  # port 0 picks a free port each time
+            seen.add(address[:3])
         normalized.append(entry)
     return tuple(normalized)
 
@@ -195,7 +230,8 @@ class Settings:
     )
     listen: tuple[str, ...] = _opt(
         (),
-        f"addresses to listen on instead of host and port: {LISTEN_FORMS}",
+        f"addresses to listen on instead of host and port: {LISTEN_FORMS}; each may be "
+        f"followed by the roles it serves ({', '.join(ROLES)}; default: all)",
         check=_check_listen,
         restart=True,
     )
@@ -547,15 +583,27 @@ def _listen_notice(settings: Settings, sources: Mapping[str, str]) -> list[Notic
     if not any(entry.startswith("unix:/") for entry in settings.listen):
         reasons |= {k: "no unix socket file in listen" for k in UNIX_SOCKET_KEYS}
     unused = {k: why for k, why in reasons.items() if sources[k] != "default"}
-    if not unused:
-        return []
-    return [
-        Notice(
-            "settings have no effect: " + ", ".join(f"{k} ({why})" for k, why in unused.items()),
-            "settings have no effect",
-            {"keys": list(unused), "listen": list(settings.listen)},
+    notices = []
+    if unused:
+        notices.append(
+            Notice(
+                "settings have no effect: "
+                + ", ".join(f"{k} ({why})" for k, why in unused.items()),
+                "settings have no effect",
+                {"keys": list(unused), "listen": list(settings.listen)},
+            )
         )
+    served = set().union(*(listen_address(e).roles for e in settings.listen or (":0",)))
+    notices += [
+        Notice(
+            f"no listener has the role {role}: {ROLE_SERVES[role]} are served nowhere",
+            "role served nowhere",
+            {"role": role, "listen": list(settings.listen)},
+        )
+        for role in ("public", "ops")
+        if role not in served
     ]
+    return notices
 
 
 def _check_tls(settings: Settings, sources: Mapping[str, str]) -> None:

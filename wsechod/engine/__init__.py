@@ -2,13 +2,21 @@
 Task per connection or message; applications see only ``interface``."""
 
 from wsechod.engine.frames import OP_BINARY, OP_TEXT, frame
-from wsechod.engine.interface import Application, Connection, Prepared, Reply, Request
+from wsechod.engine.interface import (
+    Application,
+    Connection,
+    Listener,
+    Prepared,
+    Reply,
+    Request,
+)
 from wsechod.engine.server import Engine, Options
 
 __all__ = [
     "Application",
     "Connection",
     "Engine",
+    "Listener",
     "Options",
     "Prepared",
     "Reply",

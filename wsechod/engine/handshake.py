@@ -90,10 +90,12 @@ class Handshake(asyncio.Protocol):
         "_trusted",
         "group",
         "peer",
+        "roles",
     )
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, roles: frozenset[str]) -> None:
         self._engine = engine
+        self.roles = roles  # its listener's: what it may be served
         self._head = bytearray()
         self._t: asyncio.Transport | None = None
         self._timer: asyncio.TimerHandle | None = None
@@ -284,7 +286,7 @@ class Handshake(asyncio.Protocol):
             return
         if self._trusted:
             self._client(raw.headers)
-        request = Request(raw.method, raw.path, raw.headers, self.peer, self.group)
+        request = Request(raw.method, raw.path, raw.headers, self.peer, self.group, self.roles)
         try:
             reply = engine.admit(request)
         except Exception:  # a bug, but one a client may trigger over and over

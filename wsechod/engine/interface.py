@@ -6,9 +6,18 @@ the engine, and the engine can change its I/O without touching them.
 """
 
 import http
+import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
+
+
+class Listener(NamedTuple):
+    """A listening socket and the roles it serves (``public``: WebSocket clients; ``ops``:
+    health and metrics; ``api``: the HTTP API), which admission reads from the request."""
+
+    socket: socket.socket
+    roles: frozenset[str]
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,6 +43,7 @@ class Request:
     headers: Any  # websockets.datastructures.Headers: get(), get_all(), case-insensitive
     peer: str  # the client, behind trusted proxies too
     group: str = ""  # the client's address group for per-address limits; "": none
+    roles: frozenset[str] = frozenset(("public", "ops", "api"))  # its listener's
 
     @property
     def route(self) -> str:

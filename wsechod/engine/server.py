@@ -9,6 +9,7 @@ to stop accepting, when to close everyone and when to cut what is left.
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import logging
 import os
@@ -16,7 +17,7 @@ import resource
 import socket
 import ssl
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,7 +29,7 @@ from wsechod.engine.addresses import format_address
 from wsechod.engine.budget import Budget
 from wsechod.engine.connection import WebSocket, failures
 from wsechod.engine.handshake import Handshake
-from wsechod.engine.interface import Application, Reply, Request
+from wsechod.engine.interface import Application, Listener, Reply, Request
 from wsechod.engine.proxy import Network
 from wsechod.log import get_logger
 
@@ -111,36 +112,41 @@ class Engine:
         self._pings = itertools.count()
         self._fd_limit = self._fd_base = 0
         self._addresses: list[str] = []
+        self.roles: list[frozenset[str]] = []  # each listener's, as addresses
         # Per-connection events are debug lines; deciding once spares a structlog call per
         # connection when nobody reads them.
         self._debug = logging.getLogger("wsechod.engine").isEnabledFor(logging.DEBUG)
 
     # --- listening -------------------------------------------------------------------
 
-    async def listen(self, sockets: list[socket.socket]) -> None:
+    async def listen(self, listeners: Sequence[Listener]) -> None:
+        """Serve each listener's socket; its connections' requests carry its roles."""
         self._fd_limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
         try:
             self._fd_base = len(os.listdir("/proc/self/fd"))
         except OSError:
             self._fd_base = 64  # no /proc: a guess on the safe side
-        self._sockets = list(sockets)
+        self._sockets = [listener.socket for listener in listeners]
         self.budget.start()
         # Read now: once the loop stops accepting on them, uvloop has detached the sockets.
-        self._addresses = [format_address(sock.getsockname()) for sock in sockets]
-        for sock in sockets:
+        self._addresses = [format_address(sock.getsockname()) for sock in self._sockets]
+        self.roles = [listener.roles for listener in listeners]
+        for sock, roles in listeners:
             if self.options.tls is not None:
                 # Accepted here, so that TLS is set up (connect_accepted_socket) before
                 # anything reads the connection; a reload renews the certificate only.
                 sock.listen(self.options.backlog)  # systemd's too, as uvloop does below
-                self.loop.add_reader(sock.fileno(), self._accept_tls, sock)
+                self.loop.add_reader(sock.fileno(), self._accept_tls, sock, roles)
                 self._accepting.append(sock)
             else:
                 server = await self.loop.create_server(
-                    lambda: Handshake(self), sock=sock, backlog=self.options.backlog
+                    functools.partial(Handshake, self, roles),
+                    sock=sock,
+                    backlog=self.options.backlog,
                 )
                 self._servers.append(server)
 
-    def _accept_tls(self, listening: socket.socket) -> None:
+    def _accept_tls(self, listening: socket.socket, roles: frozenset[str]) -> None:
         """Accept what is waiting on a TLS listener (a batch at a time, so that a flood of
         connections leaves the loop to the others between batches)."""
         for _ in range(ACCEPT_BATCH):
@@ -151,16 +157,16 @@ class Engine:
             except OSError as exc:  # EMFILE, ENFILE, ENOBUFS: wait for descriptors
                 warn.warning("cannot accept", reason=exc.strerror or str(exc))
                 self.loop.remove_reader(listening.fileno())
-                self.loop.call_later(ACCEPT_RETRY, self._resume_accepting, listening)
+                self.loop.call_later(ACCEPT_RETRY, self._resume_accepting, listening, roles)
                 return
             sock.setblocking(False)
             tls = self.options.tls
             assert tls is not None
-            Handshake(self).start_tls(sock, tls)
+            Handshake(self, roles).start_tls(sock, tls)
 
-    def _resume_accepting(self, listening: socket.socket) -> None:
+    def _resume_accepting(self, listening: socket.socket, roles: frozenset[str]) -> None:
         if listening in self._accepting:
-            self.loop.add_reader(listening.fileno(), self._accept_tls, listening)
+            self.loop.add_reader(listening.fileno(), self._accept_tls, listening, roles)
 
     @property
     def addresses(self) -> list[str]:

@@ -227,7 +227,10 @@ def _start(
     owner = None if identity is None else (identity.uid, identity.gid)
     try:
         inherited = systemd.listen_fds()
-        bound = listeners.Bound(inherited) if inherited else _bind(settings, owner, socket_owner)
+        if inherited:
+            bound = listeners.Bound.inherited(inherited)
+        else:
+            bound = _bind(settings, owner, socket_owner)
     except (listeners.BindError, systemd.ActivationError) as exc:
         return _fail(str(exc), EXIT_FAILURE)
     detached = False
@@ -325,7 +328,7 @@ def _serve_sockets(
     try:
         if settings.workers > 1:
             return supervisor.run(settings, bound, ready, handoff, reread)
-        return runner.run(settings, bound.sockets, ready, handoff, reread)
+        return runner.run(settings, bound.listeners(), ready, handoff, reread)
     except (TlsError, supervisor.WorkerError) as exc:  # TLS: readable as root, not as user
         if on_ready is not None and not started:
             raise

@@ -12,11 +12,11 @@ import functools
 import os
 import resource
 import signal
-import socket
 import ssl
 from collections.abc import Callable, Iterator
 
 from wsechod import __version__, embedded
+from wsechod.engine import Listener
 from wsechod.lifecycle import (
     RELOAD_SIGNALS,
     STOP_SIGNALS,
@@ -219,7 +219,7 @@ def _process(
 
 def run(
     settings: Settings,
-    sockets: list[socket.socket],
+    listeners: list[Listener],
     on_ready: Callable[[], None] | None = None,
     handoff: bool = False,
     reread: Callable[[], Loaded | None] | None = None,
@@ -239,7 +239,7 @@ def run(
     log.info("starting", version=__version__, pid=os.getpid())
     _raise_open_files_limit(settings.max_connections)
     attach = functools.partial(_process, on_ready=on_ready, reread=reread, worker=worker, tls=tls)
-    embedded.run(settings, sockets, handoff=handoff, attach=attach)
+    embedded.run(settings, listeners, handoff=handoff, attach=attach)
     log.info("stopped")
     return 0
 

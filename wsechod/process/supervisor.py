@@ -544,7 +544,7 @@ class Supervisor:
             signal.pthread_sigmask(signal.SIG_SETMASK, self.mask)
             status = runner.run(
                 self.settings,
-                mine,
+                self.bound.listeners(slot.index),
                 worker.listening,
                 self.handoff,
                 self.board.handed_down,  # a reload: what the main process read

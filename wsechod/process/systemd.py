@@ -81,8 +81,11 @@ def describe_activation(environ: MutableMapping[str, str] | None = None) -> str 
     return f"{count} socket(s) from systemd socket activation" + (f" ({names})" if names else "")
 
 
-def listen_fds(environ: MutableMapping[str, str] | None = None) -> list[socket.socket] | None:
-    """The listening sockets systemd passed to this process, or None if it passed none.
+def listen_fds(
+    environ: MutableMapping[str, str] | None = None,
+) -> list[tuple[socket.socket, str]] | None:
+    """The listening sockets systemd passed to this process with the names it gave them
+    (``FileDescriptorName=``; "" if none), or None if it passed none.
 
     The variables are removed afterwards, as sd_listen_fds(unset_environment=1) does, so
     that nothing this process starts believes the sockets are its own.
@@ -114,5 +117,5 @@ def listen_fds(environ: MutableMapping[str, str] | None = None) -> list[socket.s
             )
         sock.setblocking(False)
         os.set_inheritable(fd, False)
-        sockets.append(sock)
+        sockets.append((sock, labels[i] if i < len(labels) else ""))
     return sockets
