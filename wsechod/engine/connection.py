@@ -347,6 +347,7 @@ class WebSocket(asyncio.Protocol):
                     and b1 & 0x80
                     and not self._msg
                     and length <= max_size
+                    and not self._checked  # not one whose start was checked already
                 ):
                     # The common case, inline: a whole message in one small masked frame.
                     stop = start + length
