@@ -59,6 +59,10 @@ READ_ATTEMPTS = 5
 # monotonic time of the write
 _HEADER = struct.Struct("<QQqIIId")
 _SEQ = struct.Struct("<Q")
+# The header after its sequence number: written apart, because struct.pack_into zeroes
+# what it packs into first, and a sequence number of 0 for a moment is an even one: a
+# reader would take the zeroed header for a whole, empty slot.
+_FIELDS = struct.Struct("<QqIIId")
 HEADER_BYTES = 64
 
 # A worker's state, in its slot: LEAVING and LEFT are a drain of its own (recycled: it
@@ -111,8 +115,8 @@ class Board:
         _SEQ.pack_into(m, at, begin)
         start = at + HEADER_BYTES
         m[start : start + len(body)] = body
-        _HEADER.pack_into(
-            m, at, begin, gen, pid, state, len(body), zlib.crc32(body), time.monotonic()
+        _FIELDS.pack_into(
+            m, at + _SEQ.size, gen, pid, state, len(body), zlib.crc32(body), time.monotonic()
         )
         _SEQ.pack_into(m, at, begin + 1)
         return True
