@@ -9,8 +9,8 @@ PORT   ?= 8765
 NODE_DEPS := tests/node/node_modules/.package-lock.json
 BENCH_NODE_DEPS := bench/node/node_modules/.package-lock.json
 
-.PHONY: setup python-version node-deps bench-node-deps systemd-tools redis run test lint \
-        typecheck docs docs-serve pytest \
+.PHONY: setup python-version node-deps bench-node-deps systemd-tools redis run test check lint \
+        typecheck docs docs-serve pytest unit \
         bench clean install install-units install-systemd
 
 # An interpreter's version and installation ("3.11.7 /usr"); a venv's python gives its base's.
@@ -83,6 +83,10 @@ run: setup
 ## Lint, type-check, build the docs, then the whole test suite (what CI runs).
 test: lint typecheck docs pytest
 
+## The edit loop, under a minute: lint, type-check and the unit tests (marked unit: they
+## start no process and no server).
+check: lint typecheck unit
+
 lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
@@ -92,6 +96,11 @@ typecheck: setup
 
 pytest: setup node-deps systemd-tools redis
 	$(BIN)/pytest $(PYTEST_ARGS)
+
+## The tests marked unit, collected from the files that have some (the others are not
+## even imported: test_node_client.py, say, skips loudly at import without Node).
+unit: setup
+	$(BIN)/pytest -q -m unit $(PYTEST_ARGS) $(shell grep -l 'pytest.mark.unit' tests/test_*.py)
 
 ## The documentation site (mkdocs.yml, docs/) into $(SITE); --strict: a broken link or
 ## anchor, or a page left out of the navigation, fails the build. (Not --quiet: it hides
