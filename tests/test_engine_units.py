@@ -230,3 +230,30 @@ def test_failing_callbacks_on_our_loop_are_rate_limited(
             )
     assert [r.getMessage() for r in caplog.records] == ["callback failed"]
     assert caplog.records[0].exc_info is not None
+
+
+def test_the_memory_budget_never_leaves_connections_paused_for_good(
+    loop: asyncio.AbstractEventLoop,
+) -> None:
+    """Four clients each hold 30 kB of a 60 kB frame under a 100 kB budget: paused, then
+    the heaviest are closed until the rest is back under the mark where reading resumes
+    (closing only down to the limit left three paused, forever, holding what they could
+    never finish)."""
+
+    async def main() -> tuple[list[WebSocket], list[Transport]]:
+        engine = Engine(Options(memory_limit=100_000, max_size=100_000, ping_interval=0), Echo())
+        pairs = [connect(engine, "/") for _ in range(4)]
+        engine.budget.start()
+        for ws, _ in pairs:
+            ws.data_received(frame(OP_BINARY, bytes(60_000))[:30_014])
+        for _ in range(100):  # the budget's own timer: a check, then a grace, then closes
+            await asyncio.sleep(0.05)
+            if not engine.budget.paused and engine.budget.closed:
+                break
+        engine.budget.stop()
+        return [ws for ws, _ in pairs], [t for _, t in pairs]
+
+    conns, transports = loop.run_until_complete(main())
+    closed = [ws for ws in conns if ws.code_sent == 1013]
+    assert len(closed) == 2, [ws.code_sent for ws in conns]
+    assert all(t.reading for ws, t in zip(conns, transports, strict=True) if ws not in closed)

@@ -707,6 +707,26 @@ def test_a_restarted_worker_keeps_what_needs_a_restart(
     assert replaced["mode"] == "echo"
 
 
+def test_a_restarted_worker_does_not_turn_tls_on_that_a_reload_kept_off(
+    start: Callable[..., Daemon], tmp_path: Path
+) -> None:
+    """A reload adding a certificate is a restart's to apply (the listeners speak TLS or
+    not from their start); a worker started after it must not speak TLS beside plain
+    ones on the same port."""
+    files = issue(tmp_path)
+    config = tmp_path / "wsechod.toml"
+    config.write_text("")
+    daemon = start_workers(start, "--config", str(config))
+    victim = pids(daemon)[0]
+    config.write_text(f'tls_cert = "{files.cert}"\ntls_key = "{files.key}"\n')
+    daemon.signal(signal.SIGHUP)
+    for i in range(WORKERS):
+        daemon.wait_for("setting needs a restart", where=of_worker(i))
+    os.kill(victim, signal.SIGKILL)
+    replaced = daemon.wait_for("listening", where=lambda e: e["worker"] == 0 and e["pid"] != victim)
+    assert replaced["tls"] == []
+
+
 def test_workers_are_seen_even_if_sigchld_was_ignored(start: Callable[..., Daemon]) -> None:
     """A parent that ignores SIGCHLD passes that on: the kernel would reap the workers
     itself, and a dead one would never be replaced (nor a stop ever end)."""

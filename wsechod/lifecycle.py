@@ -91,11 +91,7 @@ class Lifecycle:
         Returns the keys applied and those that need a restart."""
         old = self.settings
         changed = changes(old, new)
-        # Whether the listeners speak TLS is decided when they start accepting; a reload
-        # renews the certificate.
-        restart = RESTART_KEYS | (
-            set(TLS_KEYS) if bool(old.tls_cert) != bool(new.tls_cert) else set()
-        )
+        restart = kept_on_reload(old, new)
         kept = [key for key in changed if key in restart]
         applied = [key for key in changed if key not in restart]
         self.settings = dataclasses.replace(new, **{k: getattr(self.settings, k) for k in kept})
@@ -134,6 +130,15 @@ class Lifecycle:
         where = ", ".join(self.engine.addresses)
         state = "draining" if self.engine.draining else self.settings.mode
         return f"{state} on {where}: {len(self.engine.connections)} connections"
+
+
+def kept_on_reload(old: Settings, new: Settings) -> frozenset[str]:
+    """The keys a reload keeps as they are (the supervisor's for workers it starts later,
+    and each serving process's): those only a restart applies, and the TLS files when the
+    reload would turn TLS on or off, since whether listeners speak TLS is decided when
+    they start accepting (a reload renews the certificate)."""
+    toggled = bool(old.tls_cert) != bool(new.tls_cert)
+    return RESTART_KEYS | frozenset(TLS_KEYS) if toggled else RESTART_KEYS
 
 
 @contextlib.contextmanager

@@ -15,9 +15,12 @@ make a gigabyte. The budget counts, for the whole process,
 Over ``limit``, reading stops on every connection that holds part of a frame, and on any
 other as soon as it starts one (whole small messages, the common case, are read as
 usual: they do not stay in memory). Back under ``RESUME_AT`` of the limit, reading goes
-on. Over the limit for ``GRACE`` seconds, the connections that hold the most are closed
-with 1013 (try again later) until the rest fits: a partial frame is dropped at once, a
-client that does not read its buffer is cut.
+on. Over the limit, or above ``RESUME_AT`` with connections still paused (they hold frames
+they cannot finish: the total would never go down), for ``GRACE`` seconds: the
+connections that hold the most are closed with 1013 (try again later) until the rest is
+under ``RESUME_AT``; a partial frame is dropped at once, a client that does not read its
+buffer is cut. A connection paused here is not failed by its keepalive meanwhile: its
+pongs wait behind what is not read.
 """
 
 from __future__ import annotations
@@ -47,11 +50,11 @@ class Budget:
         "_over_since",
         "_timer",
         "blocked",
+        "closed",
         "held",
         "limit",
         "outgoing",
         "paused",
-        "shed",
     )
 
     def __init__(self, engine: Engine, limit: int) -> None:
@@ -61,17 +64,13 @@ class Budget:
         self.outgoing = 0  # the blocked connections' write buffers, at the last check
         self.blocked: set[WebSocket] = set()  # above write_limit
         self.paused: set[WebSocket] = set()  # not read while over the limit
-        self.shed = 0  # connections closed to bring the process back under
+        self.closed = 0  # connections closed to bring the process back under
         self._over_since: float | None = None
         self._timer: asyncio.TimerHandle | None = None
 
     @property
     def total(self) -> int:
         return self.held + self.outgoing
-
-    @property
-    def over(self) -> bool:
-        return self.held + self.outgoing > self.limit
 
     def start(self) -> None:
         self._timer = self._engine.loop.call_later(CHECK_INTERVAL, self.check)
@@ -95,8 +94,8 @@ class Budget:
                 for ws in paused:
                     ws.memory_resume()
             return
-        if total <= self.limit:
-            self._over_since = None  # between the two marks: as it is
+        if total <= self.limit and not self.paused:
+            self._over_since = None  # between the two marks, nobody waiting: as it is
             return
         now = engine.loop.time()
         if self._over_since is None:
@@ -111,7 +110,7 @@ class Budget:
                 if ws.holding:
                     self.pause(ws)
         elif now - self._over_since >= GRACE:
-            self._shed(total - self.limit)
+            self._shed(total - int(self.limit * RESUME_AT))
             self._over_since = now  # what was closed takes a moment to be gone
 
     def pause(self, ws: WebSocket) -> None:
@@ -134,7 +133,7 @@ class Budget:
             if excess <= 0:
                 break
             excess -= ws.weight
-            self.shed += 1
+            self.closed += 1
             warn.warning(
                 "connection closed: memory limit",
                 reason="memory_limit",
@@ -142,4 +141,4 @@ class Budget:
                 held=ws.weight,
                 limit=self.limit,
             )
-            ws.shed(TRY_AGAIN_LATER)
+            ws.close_for_memory(TRY_AGAIN_LATER)

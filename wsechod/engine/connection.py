@@ -243,7 +243,7 @@ class WebSocket(asyncio.Protocol):
     def memory_resume(self) -> None:
         self._release(PAUSED_MEMORY)
 
-    def shed(self, code: int) -> None:
+    def close_for_memory(self, code: int) -> None:
         """Closed to bring the process back under its budget: what it holds is let go of
         now; a client that does not read its buffer cannot take the close frame."""
         self._fail(code, "server is short of memory")
@@ -347,6 +347,7 @@ class WebSocket(asyncio.Protocol):
                     and b1 & 0x80
                     and not self._msg
                     and length <= max_size
+                    and not self._checked  # not one whose start was checked already
                 ):
                     # The common case, inline: a whole message in one small masked frame.
                     stop = start + length
@@ -666,8 +667,9 @@ class WebSocket(asyncio.Protocol):
         """Ping every ``ping_interval``; no pong within ``ping_timeout``: fail with 1011.
         The ping is written even when the buffer is full, and a client that does not
         read cannot answer it, so it is dropped at the deadline however full it is. (A
-        client whose reading the application paused, a held relay publisher, could not
-        be heard answering: its deadline waits until it is read again.)"""
+        client the server stopped reading for its own reasons, a held relay publisher or
+        one paused by the memory budget, could not be heard answering: its deadline waits
+        until it is read again.)"""
         self._timer = None
         if self._state != OPEN:
             return
@@ -678,7 +680,7 @@ class WebSocket(asyncio.Protocol):
             self._ping = self._engine.next_ping()
             self._t.write(_HEADERS[0x80 | f.OP_PING][len(self._ping)] + self._ping)
             self._keepalive_later(options.ping_timeout or options.ping_interval)
-        elif not options.ping_timeout or self._pause == PAUSED_APP:
+        elif not options.ping_timeout or (self._pause and not self._pause & PAUSED_WRITE):
             self._keepalive_later(options.ping_interval)  # the pong re-arms the interval
         else:
             self._fail(f.INTERNAL_ERROR, "keepalive ping timeout")

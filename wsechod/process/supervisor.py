@@ -41,7 +41,7 @@ from wsechod import __version__, lifecycle, listeners, ratelimit, tls
 from wsechod.engine.addresses import format_address
 from wsechod.log import get_logger
 from wsechod.process import fds, logs, runner, steering, systemd
-from wsechod.settings import RESTART_KEYS, Loaded, Settings, SettingsError
+from wsechod.settings import Loaded, Settings, SettingsError
 from wsechod.shared import (
     DOORBELL,
     DRAINING,
@@ -490,12 +490,14 @@ class Supervisor:
         if settings.log_level != self.settings.log_level:
             logs.set_level(settings.log_level)
         # What needs a restart stays as it was, for the workers started later too.
-        kept = {key: getattr(self.settings, key) for key in RESTART_KEYS}
+        restart = lifecycle.kept_on_reload(self.settings, settings)
+        merged = dataclasses.replace(settings, **{k: getattr(self.settings, k) for k in restart})
         try:
-            self.tls = lifecycle.tls_context(settings)
+            self.tls = lifecycle.tls_context(merged)
         except tls.TlsError:  # each worker logs why; the certificate stays as it was
-            kept |= {key: getattr(self.settings, key) for key in lifecycle.TLS_KEYS}
-        self.settings = dataclasses.replace(settings, **kept)
+            before = {key: getattr(self.settings, key) for key in lifecycle.TLS_KEYS}
+            merged = dataclasses.replace(merged, **before)
+        self.settings = merged
         return dataclasses.replace(loaded, notices=())
 
     # --- workers --------------------------------------------------------------------------
