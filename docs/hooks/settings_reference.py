@@ -95,7 +95,8 @@ def entry(key: str, kind: Any) -> str:
     allowed = settings.choices(key)
     if allowed is not None:
         values, aliases = allowed
-        facts.append(f"- Values: {', '.join(f'`{v}`' for v in values)}{also(values, aliases)}")
+        shown = ", ".join(f"`{v}`" for v in values)
+        facts.append(f"- Values: {shown}, in any case{also(values, aliases)}")
     facts.append(f"- On reload: {restart(key, short=False)}")
     return "\n".join([f"### `{key}` {{#{key}}}", "", prose(settings.describe(key)), "", *facts, ""])
 
