@@ -75,7 +75,7 @@ def reference(groups: list[tuple[str, list[str]]]) -> str:
     ]
     parts = ["| key | default | on reload |", "|---|---|---|", *rows, ""]
     for title, keys in groups:
-        parts += [f"## {title}", ""]
+        parts += [f"### {title}", ""]
         parts += [entry(key, kinds[key]) for key in keys]
     return "\n".join(parts)
 
@@ -98,7 +98,8 @@ def entry(key: str, kind: Any) -> str:
         shown = ", ".join(f"`{v}`" for v in values)
         facts.append(f"- Values: {shown}, in any case{also(values, aliases)}")
     facts.append(f"- On reload: {restart(key, short=False)}")
-    return "\n".join([f"### `{key}` {{#{key}}}", "", prose(settings.describe(key)), "", *facts, ""])
+    heading = f"#### `{key}` {{#{key}}}"
+    return "\n".join([heading, "", prose(settings.describe(key)), "", *facts, ""])
 
 
 def also(values: tuple[str, ...], aliases: typing.Mapping[str, str]) -> str:
