@@ -153,7 +153,8 @@ def test_invalid_origin_entries_are_one_line_and_exit_2(entry: str, says: str) -
 
 
 def test_wildcards_under_a_registrable_domain_or_localhost_are_fine() -> None:
-    for entry in ("https://*.example.co.uk", "*.app.github.io", "http://*.localhost:3000"):
+    entries = ("https://*.example.co.uk", "*.app.github.io", "http://*.localhost:3000")
+    for entry in (*entries, "https://*.internal", "*.lan", "*.test"):  # private-use names
         result = run_cli("--config", "", "--check-config", "--allowed-origins", entry)
         assert result.returncode == 0, result.stderr
 

@@ -336,6 +336,14 @@ def test_retired_key_still_starts_with_a_notice(where: str, tmp_path: Path) -> N
         ("0::/\n", {}, 16.0),  # no limit: the machine's
         ("0::/ws\n", {"sys/fs/cgroup/ws/memory.max": "max\n"}, 16.0),
         ("0::/ws\n", {"sys/fs/cgroup/ws/memory.max": str(4 * 2**30)}, 4.0),  # cgroup v2
+        (  # a limit on a parent (a slice) holds for the groups below it
+            "0::/app.slice/ws.service\n",
+            {
+                "sys/fs/cgroup/app.slice/memory.max": str(3 * 2**30),
+                "sys/fs/cgroup/app.slice/ws.service/memory.max": "max\n",
+            },
+            3.0,
+        ),
         (
             "4:memory:/docker/abc\n",
             {"sys/fs/cgroup/memory/docker/abc/memory.limit_in_bytes": str(2 * 2**30)},

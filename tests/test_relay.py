@@ -826,6 +826,7 @@ def test_the_redis_py_calls_the_broker_makes_are_there() -> None:
 
     assert callable(ConnectionPool.from_url)
     assert inspect.iscoroutinefunction(ConnectionPool.get_connection)
+    inspect.signature(ConnectionPool.get_connection).bind(ConnectionPool())  # as it is called
     assert inspect.iscoroutinefunction(ConnectionPool.disconnect)
     for name, parameters in {
         "send_command": (),

@@ -193,14 +193,20 @@ def test_a_dead_workers_share_goes_to_the_live_ones_during_its_backoff(
     steered = daemon.wait_for("new connections steered", where=steered_to([1], killed))
     checks: list[str | None]
     failures, checks = asyncio.run(_during(daemon.url, daemon.port))
-    done = datetime.now().astimezone()
     assert [f for f in failures if f is not None] == []
     assert checks == ["HTTP/1.1 200 OK"] * CHECKS  # 200 degraded: 1 of 2 workers not running
     back = daemon.wait_for(
         "listening", timeout=15, where=lambda e: e["worker"] == 0 and e["pid"] not in seen
     )
-    # All of this happened while worker 0 waited for its restart.
-    assert datetime.fromisoformat(back["timestamp"]) > done, (steered, back, done)
+    # Most of it happened while worker 0 waited for its restart (on a loaded machine the
+    # clients may outlast the backoff: those served after it prove nothing, and fail none).
+    during = [
+        e
+        for e in daemon.events
+        if e["event"] == "connection open"
+        and steered["timestamp"] < e["timestamp"] < back["timestamp"]
+    ]
+    assert len(during) >= CLIENTS // 2, (steered, back, len(during))
     daemon.wait_for("new connections steered", where=steered_to([0, 1], back["timestamp"]))
     deadline = time.monotonic() + 20
     while True:  # and the replacement gets newcomers again

@@ -19,8 +19,10 @@ import contextlib
 import os
 import socket
 import threading
+import traceback
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from contextlib import AbstractContextManager
+from pathlib import Path
 from types import TracebackType
 from typing import Any
 
@@ -101,9 +103,16 @@ def _callback_failed(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -
     but one a client may trigger over and over, so rate-limited like the engine's own
     failures; asyncio's default handler would log every occurrence."""
     exc = context.get("exception")
+    if exc is None:
+        reason = "no exception"
+    else:  # not the message: it names the callback's object, a new one each time
+        where = traceback.extract_tb(exc.__traceback__)[-1:]
+        at = f" at {Path(where[0].filename).name}:{where[0].lineno}" if where else ""
+        reason = f"{type(exc).__name__}{at}"
     failures.error(
         "callback failed",
-        reason=str(context.get("message", "")),
+        reason=reason,
+        error=str(context.get("message", ""))[:200],
         exc_info=(type(exc), exc, exc.__traceback__) if exc is not None else None,
     )
 

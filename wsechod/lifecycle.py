@@ -256,6 +256,7 @@ async def serve(
         # loop goes on after it (``running``), a broker task would too.
         if engine is not None:
             engine.stop_accepting()
+            engine.abort_all()  # accepted meanwhile: nothing goes on after a failed start
             engine.budget.stop()
         if broker is not None:
             await _close_broker(broker)

@@ -1,8 +1,8 @@
 """How much memory this process may use: the default of ``memory_limit``.
 
 The machine's memory (``MemTotal``), or less when the process runs in a control group with
-a memory limit (cgroup v2 ``memory.max``, v1 ``memory.limit_in_bytes``: containers,
-systemd's ``MemoryMax=``): whichever is smallest.
+a memory limit, its own or one above it (cgroup v2 ``memory.max``, v1
+``memory.limit_in_bytes``: containers, systemd's ``MemoryMax=``): whichever is smallest.
 """
 
 from pathlib import Path
@@ -41,8 +41,9 @@ def _mem_total(root: Path) -> int:
 
 
 def _cgroup_limit_files(root: Path) -> list[Path]:
-    """The memory limit files of this process's control group and of the hierarchy's
-    root (a container often sees its own group as the root)."""
+    """The memory limit files of this process's control group and of every group above it
+    (a limit set on a parent, a systemd slice or a container's group, holds too), up to
+    the hierarchy's root."""
     files: list[Path] = []
     try:
         lines = (root / "proc/self/cgroup").read_text().splitlines()
@@ -50,10 +51,12 @@ def _cgroup_limit_files(root: Path) -> list[Path]:
         return files
     for line in lines:
         _, controllers, group = line.split(":", 2)
-        group = group.lstrip("/")
+        parts = [part for part in group.split("/") if part]
         if controllers == "":  # cgroup v2: one hierarchy
-            files += [root / "sys/fs/cgroup" / group / "memory.max"]
+            base, name = root / "sys/fs/cgroup", "memory.max"
         elif "memory" in controllers.split(","):
-            base = root / "sys/fs/cgroup/memory"
-            files += [base / group / "memory.limit_in_bytes", base / "memory.limit_in_bytes"]
+            base, name = root / "sys/fs/cgroup/memory", "memory.limit_in_bytes"
+        else:
+            continue
+        files += [base.joinpath(*parts[:depth], name) for depth in range(len(parts), -1, -1)]
     return files

@@ -112,7 +112,7 @@ def _parse(text: str, *, pattern: bool) -> Pattern:
 def _public_suffixes() -> PublicSuffixList:
     """The Public Suffix List as the package ships it, read once (about 20 ms), when the
     first wildcard is checked."""
-    return PublicSuffixList()
+    return PublicSuffixList(accept_unknown=False)  # *.internal, *.lan: nobody registers there
 
 
 def _origin_host_port(text: str) -> tuple[str, int | None]:

@@ -13,6 +13,7 @@ from typing import Any
 from wsechod.log import get_logger
 
 INTERVAL = 1.0  # seconds: at most one line per reason per interval
+MAX_KEYS = 1024  # reasons remembered before those whose window is over are forgotten
 
 
 class RateLimitedLog:
@@ -50,6 +51,8 @@ class RateLimitedLog:
         key = f"{event}\0{fields.get('reason', '')}"
         now = time.monotonic()
         if now >= self._until.get(key, 0.0):
+            if len(self._until) >= MAX_KEYS:
+                self._forget(now)
             self._until[key] = now + self._interval
             held = self._repeats.pop(key, (0, level, event, fields))[0]  # no timer reported
             extra = {"exc_info": exc_info} if level == "error" else {}
@@ -64,6 +67,13 @@ class RateLimitedLog:
             if loop is not None:
                 loop.call_later(self._until[key] - now, self._flush, key)
         self._repeats[key] = (count + 1, level, event, fields)  # the latest stand for all
+
+    def _forget(self, now: float) -> None:
+        """Windows that are over and hold nothing back: however many reasons come and
+        go, the table stays bounded."""
+        for key, until in list(self._until.items()):
+            if until <= now and key not in self._repeats:
+                del self._until[key]
 
     def _flush(self, key: str) -> None:
         count, level, event, fields = self._repeats.pop(key, (0, "warning", "", {}))

@@ -21,17 +21,19 @@ taken from the last read, or left out.
 """
 
 import collections
+import dataclasses
 import http
 import json
 import mmap
 import os
-import pickle
 import signal
 import struct
 import time
 import zlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -41,7 +43,7 @@ from wsechod import metrics, ratelimit
 from wsechod.engine import Application, Engine, Reply
 from wsechod.log import get_logger
 from wsechod.metrics import CONTENT_TYPE, Snapshot
-from wsechod.settings import Loaded
+from wsechod.settings import Loaded, Settings
 
 log = get_logger("wsechod")
 
@@ -50,7 +52,7 @@ RENDER_INTERVAL = 0.5  # seconds between the main process's renders
 SLOT_BYTES = 128 * 1024  # a worker's snapshot: a few KiB; each close code pair is a key
 PAGE_BYTES = 1024 * 1024  # the rendered page
 DAEMON_BYTES = 64 * 1024
-SETTINGS_BYTES = 1024 * 1024  # a reload's settings (pickled: about 1 KiB, more with long lists)
+SETTINGS_BYTES = 1024 * 1024  # a reload's settings (JSON: about 2 KiB, more with long lists)
 READ_ATTEMPTS = 5
 
 # seq (odd while written), gen (which start of the worker), pid, state, length, crc,
@@ -117,18 +119,34 @@ class Board:
 
     def hand_down(self, loaded: Loaded | None) -> bool:
         """The settings a reload read, for the workers (None: none to apply, the main
-        process said why); False if they do not fit. Only our own processes map this
-        block, so what they read back is what the main process wrote: pickle will do."""
-        return self.write(self.settings_slot, pickle.dumps(loaded))
+        process said why); False if they do not fit. As data (JSON), never code: every
+        worker maps this block writable, and one must not be able to run code in the
+        others through it."""
+        if loaded is None:
+            return self.write(self.settings_slot, b"null")
+        body = {
+            "settings": dataclasses.asdict(loaded.settings),
+            "sources": dict(loaded.sources),
+            "config_path": None if loaded.config_path is None else str(loaded.config_path),
+        }
+        return self.write(self.settings_slot, json.dumps(body).encode())
 
     def handed_down(self) -> Loaded | None:
         """What a worker applies on a reload: the settings the main process read last, or
-        None (none read, or none could be)."""
+        None (none read, none could be, or the slot cannot be read: said in the log)."""
         entry = self.read(self.settings_slot)
-        if entry is None or not entry.body:
+        if entry is None:
+            log.error("settings handed down unreadable: the old ones stay")
             return None
-        loaded: Loaded | None = pickle.loads(entry.body)
-        return loaded
+        raw = json.loads(entry.body) if entry.body else None
+        if raw is None:
+            return None
+        values: dict[str, Any] = {
+            key: tuple(value) if isinstance(value, list) else value
+            for key, value in raw["settings"].items()
+        }
+        path = raw["config_path"]
+        return Loaded(Settings(**values), raw["sources"], None if path is None else Path(path))
 
     def seq(self, slot: int) -> int:
         """Changes whenever the slot is written: what a reader compares with its copy."""

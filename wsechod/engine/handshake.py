@@ -79,6 +79,7 @@ def _quoted(cause: object) -> str:
 class Handshake(asyncio.Protocol):
     __slots__ = (
         "_addr",
+        "_cut",
         "_engine",
         "_gone",
         "_head",
@@ -106,6 +107,7 @@ class Handshake(asyncio.Protocol):
         self._trusted = False  # the peer may name the client (a trusted proxy)
         self._proxy = False  # a PROXY protocol header may come first
         self._gone = False  # its connection is over and uncounted
+        self._cut = False  # aborted: nothing more is done with it
         self.peer = ""
         self.group = ""  # the client's address group (proxy.group), once known
 
@@ -175,13 +177,17 @@ class Handshake(asyncio.Protocol):
             exc = error
         else:
             self._tls = None
-            if self._head and not self._gone:  # decrypted before the task could end
+            if self._cut or self._gone:  # cut meanwhile: its transport went with it
+                return
+            if self._head:  # decrypted before the task could end
                 early, self._head = bytes(self._head), bytearray()
                 self.data_received(early)
             return
         self._tls = None
         if self._sock is not None and self._sock.fileno() != -1:
-            self._sock.close()  # cut before the loop took it over
+            # Cut before the loop took the socket over (once it has, it detaches the socket
+            # when it closes, and this close, which the loop's reference holds off, is none).
+            self._sock.close()
         self._engine.tls_failed(self.peer, exc)
         self._lost()
 
@@ -219,12 +225,12 @@ class Handshake(asyncio.Protocol):
         self._lost()
 
     def _lost(self) -> None:
-        """Once, whether the loss is reported by connection_lost, a failed TLS handshake
-        or both."""
+        """Once, whether the loss is reported by connection_lost, a failed TLS handshake,
+        both, or an abort first."""
         if not self._gone:
             self._gone = True
             self._finish()
-            self._engine.lost(self)
+            self._engine.lost()
 
     def _proxy_header(self, data: bytes) -> None:
         """The first bytes from a trusted proxy: a PROXY protocol header, if they start
@@ -254,9 +260,10 @@ class Handshake(asyncio.Protocol):
     def abort(self) -> None:
         """The client did not complete the handshake in time, the server stops, or it is
         cut to make room for others."""
+        self._cut = True  # a TLS task ending meanwhile must not go on with it
         if self._tls is not None:
             self._tls.cancel()  # its transport is aborted, the socket closed
-        elif self._t is not None:
+        if self._t is not None:  # also when the TLS task ended but has not said so yet
             self._t.abort()
         self._finish()
 
@@ -377,5 +384,4 @@ class Handshake(asyncio.Protocol):
         if reply.refused:
             self._engine.refused(reply.refused, self.peer)
         self._t.write(serialize(reply, head_only))
-        self._t.close()
-        self._finish()
+        self._t.close()  # in the table, with its deadline, until it is gone

@@ -163,6 +163,8 @@ class Engine:
             tls = self.options.tls
             assert tls is not None
             Handshake(self, roles).start_tls(sock, tls)
+            if self._short_of_fds():
+                return  # what the cuts free is closed at the next pass: the rest waits
 
     def _resume_accepting(self, listening: socket.socket, roles: frozenset[str]) -> None:
         if listening in self._accepting:
@@ -279,7 +281,7 @@ class Engine:
         else:
             del self.per_address[group]
 
-    def lost(self, handshake: Handshake) -> None:
+    def lost(self) -> None:
         """A connection that never became a WebSocket is gone: its descriptor too."""
         self.transports -= 1
 
@@ -302,7 +304,8 @@ class Engine:
         return None if self._admit is None else self._admit(request)
 
     def connections_from(self, group: str) -> int:
-        """Open connections from an address group (``Request.group``)."""
+        """Connections from an address group (``Request.group``): pending handshakes and
+        open WebSockets."""
         return self.per_address.get(group, 0)
 
     def opened(self, ws: WebSocket) -> None:
