@@ -63,6 +63,15 @@ HOSTILE = {
         b"GET / HTTP/1.0\r\nHost: x\r\n" + UPGRADE + b"\r\n",
         "a WebSocket upgrade needs HTTP/1.1, not HTTP/1.0",
     ),
+    "a request line alone, no empty line": (b"GET /\r\n", "invalid HTTP request line: GET /"),
+    "TLS to the plain port": (
+        b"\x16\x03\x01\x00\xa5\x01\x00\x00\xa1\x03\x03",
+        "a TLS handshake on a port without TLS",
+    ),
+    "a byte that is not ASCII in the target": (
+        b"GET /a\xffb HTTP/1.1\r\nHost: x\r\n" + UPGRADE + b"\r\n",
+        "a byte that is not ASCII in the request head (0xff)",
+    ),
     "PROXY header, untrusted": (
         b"PROXY TCP4 198.51.100.1 192.0.2.1 1000 80\r\nGET / HTTP/1.1\r\nHost: x\r\n\r\n",
         "PROXY protocol header where the HTTP request should be",

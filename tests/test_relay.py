@@ -242,6 +242,17 @@ def test_a_broken_percent_encoding_names_no_channel(start: Callable[..., Daemon]
             rawws.connect(daemon.port, path)
 
 
+def test_the_servers_own_paths_are_no_channel_however_spelled(
+    start: Callable[..., Daemon],
+) -> None:
+    """/metrics and /healthz are the server's; a spelling that admission's router does not
+    take for them must not make them a channel either."""
+    daemon = relay(start)
+    for path in ["/%6detrics", "//healthz", "/a/../metrics"]:
+        with pytest.raises(ConnectionError, match=" 400 "):
+            rawws.connect(daemon.port, path)
+
+
 def test_sigterm_in_relay_mode_closes_every_member_with_1001(
     start: Callable[..., Daemon],
 ) -> None:
@@ -513,6 +524,9 @@ def test_malformed_message_in_redis_does_not_stop_the_relay(
     assert sum(e["count"] for e in two.events if e["event"] == malformed) == 3
     two.wait_for("message from another instance over max_size dropped")
     assert "Traceback" not in one.log + two.log
+    two.signal(signal.SIGTERM)
+    assert two.wait(10) == 0
+    assert two.wait_for("broker closed")["delivered"] == 1  # the one that reached q
 
 
 @pytest.mark.timeout(120)

@@ -3,6 +3,7 @@ needs a restart is named and kept, an invalid file changes nothing."""
 
 import asyncio
 import dataclasses
+import os
 import signal
 import ssl
 from collections.abc import Callable
@@ -11,9 +12,11 @@ from pathlib import Path
 import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosedError, InvalidStatus
+from websockets.sync.client import connect as sync_connect
 
 from tests.conftest import Daemon
 from tests.test_echo import http_get
+from tests.test_tls import issue, trusting
 from wsechod import tls
 from wsechod.engine.server import Options
 from wsechod.lifecycle import Lifecycle
@@ -144,3 +147,24 @@ def test_a_certificate_that_cannot_be_loaded_at_reload_keeps_the_tls_settings(
     assert (settings.tls_cert, settings.tls_key) == ("/old.pem", "/old-key.pem")
     assert settings.max_size == 9
     assert reconfigured[-1].tls is serving and reconfigured[-1].max_size == 9
+
+
+@pytest.mark.parametrize("what", ["config", "tls_cert"])
+def test_a_reload_from_a_pipe_is_refused_rather_than_held(
+    start: Callable[..., Daemon], tmp_path: Path, what: str
+) -> None:
+    """A config file or a certificate replaced by a named pipe: reading it would hold the
+    server until something writes to it; the reload is refused instead, and it serves on."""
+    files = issue(tmp_path)
+    config = tmp_path / "wsechod.toml"
+    config.write_text(f'tls_cert = "{files.cert}"\ntls_key = "{files.key}"\n')
+    daemon = start("--config", str(config))
+    replaced = config if what == "config" else files.cert
+    replaced.unlink()
+    os.mkfifo(replaced)
+    daemon.signal(signal.SIGHUP)
+    error = daemon.wait_for("settings not reloaded: the old ones stay")
+    assert str(replaced) in error["error"] and "not a regular file" in error["error"]
+    with sync_connect(f"wss://127.0.0.1:{daemon.port}/", ssl=trusting(files.ca)) as ws:
+        ws.send("still served")  # with what it had
+        assert ws.recv(timeout=10) == "still served"

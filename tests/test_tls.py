@@ -10,6 +10,7 @@ import shutil
 import signal
 import socket
 import ssl
+import struct
 import tempfile
 import threading
 from collections.abc import Callable
@@ -409,3 +410,32 @@ def test_turning_tls_on_or_off_needs_a_restart(
             await echo(ws, "still plain")
 
     asyncio.run(main())
+
+
+@pytest.mark.parametrize("how", ["close_notify", "fin", "reset"])
+def test_a_client_gone_with_frames_unanswered_leaves_no_warnings(
+    start: Callable[..., Daemon], tmp_path: Path, how: str
+) -> None:
+    """3000 small frames, then the client goes (TLS close_notify, a FIN, a reset) before
+    the echoes are written: nothing more is written to it, so the TLS layer has nothing
+    to warn about (it warned once per write after the close: a line per frame)."""
+    files = issue(tmp_path)
+    daemon = tls_daemon(start, files, "--log-level", "debug")
+    raw = socket.create_connection(("127.0.0.1", daemon.port), timeout=10)
+    sock = trusting(files.ca).wrap_socket(raw, server_hostname="127.0.0.1")
+    rawws.send_handshake(sock, daemon.port)
+    rawws.read_handshake(sock)
+    port = sock.getsockname()[1]
+    sock.sendall(rawws.frame(rawws.OP_TEXT, b"x") * 3000)
+    if how == "close_notify":
+        with contextlib.suppress(OSError, ssl.SSLError):
+            sock.unwrap()
+    elif how == "fin":
+        sock.shutdown(socket.SHUT_WR)
+    else:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()
+    daemon.wait_for("connection closed", where=lambda e: e["peer"].endswith(f":{port}"))
+    daemon.signal(signal.SIGTERM)
+    assert daemon.wait(10) == 0
+    quiet(daemon)

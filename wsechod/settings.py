@@ -17,6 +17,7 @@ import math
 import os
 import re
 import socket
+import stat
 import tomllib
 import typing
 import urllib.parse
@@ -452,10 +453,14 @@ def load(
     *,
     given: Mapping[str, Any] | None = None,
     given_by: str = "",
+    reloading: bool = False,
 ) -> Loaded:
     """Merge the sources; ``cli`` holds only the flags that were given, as strings.
     ``given``: values from a program (keyword arguments of ``given_by``, which names them
     in errors), typed and checked like the TOML file's; they win over every other source.
+    ``reloading``: read again for a reload, on a running server: a config file that is not
+    a regular file (a pipe, which would hold the server until someone writes to it) is
+    refused; at start one may be read (``--config <(...)``).
     """
     config_path = _config_path(config, environ)
     values: dict[str, Any] = {}
@@ -464,7 +469,7 @@ def load(
 
     if config_path is not None:
         where = str(config_path)
-        for key, raw in _read_toml(config_path).items():
+        for key, raw in _read_toml(config_path, regular_only=reloading).items():
             if key in RETIRED:
                 retired[key] = where
                 continue
@@ -672,8 +677,13 @@ def _config_path(config: str | None, environ: Mapping[str, str]) -> Path | None:
     return Path(config)
 
 
-def _read_toml(path: Path) -> dict[str, Any]:
+def _read_toml(path: Path, *, regular_only: bool = False) -> dict[str, Any]:
     try:
+        if regular_only and not stat.S_ISREG(path.stat().st_mode):
+            raise SettingsError(
+                f"cannot read config file {path} on a reload: not a regular file "
+                "(a pipe would hold the server until something writes to it)"
+            )
         with path.open("rb") as f:
             return tomllib.load(f)
     except tomllib.TOMLDecodeError as exc:

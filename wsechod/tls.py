@@ -6,7 +6,9 @@ one from the same paths: renewed files at the same path are read again, and a CA
 removed is no longer trusted (loading into the old context would only add).
 """
 
+import os
 import ssl
+import stat
 
 
 class TlsError(Exception):
@@ -66,6 +68,9 @@ def server_context(cert: str, key: str = "", ca: str = "") -> ssl.SSLContext:
 
 def _readable(key: str, path: str) -> None:
     try:
+        mode = os.stat(path).st_mode
+        if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):  # a pipe would hold the server
+            raise TlsError(key, path, "not a regular file")
         with open(path, "rb") as f:
             f.read(1)
     except OSError as exc:

@@ -47,8 +47,19 @@ warn = ratelimit.logger("wsechod.relay")
 # RFC 3986 path characters: anything else in a channel name is refused with 400.
 _PATH = re.compile(r"/[A-Za-z0-9._~!$&'()*+,;=:@%/-]*")
 SLOW_REASON = "slow consumer"
+RESERVED = frozenset(("/healthz", "/metrics"))  # the ops role's paths
 LEAK = 0.1  # share of the time a receiver may alone hold its channel back, indefinitely
 POLICIES = ("drop", "close")
+
+
+def _name(written: str) -> str:
+    """The channel a request path names (InvalidName if none)."""
+    if not _PATH.fullmatch(written):
+        raise channels.InvalidName("a character a path may not hold")
+    name = channels.normalize(written)
+    if name in RESERVED:  # whatever its spelling: the server's own paths are no channel
+        raise channels.InvalidName(f"{name} is the server's own")
+    return name
 
 
 def channel_of(path: str) -> str:
@@ -151,11 +162,8 @@ class Relay:
         if len(written) > self.max_path_length:
             status, text = http.HTTPStatus.REQUEST_URI_TOO_LONG, "channel name too long\n"
             return Reply(status, text, refused="max_path_length")
-        if not _PATH.fullmatch(written):
-            text = "invalid character in channel name\n"
-            return Reply(http.HTTPStatus.BAD_REQUEST, text, refused="invalid_channel")
         try:
-            name = channels.normalize(written)
+            name = _name(written)
         except channels.InvalidName as exc:
             text = f"invalid channel name: {exc}\n"
             return Reply(http.HTTPStatus.BAD_REQUEST, text, refused="invalid_channel")
@@ -228,12 +236,13 @@ class Relay:
         self._fan_out(channel, prepare(payload, text), None if self.echo else member)
         self.broker.publish(channel.name, payload, text)
 
-    def deliver(self, name: str, payload: bytes, text: bool) -> None:
+    def deliver(self, name: str, payload: bytes, text: bool) -> bool:
         """A message from another instance: to every member here, never held (the broker
-        serves every channel); a receiver it pushes past the cap is slow at once."""
+        serves every channel); a receiver it pushes past the cap is slow at once. Whether
+        it was delivered (not: no member here any more, or too big)."""
         channel = self.channels.get(name)
         if channel is None:
-            return
+            return False
         if len(payload) > self.max_size:  # bounded like what a client sends
             self.stats["remote_too_big"] += 1
             warn.warning(
@@ -242,9 +251,10 @@ class Relay:
                 channel=name,
                 size=len(payload),
             )
-            return
+            return False
         self.stats["remote"] += 1
         self._fan_out(channel, prepare(payload, text), None)
+        return True
 
     def _fan_out(self, channel: Channel, message: Prepared, exclude: Member | None) -> None:
         channel.fanning = True

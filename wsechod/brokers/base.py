@@ -9,7 +9,7 @@ from collections.abc import Callable
 from typing import Protocol
 
 # Called on the loop with (channel, payload, text) for each message another instance published.
-Deliver = Callable[[str, bytes, bool], None]
+Deliver = Callable[[str, bytes, bool], bool]  # whether it reached anyone here
 
 
 class Broker(Protocol):

@@ -400,6 +400,8 @@ class RedisBroker:
     def _received(self, channel: object, payload: object) -> None:
         if not isinstance(payload, bytes) or not isinstance(channel, bytes):
             return
+        if channel == CONTROL.encode():
+            return  # ours to stay in pub/sub mode, not a channel's
         if payload[len(MAGIC) : HEAD - 1] == self.id:
             return  # our own message coming back: already delivered locally
         kind = payload[HEAD - 1 : HEAD]
@@ -417,9 +419,9 @@ class RedisBroker:
             self._warn.warning("malformed message from redis dropped", error=str(exc))
             return
         assert self._deliver is not None
-        self.counts["delivered"] += 1
         try:
-            self._deliver(name, body, kind == TEXT)
+            if self._deliver(name, body, kind == TEXT):
+                self.counts["delivered"] += 1
         except Exception as exc:  # a relay bug must not end cross-instance relay
             self._warn.warning("broker delivery failed", error=repr(exc))
 

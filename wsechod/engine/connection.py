@@ -285,7 +285,12 @@ class WebSocket(asyncio.Protocol):
         self._continue()
 
     def eof_received(self) -> bool | None:
-        return False  # the client closed its side: close ours (connection_lost follows)
+        """The client closed its side (a FIN, or TLS's close_notify): nothing it sent can
+        be answered any more, so what is still buffered is dropped, and ours is closed
+        (connection_lost follows)."""
+        self._state = CLOSED
+        self._set_buf(None)
+        return False
 
     def pause_writing(self) -> None:
         self.blocked = True
@@ -650,6 +655,10 @@ class WebSocket(asyncio.Protocol):
             return
         self._pause &= ~reason
         if self._pause or self._state == CLOSED:
+            return
+        if self._t.is_closing():  # gone meanwhile (a reset): nothing to answer it with
+            self._state = CLOSED
+            self._set_buf(None)
             return
         if self._buf is not None and not self._parsing:
             self._continue()  # what was read before the pause comes first

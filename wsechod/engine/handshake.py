@@ -70,6 +70,25 @@ def serialize(reply: Reply, head_only: bool = False) -> bytes:
     return ("\r\n".join(lines) + "\r\n\r\n").encode() + (b"" if head_only else body)
 
 
+_REQUEST_LINE = re.compile(rb"\S+ \S+ \S+\r?")  # method, target, version; websockets checks more
+TLS_RECORD = 0x16  # the first byte of a TLS ClientHello (a handshake record)
+
+
+def _not_a_request(head: bytearray) -> str | None:
+    """What is wrong with the start of a request head that has not ended yet, when it is
+    already certain: TLS where plain HTTP is spoken, a first line that is no request line.
+    (A PROXY protocol header, or what may be the start of one, is for ``_request``.)"""
+    if head[0] == TLS_RECORD:
+        return "a TLS handshake on a port without TLS (wss:// or https:// to a ws:// server?)"
+    eol = head.find(b"\n")
+    if eol < 0 or head.startswith(proxy.V1_PREFIX) or head.startswith(b"\r"):
+        return None
+    line = bytes(head[:eol])
+    if _REQUEST_LINE.fullmatch(line):
+        return None
+    return f"invalid HTTP request line: {_quoted(line.decode('latin-1').rstrip(chr(13)))}"
+
+
 def _quoted(cause: object) -> str:
     """The client's text as quoted back in a 400 and the log: one short printable line."""
     text = _UNPRINTABLE.sub(lambda m: f"\\x{ord(m.group()):02x}", str(cause))
@@ -208,6 +227,8 @@ class Handshake(asyncio.Protocol):
             if len(head) > MAX_HEAD:
                 status = http.HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE
                 self._answer(Reply(status, "request head too large\n", refused=TOO_LARGE))
+            elif (problem := _not_a_request(head)) is not None:
+                self._refuse(problem)  # at once, not at the open timeout: nothing will fix it
             return
         end = min(ends)
         end += 3 if head[end + 1] == 0x0D else 2
@@ -350,7 +371,12 @@ class Handshake(asyncio.Protocol):
         events = protocol.events_received()
         if not events or not isinstance(events[0], WsRequest):
             why = protocol.handshake_exc
-            self._refuse(_quoted(why.__cause__ if why is not None and why.__cause__ else why))
+            cause = why.__cause__ if why is not None and why.__cause__ else why
+            if isinstance(cause, UnicodeDecodeError):  # Python's words would say little
+                byte = cause.object[cause.start]
+                self._refuse(f"a byte that is not ASCII in the request head (0x{byte:02x})")
+            else:
+                self._refuse(_quoted(cause))
             return None
         raw = events[0]
         if _UNPRINTABLE.search(raw.path):

@@ -169,7 +169,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(str(exc), EXIT_CONFIG)
     if check_only:
         return _check(loaded, identity, owner)
-    return _start(loaded, identity, owner, functools.partial(load, args, os.environ, config))
+    reread = functools.partial(load, args, os.environ, config, reloading=True)
+    return _start(loaded, identity, owner, reread)
 
 
 def _sample(config: bool, unit: str | None, logrotate: bool) -> str | None:
