@@ -9,8 +9,8 @@ PORT   ?= 8765
 NODE_DEPS := tests/node/node_modules/.package-lock.json
 BENCH_NODE_DEPS := bench/node/node_modules/.package-lock.json
 
-.PHONY: setup python-version node-deps bench-node-deps systemd-tools redis run test lint \
-        typecheck pytest \
+.PHONY: setup python-version node-deps bench-node-deps systemd-tools redis run test check lint \
+        typecheck docs docs-serve pytest unit \
         bench clean install install-units install-systemd
 
 # An interpreter's version and installation ("3.11.7 /usr"); a venv's python gives its base's.
@@ -80,8 +80,12 @@ redis:
 run: setup
 	$(BIN)/wsechod --port $(PORT) $(ARGS)
 
-## Lint, type-check, then the whole test suite.
-test: lint typecheck pytest
+## Lint, type-check, build the docs, then the whole test suite (what CI runs).
+test: lint typecheck docs pytest
+
+## The edit loop, under a minute: lint, type-check and the unit tests (marked unit: they
+## start no process and no server).
+check: lint typecheck unit
 
 lint: setup
 	$(BIN)/ruff check .
@@ -93,13 +97,30 @@ typecheck: setup
 pytest: setup node-deps systemd-tools redis
 	$(BIN)/pytest $(PYTEST_ARGS)
 
-## wsechod against the websockets example, Node's ws and others, in one run (see README).
+## The tests marked unit, collected from the files that have some (the others are not
+## even imported: test_node_client.py, say, skips loudly at import without Node).
+unit: setup
+	$(BIN)/pytest -q -m unit $(PYTEST_ARGS) $(shell grep -l 'pytest.mark.unit' tests/test_*.py)
+
+## The documentation site (mkdocs.yml, docs/) into $(SITE); --strict: a broken link or
+## anchor, or a page left out of the navigation, fails the build. (Not --quiet: it hides
+## the warnings from --strict too, and the build passes. NO_MKDOCS_2_WARNING: Material's
+## notice about MkDocs 2.0, printed at every build otherwise.)
+SITE ?= site
+docs: setup
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir $(SITE)
+
+## The site on http://127.0.0.1:8000, rebuilt as pages change.
+docs-serve: setup
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs serve --strict
+
+## wsechod against the websockets example, Node's ws and others, in one run (docs/benchmarks.md).
 bench: setup bench-node-deps
 	$(BIN)/python -m bench $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache *.egg-info tests/node/node_modules \
-	       bench/node/node_modules
+	       bench/node/node_modules $(SITE)
 
 ## Install for production: a virtualenv in $(PREFIX) with wsechod in it.
 PREFIX  ?= /opt/wsechod

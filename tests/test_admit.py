@@ -159,6 +159,7 @@ def test_wildcards_under_a_registrable_domain_or_localhost_are_fine() -> None:
         assert result.returncode == 0, result.stderr
 
 
+@pytest.mark.unit
 def test_origin_matching() -> None:
     entries = tuple(
         origins.check(e)
@@ -416,6 +417,7 @@ def test_trusted_proxies_are_validated() -> None:
     assert 'trusted_proxies = ["::1", "fd00::/8"]  # --trusted-proxies' in result.stdout
 
 
+@pytest.mark.unit
 def test_proxy_parsing() -> None:
     assert proxy.parse_header(b"PRO") is None  # undecided yet
     assert proxy.parse_header(b"POST / HTTP/1.1\r\n") == (0, None)

@@ -425,7 +425,8 @@ def test_check_config_reports_what_the_start_fails_on(
 def test_missing_log_directory_is_created_at_start_not_by_check_config(
     detach: Any, tmp_path: Path
 ) -> None:
-    """The README's daemon example on a fresh machine: /var/log/wsechod does not exist."""
+    """The daemon example (docs/deploy.md, Daemon mode) on a fresh machine: /var/log/wsechod
+    does not exist."""
     log = tmp_path / "var" / "log" / "wsechod" / "wsechod.log"
     checked = run_cli("--check-config", "--config", "", "--daemon", "--log-file", str(log))
     assert (checked.returncode, checked.stderr) == (0, "")
@@ -521,6 +522,7 @@ def test_no_priority_when_the_journal_stream_is_not_stderr(start: Any) -> None:
     assert all(line.startswith("{") for line in other.raw), other.log
 
 
+@pytest.mark.unit
 def test_pidfile_replaced_between_open_and_lock_is_not_shared(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -552,6 +554,7 @@ def test_pidfile_replaced_between_open_and_lock_is_not_shared(
     assert not path.exists()
 
 
+@pytest.mark.unit
 def test_pidfile_that_keeps_being_replaced_is_not_taken(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

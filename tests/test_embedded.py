@@ -207,6 +207,7 @@ def test_caplog_sees_events_on_the_wsechod_logger(caplog: pytest.LogCaptureFixtu
     assert {"listening", "stop requested", "drained"} <= {r.getMessage() for r in caplog.records}
 
 
+@pytest.mark.unit
 def test_a_field_named_like_a_record_attribute_is_renamed_not_a_crash() -> None:
     with host_handler(logging.DEBUG) as seen:
         wlog.get_logger("wsechod.test").info("counted", name="n", module="m", count=1)
@@ -215,6 +216,7 @@ def test_a_field_named_like_a_record_attribute_is_renamed_not_a_crash() -> None:
     assert record.name == "wsechod.test"
 
 
+@pytest.mark.unit
 def test_no_log_call_uses_a_record_attribute_as_a_field() -> None:
     """logging raises KeyError on such an ``extra``: check every call in the package."""
     clashes = []

@@ -18,6 +18,8 @@ from wsechod.brokers.memory import MemoryBroker
 from wsechod.engine import Application, Connection, Engine, Options, frames
 from wsechod.engine.connection import WebSocket
 
+pytestmark = pytest.mark.unit  # in-process: make check runs it
+
 
 class Transport:
     """Buffers what is written until ``drain()``; calls pause/resume_writing like uvloop."""

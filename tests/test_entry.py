@@ -202,6 +202,7 @@ def test_a_signal_while_the_command_is_imported_is_handled_once_it_can_be(
         daemon.kill()
 
 
+@pytest.mark.unit
 def test_the_entry_point_blocks_every_signal_the_command_handles() -> None:
     assert entry.EARLY_SIGNALS == runner.HANDLED_SIGNALS
 

@@ -1,6 +1,7 @@
 """Small things a new user tripped on: what --help says wsechod is, and which listeners the
 ``listening`` event says speak TLS. (The embedded settings errors in Python's terms are in
-test_embedded.py, the README's commands in test_readme.py, packaging in test_packaging.py.)"""
+test_embedded.py, the README's and the docs' commands in test_readme.py, packaging in
+test_packaging.py.)"""
 
 import signal
 from collections.abc import Callable

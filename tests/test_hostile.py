@@ -280,7 +280,7 @@ def test_relay_held_publisher_completes_the_closing_handshake_in_a_drain(
     start: Callable[..., Daemon],
 ) -> None:
     """A publisher held behind a stopped reader answers the 1001 at once; its answer must
-    be read (the README: every client gets a clean close), not cut at the deadline."""
+    be read (the docs: every client gets a clean close), not cut at the deadline."""
     daemon = start(
         "--mode", "relay", "--slow-consumer-timeout", "20", "--drain-timeout", "3",
         "--close-timeout", "10", "--ping-interval", "0", "--log-level", "debug",

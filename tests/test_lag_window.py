@@ -14,6 +14,8 @@ from wsechod.apps.relay import LEAK, Channel, Member, Relay
 from wsechod.brokers.memory import MemoryBroker
 from wsechod.engine import Engine, Options
 
+pytestmark = pytest.mark.unit  # in-process: make check runs it
+
 TIMEOUT = 2.0
 
 

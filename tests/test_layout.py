@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.unit  # in-process: make check runs it
+
 PACKAGE = Path(__file__).parents[1] / "wsechod"
 
 

@@ -370,6 +370,7 @@ def test_drain_asks_systemd_for_more_time_while_on_schedule(
     notify.close()
 
 
+@pytest.mark.unit
 def test_process_metrics_without_proc_stat_match_prometheus_clients() -> None:
     """The shipped unit's ProcSubset=pid hides /proc/stat: the fallback gives the same
     families as ProcessCollector, from /proc/self alone."""
@@ -383,6 +384,7 @@ def test_process_metrics_without_proc_stat_match_prometheus_clients() -> None:
         assert mine[name] == pytest.approx(value, rel=0.05, abs=1), name
 
 
+@pytest.mark.unit
 def test_drain_schedule_rule() -> None:
     """Before the deadline: always; after it, only while connections still go away."""
     assert drain_on_schedule(open_now=5, open_before=5, now=1.0, deadline=2.0)

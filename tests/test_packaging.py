@@ -232,6 +232,7 @@ def test_print_unit_warns_when_the_sandbox_hides_the_command(
 UNIT = samples.text("wsechod.service")
 
 
+@pytest.mark.unit
 def test_unit_problems_follow_links_and_name_the_interpreter(
     outside: Callable[[str], Path],
 ) -> None:
@@ -255,6 +256,7 @@ def test_unit_problems_follow_links_and_name_the_interpreter(
     )
 
 
+@pytest.mark.unit
 def test_unit_problems_name_a_directory_the_dynamic_user_cannot_enter(
     outside: Callable[[str], Path],
 ) -> None:
@@ -270,6 +272,7 @@ def test_unit_problems_name_a_directory_the_dynamic_user_cannot_enter(
     assert samples.unit_problems(UNIT, [("the package", private / "lib")]) == []
 
 
+@pytest.mark.unit
 def test_unit_problems_respect_what_the_unit_says() -> None:
     relaxed = (
         UNIT.replace("DynamicUser=yes", "DynamicUser=no")

@@ -16,6 +16,7 @@ import itertools
 from collections.abc import Callable
 from typing import Any
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from websockets.frames import Frame, Opcode
@@ -24,6 +25,8 @@ from tests.test_engine_units import Transport
 from wsechod.engine import Connection, Engine, Options
 from wsechod.engine.connection import WebSocket
 from wsechod.engine.frames import valid_peer_code
+
+pytestmark = pytest.mark.unit  # in-process: make check runs it
 
 SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 MAX_SIZE = 4096

@@ -254,7 +254,7 @@ def of_port(port: int) -> Callable[[dict[str, Any]], bool]:
     return lambda event: peer_port(event) == port
 
 
-# The README's bound per connection: write_limit + max_size + one read (256 KiB).
+# The bound per connection (docs/security.md, Limits): write_limit + max_size + one read (256 KiB).
 def bound_mib(clients: int, write_limit: int = 2**15, max_size: int = 2**20) -> float:
     return clients * (write_limit + max_size + 256 * 1024) / 2**20
 

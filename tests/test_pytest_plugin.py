@@ -10,13 +10,13 @@ import pytest
 
 from tests.conftest import clean_env
 
-README = Path(__file__).parents[1] / "README.md"
+EMBED = Path(__file__).parents[1] / "docs" / "embed.md"
 
 
 def readme_example(first_line: str = "# test_client.py") -> str:
-    """An example of the README's "Embed" section: by default, the complete test module
-    of its "pytest fixtures"."""
-    blocks: list[str] = re.findall(r"```python\n(.*?)```", README.read_text(), re.DOTALL)
+    """An example of the docs' "Embed and pytest" page: by default, the complete test
+    module of its "pytest fixtures"."""
+    blocks: list[str] = re.findall(r"```python\n(.*?)```", EMBED.read_text(), re.DOTALL)
     return next(b for b in blocks if b.startswith(first_line))
 
 
@@ -33,7 +33,7 @@ def pytest_run(directory: Path, *args: str) -> subprocess.CompletedProcess[str]:
 
 
 @pytest.mark.timeout(90)
-def test_the_readme_example_passes(tmp_path: Path) -> None:
+def test_the_docs_example_passes(tmp_path: Path) -> None:
     (tmp_path / "test_client.py").write_text(readme_example())
     run = pytest_run(tmp_path)
     assert run.returncode == 0, run.stdout + run.stderr
@@ -87,7 +87,7 @@ def test_fixtures_give_servers_and_stop_them_at_teardown(tmp_path: Path) -> None
 
 
 @pytest.mark.timeout(30)
-def test_the_readme_embedding_example_runs() -> None:
+def test_the_docs_embedding_example_runs() -> None:
     code = readme_example("import wsechod\n")
     run = subprocess.run(
         [sys.executable, "-c", code + "\nprint(server.report)"],

@@ -1,5 +1,7 @@
-"""What a new user pastes from the README works as pasted: the commands are run here as
-they are written (the port and the paths of this checkout put in), against a real server."""
+"""What a new user pastes from the README and the docs works as pasted: the commands are run
+here as they are written (the port and the paths of this checkout put in), against a real
+server. The README's "Try it" and the docs' "Getting started" give the same client; the TLS
+example is in the docs' "Security and limits"."""
 
 import json
 import os
@@ -20,12 +22,15 @@ from tests.conftest import Daemon, clean_env
 ROOT = Path(__file__).parents[1]
 README = (ROOT / "README.md").read_text()
 VENV_BIN = Path(sys.executable).parent  # the README's .venv/bin/ (this checkout's, usually)
+# Where a new user first runs a server and a client: (document, level-2 section).
+TRY_IT = [("README.md", "Try it"), ("docs/getting-started.md", "Run")]
 
 
-def section(title: str) -> str:
-    """A level-2 section of the README, up to the next one."""
-    found = re.search(rf"^## {re.escape(title)}\n(.*?)(?=^## )", README, re.M | re.S)
-    assert found is not None, f"no section {title!r}"
+def section(title: str, document: str = "README.md") -> str:
+    """A level-2 section of a document (the README, a page of docs/), up to the next one."""
+    text = (ROOT / document).read_text() + "\n## "
+    found = re.search(rf"^## {re.escape(title)}\n(.*?)(?=^## )", text, re.M | re.S)
+    assert found is not None, f"no section {title!r} in {document}"
     return found.group(1)
 
 
@@ -99,24 +104,28 @@ def make_run() -> Iterator[MakeRun]:
 def test_the_run_sections_client_prints_the_echo_of_make_run(make_run: MakeRun) -> None:
     """The README said `python -m websockets ...`, which is not on the PATH after make
     setup, and which sends what it reads and leaves at the end of its input, echo or not."""
-    line = client(section("Run"))
-    assert line.startswith(".venv/bin/python -c ")
-    result = run_shell(as_here(line, make_run.port()), ROOT)
-    assert (result.stdout, result.stderr) == ("hello\n", "")  # no warning either
+    port = make_run.port()
+    for document, title in TRY_IT:
+        line = client(section(title, document))
+        assert line.startswith(".venv/bin/python -c "), document
+        result = run_shell(as_here(line, port), ROOT)
+        assert (result.stdout, result.stderr) == ("hello\n", ""), document  # no warning either
 
 
-def test_the_run_sections_commands_are_those_of_the_venv() -> None:
-    for command in commands(section("Run")):
+@pytest.mark.unit
+@pytest.mark.parametrize(("document", "title"), TRY_IT)
+def test_the_run_sections_commands_are_those_of_the_venv(document: str, title: str) -> None:
+    for command in commands(section(title, document)):
         program = command.split()[0]
-        assert program in ("make", ".venv/bin/wsechod", ".venv/bin/python"), command
-        if program != "make":
+        assert program in ("make", ".venv/bin/wsechod", ".venv/bin/python", "curl"), command
+        if program.startswith(".venv/"):
             assert (VENV_BIN / Path(program).name).exists()
 
 
 @pytest.mark.skipif(shutil.which("openssl") is None, reason="no openssl command")
 def test_the_tls_sections_self_signed_example_trusts_its_certificate(tmp_path: Path) -> None:
     """wss:// with a certificate of one's own: SSL_CERT_FILE= makes the client trust it."""
-    tls = section("TLS")
+    tls = section("TLS", "docs/security.md")
     [make_cert] = [c for c in commands(tls) if c.startswith("openssl req -x509")]
     [serve] = [c for c in commands(tls) if "--tls-cert cert.pem" in c]
     created = run_shell(make_cert, tmp_path)
@@ -134,6 +143,7 @@ def test_the_tls_sections_self_signed_example_trusts_its_certificate(tmp_path: P
         daemon.kill()
 
 
+@pytest.mark.unit
 def test_the_first_screen_says_what_make_test_costs_and_installs() -> None:
     """4-6 minutes, and packages installed as root with apt-get: before `## Install`."""
     first_screen = README.partition("\n## ")[0]

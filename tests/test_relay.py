@@ -177,7 +177,7 @@ def test_slow_consumer_cannot_grow_memory_or_hold_up_others(
         slow.close()
     print(f"slow consumer ({policy}): server RSS grew {growth_mib:.1f} MiB for 50 MiB relayed")
     assert got == list(range(count))  # the fast reader got everything, in order
-    assert growth_mib < 32  # the bound the README states
+    assert growth_mib < 32  # the bound docs/relay.md states
     if policy == "drop":
         daemon.wait_for("slow consumer: dropping its messages")
         closed = daemon.wait_for("connection closed", where=lambda e: e["dropped"] > 0)
@@ -211,6 +211,7 @@ def test_spellings_of_one_path_are_one_channel(start: Callable[..., Daemon]) -> 
     assert channels >= set(SPELLINGS)  # the log shows what each client asked for
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     ("path", "name"),
     [
@@ -827,6 +828,7 @@ def test_wrong_redis_password_is_reported_and_no_password_is_logged(
         assert "wrong-pass-42" not in daemon.log
 
 
+@pytest.mark.unit
 def test_the_redis_py_calls_the_broker_makes_are_there() -> None:
     """The broker drives redis-py's connections itself (wsechod/brokers/redis.py says
     which calls, and why): a redis-py release that renames or reshapes one fails here."""

@@ -5,7 +5,11 @@ writer killed in the middle of a write leaves a slot that is skipped until writt
 import os
 import struct
 
+import pytest
+
 from wsechod.shared import HEADER_BYTES, Board
+
+pytestmark = pytest.mark.unit  # in-process: make check runs it
 
 SLOT = 0
 _SEQ = struct.Struct("<Q")

@@ -46,6 +46,7 @@ def run(instructions: list[Instruction], random: int) -> int:
             raise AssertionError(f"unexpected instruction {code:#x}")
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     ("live", "size", "expected"),
     [
@@ -68,6 +69,7 @@ def test_the_program_picks_evenly_among_the_live_sockets_only(
         assert {i: picked.count(i) for i in set(picked)} == {i: 100 for i in expected}
 
 
+@pytest.mark.unit
 def test_the_program_fits_the_most_workers() -> None:
     every_other = list(range(0, MAX_WORKERS, 2))
     instructions = program(every_other, MAX_WORKERS)
@@ -77,6 +79,7 @@ def test_the_program_fits_the_most_workers() -> None:
         program([2], 2)
 
 
+@pytest.mark.unit
 def test_the_kernel_steers_each_group_as_told() -> None:
     """Real reuseport groups (IPv4 and, where there is one, IPv6), real connections."""
     groups = []

@@ -28,7 +28,7 @@ from tests import rawws
 from tests.conftest import Daemon, RssPeak, clean_env, run_cli
 from tests.test_protocol import of_port
 
-# What a connection may hold over TLS, whatever the client sends (README, Limits):
+# What a connection may hold over TLS, whatever the client sends (docs/security.md, Limits):
 # write_limit + 2.5 x max_size + 640 KiB, for the TLS layer's read-ahead and the copies it
 # makes of a message it encrypts.
 TLS_BOUND_MIB = (2**15 + 2.5 * 2**20 + 640 * 1024) / 2**20

@@ -471,6 +471,7 @@ def test_a_crash_looping_worker_backs_off_and_its_warnings_are_rate_limited(
     assert lines()[-1]["restart_in"] == 8 * BACKOFF_FIRST  # 0.1, 0.2, 0.4, 0.8
 
 
+@pytest.mark.unit
 def test_backoff_doubles_up_to_its_maximum_and_resets_after_a_long_life() -> None:
     delays, current = [], BACKOFF_FIRST
     for _ in range(10):
@@ -481,6 +482,7 @@ def test_backoff_doubles_up_to_its_maximum_and_resets_after_a_long_life() -> Non
     assert backoff(current, lived=BACKOFF_RESET) == (BACKOFF_FIRST, 2 * BACKOFF_FIRST)
 
 
+@pytest.mark.unit
 def test_figures_that_do_not_parse_are_an_error_rate_limited(
     caplog: pytest.LogCaptureFixture,
 ) -> None:

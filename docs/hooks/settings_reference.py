@@ -1,0 +1,135 @@
+"""MkDocs hook (mkdocs.yml, ``hooks:``): the configuration reference, generated from the
+settings schema each time the site is built, so that it cannot drift from the code.
+
+docs/configuration.md holds the prose and a line ``<!-- settings reference -->``, which
+this hook replaces: a table of every key, then one entry per key (its type, default, flag,
+environment variable, allowed values, whether a reload applies it, and its description),
+grouped as the sample config (``wsechod --print-config-sample``) groups them. It reads
+only what ``wsechod --help`` is made from: the public helpers of ``wsechod.settings``.
+"""
+
+import json
+import re
+import subprocess
+import sys
+import typing
+from typing import Any
+
+from mkdocs.exceptions import PluginError
+
+from wsechod import settings
+
+MARKER = "<!-- settings reference -->"
+TYPES: dict[Any, str] = {
+    str: "string",
+    int: "integer",
+    float: "number",
+    bool: "boolean",
+    tuple[str, ...]: "list of strings",
+}
+# Keys written in descriptions (only those with an underscore: "port" or "mode" there are
+# words) become links to their entries.
+_KEY_IN_TEXT = re.compile(r"\b(" + "|".join(k for k in settings.KEY_NAMES if "_" in k) + r")\b")
+
+
+def on_page_markdown(markdown: str, /, **_: object) -> str:
+    if MARKER not in markdown:
+        return markdown
+    return markdown.replace(MARKER, reference(sample_groups(print_config_sample())))
+
+
+def print_config_sample() -> str:
+    """The sample config, as the command prints it."""
+    done = subprocess.run(
+        [sys.executable, "-m", "wsechod", "--print-config-sample"],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    if done.returncode != 0:
+        raise PluginError(f"wsechod --print-config-sample failed: {done.stderr.strip()}")
+    return done.stdout
+
+
+def sample_groups(sample: str) -> list[tuple[str, list[str]]]:
+    """The sample's sections ("# --- Logging ---") and, in each, the keys it sets out
+    ("# log_level = ..."), in the sample's order."""
+    groups: list[tuple[str, list[str]]] = [("Settings", [])]
+    unseen = set(settings.KEY_NAMES)
+    for line in sample.splitlines():
+        if heading := re.fullmatch(r"# -{3,} (.+?) -*", line):
+            groups.append((heading.group(1), []))
+        elif (found := re.match(r"# (\w+) = ", line)) and found.group(1) in unseen:
+            unseen.remove(found.group(1))
+            groups[-1][1].append(found.group(1))
+    missing = [key for key in settings.KEY_NAMES if key in unseen]
+    if missing:
+        raise PluginError(f"the sample config does not set out {', '.join(missing)}")
+    return [(title, keys) for title, keys in groups if keys]
+
+
+def reference(groups: list[tuple[str, list[str]]]) -> str:
+    kinds = typing.get_type_hints(settings.Settings)
+    rows = [
+        f"| [`{key}`](#{key}) | `{toml(settings.default_text(key))}` | {restart(key, short=True)} |"
+        for _, keys in groups
+        for key in keys
+    ]
+    parts = ["| key | default | on reload |", "|---|---|---|", *rows, ""]
+    for title, keys in groups:
+        parts += [f"### {title}", ""]
+        parts += [entry(key, kinds[key]) for key in keys]
+    return "\n".join(parts)
+
+
+def entry(key: str, kind: Any) -> str:
+    flag, env = f"`{settings.flag_name(key)}`", f"`{settings.env_name(key)}`"
+    if kind is bool:
+        flag += f", `--no-{settings.flag_name(key)[2:]}`"
+    elif kind == tuple[str, ...]:
+        flag += " (repeatable, or comma-separated)"
+        env += " (comma-separated)"
+    default = toml(settings.default_text(key))
+    facts = [
+        f"- Type: {TYPES.get(kind, str(kind))}; default: `{key} = {default}`",
+        f"- Flag: {flag}; environment: {env}",
+    ]
+    allowed = settings.choices(key)
+    if allowed is not None:
+        values, aliases = allowed
+        shown = ", ".join(f"`{v}`" for v in values)
+        facts.append(f"- Values: {shown}, in any case{also(values, aliases)}")
+    facts.append(f"- On reload: {restart(key, short=False)}")
+    heading = f"#### `{key}` {{#{key}}}"
+    return "\n".join([heading, "", prose(settings.describe(key)), "", *facts, ""])
+
+
+def also(values: tuple[str, ...], aliases: typing.Mapping[str, str]) -> str:
+    """Other accepted spellings, per value: ``(also: `warn` for `warning`; ...)``."""
+    spelled = [
+        f"{', '.join(f'`{a}`' for a, to in aliases.items() if to == v)} for `{v}`"
+        for v in values
+        if v in aliases.values()
+    ]
+    return f" (also: {'; '.join(spelled)})" if spelled else ""
+
+
+def restart(key: str, *, short: bool) -> str:
+    """What a reload (SIGHUP) does with a new value of ``key``."""
+    if key in settings.RESTART_KEYS:
+        return "needs a restart" if short else "kept by a reload: needs a restart"
+    return "applied" if short else "applied by a reload"
+
+
+def toml(value: Any) -> str:
+    """A default as TOML writes it (the sample's ``# key = value`` lines)."""
+    return json.dumps(list(value) if isinstance(value, tuple) else value)
+
+
+def prose(description: str) -> str:
+    """A schema description as a sentence of Markdown: special characters escaped, other
+    keys linked to their entries."""
+    text = description[0].upper() + description[1:] + "."
+    pieces = _KEY_IN_TEXT.split(text)  # odd indexes: the keys
+    return "".join(
+        f"[`{piece}`](#{piece})" if i % 2 else re.sub(r"([\\`*_\[\]<>])", r"\\\1", piece)
+        for i, piece in enumerate(pieces)
+    )
