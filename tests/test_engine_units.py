@@ -64,6 +64,9 @@ class Transport:
     def close(self) -> None:
         self.closed = True
 
+    def is_closing(self) -> bool:
+        return self.closed
+
     abort = close
 
     def can_write_eof(self) -> bool:
