@@ -12,7 +12,7 @@ import pytest
 
 from tests.conftest import clean_env, run_cli
 from wsechod import __version__, memory
-from wsechod.settings import KEYS, default_text, describe, env_name, flag_name
+from wsechod.settings import KEYS, default_text, describe, env_name, flag_name, note
 
 
 def check_config(*args: str, env: dict[str, str] | None = None) -> dict[str, str]:
@@ -131,6 +131,14 @@ def test_check_config_names_each_source(tmp_path: Path) -> None:
 def listed(value: Any) -> Any:
     """A list setting's value (a tuple) as TOML writes it."""
     return list(value) if isinstance(value, tuple) else value
+
+
+def test_the_sample_config_is_made_from_the_schema() -> None:
+    """etc/wsechod.toml (what make install-systemd copies) is --print-config-sample's."""
+    sample = Path(__file__).parents[1] / "etc" / "wsechod.toml"
+    printed = run_cli("--print-config-sample").stdout
+    assert sample.read_text() == printed, "regenerate: wsechod --print-config-sample"
+    assert all(note(key) for key in ("host", "backlog", "memory_limit", "workers"))
 
 
 def test_sample_config_is_valid_and_shows_every_default() -> None:

@@ -3,19 +3,16 @@ settings schema each time the site is built, so that it cannot drift from the co
 
 docs/configuration.md holds the prose and a line ``<!-- settings reference -->``, which
 this hook replaces: a table of every key, then one entry per key (its type, default, flag,
-environment variable, allowed values, whether a reload applies it, and its description),
-grouped as the sample config (``wsechod --print-config-sample``) groups them. It reads
-only what ``wsechod --help`` is made from: the public helpers of ``wsechod.settings``.
+environment variable, allowed values, whether a reload applies it, its description and
+its note), in the schema's sections, as the sample config (``wsechod
+--print-config-sample``) sets them out. It reads what ``--help`` and the sample are made
+from: the public helpers of ``wsechod.settings``.
 """
 
 import json
 import re
-import subprocess
-import sys
 import typing
 from typing import Any
-
-from mkdocs.exceptions import PluginError
 
 from wsechod import settings
 
@@ -35,35 +32,15 @@ _KEY_IN_TEXT = re.compile(r"\b(" + "|".join(k for k in settings.KEY_NAMES if "_"
 def on_page_markdown(markdown: str, /, **_: object) -> str:
     if MARKER not in markdown:
         return markdown
-    return markdown.replace(MARKER, reference(sample_groups(print_config_sample())))
+    return markdown.replace(MARKER, reference(groups()))
 
 
-def print_config_sample() -> str:
-    """The sample config, as the command prints it."""
-    done = subprocess.run(
-        [sys.executable, "-m", "wsechod", "--print-config-sample"],
-        capture_output=True, text=True, timeout=60, check=False,
-    )  # fmt: skip
-    if done.returncode != 0:
-        raise PluginError(f"wsechod --print-config-sample failed: {done.stderr.strip()}")
-    return done.stdout
-
-
-def sample_groups(sample: str) -> list[tuple[str, list[str]]]:
-    """The sample's sections ("# --- Logging ---") and, in each, the keys it sets out
-    ("# log_level = ..."), in the sample's order."""
-    groups: list[tuple[str, list[str]]] = [("Settings", [])]
-    unseen = set(settings.KEY_NAMES)
-    for line in sample.splitlines():
-        if heading := re.fullmatch(r"# -{3,} (.+?) -*", line):
-            groups.append((heading.group(1), []))
-        elif (found := re.match(r"# (\w+) = ", line)) and found.group(1) in unseen:
-            unseen.remove(found.group(1))
-            groups[-1][1].append(found.group(1))
-    missing = [key for key in settings.KEY_NAMES if key in unseen]
-    if missing:
-        raise PluginError(f"the sample config does not set out {', '.join(missing)}")
-    return [(title, keys) for title, keys in groups if keys]
+def groups() -> list[tuple[str, list[str]]]:
+    """The schema's sections and, in each, its keys, in the schema's order."""
+    return [
+        (title, [key for key in settings.KEY_NAMES if settings.section(key) == title])
+        for title in settings.SECTIONS
+    ]
 
 
 def reference(groups: list[tuple[str, list[str]]]) -> str:
@@ -99,7 +76,9 @@ def entry(key: str, kind: Any) -> str:
         facts.append(f"- Values: {shown}, in any case{also(values, aliases)}")
     facts.append(f"- On reload: {restart(key, short=False)}")
     heading = f"#### `{key}` {{#{key}}}"
-    return "\n".join([heading, "", prose(settings.describe(key)), "", *facts, ""])
+    note = [prose(paragraph, sentence=False) for paragraph in settings.note(key).split("\n")]
+    body = [prose(settings.describe(key)), "", *facts, ""]
+    return "\n".join([heading, "", *body, *(f"{n}\n" for n in note if n)])
 
 
 def also(values: tuple[str, ...], aliases: typing.Mapping[str, str]) -> str:
@@ -124,10 +103,12 @@ def toml(value: Any) -> str:
     return json.dumps(list(value) if isinstance(value, tuple) else value)
 
 
-def prose(description: str) -> str:
-    """A schema description as a sentence of Markdown: special characters escaped, other
-    keys linked to their entries."""
-    text = description[0].upper() + description[1:] + "."
+def prose(description: str, *, sentence: bool = True) -> str:
+    """A schema description (made a sentence) or a note's paragraph as Markdown: special
+    characters escaped, other keys linked to their entries."""
+    if not description:
+        return ""
+    text = description[0].upper() + description[1:] + "." if sentence else description
     pieces = _KEY_IN_TEXT.split(text)  # odd indexes: the keys
     return "".join(
         f"[`{piece}`](#{piece})" if i % 2 else re.sub(r"([\\`*_\[\]<>])", r"\\\1", piece)

@@ -47,6 +47,7 @@ from wsechod.settings import (
     flag_name,
     load,
     render,
+    sample,
 )
 from wsechod.tls import TlsError
 
@@ -176,7 +177,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _sample(config: bool, unit: str | None, logrotate: bool) -> str | None:
     """The shipped file a --print-* flag asks for, or None (start normally)."""
     if config:
-        return samples.text(samples.CONFIG)
+        return sample()
     if unit is not None:
         printed = samples.unit(unit)
         for problem in samples.unit_problems(printed, samples.needed()):

@@ -1,7 +1,9 @@
 """The files an administrator copies into /etc, shipped inside the package so that a
 ``pip install`` finds them too: ``wsechod --print-config-sample``, ``--print-unit NAME``,
 ``--print-logrotate-sample``. In the source tree they are links to ``etc/`` and
-``systemd/``, the copies ``make install-systemd`` uses, so the two can never differ."""
+``systemd/``, the copies ``make install-systemd`` uses, so the two can never differ. (The
+sample config is made from the settings' schema: ``wsechod.settings.sample``; etc/ holds
+a copy that a test keeps equal.)"""
 
 import stat
 import sys
@@ -16,7 +18,6 @@ UNITS = (
     "wsechod-activated.service",
     "wsechod-activated.socket",
 )
-CONFIG = "wsechod.toml"
 LOGROTATE = "wsechod.logrotate"
 COMMAND_PLACEHOLDER = "@WSECHOD@"
 # What a unit's sandboxing hides from its service: the setting, the values that hide, the

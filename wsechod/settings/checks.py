@@ -1,0 +1,143 @@
+"""What can only be checked with several keys together (a TLS key needs a certificate,
+relay workers need a shared broker, the broker needs its package), and the notices: settings
+that are accepted but most likely not what the operator meant."""
+
+import importlib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from wsechod import tls
+from wsechod.settings import values
+from wsechod.settings.schema import (
+    BY_NAME,
+    RELAY_KEYS,
+    RETIRED,
+    UNIX_SOCKET_KEYS,
+    Settings,
+    SettingsError,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Notice:
+    """A warning about settings that are accepted but not what the operator may think:
+    ``--check-config`` prints ``message``, a start logs ``event`` with ``fields``."""
+
+    message: str
+    event: str
+    fields: Mapping[str, Any]
+
+
+def retired_notice(seen: dict[str, str]) -> list[Notice]:
+    return [
+        Notice(
+            f"{key} (from {where}) has no effect any more: {RETIRED[key]}",
+            "setting has no effect any more",
+            {"key": key, "source": where},
+        )
+        for key, where in seen.items()
+    ]
+
+
+def service_link_notice(ignored: list[str]) -> list[Notice]:
+    if not ignored:
+        return []
+    names = ", ".join(ignored)
+    return [
+        Notice(
+            f"ignored environment variables that Kubernetes sets for a Service: {names}",
+            "kubernetes service variables ignored",
+            {"variables": ignored},
+        )
+    ]
+
+
+def echo_mode_notice(settings: Settings) -> list[Notice]:
+    if settings.mode != "echo":
+        return []
+    unused = [k for k in RELAY_KEYS if getattr(settings, k) != BY_NAME[k].default]
+    if not unused:
+        return []
+    return [
+        Notice(
+            f"relay settings have no effect in echo mode: {', '.join(unused)}",
+            "settings have no effect in echo mode",
+            {"keys": unused},
+        )
+    ]
+
+
+def listen_notice(settings: Settings, sources: Mapping[str, str]) -> list[Notice]:
+    """``listen`` replaces host and port, and the unix socket keys apply to its unix
+    socket files: setting those to no effect is most likely an oversight."""
+    reasons: dict[str, str] = {}
+    if settings.listen:
+        reasons |= {k: "listen replaces host and port" for k in ("host", "port")}
+    if not any(entry.startswith("unix:/") for entry in settings.listen):
+        reasons |= {k: "no unix socket file in listen" for k in UNIX_SOCKET_KEYS}
+    unused = {k: why for k, why in reasons.items() if sources[k] != "default"}
+    notices = []
+    if unused:
+        notices.append(
+            Notice(
+                "settings have no effect: "
+                + ", ".join(f"{k} ({why})" for k, why in unused.items()),
+                "settings have no effect",
+                {"keys": list(unused), "listen": list(settings.listen)},
+            )
+        )
+    served = set().union(*(values.listen_address(e).roles for e in settings.listen or (":0",)))
+    notices += [
+        Notice(
+            f"no listener has the role {role}: {values.ROLE_SERVES[role]} are served nowhere",
+            "role served nowhere",
+            {"role": role, "listen": list(settings.listen)},
+        )
+        for role in ("public", "ops")
+        if role not in served
+    ]
+    return notices
+
+
+def check_tls(settings: Settings, sources: Mapping[str, str]) -> None:
+    """The files are read into a context now, so a missing, unreadable or mismatched one
+    stops the start (or a reload) with a line that names it."""
+    for key in ("tls_key", "tls_ca"):
+        if getattr(settings, key) and not settings.tls_cert:
+            raise SettingsError(
+                f"invalid {key} {getattr(settings, key)!r} (from {sources[key]}): "
+                "needs tls_cert too"
+            )
+    if not settings.tls_cert:
+        return
+    try:
+        tls.server_context(settings.tls_cert, settings.tls_key, settings.tls_ca)
+    except tls.TlsError as exc:
+        raise SettingsError(
+            f"invalid {exc.key} {exc.path!r} (from {sources[exc.key]}): {exc.reason}"
+        ) from None
+
+
+def check_workers(settings: Settings, sources: Mapping[str, str]) -> None:
+    """The memory broker relays within one process: with several, members of one channel
+    on different workers would never hear each other."""
+    if settings.workers > 1 and settings.mode == "relay" and settings.broker == "memory":
+        raise SettingsError(
+            f"invalid workers {settings.workers} (from {sources['workers']}): relay mode with "
+            "several workers needs a broker they share (broker = redis://...); the memory "
+            "broker relays within one process"
+        )
+
+
+def check_broker_package(settings: Settings, sources: Mapping[str, str]) -> None:
+    """The Redis broker needs redis-py, an optional extra: say so before anything starts."""
+    if settings.mode != "relay" or settings.broker == "memory":
+        return
+    try:
+        importlib.import_module("redis")
+    except ImportError:
+        raise SettingsError(
+            f"invalid broker {values.redact_url(settings.broker)!r} (from {sources['broker']}): "
+            "the Redis broker needs the redis package: pip install 'wsechod[redis]'"
+        ) from None

@@ -1,0 +1,584 @@
+"""Every key, declared once: its type, default, one-line help (``--help``), the note the
+sample config and the reference page show, its section, its checks, and whether a reload
+applies it. The TOML key ``foo_bar``, the flag ``--foo-bar`` and the variable
+``WSECHOD_FOO_BAR`` all derive from the one name, so the sources can never drift apart."""
+
+import dataclasses
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from wsechod import origins
+from wsechod.settings import values
+
+ENV_PREFIX = "WSECHOD_"
+CONFIG_ENV = ENV_PREFIX + "CONFIG"
+DEFAULT_CONFIG = Path("/etc/wsechod/wsechod.toml")
+
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
+# Other spellings operators bring from syslog, Python and Go (any case): our nearest level.
+# "critical" maps to error, the most severe level wsechod logs, rather than hide crashes.
+LOG_LEVEL_ALIASES = {
+    "warn": "warning",
+    "err": "error",
+    "crit": "error",
+    "critical": "error",
+    "fatal": "error",
+}
+LOG_FORMATS = ("auto", "console", "json")
+COMPRESSIONS = ("none", "deflate")
+MODES = ("echo", "relay")
+SLOW_CONSUMER_POLICIES = ("drop", "close")
+MAX_WORKERS = 1024
+UNIX_SOCKET_KEYS = ("unix_socket_mode", "unix_socket_owner")
+T = TypeVar("T")
+
+
+# Sections, in the order the sample config and the reference page show them.
+LISTENING = "Listening"
+LOGGING = "Logging"
+LIMITS = "Limits (per connection unless said otherwise)"
+ADMISSION = "Who may connect: TLS, origins, per-client limit, proxies"
+TIMEOUTS = "Timeouts (seconds; 0 disables the ones that say so)"
+RELAY = "Relay mode"
+PROCESS = "Process"
+SECTIONS = (LISTENING, LOGGING, LIMITS, ADMISSION, TIMEOUTS, RELAY, PROCESS)
+
+
+class SettingsError(Exception):
+    """A setting is wrong; the message is one line that names the key and the value."""
+
+
+def _opt(
+    default: T,
+    doc: str,
+    *,
+    section: str,
+    note: str = "",
+    minimum: float | None = None,
+    maximum: float | None = None,
+    choices: tuple[str, ...] | None = None,
+    aliases: Mapping[str, str] | None = None,
+    path: tuple[str, ...] | None = None,
+    url: bool = False,
+    check: Callable[[Any], Any] | None = None,
+    restart: bool = False,
+    item: Callable[[str], str] | None = None,
+    words: Mapping[str, Callable[[], Any]] | None = None,
+    default_word: str | None = None,
+) -> T:
+    """A key: ``doc``, one line for ``--help``; ``note``, what the sample config and the
+    reference page say of it (paragraphs split by a newline; a key that shares the note of
+    the one before it has none); ``section``, where they show it. ``path``: the value is a
+    file path, made absolute (a daemon runs in /), except for the words listed, which have
+    a meaning of their own. ``aliases``: other spellings of the ``choices``. A ``doc`` that
+    starts with "relay:" marks a key that only relay mode reads (echo mode warns that it
+    has no effect). ``check``: validates the value and returns it normalized (raises
+    ValueError). ``restart``: a reload (SIGHUP) cannot change it; the others take effect
+    for new connections. ``item``: the key is a list (``tuple[str, ...]``) and this checks
+    and normalises each entry (ValueError). ``words``: names that stand for a value
+    computed at load time (``workers = "auto"``). ``default_word``: the word the default
+    is written as where it differs from machine to machine."""
+    meta = {
+        "restart": restart,
+        "doc": doc,
+        "section": section,
+        "note": note,
+        "minimum": minimum,
+        "maximum": maximum,
+        "choices": choices,
+        "aliases": aliases or {},
+        "path": path,
+        "url": url,
+        "check": check,
+        "item": item,
+        "words": words or {},
+        "default_word": default_word,
+    }
+    return field(default=default, metadata=meta)
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """The effective configuration; immutable once loaded so no code path can disagree."""
+
+    host: str = _opt(
+        "127.0.0.1",
+        "address to listen on; a name listens on all its addresses",
+        restart=True,
+        section=LISTENING,
+        note=(
+            "Address to listen on. A host name listens on every address it resolves to; "
+            '"0.0.0.0" is every IPv4 interface, "::" every IPv6 one, "" both.'
+        ),
+    )
+    port: int = _opt(
+        8765,
+        "TCP port to listen on; 0 picks a free one",
+        minimum=0,
+        maximum=65535,
+        restart=True,
+        section=LISTENING,
+        note=('TCP port; 0 lets the kernel pick a free one (the "listening" log line says which).'),
+    )
+    listen: tuple[str, ...] = _opt(
+        (),
+        f"addresses to listen on instead of host and port: {values.LISTEN_FORMS}; each may be "
+        f"followed by the roles it serves ({', '.join(values.ROLES)}; default: all)",
+        check=values.check_listen,
+        restart=True,
+        section=LISTENING,
+        note=(
+            "Several listeners at once, instead of host and port (which are then ignored): "
+            'TCP "host:port", "[::1]:port", ":port" (every interface), unix sockets '
+            '"unix:/path" and abstract ones "unix:@name". Sockets systemd passes (socket '
+            "activation) replace them all.\n"
+            'For example: listen = ["127.0.0.1:8765", "[::1]:8765", '
+            '"unix:/run/wsechod/ws.sock"]\n'
+            "An entry may be followed by the roles its listener serves (default: all): "
+            "public (WebSocket clients), ops (/healthz, /metrics), api (the HTTP API); "
+            "others get 404.\n"
+            'For example: listen = ["0.0.0.0:8765 public", "127.0.0.1:9100 ops"]'
+        ),
+    )
+    unix_socket_mode: str = _opt(
+        "0660",
+        "file mode of the unix sockets in listen",
+        check=values.check_mode,
+        restart=True,
+        section=LISTENING,
+        note=(
+            'Unix socket files are created with this mode and owner ("user[:group]"; "" is '
+            "the user and group wsechod runs as, see user/group below), before anyone can "
+            "connect. A socket file left by a crash is replaced; one something still "
+            'accepts on is "address in use". The file is removed at exit. Abstract sockets '
+            "have no file, mode or owner."
+        ),
+    )
+    unix_socket_owner: str = _opt(
+        "",
+        "user[:group] owning the unix sockets in listen; '': the user and group it runs as",
+        restart=True,
+        section=LISTENING,
+    )
+    backlog: int = _opt(
+        values.kernel_backlog(),
+        "connections each listening socket (systemd's too) holds until they are accepted; "
+        "max: the kernel's maximum (net.core.somaxconn), which caps any larger value",
+        minimum=1,
+        maximum=values.MAX_BACKLOG,
+        words={"max": values.kernel_backlog},
+        default_word="max",
+        restart=True,
+        section=LISTENING,
+        note=(
+            "Listen backlog: connections the kernel has accepted (TCP handshake done) and "
+            "holds on each listening socket until wsechod takes them. When it is full, a "
+            "new client's SYN is dropped and its connect waits for a retransmission (1 s, "
+            'then 2 s, ...). "max": the kernel\'s maximum (net.core.somaxconn), which also '
+            "caps any larger number. It applies to the sockets systemd passes too (wsechod "
+            "listens on them again, and cannot read what their Backlog= was): keep the two "
+            "the same. Needs a restart to change."
+        ),
+    )
+    log_level: str = _opt(
+        "info",
+        "least severe level logged",
+        choices=LOG_LEVELS,
+        aliases=LOG_LEVEL_ALIASES,
+        section=LOGGING,
+        note=("debug | info | warning | error. At debug, every connection open/close is logged."),
+    )
+    log_format: str = _opt(
+        "auto",
+        "console for people, json for machines; auto: console on a TTY",
+        choices=LOG_FORMATS,
+        restart=True,
+        section=LOGGING,
+        note=(
+            "auto | console | json. auto: coloured console lines on a terminal, JSON lines "
+            "otherwise."
+        ),
+    )
+    access_log: bool = _opt(
+        False,
+        "log one line (event access, at info) per closed WebSocket connection",
+        section=LOGGING,
+        note=(
+            'One line per closed WebSocket connection (event "access", at info): peer, '
+            "path, duration, messages and bytes in and out, close codes sent and received, "
+            "who closed first. Clients decide how many lines that is: one per connection, "
+            "by design."
+        ),
+    )
+    max_size: int = _opt(
+        2**20,
+        "largest incoming message in bytes; a bigger one closes with 1009",
+        minimum=1,
+        maximum=2**30,
+        section=LIMITS,
+        note=(
+            "Largest incoming message in bytes, whatever the number of fragments. A larger "
+            "one closes the connection with 1009 (as soon as a frame header announces too "
+            "much)."
+        ),
+    )
+    write_limit: int = _opt(
+        2**15,
+        "outgoing bytes buffered per connection before reading from whoever feeds it pauses",
+        minimum=1,
+        maximum=2**30,
+        section=LIMITS,
+        note=(
+            "Outgoing bytes buffered per connection before the server stops reading from "
+            "whoever feeds it: the client itself in echo mode (echoes and pongs), the "
+            "publishers in relay mode. Reading resumes below a quarter of it. Worst case "
+            "memory per connection, whatever the client sends: about write_limit + max_size "
+            "+ 256 KiB (one read)."
+        ),
+    )
+    compression: str = _opt(
+        "none",
+        "permessage-deflate when the client offers it (costs CPU and memory)",
+        choices=COMPRESSIONS,
+        section=LIMITS,
+        note=(
+            "none | deflate. deflate negotiates permessage-deflate when the client offers "
+            "it; it trades CPU and memory per connection for bandwidth."
+        ),
+    )
+    max_connections: int = _opt(
+        10_000,
+        "open WebSocket connections before new ones get HTTP 503; 0: no limit",
+        minimum=0,
+        section=LIMITS,
+        note=(
+            "Open WebSocket connections, for the whole server. Beyond it, new clients get "
+            "HTTP 503. 0 means no limit (then the open-files limit, `ulimit -n`, is the "
+            "limit)."
+        ),
+    )
+    memory_limit: int = _opt(
+        0,
+        "bytes buffered for clients (frames still arriving, write buffers above "
+        "write_limit) per serving process before reading pauses, then the heaviest "
+        "connections close with 1013; 0 or auto: a quarter of the memory the process may "
+        "use (its cgroup's limit, else the machine's), divided among the workers",
+        minimum=0,
+        words={"auto": lambda: 0},
+        section=LIMITS,
+        note=(
+            "Bytes buffered for clients in one serving process: frames still arriving, and "
+            "the write buffers of clients above write_limit. Over it, reading pauses on "
+            "connections that hold part of a frame; if it persists a second, the heaviest "
+            'are closed with 1013. 0 or "auto": a quarter of the memory the process may use '
+            "(its cgroup's limit, else the machine's), divided among the workers."
+        ),
+    )
+    tls_cert: str = _opt(
+        "",
+        "TLS certificate (PEM, chain after it): the port serves wss only; '': none",
+        path=(),
+        section=ADMISSION,
+        note=(
+            "TLS: with a certificate, the port serves wss:// (and https:// for /healthz) "
+            "only. PEM files: the certificate followed by its chain, and the unencrypted "
+            'key ("": the key is in the certificate\'s file). With tls_ca, clients must '
+            "present a certificate signed by that CA (mutual TLS). SIGHUP reads the files "
+            "again: renewed certificates apply to new connections, open ones are kept. The "
+            "files must be readable by `user`."
+        ),
+    )
+    tls_key: str = _opt(
+        "",
+        "TLS private key (PEM, unencrypted); '': in tls_cert's file",
+        path=(),
+        section=ADMISSION,
+    )
+    tls_ca: str = _opt(
+        "",
+        "with TLS: clients must present a certificate signed by this CA (PEM)",
+        path=(),
+        section=ADMISSION,
+    )
+    allowed_origins: tuple[str, ...] = _opt(
+        (),
+        "origins browsers may connect from (https://app.example.com, *.example.com, ...); "
+        "others get HTTP 403; empty: any",
+        item=origins.check,
+        section=ADMISSION,
+        note=(
+            "Origins browsers may open WebSockets from; others get HTTP 403. Exact origins "
+            '("https://app.example.com", "http://localhost:3000"), any subdomain '
+            '("https://*.example.com"), any scheme when none is written ("*.example.com"). '
+            "Empty: any origin. A handshake without Origin (non-browser clients) is "
+            "accepted, unless require_origin is true."
+        ),
+    )
+    require_origin: bool = _opt(
+        False,
+        "refuse (HTTP 403) handshakes without an Origin header",
+        section=ADMISSION,
+    )
+    max_connections_per_ip: int = _opt(
+        0,
+        "open WebSocket connections per client address; beyond: HTTP 503; 0: no limit",
+        minimum=0,
+        section=ADMISSION,
+        note=(
+            "Open WebSocket connections from one client address; the next gets HTTP 503 "
+            "with Retry-After. IPv6 clients are counted per network of ipv6_prefix_length "
+            "bits (one subscriber usually has a whole /64). 0: no limit."
+        ),
+    )
+    ipv6_prefix_length: int = _opt(
+        64,
+        "IPv6 clients are counted per network of this many bits",
+        minimum=1,
+        maximum=128,
+        section=ADMISSION,
+    )
+    trusted_proxies: tuple[str, ...] = _opt(
+        (),
+        "proxies (addresses or networks, or 'unix' for peers on Unix sockets) whose "
+        "X-Forwarded-For or PROXY protocol header names the client",
+        item=values.network,
+        section=ADMISSION,
+        note=(
+            'Reverse proxies (addresses or networks, e.g. ["10.0.0.0/8", "::1"], and "unix" '
+            "for one on this host connecting over a Unix socket) trusted to say who the "
+            "client is: with X-Forwarded-For (its right-most address not itself a proxy), "
+            "or with a PROXY protocol header (v1 or v2, detected by its first bytes; not "
+            "with TLS). From any other peer X-Forwarded-For is ignored and a PROXY header "
+            "gets HTTP 400."
+        ),
+    )
+    open_timeout: float = _opt(
+        10.0,
+        "seconds a client has to complete the opening handshake; 0: no limit",
+        minimum=0,
+        section=TIMEOUTS,
+        note=("Time a client has to complete the opening handshake. 0: no limit."),
+    )
+    ping_interval: float = _opt(
+        20.0,
+        "seconds between keepalive pings; 0: no pings",
+        minimum=0,
+        section=TIMEOUTS,
+        note=(
+            "Keepalive: a ping every ping_interval; no pong within ping_timeout closes with 1011."
+        ),
+    )
+    ping_timeout: float = _opt(
+        20.0,
+        "seconds to wait for a pong before dropping the client; 0: wait forever",
+        minimum=0,
+        section=TIMEOUTS,
+    )
+    close_timeout: float = _opt(
+        10.0,
+        "seconds to wait for the client's closing handshake; 0: wait forever",
+        minimum=0,
+        section=TIMEOUTS,
+        note=(
+            "Time to wait for the client's reply to our close frame before cutting the TCP "
+            "connection."
+        ),
+    )
+    drain_timeout: float = _opt(
+        10.0,
+        "seconds the shutdown waits for connections to close before cutting them",
+        minimum=0,
+        section=TIMEOUTS,
+        note=(
+            "On SIGTERM/SIGINT: time open connections get to finish their closing handshake "
+            "(1001) before the rest are cut and the process exits. A second signal cuts it "
+            "short."
+        ),
+    )
+    mode: str = _opt(
+        "echo",
+        "echo: messages come back; relay: they go to the path's others",
+        choices=MODES,
+        restart=True,
+        section=RELAY,
+        note=(
+            "echo: every message comes back to its sender. relay: clients on the same URL "
+            "path form a channel, and what one sends goes to the others."
+        ),
+    )
+    relay_echo: bool = _opt(
+        False,
+        "relay: also send each message back to its sender",
+        section=RELAY,
+        note=("relay: also send each message back to its sender."),
+    )
+    broker: str = _opt(
+        "memory",
+        "relay: 'memory' (this process only), or a Redis URL to share channels: "
+        "redis://[user:password@]host[:port][/db], rediss://..., unix:///path[?db=N]",
+        url=True,
+        restart=True,
+        section=RELAY,
+        note=(
+            'relay: "memory" relays within this process; "redis://host:6379/0" (or '
+            "rediss://, unix:///path) shares channels with every wsechod using the same "
+            "Redis."
+        ),
+    )
+    max_channels: int = _opt(
+        10_000,
+        "relay: channels (paths) at once; beyond: HTTP 503",
+        minimum=1,
+        section=RELAY,
+        note=(
+            "relay: limits, each refused with an HTTP error before the WebSocket opens: "
+            "channels at once (503), clients per channel (503), channel name length (414). "
+            "A channel name may use only URL path characters (else 400)."
+        ),
+    )
+    max_channel_members: int = _opt(
+        1_000,
+        "relay: clients on one channel; beyond: HTTP 503",
+        minimum=1,
+        section=RELAY,
+    )
+    max_path_length: int = _opt(
+        256,
+        "relay: longest channel name (path); longer: HTTP 414",
+        minimum=1,
+        maximum=8192,
+        section=RELAY,
+    )
+    slow_consumer: str = _opt(
+        "drop",
+        "relay: a receiver that stops reading gets its messages dropped, or closed (1008)",
+        choices=SLOW_CONSUMER_POLICIES,
+        section=RELAY,
+        note=(
+            "relay: while a receiver has more than write_limit waiting, the channel's "
+            "publishers wait. A receiver that stays so for slow_consumer_timeout seconds, "
+            "or that alone holds its channel back more than a tenth of the time, is slow: "
+            '"drop" skips what does not fit (counted) until it has caught up; "close" '
+            "closes it with 1008. A slow reader holds neither memory nor its channel for "
+            "long."
+        ),
+    )
+    slow_consumer_timeout: float = _opt(
+        2.0,
+        "relay: seconds a receiver may stay above write_limit before it counts as slow",
+        minimum=0,
+        section=RELAY,
+    )
+    workers: int = _opt(
+        1,
+        "serving processes sharing the listeners, supervised by the main one; auto: one "
+        "per CPU this process may use",
+        minimum=1,
+        maximum=MAX_WORKERS,
+        words={"auto": lambda: len(os.sched_getaffinity(0))},
+        restart=True,
+        section=PROCESS,
+        note=(
+            "Serving processes: N workers share the listeners (each TCP listener is bound "
+            "once per worker with SO_REUSEPORT, so the kernel spreads connections over "
+            "them; unix sockets and systemd's sockets are shared), supervised by the main "
+            'process, which restarts a worker that dies and forwards signals. "auto": one '
+            "per CPU this process may use. /metrics and /healthz answer for the whole "
+            "daemon (at most 1.5 s behind); limits such as max_connections apply per "
+            "worker. Relay mode with several workers needs Redis (broker). Needs a restart "
+            "to change."
+        ),
+    )
+    daemon: bool = _opt(
+        False,
+        "detach from the terminal and run in the background",
+        restart=True,
+        section=PROCESS,
+        note=(
+            "Detach from the terminal (double fork, new session, cwd /, umask 022, stdio to "
+            "/dev/null). The command returns only once the daemon listens and its pidfile "
+            "is written; if the daemon fails to start, the command prints why and exits 1."
+        ),
+    )
+    pidfile: str = _opt(
+        "",
+        "write the pid here, locked while running; '': none",
+        path=(),
+        restart=True,
+        section=PROCESS,
+        note=(
+            "Write the pid here, locked (flock) for the life of the process and removed on "
+            "a clean exit. A pidfile left by a crash is taken over with a warning; one held "
+            'by a running wsechod makes the start fail with "already running (pid N)". "" '
+            "means no pidfile."
+        ),
+    )
+    log_file: str = _opt(
+        "",
+        "log to this file (reopened on SIGHUP) or 'syslog'; '': stderr, or syslog with daemon",
+        path=("syslog",),
+        restart=True,
+        section=PROCESS,
+        note=(
+            "Log to this file instead of stderr (JSON unless log_format says otherwise); "
+            'SIGHUP reopens it, for logrotate. "syslog" logs to syslog_socket. With daemon '
+            "= true and no log_file, logs go to syslog: a daemon never logs to a terminal "
+            "it has left."
+        ),
+    )
+    syslog_socket: str = _opt(
+        "/dev/log",
+        "the syslog daemon's socket, for log_file = 'syslog'",
+        path=(),
+        restart=True,
+        section=PROCESS,
+    )
+    user: str = _opt(
+        "",
+        "after binding, run as this user (start as root); '': stay",
+        restart=True,
+        section=PROCESS,
+        note=(
+            "When started as root: bind, create the pidfile's directory (owned by this "
+            'user), then run as this user and group. "" keeps the current identity; group '
+            "defaults to the user's primary group."
+        ),
+    )
+    group: str = _opt(
+        "",
+        "after binding, run as this group; '': the user's group",
+        restart=True,
+        section=PROCESS,
+    )
+
+
+KEYS: tuple[dataclasses.Field[Any], ...] = dataclasses.fields(Settings)
+KEY_NAMES = tuple(f.name for f in KEYS)
+BY_NAME = {f.name: f for f in KEYS}
+RELAY_KEYS = tuple(f.name for f in KEYS if str(f.metadata["doc"]).startswith("relay:"))
+RESTART_KEYS = frozenset(f.name for f in KEYS if f.metadata["restart"])
+
+
+def changes(old: Settings, new: Settings) -> list[str]:
+    """The keys whose value differs, in declaration order."""
+    return [key for key in KEY_NAMES if getattr(old, key) != getattr(new, key)]
+
+
+def flag_name(key: str) -> str:
+    return "--" + key.replace("_", "-")
+
+
+def env_name(key: str) -> str:
+    return ENV_PREFIX + key.upper()
+
+
+# Keys that no longer mean anything: accepted from every source (so that an existing file,
+# unit or script still starts) with a notice saying why, instead of an "unknown key" stop.
+RETIRED = {
+    "max_queue": "the engine keeps no queue of incoming messages; memory per connection is "
+    "bounded by write_limit and max_size",
+}
