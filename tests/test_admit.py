@@ -16,8 +16,8 @@ from websockets.exceptions import InvalidStatus
 
 from tests import rawws
 from tests.conftest import Daemon, run_cli
-from wsechod import origins
 from wsechod.engine import proxy
+from wsechod.http import origins
 
 V2 = proxy.V2_SIGNATURE
 

@@ -11,7 +11,8 @@ from typing import Any
 import pytest
 
 from tests.conftest import clean_env, run_cli
-from wsechod import __version__, memory
+from wsechod._version import __version__
+from wsechod.runtime import memory
 from wsechod.settings import KEYS, default_text, describe, env_name, flag_name, note
 
 

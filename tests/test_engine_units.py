@@ -11,12 +11,12 @@ import pytest
 import uvloop
 
 from tests.rawws import OP_BINARY, OP_PING, frame
-from wsechod import embedded
 from wsechod.apps.echo import Echo
 from wsechod.apps.relay import Relay
 from wsechod.brokers.memory import MemoryBroker
 from wsechod.engine import Application, Connection, Engine, Options, frames
 from wsechod.engine.connection import WebSocket
+from wsechod.runtime import run
 
 pytestmark = pytest.mark.unit  # in-process: make check runs it
 
@@ -235,7 +235,7 @@ def test_failing_callbacks_on_our_loop_are_rate_limited(
         await asyncio.sleep(0)
 
     loop = uvloop.new_event_loop()
-    loop.set_exception_handler(embedded._callback_failed)
+    loop.set_exception_handler(run._callback_failed)
     try:
         with caplog.at_level(logging.ERROR, logger="wsechod"):
             loop.run_until_complete(main())

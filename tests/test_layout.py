@@ -52,13 +52,18 @@ def test_applications_and_brokers_know_nothing_of_websockets(room: str) -> None:
 
 
 def test_the_engine_knows_no_application_nor_lifecycle() -> None:
-    forbidden = ("wsechod.apps", "wsechod.brokers", "wsechod.lifecycle", "wsechod.admission")
+    forbidden = (
+        "wsechod.apps",
+        "wsechod.brokers",
+        "wsechod.runtime.lifecycle",
+        "wsechod.http.admission",
+    )
     assert offending(modules("engine"), forbidden) == {}
 
 
 def test_the_engine_needs_only_itself_and_two_leaves() -> None:
     """Options in, counts out: no settings, listeners, TLS files or process."""
-    allowed = ("wsechod.engine", "wsechod.ratelimit", "wsechod.log", "wsechod.__version__")
+    allowed = ("wsechod.engine", "wsechod.ratelimit", "wsechod.log", "wsechod._version")
     found = {
         str(path.relative_to(PACKAGE)): sorted(
             i
@@ -72,7 +77,7 @@ def test_the_engine_needs_only_itself_and_two_leaves() -> None:
 
 def test_the_engine_knows_nothing_of_metrics() -> None:
     """The engine keeps plain counts; /metrics reads them at scrape time, from above."""
-    assert offending(modules("engine"), ("wsechod.metrics", "prometheus_client")) == {}
+    assert offending(modules("engine"), ("wsechod.runtime.metrics", "prometheus_client")) == {}
 
 
 def test_the_drains_bound_is_computed_in_one_place() -> None:
@@ -87,7 +92,7 @@ def test_the_drains_bound_is_computed_in_one_place() -> None:
         or (isinstance(node, ast.Attribute) and node.attr in parts)
         or (isinstance(node, ast.alias) and node.name in parts)
     }
-    assert named == {"lifecycle.py"}
+    assert named == {"runtime/lifecycle.py"}
 
 
 def test_rules_see_real_imports() -> None:

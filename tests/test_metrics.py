@@ -30,8 +30,8 @@ from tests.test_systemd import (
     installed_units,
     run_harness,
 )
-from wsechod.metrics import RENDER_INTERVAL, SelfProcessCollector
 from wsechod.process.runner import EXTEND_BY, EXTEND_INTERVAL, drain_on_schedule
+from wsechod.runtime.metrics import RENDER_INTERVAL, SelfProcessCollector
 
 __all__ = ["make_redis", "redis_server"]  # fixtures, used by name
 

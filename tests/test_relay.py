@@ -23,9 +23,9 @@ from websockets.sync.client import connect as sync_connect
 from tests import rawws
 from tests.conftest import Daemon, RssPeak, run_cli
 from tests.test_echo import http_get
-from wsechod import lifecycle
 from wsechod.apps import channels
 from wsechod.engine import Listener
+from wsechod.runtime import lifecycle
 from wsechod.settings import ROLES, Settings
 
 REDIS_SERVER = shutil.which("redis-server")

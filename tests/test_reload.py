@@ -17,9 +17,9 @@ from websockets.sync.client import connect as sync_connect
 from tests.conftest import Daemon
 from tests.test_echo import http_get
 from tests.test_tls import issue, trusting
-from wsechod import tls
 from wsechod.engine.server import Options
-from wsechod.lifecycle import Lifecycle
+from wsechod.runtime import tls
+from wsechod.runtime.lifecycle import Lifecycle
 from wsechod.settings import Settings
 
 

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 if TYPE_CHECKING:
-    from wsechod.embedded import ThreadedServer
+    from wsechod.runtime.embedded import ThreadedServer
 
 # What the fixtures change from wsechod's defaults.
 DEFAULTS: dict[str, Any] = {"port": 0, "drain_timeout": 2.0}
@@ -32,7 +32,7 @@ DEFAULTS: dict[str, Any] = {"port": 0, "drain_timeout": 2.0}
 def wsechod_factory() -> Iterator[Callable[..., ThreadedServer]]:
     """``wsechod_factory(**settings)`` starts a server (``serve_in_thread``) and returns
     it once it listens; every server it started is stopped at teardown."""
-    from wsechod.embedded import serve_in_thread  # noqa: PLC0415 (only when used)
+    from wsechod.runtime.embedded import serve_in_thread  # noqa: PLC0415 (only when used)
 
     servers: list[ThreadedServer] = []
 

@@ -39,10 +39,11 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from wsechod import metrics, ratelimit
+from wsechod import ratelimit
 from wsechod.engine import Application, Engine, Reply
 from wsechod.log import get_logger
-from wsechod.metrics import CONTENT_TYPE, Snapshot
+from wsechod.runtime import metrics
+from wsechod.runtime.metrics import CONTENT_TYPE, Snapshot
 from wsechod.settings import Loaded, Settings
 
 log = get_logger("wsechod")

@@ -31,7 +31,7 @@ from websockets.extensions.permessage_deflate import PerMessageDeflate
 from websockets.http11 import Request as WsRequest
 from websockets.server import ServerProtocol
 
-from wsechod import __version__
+from wsechod._version import __version__
 from wsechod.engine import proxy
 from wsechod.engine.addresses import format_address
 from wsechod.engine.connection import WebSocket, failures

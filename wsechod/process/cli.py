@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import NoReturn
 
-from wsechod import __version__, listeners
+from wsechod._version import __version__
 from wsechod.process import (
     daemon,
     logs,
@@ -31,6 +31,8 @@ from wsechod.process import (
 from wsechod.process.logs import LogError
 from wsechod.process.pidfile import PidFile, PidFileError
 from wsechod.process.privileges import Identity
+from wsechod.runtime import listeners
+from wsechod.runtime.tls import TlsError
 from wsechod.settings import (
     CONFIG_ENV,
     DEFAULT_CONFIG,
@@ -49,7 +51,6 @@ from wsechod.settings import (
     render,
     sample,
 )
-from wsechod.tls import TlsError
 
 EXIT_OK, EXIT_FAILURE, EXIT_CONFIG = 0, 1, 2
 

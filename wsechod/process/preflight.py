@@ -14,9 +14,9 @@ import stat
 from collections.abc import Callable
 from pathlib import Path
 
-from wsechod import listeners, tls
 from wsechod.process import logs, paths, systemd
 from wsechod.process.privileges import Identity
+from wsechod.runtime import listeners, tls
 from wsechod.settings import Settings
 
 

@@ -1,5 +1,5 @@
 """The process runner: what the CLI adds around ``lifecycle.serve`` when wsechod owns
-the process. It serves through ``embedded.run`` (the uvloop loop, the lifecycle, the
+the process. It serves through ``runtime.run.run`` (the uvloop loop, the lifecycle, the
 drain: the path ``serve_in_thread`` takes too), and around it raises the open-files limit,
 captures the signals (turning SIGTERM/SIGINT into ``Lifecycle.request_stop``, the same
 call an embedding program makes), tells systemd about readiness, reloads and the
@@ -15,17 +15,18 @@ import signal
 import ssl
 from collections.abc import Callable, Iterator
 
-from wsechod import __version__, embedded
+from wsechod._version import __version__
 from wsechod.engine import Listener
-from wsechod.lifecycle import (
+from wsechod.log import get_logger
+from wsechod.process import logs, systemd
+from wsechod.runtime.lifecycle import (
     RELOAD_SIGNALS,
     STOP_SIGNALS,
     Lifecycle,
     capture_signals,
     drain_bound,
 )
-from wsechod.log import get_logger
-from wsechod.process import logs, systemd
+from wsechod.runtime.run import run as run_server
 from wsechod.settings import Loaded, Settings, SettingsError, shown
 from wsechod.shared import Worker
 
@@ -165,7 +166,7 @@ def _process(
     worker: Worker | None = None,
     tls: ssl.SSLContext | None = None,
 ) -> Iterator[Callable[[], None]]:
-    """Around the serving (``embedded.run``'s ``attach``): the signals, systemd, and the
+    """Around the serving (``runtime.run.run``'s ``attach``): the signals, systemd, and the
     daemon's parent waiting for ``on_ready``; a worker shares its figures."""
     loop = asyncio.get_running_loop()
     life.shared, life.tls = worker, tls
@@ -239,7 +240,7 @@ def run(
     log.info("starting", version=__version__, pid=os.getpid())
     _raise_open_files_limit(settings.max_connections)
     attach = functools.partial(_process, on_ready=on_ready, reread=reread, worker=worker, tls=tls)
-    embedded.run(settings, listeners, handoff=handoff, attach=attach)
+    run_server(settings, listeners, handoff=handoff, attach=attach)
     log.info("stopped")
     return 0
 

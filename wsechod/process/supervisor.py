@@ -37,10 +37,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NoReturn
 
-from wsechod import __version__, lifecycle, listeners, ratelimit, tls
+from wsechod import ratelimit
+from wsechod._version import __version__
 from wsechod.engine.addresses import format_address
 from wsechod.log import get_logger
 from wsechod.process import fds, logs, runner, steering, systemd
+from wsechod.runtime import lifecycle, listeners, tls
 from wsechod.settings import Loaded, Settings, SettingsError
 from wsechod.shared import (
     DOORBELL,

@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from wsechod import tls
+from wsechod.runtime import tls
 from wsechod.settings import values
 from wsechod.settings.schema import (
     BY_NAME,

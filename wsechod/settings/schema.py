@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from wsechod import origins
+from wsechod.http import origins
 from wsechod.settings import values
 
 ENV_PREFIX = "WSECHOD_"

@@ -7,9 +7,6 @@ open-files limit, pidfiles, logging handlers, reading ``/etc/wsechod`` and ``WSE
 is none of an embedded server's business: it listens, serves, and drains when the
 program says so. Settings are keyword arguments named like the config file's keys and
 checked like its values; a file and the environment are read only when asked for.
-
-``run`` is also the command's path (``wsechod.process.runner``): a new uvloop loop, the
-``Lifecycle``, ``serve`` until stopped, leftover tasks ended, the loop closed.
 """
 
 from __future__ import annotations
@@ -19,21 +16,16 @@ import contextlib
 import os
 import socket
 import threading
-import traceback
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
-from contextlib import AbstractContextManager
-from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-import uvloop
-
-from wsechod import listeners, ratelimit
-from wsechod.engine import Listener
 from wsechod.engine.addresses import format_address
-from wsechod.lifecycle import DrainReport, Lifecycle, drain_bound, serve
-from wsechod.listeners import BindError
 from wsechod.log import get_logger
+from wsechod.runtime import listeners
+from wsechod.runtime.lifecycle import DrainReport, Lifecycle, drain_bound, serve
+from wsechod.runtime.listeners import BindError
+from wsechod.runtime.run import FINISH_TIMEOUT, run
 from wsechod.settings import CONFIG_ENV, Loaded, Settings, SettingsError, load
 
 __all__ = [
@@ -42,15 +34,12 @@ __all__ = [
     "Server",
     "SettingsError",
     "ThreadedServer",
-    "run",
     "running",
     "serve_in_thread",
 ]
 
 log = get_logger("wsechod")
-failures = ratelimit.logger("wsechod")
 
-FINISH_TIMEOUT = 1.0  # seconds for leftover tasks to end once the drain is over
 STOP_REASON = "stop()"  # the "stop requested" event's reason when the program stops it
 
 # Keys only a process that owns itself uses. Given as arguments they are an error (they
@@ -68,78 +57,6 @@ PROCESS_KEYS = {
     "log_file": _LOGGING,
     "syslog_socket": _LOGGING,
 }
-
-
-# --- the shared path ---------------------------------------------------------------------
-
-
-def run(
-    settings: Settings,
-    listeners: list[Listener],
-    *,
-    handoff: bool = False,
-    attach: Callable[[Lifecycle], AbstractContextManager[Callable[[], None] | None]] | None = None,
-) -> DrainReport:
-    """Serve ``settings`` on ``listeners`` on a new uvloop loop in this thread until the
-    lifecycle is stopped; then drain, end what is left and close the loop.
-
-    ``attach(life)`` is entered as soon as the lifecycle exists and left after the drain:
-    the command captures its signals and talks to systemd there, a thread hands the
-    lifecycle to whoever will stop it. What it returns on entry, if not None, is called
-    once the server listens.
-    """
-    loop = uvloop.new_event_loop()
-    loop.set_exception_handler(_callback_failed)
-    try:
-        report = loop.run_until_complete(_serve(settings, listeners, handoff, attach))
-        finish(loop)
-    finally:
-        loop.close()
-    return report
-
-
-def _callback_failed(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
-    """A callback on our loop raised (an application's timer, a broker's wake-up): a bug,
-    but one a client may trigger over and over, so rate-limited like the engine's own
-    failures; asyncio's default handler would log every occurrence."""
-    exc = context.get("exception")
-    if exc is None:
-        reason = "no exception"
-    else:  # not the message: it names the callback's object, a new one each time
-        where = traceback.extract_tb(exc.__traceback__)[-1:]
-        at = f" at {Path(where[0].filename).name}:{where[0].lineno}" if where else ""
-        reason = f"{type(exc).__name__}{at}"
-    failures.error(
-        "callback failed",
-        reason=reason,
-        error=str(context.get("message", ""))[:200],
-        exc_info=(type(exc), exc, exc.__traceback__) if exc is not None else None,
-    )
-
-
-async def _serve(
-    settings: Settings,
-    listeners: list[Listener],
-    handoff: bool,
-    attach: Callable[[Lifecycle], AbstractContextManager[Callable[[], None] | None]] | None,
-) -> DrainReport:
-    life = Lifecycle(settings)
-    with contextlib.nullcontext() if attach is None else attach(life) as ready:
-        return await serve(listeners, life, handoff=handoff, ready=ready)
-
-
-def finish(loop: asyncio.AbstractEventLoop) -> None:
-    """Cancel what is left, but wait for it only so long: asyncio.Runner would wait forever
-    for a library task that does not end when cancelled (seen: a redis-py write to a busy
-    Redis), and a server that was told to stop must stop."""
-    left = asyncio.all_tasks(loop)
-    for task in left:
-        task.cancel()
-    if left:
-        _, stuck = loop.run_until_complete(asyncio.wait(left, timeout=FINISH_TIMEOUT))
-        for task in stuck:
-            log.warning("task did not stop; exiting anyway", task=task.get_name())
-    loop.run_until_complete(loop.shutdown_asyncgens())
 
 
 # --- settings and sockets ----------------------------------------------------------------

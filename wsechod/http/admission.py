@@ -13,11 +13,12 @@ import http
 from collections.abc import Callable, Sized
 from typing import Protocol
 
-from wsechod import origins, ratelimit
+from wsechod import ratelimit
 from wsechod.engine import Application, Reply, Request
+from wsechod.http import origins
 from wsechod.settings import Settings
 
-warn = ratelimit.logger("wsechod.admission")
+warn = ratelimit.logger("wsechod.http.admission")
 
 ALLOW = {"Allow": "GET, HEAD"}
 OPS_ROUTES = ("/healthz", "/metrics")  # the ops role's

@@ -23,7 +23,7 @@ from prometheus_client import CollectorRegistry, ProcessCollector, generate_late
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from wsechod import __version__
+from wsechod._version import __version__
 from wsechod.apps.relay import Relay
 from wsechod.engine import Application, Engine, Reply
 

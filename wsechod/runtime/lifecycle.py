@@ -23,13 +23,14 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from wsechod import brokers, memory, metrics, ratelimit, shared, tls
-from wsechod.admission import admission
+from wsechod import brokers, ratelimit, shared
 from wsechod.apps.echo import Echo
 from wsechod.apps.relay import Relay
 from wsechod.engine import Application, Engine, Listener, Options, Reply, Request
 from wsechod.engine.frames import GOING_AWAY
+from wsechod.http.admission import admission
 from wsechod.log import get_logger
+from wsechod.runtime import memory, metrics, tls
 from wsechod.settings import RESTART_KEYS, Settings, changes
 
 log = get_logger("wsechod")
