@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 from websockets.frames import Frame, Opcode
 
 from tests.test_engine_units import Transport
-from wsechod.engine import Connection, Engine, Options
+from wsechod.engine import Connection, Engine, Family, Figures, Options
 from wsechod.engine.connection import WebSocket
 from wsechod.engine.frames import valid_peer_code
 
@@ -59,6 +59,12 @@ class Recorder:
 
     def degraded(self) -> str | None:
         return None
+
+    def families(self) -> tuple[Family, ...]:
+        return ()
+
+    def figures(self) -> Figures:
+        return Figures()
 
     def messages(self) -> list[tuple[bytes, bool]]:
         """The whole messages, put together from their frames."""

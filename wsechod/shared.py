@@ -202,7 +202,7 @@ class Worker:
         self.publish()
         self._ring()
 
-    def leaving(self) -> bool:
+    def recycling(self) -> bool:
         """This worker starts its drain. True if it leaves alone: the main process says
         (now, in the daemon's slot) that it does not stop and would start another in this
         one's place at once; then this one must stop accepting, so that newcomers wait in
@@ -380,7 +380,9 @@ class Totals:
                 if entry.state >= DRAINING and not self.stopping:
                     # A worker recycled closes its broker: not the daemon's trouble.
                     snap.degraded = None
-                    snap.gauges.pop("broker_connected", None)
+                    for family in snap.families:  # states, such as "connected"
+                        if family.merge == "min":
+                            snap.gauges.pop(family.name, None)
                 snaps.append(snap)
         self.total = metrics.merge(snaps)
         self.total.gauges["draining"] = int(self.stopping)  # not a worker that drains alone

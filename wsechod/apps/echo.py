@@ -4,7 +4,7 @@ Frames are echoed one by one, so a message of any number of fragments costs one 
 memory; the engine stops reading from a client whose echoes it does not read.
 """
 
-from wsechod.engine.interface import Connection, Reply
+from wsechod.engine.interface import Connection, Family, Figures, Reply
 
 
 class Echo:
@@ -28,3 +28,9 @@ class Echo:
 
     def degraded(self) -> str | None:
         return None
+
+    def families(self) -> tuple[Family, ...]:
+        return ()
+
+    def figures(self) -> Figures:
+        return Figures()

@@ -37,7 +37,7 @@ from typing import Any
 from wsechod import ratelimit
 from wsechod.apps import channels
 from wsechod.brokers.base import Broker
-from wsechod.engine import Connection, Prepared, Reply, prepare
+from wsechod.engine import Connection, Family, Figures, Prepared, Reply, prepare
 from wsechod.engine.frames import POLICY_VIOLATION
 from wsechod.log import get_logger
 
@@ -47,6 +47,42 @@ warn = ratelimit.logger("wsechod.relay")
 # RFC 3986 path characters: anything else in a channel name is refused with 400.
 _PATH = re.compile(r"/[A-Za-z0-9._~!$&'()*+,;=:@%/-]*")
 SLOW_REASON = "slow consumer"
+BROKER_OUTCOMES = ("published", "delivered", "lost", "unconfirmed", "failed", "malformed")
+FAMILIES = (
+    Family("relay_channels", "gauge", "relay channels now"),
+    Family("relay_members", "gauge", "clients on relay channels now"),
+    Family(
+        "relay_dropped_messages",
+        "counter",
+        "messages not sent to slow consumers (slow_consumer = drop)",
+    ),
+    Family(
+        "relay_slow_consumers",
+        "counter",
+        "receivers found slow, by what was done: drop (their messages) or close (1008)",
+        labels=("action",),
+    ),
+    Family(
+        "relay_remote_messages",
+        "counter",
+        "messages from other instances (the broker) relayed to local members",
+    ),
+    Family(
+        "broker_connected",
+        "gauge",
+        "1 while the broker relays between instances, 0 while degraded (see /healthz)",
+        merge="min",
+    ),
+    Family(
+        "broker_messages",
+        "counter",
+        "messages between instances by outcome: published (answered by Redis), delivered "
+        "(from other instances), lost (never sent), unconfirmed (sent, not answered), "
+        "failed (refused by Redis), malformed (not wsechod's), too_big (over max_size)",
+        labels=("outcome",),
+    ),
+    Family("broker_reconnects", "counter", "sessions with the broker after the first"),
+)
 RESERVED = frozenset(("/healthz", "/metrics"))  # the ops role's paths
 LEAK = 0.1  # share of the time a receiver may alone hold its channel back, indefinitely
 POLICIES = ("drop", "close")
@@ -182,6 +218,29 @@ class Relay:
 
     def degraded(self) -> str | None:
         return self.broker.degraded()
+
+    def families(self) -> tuple[Family, ...]:
+        return FAMILIES
+
+    def figures(self) -> Figures:
+        stats, broker = self.stats, self.broker.stats()
+        connected = int(self.broker.degraded() is None)
+        gauges: dict[str, float] = {
+            "relay_channels": len(self.channels),
+            "relay_members": sum(len(c.members) for c in self.channels.values()),
+            "broker_connected": connected,
+        }
+        counters = {
+            "relay_dropped_messages": stats["dropped"],
+            "relay_slow_consumers/drop": stats["slow_dropping"],
+            "relay_slow_consumers/close": stats["slow_closed"],
+            "relay_remote_messages": stats["remote"],
+            "broker_messages/too_big": stats["remote_too_big"],
+            "broker_reconnects": broker.get("reconnects", 0),
+        }
+        for outcome in BROKER_OUTCOMES:
+            counters[f"broker_messages/{outcome}"] = broker.get(outcome, 0)
+        return Figures(gauges, counters)
 
     # --- membership ------------------------------------------------------------------
 

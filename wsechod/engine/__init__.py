@@ -5,6 +5,8 @@ from wsechod.engine.frames import OP_BINARY, OP_TEXT, frame
 from wsechod.engine.interface import (
     Application,
     Connection,
+    Family,
+    Figures,
     Listener,
     Prepared,
     Reply,
@@ -16,6 +18,8 @@ __all__ = [
     "Application",
     "Connection",
     "Engine",
+    "Family",
+    "Figures",
     "Listener",
     "Options",
     "Prepared",

@@ -12,6 +12,29 @@ from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Protocol
 
 
+@dataclass(frozen=True, slots=True)
+class Family:
+    """A metric an application exports (``/metrics`` renders it as ``wsechod_<name>``): a
+    ``counter`` or a ``gauge``; with ``labels``, its samples are the figures keyed
+    ``name/label/...``. ``merge``: how the figures of several workers add up (``sum``; a
+    state such as "connected" is ``min``)."""
+
+    name: str
+    kind: str
+    doc: str
+    labels: tuple[str, ...] = ()
+    merge: str = "sum"
+
+
+@dataclass(slots=True)
+class Figures:
+    """An application's figures now: plain numbers keyed as its families say, and what
+    it reports missing (``/healthz``'s "degraded: ..."), if anything."""
+
+    gauges: dict[str, float] = field(default_factory=dict)
+    counters: dict[str, int] = field(default_factory=dict)
+
+
 class Listener(NamedTuple):
     """A listening socket and the roles it serves (``public``: WebSocket clients; ``ops``:
     health and metrics; ``api``: the HTTP API), which admission reads from the request."""
@@ -138,3 +161,10 @@ class Application(Protocol):
 
     def degraded(self) -> str | None:
         """Why the application works only partly (``/healthz`` shows it), or None."""
+
+    def families(self) -> tuple[Family, ...]:
+        """The metrics it exports (the same for every instance of the application)."""
+
+    def figures(self) -> Figures:
+        """Its figures now, read at scrape time: nothing is counted for metrics per
+        message."""

@@ -169,7 +169,7 @@ def _process(
     """Around the serving (``runtime.run.run``'s ``attach``): the signals, systemd, and the
     daemon's parent waiting for ``on_ready``; a worker shares its figures."""
     loop = asyncio.get_running_loop()
-    life.shared, life.tls = worker, tls
+    life.worker, life.tls = worker, tls
     notifier = systemd.Notifier()
     reporter: asyncio.Task[None] | None = None
     extender: asyncio.Task[None] | None = None

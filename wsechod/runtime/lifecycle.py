@@ -21,9 +21,9 @@ import ssl
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
-from wsechod import brokers, ratelimit, shared
+from wsechod import brokers, ratelimit
 from wsechod.apps.echo import Echo
 from wsechod.apps.relay import Relay
 from wsechod.engine import Application, Engine, Listener, Options, Reply, Request
@@ -57,6 +57,29 @@ class DrainReport:
     duration: float
 
 
+class Worker(Protocol):
+    """This process as one worker of several (``wsechod.process.workers``): what the
+    lifecycle asks of the scoreboard they share. The supervisor's side hands it in; a single
+    or embedded server has none. (A protocol, so that nothing here imports the process
+    part.)"""
+
+    def attach(self, engine: Engine, app: Application) -> None:
+        """Serving: publish this worker's figures from now on."""
+
+    def recycling(self) -> bool:
+        """Starting to drain: whether this worker is recycled alone (it then stops
+        accepting, for the one started in its place)."""
+
+    def page(self) -> Reply:
+        """The whole daemon's /metrics page."""
+
+    def degraded(self, app: Application) -> str | None:
+        """What /healthz reports missing, for the whole daemon."""
+
+    def daemon_draining(self) -> bool:
+        """Whether the daemon stops (not this worker alone)."""
+
+
 class Lifecycle:
     """The stop future, and a second one that cuts the drain short ("stop now")."""
 
@@ -69,7 +92,7 @@ class Lifecycle:
         self.app: Application | None = None
         self.handoff = False  # the sockets belong to systemd: stop accepting at once
         # One of several workers: /metrics and /healthz answer for the whole daemon.
-        self.shared: shared.Worker | None = None
+        self.worker: Worker | None = None
         self.tls: ssl.SSLContext | None = None  # a certificate loaded already, to serve with
 
     def request_stop(self, reason: str) -> None:
@@ -120,8 +143,8 @@ class Lifecycle:
         alone, for the worker started in its place."""
         if self.engine is not None:
             self.engine.draining = True
-            alone = self.shared is not None and self.shared.leaving()
-            if self.handoff or alone:
+            recycled = self.worker is not None and self.worker.recycling()
+            if self.handoff or recycled:
                 self.engine.stop_accepting()
 
     def status(self) -> str:
@@ -238,8 +261,8 @@ async def serve(
         engine.set_admission(_admission(engine, app, life))
         await engine.listen(listeners)
         life.attach(engine, app, handoff)
-        if life.shared is not None:
-            life.shared.attach(engine, app)
+        if life.worker is not None:
+            life.worker.attach(engine, app)
         # tls: which of the addresses speak TLS (wss://, https://); all of them or none.
         tls = engine.addresses if engine_options.tls is not None else []
         log.info(
@@ -309,7 +332,7 @@ def _admission(
 ) -> Callable[[Request], Reply | None]:
     """What a request gets before the upgrade; a worker answers /metrics and /healthz for
     the whole daemon."""
-    worker = life.shared
+    worker = life.worker
     if worker is None:
         return admission(engine, app, lambda: life.settings, metrics=metrics.exporter(engine, app))
     return admission(

@@ -24,13 +24,18 @@ from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamil
 from prometheus_client.registry import Collector
 
 from wsechod._version import __version__
-from wsechod.apps.relay import Relay
-from wsechod.engine import Application, Engine, Reply
+from wsechod.engine import Application, Engine, Family, Reply
 
 # The classic text format (what generate_latest writes); every Prometheus reads it.
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
-BROKER_OUTCOMES = ("published", "delivered", "lost", "unconfirmed", "failed", "malformed")
-SLOW_ACTIONS = {"drop": "slow_dropping", "close": "slow_closed"}
+
+
+def _sum(a: float, b: float) -> float:
+    return a + b
+
+
+# How workers' gauges add up (Family.merge).
+MERGES: dict[str, Callable[[float, float], float]] = {"sum": _sum, "min": min, "max": max}
 # A page costs the server about 2 ms, plus 1.5 ms per 1000 open connections (sums over
 # them, and the process collector lists the open file descriptors), and anyone who can
 # connect can ask for it: it is rendered at most this often, and served as it is meanwhile.
@@ -76,8 +81,8 @@ class Snapshot:
 
     gauges: dict[str, float] = field(default_factory=dict)
     counters: dict[str, int] = field(default_factory=dict)
-    relay: bool = False
-    degraded: str | None = None  # why the broker does not relay between instances
+    families: tuple[Family, ...] = ()  # the application's, which its figures are keyed by
+    degraded: str | None = None  # what the application reports missing
 
     def to_json(self) -> bytes:
         return json.dumps(dataclasses.asdict(self), separators=(",", ":")).encode()
@@ -85,24 +90,28 @@ class Snapshot:
     @classmethod
     def from_json(cls, data: bytes) -> "Snapshot":
         raw = json.loads(data)
-        return cls(raw["gauges"], raw["counters"], bool(raw["relay"]), raw["degraded"])
+        gauges, counters = raw["gauges"], raw["counters"]
+        families = tuple(
+            Family(f["name"], f["kind"], f["doc"], tuple(f["labels"]), f["merge"])
+            for f in raw["families"]
+        )
+        return cls(gauges, counters, families, raw["degraded"])
 
 
 def merge(snapshots: Iterable[Snapshot]) -> Snapshot:
-    """The sum of several processes' snapshots: a stop has begun if any has begun it; the
-    broker is connected if every worker's is."""
+    """The sum of several processes' snapshots: a stop has begun if any has begun it; an
+    application's gauge adds up as its family says (a broker is connected if every
+    worker's is)."""
     total = Snapshot()
     gauges, counters = total.gauges, collections.Counter[str]()
     for snap in snapshots:
+        total.families = total.families or snap.families
+        merging: dict[str, Callable[[float, float], float]] = {"draining": max}
+        merging |= {f.name: MERGES[f.merge] for f in snap.families if f.kind == "gauge"}
         for key, value in snap.gauges.items():
-            if key == "draining":
-                gauges[key] = max(gauges.get(key, 0), value)
-            elif key == "broker_connected":
-                gauges[key] = min(gauges.get(key, 1), value)
-            else:
-                gauges[key] = gauges.get(key, 0) + value
+            add = merging.get(key, _sum)
+            gauges[key] = add(gauges[key], value) if key in gauges else value
         counters.update(snap.counters)
-        total.relay = total.relay or snap.relay
         total.degraded = total.degraded or snap.degraded
     total.counters = dict(counters)
     return total
@@ -136,24 +145,10 @@ def snapshot(engine: Engine, app: Application) -> Snapshot:
             counters[f"{family}/{label}"] = value
     for labels, value in engine.closes.items():
         counters["closes/" + "/".join(labels)] = value
-    snap = Snapshot(gauges, counters)
-    if isinstance(app, Relay):
-        snap.relay = True
-        gauges["relay_channels"] = len(app.channels)
-        gauges["relay_members"] = sum(len(c.members) for c in app.channels.values())
-        counters["relay_dropped"] = app.stats["dropped"]
-        for action, key in SLOW_ACTIONS.items():
-            counters[f"slow/{action}"] = app.stats[key]
-        counters["relay_remote"] = app.stats["remote"]
-        broker = app.broker
-        snap.degraded = broker.degraded()
-        gauges["broker_connected"] = int(snap.degraded is None)
-        counts = broker.stats()
-        for outcome in BROKER_OUTCOMES:
-            counters[f"broker/{outcome}"] = counts.get(outcome, 0)
-        counters["broker/too_big"] = app.stats["remote_too_big"]
-        counters["broker_reconnects"] = counts.get("reconnects", 0)
-    return snap
+    figures = app.figures()  # the application's own, named as its families say
+    gauges |= figures.gauges
+    counters |= figures.counters
+    return Snapshot(gauges, counters, app.families(), app.degraded())
 
 
 def _labelled(counters: Mapping[str, int], family: str) -> dict[tuple[str, ...], int]:
@@ -242,56 +237,24 @@ def families(snap: Snapshot) -> Iterable[Metric]:
         ["code"],
         _labelled(counters, "failed"),
     )
-    if snap.relay:
-        yield from _relay(snap)
+    yield from application_families(snap)
 
 
-def _relay(snap: Snapshot) -> Iterable[Metric]:
-    gauges, counters = snap.gauges, snap.counters
-    yield GaugeMetricFamily(
-        "wsechod_relay_channels", "relay channels now", gauges.get("relay_channels", 0)
-    )
-    yield GaugeMetricFamily(
-        "wsechod_relay_members", "clients on relay channels now", gauges.get("relay_members", 0)
-    )
-    yield CounterMetricFamily(
-        "wsechod_relay_dropped_messages",
-        "messages not sent to slow consumers (slow_consumer = drop)",
-        value=counters.get("relay_dropped", 0),
-    )
-    yield counter(
-        "wsechod_relay_slow_consumers",
-        "receivers found slow, by what was done: drop (their messages) or close (1008)",
-        ["action"],
-        _labelled(counters, "slow"),
-    )
-    yield CounterMetricFamily(
-        "wsechod_relay_remote_messages",
-        "messages from other instances (the broker) relayed to local members",
-        value=counters.get("relay_remote", 0),
-    )
-    yield GaugeMetricFamily(
-        "wsechod_broker_connected",
-        "1 while the broker relays between instances, 0 while degraded (see /healthz)",
-        value=gauges.get("broker_connected", 1),
-    )
-    yield counter(
-        "wsechod_broker_messages",
-        "messages between instances by outcome: published (answered by Redis), delivered "
-        "(from other instances), lost (never sent), unconfirmed (sent, not answered), "
-        "failed (refused by Redis), malformed (not wsechod's), too_big (over max_size)",
-        ["outcome"],
-        _labelled(counters, "broker"),
-    )
-    yield CounterMetricFamily(
-        "wsechod_broker_reconnects",
-        "sessions with the broker after the first",
-        value=counters.get("broker_reconnects", 0),
-    )
+def application_families(snap: Snapshot) -> Iterable[Metric]:
+    """The application's own families (the relay's and its broker's), as it describes
+    them: metrics knows no application. (Labelled families are counters.)"""
+    for family in snap.families:
+        name, doc = f"wsechod_{family.name}", family.doc
+        if family.labels:
+            yield counter(name, doc, list(family.labels), _labelled(snap.counters, family.name))
+        elif family.kind == "counter":
+            yield CounterMetricFamily(name, doc, value=snap.counters.get(family.name, 0))
+        else:
+            yield GaugeMetricFamily(name, doc, value=snap.gauges.get(family.name, 0))
 
 
 class WsechodCollector(Collector):
-    """Reads the engine's, the relay's and the broker's counters at scrape time."""
+    """Reads the engine's and the application's counters at scrape time."""
 
     def __init__(self, engine: Engine, app: Application) -> None:
         self.engine = engine
