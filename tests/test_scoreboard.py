@@ -1,13 +1,14 @@
-"""The workers' shared block (wsechod/shared.py): each slot is a seqlock with a CRC, so a
-reader never takes a half-written slot, whoever writes it and whenever it is read, and a
-writer killed in the middle of a write leaves a slot that is skipped until written again."""
+"""The workers' scoreboard (wsechod/process/workers/scoreboard.py): each slot is a seqlock
+with a CRC, so a reader never takes a half-written slot, whoever writes it and whenever it
+is read, and a writer killed in the middle of a write leaves a slot that is skipped until
+written again."""
 
 import os
 import struct
 
 import pytest
 
-from wsechod.shared import HEADER_BYTES, Board
+from wsechod.process.workers.scoreboard import HEADER_BYTES, Scoreboard
 
 pytestmark = pytest.mark.unit  # in-process: make check runs it
 
@@ -16,7 +17,7 @@ _SEQ = struct.Struct("<Q")
 
 
 def test_a_slot_reads_back_what_was_written() -> None:
-    board = Board(2)
+    board = Scoreboard(2)
     assert board.write(SLOT, b"figures", gen=3, pid=42, state=1)
     entry = board.read(SLOT)
     assert entry is not None
@@ -26,7 +27,7 @@ def test_a_slot_reads_back_what_was_written() -> None:
 
 def test_a_write_cut_in_the_middle_is_skipped_until_the_next() -> None:
     """A writer killed mid-write leaves the sequence odd: readers skip the slot."""
-    board = Board(1)
+    board = Scoreboard(1)
     board.write(SLOT, b"before")
     seq = board.seq(SLOT)
     _SEQ.pack_into(board._map, 0, seq + 1)  # what a writer leaves after its first store
@@ -37,14 +38,14 @@ def test_a_write_cut_in_the_middle_is_skipped_until_the_next() -> None:
 
 
 def test_a_body_that_does_not_match_its_crc_is_not_taken() -> None:
-    board = Board(1)
+    board = Scoreboard(1)
     board.write(SLOT, b"figures")
     board._map[HEADER_BYTES] ^= 0xFF  # a byte of the body, changed behind the seqlock
     assert board.read(SLOT) is None
 
 
 def test_a_body_too_big_for_its_slot_is_refused_whole() -> None:
-    board = Board(1)
+    board = Scoreboard(1)
     board.write(SLOT, b"kept")
     assert not board.write(SLOT, bytes(10**7))
     entry = board.read(SLOT)
@@ -54,7 +55,7 @@ def test_a_body_too_big_for_its_slot_is_refused_whole() -> None:
 def test_a_reader_never_takes_a_torn_slot_while_another_process_writes() -> None:
     """A forked writer rewrites the slot as fast as it can, each body a different length
     of one repeated byte; every read is either None (being written) or one whole body."""
-    board = Board(1)
+    board = Scoreboard(1)
     board.write(SLOT, b"\0")
     writes = 20_000
     pid = os.fork()

@@ -1,5 +1,5 @@
 """A dead worker's share of new connections: steered to the workers that accept
-(``wsechod.process.steering``), from the program's own logic to the real daemon with a
+(``wsechod.process.workers.steering``), from the program's own logic to the real daemon with a
 worker held in its restart backoff."""
 
 import asyncio
@@ -18,9 +18,9 @@ from websockets.sync.client import connect
 
 from tests.conftest import Daemon
 from tests.test_workers import pids, served_by, start_workers
-from wsechod.process import steering
-from wsechod.process.steering import Instruction, program
-from wsechod.process.supervisor import BACKOFF_FIRST
+from wsechod.process.workers import steering
+from wsechod.process.workers.restarts import BACKOFF_FIRST
+from wsechod.process.workers.steering import Instruction, program
 from wsechod.settings import MAX_WORKERS
 
 

@@ -40,8 +40,14 @@ from tests.test_systemd import (
 from tests.test_tls import issue, trusting
 from wsechod import ratelimit
 from wsechod.log import fields, get_logger
-from wsechod.process.supervisor import BACKOFF_FIRST, BACKOFF_MAX, BACKOFF_RESET, backoff
-from wsechod.shared import LISTENING, PUBLISH_INTERVAL, RENDER_INTERVAL, Board, Totals
+from wsechod.process.workers.restarts import BACKOFF_FIRST, BACKOFF_MAX, BACKOFF_RESET, backoff
+from wsechod.process.workers.scoreboard import (
+    LISTENING,
+    PUBLISH_INTERVAL,
+    RENDER_INTERVAL,
+    Scoreboard,
+)
+from wsechod.process.workers.totals import Totals
 
 __all__ = ["make_redis", "redis_server"]  # fixtures, used by name
 
@@ -491,7 +497,7 @@ def test_figures_that_do_not_parse_are_an_error_rate_limited(
     the traceback at once, then one line per interval with the count, from the main
     process's loop (it has no event loop to time it)."""
     caplog.set_level(logging.INFO, logger="wsechod")
-    board = Board(1)
+    board = Scoreboard(1)
     warn = ratelimit.RateLimitedLog(get_logger("wsechod"), interval=0.05, polled=True)
     totals = Totals(board, os.getpid(), warn)
     board.write(board.slot_of(0, 1), b'{"counters": {}}', gen=1, pid=4242, state=LISTENING)
@@ -523,7 +529,7 @@ def test_figures_that_do_not_parse_are_an_error_rate_limited(
     assert warn.due() is None
 
     board.write(board.slot_of(0, 1), b'{"gauges": {', gen=1, pid=4242, state=LISTENING)
-    totals.fold(0, 1, 0.0)  # another reason: at once
+    totals.retire(0, 1, 0.0)  # another reason: at once
     assert said()[2]["reason"] == "its counts are lost"
     assert said()[2]["error"].startswith("JSONDecodeError: ")
 

@@ -25,12 +25,12 @@ from wsechod.process import (
     privileges,
     runner,
     samples,
-    supervisor,
     systemd,
 )
 from wsechod.process.logs import LogError
 from wsechod.process.pidfile import PidFile, PidFileError
 from wsechod.process.privileges import Identity
+from wsechod.process.workers import supervisor
 from wsechod.runtime import listeners
 from wsechod.runtime.tls import TlsError
 from wsechod.settings import (

@@ -19,6 +19,7 @@ from wsechod._version import __version__
 from wsechod.engine import Listener
 from wsechod.log import get_logger
 from wsechod.process import logs, systemd
+from wsechod.process.workers.worker import Worker
 from wsechod.runtime.lifecycle import (
     RELOAD_SIGNALS,
     STOP_SIGNALS,
@@ -28,7 +29,6 @@ from wsechod.runtime.lifecycle import (
 )
 from wsechod.runtime.run import run as run_server
 from wsechod.settings import Loaded, Settings, SettingsError, shown
-from wsechod.shared import Worker
 
 log = get_logger("wsechod")
 
@@ -234,7 +234,7 @@ def run(
     ``handoff``: the sockets came from systemd socket activation; ``reread``: loads the
     settings again from the same sources, for a reload (a worker's gives those its main
     process read, or None: nothing to apply); ``worker``: this process is one of
-    several workers (``process.supervisor``), sharing its figures through it; ``tls``:
+    several workers (``process.workers``), sharing its figures through it; ``tls``:
     the certificate to serve with (the supervisor's) rather than the files read again.
     """
     log.info("starting", version=__version__, pid=os.getpid())

@@ -17,7 +17,7 @@ of the shared page, a restart, a notification to systemd). It
   and exits 0 once the last worker has;
 - owns the pidfile, sd_notify (READY=1 once every worker listens, STATUS, STOPPING,
   WATCHDOG) and the daemon's readiness;
-- renders the whole daemon's ``/metrics`` page and health (``wsechod.shared``).
+- renders the whole daemon's ``/metrics`` page and health (``scoreboard``, ``totals``).
 
 A worker asks to be sent SIGTERM when the main process dies (PR_SET_PDEATHSIG), checks
 that its parent is still the one that forked it, and checks again every second; it then
@@ -26,77 +26,45 @@ Ctrl-C reaches the main process only and each worker hears one stop, forwarded.
 """
 
 import contextlib
-import ctypes
 import dataclasses
-import logging
 import os
 import signal
 import ssl
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import NoReturn
 
 from wsechod import ratelimit
 from wsechod._version import __version__
 from wsechod.engine.addresses import format_address
 from wsechod.log import get_logger
-from wsechod.process import fds, logs, runner, steering, systemd
-from wsechod.runtime import lifecycle, listeners, tls
-from wsechod.settings import Loaded, Settings, SettingsError
-from wsechod.shared import (
-    DOORBELL,
+from wsechod.process import logs, runner, systemd
+from wsechod.process.workers import child, signals, steering
+from wsechod.process.workers.restarts import BACKOFF_MAX, Slot, backoff
+from wsechod.process.workers.scoreboard import (
     DRAINING,
-    LEAVING,
-    LEFT,
     LISTENING,
+    LOOK,
     PUBLISH_INTERVAL,
+    RECYCLED,
+    RECYCLING,
     RENDER_INTERVAL,
     STOPPED,
-    Board,
-    Totals,
-    Worker,
+    Scoreboard,
 )
+from wsechod.process.workers.totals import Totals
+from wsechod.runtime import lifecycle, listeners, tls
+from wsechod.settings import Loaded, Settings, SettingsError
 
 log = get_logger("wsechod")
 
-BACKOFF_FIRST = 0.1  # seconds before a worker that exited is started again...
-BACKOFF_MAX = 10.0  # ...doubling each time it exits again, up to this
-BACKOFF_RESET = 10.0  # a worker that lived this long starts the next one from the first
-ALARM = signal.SIGALRM  # the loop's timer: the next thing due
-SIGNALS = {*runner.HANDLED_SIGNALS, signal.SIGCHLD, DOORBELL, ALARM}
 # A worker whose figures have not been refreshed for this long (and for at least the
 # systemd watchdog's interval) has a wedged loop: it is killed and replaced. Without the
 # systemd watchdog, nothing watches for that, as with one process.
 STALL_MIN = 3 * PUBLISH_INTERVAL
-PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
 class WorkerError(Exception):
     """A worker could not start; the message is one line for the operator."""
-
-
-def backoff(current: float, lived: float) -> tuple[float, float]:
-    """(delay before starting again a worker that lived ``lived`` seconds, the delay after
-    that): doubling from BACKOFF_FIRST to BACKOFF_MAX, from the first again once a worker
-    lived BACKOFF_RESET."""
-    if lived >= BACKOFF_RESET:
-        current = BACKOFF_FIRST
-    return current, min(2 * current, BACKOFF_MAX)
-
-
-@dataclass(slots=True)
-class _Slot:
-    """One worker's place: the process in it now, and its restart schedule."""
-
-    index: int
-    gen: int = 0  # starts so far; the board tells one start's figures from another's
-    pid: int | None = None
-    started: float = 0.0
-    listening: bool = False  # this start has listened (and counts as running)
-    leaving: tuple[int, int] | None = None  # (pid, gen) of the start draining alone
-    backoff: float = BACKOFF_FIRST
-    due: float | None = None  # when to start it again
 
 
 def run(
@@ -127,13 +95,13 @@ class Supervisor:
         self.reread = reread
         self.count = settings.workers
         self.pid = os.getpid()
-        self.board = Board(self.count)
+        self.scoreboard = Scoreboard(self.count)
         # Warnings that may repeat (exits, unreadable figures): this process has no event
         # loop to time what they hold back, its own loop does (see _next_due).
         self.warn = ratelimit.RateLimitedLog(log, polled=True)
-        self.totals = Totals(self.board, self.pid, self.warn)
-        self.totals.alone = self._alone
-        self.slots = [_Slot(i) for i in range(self.count)]
+        self.totals = Totals(self.scoreboard, self.pid, self.warn)
+        self.totals.recyclable = self._recyclable
+        self.slots = [Slot(i) for i in range(self.count)]
         self.notifier = systemd.Notifier()
         self.stops = 0
         self.stopped_at = 0.0
@@ -163,7 +131,7 @@ class Supervisor:
         self.tls = lifecycle.tls_context(self.settings)
         # An inherited "ignore SIGCHLD" would have the kernel reap the workers unseen.
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-        self.mask = signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
+        self.mask = signal.pthread_sigmask(signal.SIG_BLOCK, signals.SIGNALS)
         try:
             stops, reloads = runner.take_early_signals()
             self.totals.render()
@@ -174,8 +142,8 @@ class Supervisor:
             for name in reloads:  # and reload once up
                 self._reload(signal.Signals[name])
             self.due["render"] = time.monotonic() + RENDER_INTERVAL
-            while self.stops == 0 or any(s.pid or s.leaving for s in self.slots):
-                signum = _wait(max(0.0, min(self._next_due()) - time.monotonic()))
+            while self.stops == 0 or any(s.pid or s.recycled for s in self.slots):
+                signum = signals.wait(max(0.0, min(self._next_due()) - time.monotonic()))
                 if signum is not None:
                     self._signal(signum)
                 self._run_due()
@@ -214,7 +182,7 @@ class Supervisor:
         name = signal.Signals(signum).name
         if signum == signal.SIGCHLD:
             self._reap()
-        elif signum == DOORBELL:
+        elif signum == LOOK:
             self._look()
         elif signum in lifecycle.STOP_SIGNALS:
             self._stop(name)
@@ -223,7 +191,7 @@ class Supervisor:
 
     def _steer(self) -> None:
         """New connections to the workers that accept now, at once when that changes (an
-        exit reaped, a doorbell, a recycle; a drain seen at a render): ``steering``. Not
+        exit reaped, a look signal, a recycle; a drain seen at a render): ``steering``. Not
         while the daemon starts (a worker that exits then fails the start) or stops."""
         if self.stops or not self.ready or self.steering is None:
             return
@@ -240,17 +208,17 @@ class Supervisor:
         if changed:
             log.info("new connections steered", workers=list(self.steering.live))
 
-    def _accepting(self, slot: _Slot) -> bool:
+    def _accepting(self, slot: Slot) -> bool:
         """The worker in ``slot`` listens and does not drain."""
         if slot.pid is None or not slot.listening:
             return False
-        entry = self.board.read(self.board.slot_of(slot.index, slot.gen))
+        entry = self.scoreboard.read(self.scoreboard.slot_of(slot.index, slot.gen))
         return entry is None or entry.gen != slot.gen or entry.state == LISTENING
 
     # --- timers ---------------------------------------------------------------------------
 
     def _render(self) -> None:
-        """The shared page and health; a look at the board (a doorbell may have been
+        """The shared page and health; a look at the scoreboard (a look signal may have been
         missed: a worker preempted while writing its slot); a worker that stopped
         refreshing its figures has a wedged loop: kill it (it is replaced)."""
         self.due["render"] = time.monotonic() + RENDER_INTERVAL
@@ -265,7 +233,9 @@ class Supervisor:
                 pid = worker.pid if worker.listening else None
             else:  # the one it replaced, if it still drains
                 pid = (
-                    worker.leaving[0] if worker.leaving and worker.leaving[1] == entry.gen else None
+                    worker.recycled[0]
+                    if worker.recycled and worker.recycled[1] == entry.gen
+                    else None
                 )
             silent = now - entry.updated
             if pid and pid not in self.killed and silent > self.stall:
@@ -318,21 +288,21 @@ class Supervisor:
             for slot in self.slots:
                 if slot.pid == pid:
                     self._exited(slot, status, cpu)
-                elif slot.leaving is not None and slot.leaving[0] == pid:
-                    self._left(slot, status, cpu)
+                elif slot.recycled is not None and slot.recycled[0] == pid:
+                    self._recycled_exited(slot, status, cpu)
 
-    def _exited(self, slot: _Slot, status: int, cpu: float) -> None:
+    def _exited(self, slot: Slot, status: int, cpu: float) -> None:
         pid, slot.pid = slot.pid, None
         self._steer()  # first: newcomers to the others, before the figures and the log
         if slot.listening:  # counted as running
             self.totals.running -= 1
-        self._look()  # it may have listened before its doorbell was answered (not counted)
-        last = self.board.read(self.board.slot_of(slot.index, slot.gen))
-        self.totals.fold(slot.index, slot.gen, cpu)
+        self._look()  # it may have listened before its look signal was answered (not counted)
+        last = self.scoreboard.read(self.scoreboard.slot_of(slot.index, slot.gen))
+        self.totals.retire(slot.index, slot.gen, cpu)
         code = os.waitstatus_to_exitcode(status)
-        how = {"exit_status": code} if code >= 0 else {"signal": _signal_name(-code)}
-        reason = f"exit status {code}" if code >= 0 else f"killed by {_signal_name(-code)}"
-        drained = last is not None and last.gen == slot.gen and last.state in (STOPPED, LEFT)
+        how = {"exit_status": code} if code >= 0 else {"signal": signals.name(-code)}
+        reason = f"exit status {code}" if code >= 0 else f"killed by {signals.name(-code)}"
+        drained = last is not None and last.gen == slot.gen and last.state in (STOPPED, RECYCLED)
         if code == 0 and drained and not self.stops:
             # Told to stop alone, and drained before it could be replaced (or while the
             # one it replaced still drained, or before the daemon was ready: a worker that
@@ -355,36 +325,36 @@ class Supervisor:
             )
         self.totals.render()
 
-    def _left(self, slot: _Slot, status: int, cpu: float) -> None:
+    def _recycled_exited(self, slot: Slot, status: int, cpu: float) -> None:
         """A worker that drained alone (another serves in its place) exited."""
-        assert slot.leaving is not None
-        pid, gen = slot.leaving
-        slot.leaving = None
-        self.totals.fold(slot.index, gen, cpu)
+        assert slot.recycled is not None
+        pid, gen = slot.recycled
+        slot.recycled = None
+        self.totals.retire(slot.index, gen, cpu)
         code = os.waitstatus_to_exitcode(status)
         if code == 0:
             log.info("worker drained", worker=slot.index, pid=pid)
         else:
-            how = {"exit_status": code} if code >= 0 else {"signal": _signal_name(-code)}
+            how = {"exit_status": code} if code >= 0 else {"signal": signals.name(-code)}
             log.warning("worker exited during its drain", worker=slot.index, pid=pid, **how)
         self.totals.render()
 
     def _look(self) -> None:
-        """The doorbell: which workers listen now (once all do, the daemon is ready), and
+        """The look signal: which workers listen now (once all do, the daemon is ready), and
         which one leaves alone (another is started in its place at once)."""
         changed = False
         for slot in self.slots:
             if slot.gen == 0:
                 continue
-            entry = self.board.read(self.board.slot_of(slot.index, slot.gen))
+            entry = self.scoreboard.read(self.scoreboard.slot_of(slot.index, slot.gen))
             if entry is None or entry.gen != slot.gen:
                 continue
             if not slot.listening and entry.state >= LISTENING:
                 slot.listening = changed = True
                 if slot.pid is not None:  # else: exited already, not counted as running
                     self.totals.running += 1
-            leaves = entry.state in (LEAVING, LEFT) and slot.pid is not None
-            if leaves and not self.stops and slot.leaving is None:
+            leaves = entry.state in (RECYCLING, RECYCLED) and slot.pid is not None
+            if leaves and not self.stops and slot.recycled is None:
                 self._replace(slot)
                 changed = True
         if not changed:
@@ -401,25 +371,25 @@ class Supervisor:
             if self.on_ready is not None:
                 self.on_ready()
 
-    def _draining(self, slot: _Slot) -> bool:
+    def _draining(self, slot: Slot) -> bool:
         """The worker drains already (told to stop alone, say by a ``pkill`` that reached
         every process): the daemon's stop must not reach it as a second one."""
-        entry = self.board.read(self.board.slot_of(slot.index, slot.gen))
+        entry = self.scoreboard.read(self.scoreboard.slot_of(slot.index, slot.gen))
         return entry is not None and entry.gen == slot.gen and entry.state >= DRAINING
 
-    def _alone(self) -> list[int]:
-        """The workers that may be recycled alone now (``Worker.leaving``): the daemon is
+    def _recyclable(self) -> list[int]:
+        """The workers that may be recycled alone now (``Worker.recycling``): the daemon is
         up and does not stop, and the one before them no longer drains (it and a third
-        would need a third slot on the board)."""
+        would need a third slot on the scoreboard)."""
         if not self.ready or self.stops:
             return []
-        return [s.pid for s in self.slots if s.listening and s.pid and s.leaving is None]
+        return [s.pid for s in self.slots if s.listening and s.pid and s.recycled is None]
 
-    def _replace(self, slot: _Slot) -> None:
+    def _replace(self, slot: Slot) -> None:
         """Worker ``slot`` was told to stop, alone: it drains, no longer accepting, and
         another takes its sockets now (newcomers wait in their backlog meanwhile)."""
         assert slot.pid is not None
-        slot.leaving = (slot.pid, slot.gen)
+        slot.recycled = (slot.pid, slot.gen)
         log.info("worker draining: starting another", worker=slot.index, pid=slot.pid)
         slot.pid = None
         if slot.listening:
@@ -451,27 +421,27 @@ class Supervisor:
         for slot in self.slots:
             if slot.pid is not None and (self.stops == 2 or not self._draining(slot)):
                 self._kill(slot.pid, signal.SIGTERM)
-            if slot.leaving is not None and self.stops == 2:  # draining already: cut it
-                self._kill(slot.leaving[0], signal.SIGTERM)
+            if slot.recycled is not None and self.stops == 2:  # draining already: cut it
+                self._kill(slot.recycled[0], signal.SIGTERM)
 
     def _reload(self, signum: int) -> None:
         """Reopen our log, read the settings once for every worker (our log level and
-        drain deadline too), hand them down through the board before the signal goes on
+        drain deadline too), hand them down through the scoreboard before the signal goes on
         to every worker: each applies them and reports what it did."""
         name = signal.Signals(signum).name
         if self.ready:  # before that, systemd waits for READY=1 of the start
             self.notifier.reloading()
         if logs.reopen():
             log.info("log file reopened", signal=name)
-        if self.reread is not None and not self.board.hand_down(self._reread(name)):
+        if self.reread is not None and not self.scoreboard.hand_down(self._reread(name)):
             log.error(
                 "settings not reloaded: the old ones stay",
                 signal=name,
                 error="too large to hand to the workers",
             )
-            self.board.hand_down(None)
+            self.scoreboard.hand_down(None)
         for slot in self.slots:
-            for pid in (slot.pid, slot.leaving and slot.leaving[0]):
+            for pid in (slot.pid, slot.recycled and slot.recycled[0]):
                 if pid:
                     self._kill(pid, signum)
         if self.ready:
@@ -504,12 +474,12 @@ class Supervisor:
 
     # --- workers --------------------------------------------------------------------------
 
-    def _start(self, slot: _Slot) -> None:
+    def _start(self, slot: Slot) -> None:
         slot.gen += 1
-        if slot.leaving is not None and slot.leaving[1] % 2 == slot.gen % 2:
+        if slot.recycled is not None and slot.recycled[1] % 2 == slot.gen % 2:
             slot.gen += 1  # the other of its two slots: the one draining publishes in this one
         slot.listening = False
-        self.board.write(self.board.slot_of(slot.index, slot.gen), b"", gen=slot.gen)
+        self.scoreboard.write(self.scoreboard.slot_of(slot.index, slot.gen), b"", gen=slot.gen)
         try:
             pid = os.fork()
         except OSError as exc:
@@ -521,53 +491,9 @@ class Supervisor:
                 slot.due = time.monotonic() + BACKOFF_MAX
             return
         if pid == 0:
-            self._child(slot)
+            child.serve(self, slot)
         slot.pid = pid
         slot.started = time.monotonic()
-
-    def _child(self, slot: _Slot) -> NoReturn:
-        """In the forked worker: never returns, never unwinds into the main process's
-        stack (which would remove its pidfile and socket files)."""
-        status = 1
-        worker: Worker | None = None
-        try:
-            _die_with_parent(self.pid)
-            os.setpgid(0, 0)
-            signal.signal(signal.SIGTTOU, signal.SIG_IGN)  # may log to the terminal
-            runner.catch_early_signals()
-            for key in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID"):
-                os.environ.pop(key, None)  # systemd hears from the main process only
-            self.notifier.close()
-            mine = self.bound.group(slot.index)
-            for sock in self.bound.sockets:
-                if sock not in mine:
-                    sock.close()
-            fds.close_private()  # the pidfile's lock, the daemon launcher's pipe
-            logs.tag(worker=slot.index)
-            worker = Worker(self.board, slot.index, slot.gen, self.pid, self._orphan_check)
-            signal.pthread_sigmask(signal.SIG_SETMASK, self.mask)
-            status = runner.run(
-                self.settings,
-                self.bound.listeners(slot.index),
-                worker.listening,
-                self.handoff,
-                self.board.handed_down,  # a reload: what the main process read
-                worker=worker,
-                tls=self.tls,
-            )
-            worker.stopped()
-        except BaseException:
-            log.exception("worker failed", worker=slot.index)
-        finally:
-            logging.shutdown()
-            os._exit(status)
-
-    def _orphan_check(self, worker: Worker) -> None:
-        """Each second, in a worker: the main process is gone (and PR_SET_PDEATHSIG did
-        not say so): stop, as it would have."""
-        if os.getppid() != self.pid and not worker.draining:
-            log.warning("main process gone: stopping", main_pid=self.pid)
-            os.kill(os.getpid(), signal.SIGTERM)
 
     @staticmethod
     def _kill(pid: int, signum: int) -> None:
@@ -588,36 +514,3 @@ class Supervisor:
             workers = f"{running} of {workers}"
         where = ", ".join(self.addresses)
         return f"{state} on {where}: {self.connections()} connections ({workers})"
-
-
-def _wait(timeout: float) -> int | None:
-    """The next of SIGNALS (blocked), or None once ``timeout`` seconds have passed.
-
-    Not ``signal.sigtimedwait``: interrupted by a stop and continue (SIGSTOP, SIGCONT)
-    past its deadline, CPython 3.11's returns a siginfo that the kernel never filled
-    (whatever an earlier call left there: a crash, or a signal nobody sent). Its
-    ``sigwaitinfo`` retries on EINTR; the interval timer bounds the wait."""
-    signal.setitimer(signal.ITIMER_REAL, max(timeout, 1e-6))
-    try:
-        signum = signal.sigwaitinfo(SIGNALS).si_signo
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-    return None if signum == ALARM else signum  # a late alarm, left pending: a pass more
-
-
-def _signal_name(signum: int) -> str:
-    try:
-        return signal.Signals(signum).name
-    except ValueError:  # a real-time signal
-        return f"signal {signum}"
-
-
-def _die_with_parent(parent: int) -> None:
-    """Be sent SIGTERM (a graceful stop) when the main process dies, even by SIGKILL; if
-    it died already, go."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0) != 0:
-        error = os.strerror(ctypes.get_errno())
-        log.warning("cannot ask to be stopped with the main process", error=error)
-    if os.getppid() != parent:
-        os._exit(0)
