@@ -19,7 +19,7 @@ import os
 import signal
 import ssl
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -148,12 +148,33 @@ class Lifecycle:
                 self.engine.stop_accepting()
 
     def status(self) -> str:
-        """One human line: mode, addresses, open connections (systemd's STATUS=)."""
+        """systemd's STATUS= (``status_line``)."""
         if self.engine is None:
             return "starting"
-        where = ", ".join(self.engine.addresses)
-        state = "draining" if self.engine.draining else self.settings.mode
-        return f"{state} on {where}: {len(self.engine.connections)} connections"
+        engine = self.engine
+        return status_line(
+            self.settings.mode, engine.addresses, len(engine.connections), draining=engine.draining
+        )
+
+
+def status_line(
+    mode: str,
+    addresses: Sequence[str],
+    connections: int,
+    *,
+    draining: bool,
+    workers: tuple[int, int] | None = None,
+) -> str:
+    """One human line (systemd's STATUS=), for one process or a daemon of several: what
+    it does, where, how many are connected; with ``workers`` (running, of how many),
+    whether some are missing."""
+    line = (
+        f"{'draining' if draining else mode} on {', '.join(addresses)}: {connections} connections"
+    )
+    if workers is None:
+        return line
+    running, count = workers
+    return f"{line} ({'' if running == count else f'{running} of '}{count} workers)"
 
 
 def kept_on_reload(old: Settings, new: Settings) -> frozenset[str]:

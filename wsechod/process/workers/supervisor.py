@@ -507,10 +507,10 @@ class Supervisor:
 
     def status(self) -> str:
         """systemd's STATUS=, as one process says it, plus the workers."""
-        state = "draining" if self.stops else self.settings.mode
-        running = self.totals.running
-        workers = f"{self.count} workers"
-        if running < self.count:
-            workers = f"{running} of {workers}"
-        where = ", ".join(self.addresses)
-        return f"{state} on {where}: {self.connections()} connections ({workers})"
+        return lifecycle.status_line(
+            self.settings.mode,
+            self.addresses,
+            self.connections(),
+            draining=bool(self.stops),
+            workers=(self.totals.running, self.count),
+        )
