@@ -95,6 +95,104 @@ def test_the_drains_bound_is_computed_in_one_place() -> None:
     assert named == {"runtime/lifecycle.py"}
 
 
+LEAVES = ("wsechod.log", "wsechod.ratelimit", "wsechod._version")
+
+
+def test_metrics_knows_no_application() -> None:
+    """Applications export their own figures (``Application.families``/``figures``);
+    /metrics renders whatever they describe."""
+    assert (
+        offending([PACKAGE / "runtime" / "metrics.py"], ("wsechod.apps", "wsechod.brokers")) == {}
+    )
+
+
+def test_the_runtime_knows_the_workers_only_through_a_protocol() -> None:
+    """What a worker publishes is handed to the lifecycle by the supervisor's side."""
+    assert offending(modules("runtime"), ("wsechod.process",)) == {}
+
+
+@pytest.mark.parametrize(
+    ("room", "allowed"),
+    [
+        (
+            "apps",
+            (
+                "wsechod.apps",
+                "wsechod.engine",
+                "wsechod.brokers.base",
+                "wsechod.log",
+                "wsechod.ratelimit",
+            ),
+        ),
+        (
+            "brokers",
+            ("wsechod.brokers", "wsechod.log", "wsechod.ratelimit", "wsechod.settings.values"),
+        ),
+        (
+            "http",
+            (
+                "wsechod.http",
+                "wsechod.engine",
+                "wsechod.settings",
+                "wsechod.log",
+                "wsechod.ratelimit",
+            ),
+        ),
+    ],
+)
+def test_each_room_imports_only_what_is_below_it(room: str, allowed: tuple[str, ...]) -> None:
+    """Data flows one way: settings -> listeners -> lifecycle -> engine -> applications
+    -> brokers; applications see the engine's interface, brokers see nothing above them."""
+    found = {
+        str(path.relative_to(PACKAGE)): sorted(
+            i
+            for i in imports(path)
+            if i.startswith("wsechod") and i != "wsechod" and not i.startswith(allowed)
+        )
+        for path in modules(room)
+    }
+    assert {k: v for k, v in found.items() if v} == {}
+
+
+@pytest.mark.parametrize(
+    "leaf",
+    [
+        "_version.py",
+        "log.py",
+        "ratelimit.py",
+        "http/origins.py",
+        "settings/values.py",
+        "runtime/tls.py",
+    ],
+)
+def test_leaves_import_no_other_room(leaf: str) -> None:
+    """What many rooms use imports nothing of them (a logger aside): no arrow back up."""
+    found = {i for i in imports(PACKAGE / leaf) if i.startswith("wsechod")}
+    assert found <= {"wsechod.log", "wsechod.log.get_logger"}
+
+
+# Modules over LONG lines, and why each is still one concern read top to bottom.
+LONG = 400
+ONE_CONCERN = {
+    "engine/connection.py": "one connection's protocol: parsing, flow, closing, keepalive",
+    "engine/server.py": "the engine: listening, the tables of connections and handshakes",
+    "engine/handshake.py": "one opening handshake, from accept to the 101",
+    "settings/schema.py": "the declaration of every key",
+    "process/workers/supervisor.py": "the main process's loop over its workers",
+    "brokers/redis.py": "one broker's sessions with Redis",
+    "apps/relay.py": "the relay: channels, fan-out, slow consumers",
+}
+
+
+def test_modules_stay_short_or_say_why() -> None:
+    long = {
+        str(path.relative_to(PACKAGE))
+        for path in modules()
+        if len(path.read_text().splitlines()) > LONG
+    }
+    assert long <= set(ONE_CONCERN), sorted(long - set(ONE_CONCERN))
+
+
 def test_rules_see_real_imports() -> None:
     """The checks above would pass on nothing: make sure they see what is there."""
     assert "wsechod.engine" in {i for p in modules("apps") for i in imports(p)}

@@ -8,16 +8,16 @@ the instance keeps relaying between its own clients and reports itself ``degrade
 
 from wsechod.brokers.base import Broker, Deliver
 from wsechod.brokers.memory import MemoryBroker
-from wsechod.settings import Settings
 
 __all__ = ["Broker", "Deliver", "create"]
 
 
-def create(settings: Settings) -> Broker:
-    if settings.broker == "memory":
+def create(url: str) -> Broker:
+    """The broker ``url`` names: ``memory``, or a Redis URL."""
+    if url == "memory":
         return MemoryBroker()
     # Imported here: redis-py is an optional extra (wsechod[redis]), needed by this broker
     # only; settings validation has already said so if it is missing.
     from wsechod.brokers.redis import RedisBroker  # noqa: PLC0415
 
-    return RedisBroker(settings.broker)
+    return RedisBroker(url)

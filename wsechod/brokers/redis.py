@@ -51,7 +51,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from wsechod.brokers.base import Deliver
 from wsechod.log import get_logger
 from wsechod.ratelimit import RateLimitedLog
-from wsechod.settings import redact_url
+from wsechod.settings.values import redact_url
 
 log = get_logger("wsechod.broker")
 

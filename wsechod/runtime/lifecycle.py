@@ -242,7 +242,7 @@ def tls_context(settings: Settings) -> ssl.SSLContext | None:
 def application(settings: Settings) -> tuple[Application, brokers.Broker | None]:
     if settings.mode != "relay":
         return Echo(), None
-    broker = brokers.create(settings)
+    broker = brokers.create(settings.broker)
     return Relay(broker, **relay_options(settings)), broker
 
 
