@@ -10,7 +10,7 @@ import signal
 import subprocess
 import sys
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,12 +41,12 @@ def wsechod(*extra: str) -> list[str]:
     ]
 
 
-def node(script: str) -> list[str]:
+def node(script: str, *extra: str) -> list[str]:
     if shutil.which("node") is None:
         raise PeerError("node not found: install Node.js 20 (then make bench runs npm ci)")
     if not (NODE_DIR / "node_modules" / "ws").is_dir():
         raise PeerError(f"ws not installed: run npm ci --prefix {NODE_DIR.relative_to(ROOT)}")
-    return ["node", str(NODE_DIR / script), "0"]
+    return ["node", str(NODE_DIR / script), "0", *extra]
 
 
 def python(module: str) -> list[str]:
@@ -69,7 +69,7 @@ class Peer:
                 args += ["--max-channel-members", str(subscribers + 1)]
             return wsechod(*args)
         if how == "node":
-            return node(args[0])
+            return node(*args)
         return python(args[0])
 
 
@@ -98,6 +98,17 @@ WORKERS = "wsechod-workers"
 
 def workers_peer(n: int) -> Peer:
     return Peer(WORKERS, f"wsechod {n}w", "echo", ("wsechod", "--workers", str(n)), pinned=False)
+
+
+def deflate_peer(peer: Peer) -> Peer | None:
+    """The same server with permessage-deflate on, or None if it has none (picows)."""
+    if peer.name == "wsechod":
+        return replace(peer, argv=(*peer.argv, "--compression", "deflate"))
+    if peer.name == "ws":
+        return replace(peer, argv=(*peer.argv, "deflate"))
+    if peer.name in ("example", "example-asyncio"):
+        return peer  # websockets compresses by default
+    return None
 
 
 # Every core the bench may use, before it pins itself to the client's (set by its placement):

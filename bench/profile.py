@@ -1,7 +1,9 @@
-"""``python -m bench.profile [echo|fanout]``: where wsechod's server CPU goes, sampled with
-py-spy (``pip install py-spy``; not a dependency) while the bench's load client runs: the
-fan-out to 1,000 subscribers (default) or echo at 50 connections, 32 B messages. Prints the
-lines that use the most time (their own samples) and the calls that contain the most.
+"""``python -m bench.profile [echo|fanout|deflate [random|text]]``: where wsechod's server CPU
+goes, sampled with py-spy (``pip install py-spy``; not a dependency) while the bench's load
+client runs: the fan-out to 1,000 subscribers (default), echo at 50 connections, 32 B
+messages, or compressed echo (``bench.deflate``) of 32-128 KiB messages (random bytes by
+default, or text) in 256-byte fragments. Prints the lines that use the most time (their own
+samples) and the calls that contain the most.
 
 A figure that misses its target gets read here before anyone optimizes: when most samples
 sit in ``transport.write`` (the send system call, which py-spy sees as the line calling
@@ -19,12 +21,13 @@ from pathlib import Path
 
 import uvloop
 
-from bench import client
-from bench.peers import ECHO_PEERS, RELAY_PEERS, Server
+from bench import client, deflate
+from bench.peers import ECHO_PEERS, RELAY_PEERS, Server, deflate_peer
 
 SUBSCRIBERS, CONNECTIONS, SIZE = 1000, 50, 32
 WARMUP, SECONDS, SAMPLED = 2.0, 10.0, 6  # the sampling starts after the warm-up
 TOP = 12
+DEFLATE_MESSAGES = 600  # enough to outlast the warm-up and the sampling
 
 
 def py_spy() -> str:
@@ -54,13 +57,20 @@ def summary(raw: Path) -> str:
     return "\n".join(lines)
 
 
-async def load(scenario: str, server: Server, spy: list[str]) -> str:
+async def load(scenario: str, server: Server, spy: list[str], payload: str) -> str:
     async def sample() -> None:
         await asyncio.sleep(WARMUP + 1)
         await asyncio.to_thread(subprocess.run, spy, check=True, capture_output=True)
 
     sampling = asyncio.ensure_future(sample())
-    if scenario == "fanout":
+    if scenario == "deflate":
+        case = deflate.Case(messages=DEFLATE_MESSAGES, payload=payload, fragment=256)
+        d = await deflate.deflate_echo(
+            server.port, case, deflate.make_messages(case), server.cpu_seconds
+        )
+        w = d.window
+        figure = f"{w.server_cpu / w.events * 1e3:.2f} ms of server CPU per message"
+    elif scenario == "fanout":
         w = await client.fan_out(
             server.port,
             subscribers=SUBSCRIBERS,
@@ -87,10 +97,13 @@ async def load(scenario: str, server: Server, spy: list[str]) -> str:
 
 def main() -> None:
     scenario = sys.argv[1] if len(sys.argv) > 1 else "fanout"
-    if scenario not in ("echo", "fanout"):
-        raise SystemExit("usage: python -m bench.profile [echo|fanout]")
+    payload = sys.argv[2] if len(sys.argv) > 2 else "random"
+    if scenario not in ("echo", "fanout", "deflate") or payload not in ("random", "text"):
+        raise SystemExit("usage: python -m bench.profile [echo|fanout|deflate [random|text]]")
     peers = RELAY_PEERS if scenario == "fanout" else ECHO_PEERS
     peer = next(p for p in peers if p.name == "wsechod")
+    if scenario == "deflate":
+        peer = deflate_peer(peer) or peer
     cores = sorted(os.sched_getaffinity(0))
     server = Server(peer, cores[0], SUBSCRIBERS)
     if len(cores) > 1:
@@ -100,7 +113,7 @@ def main() -> None:
             raw = Path(scratch) / "stacks.txt"
             spy = [py_spy(), "record", "--pid", str(server.pid), "--duration", str(SAMPLED)]
             spy += ["--rate", "250", "--nonblocking", "--format", "raw", "-o", str(raw)]
-            print(uvloop.run(load(scenario, server, spy)))
+            print(uvloop.run(load(scenario, server, spy, payload)))
             print(summary(raw))
     finally:
         server.stop()
