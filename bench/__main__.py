@@ -33,7 +33,7 @@ from typing import Any
 
 import uvloop
 
-from bench import client
+from bench import client, deflate
 from bench.peers import (
     ECHO_PEERS,
     NODE_DIR,
@@ -44,13 +44,16 @@ from bench.peers import (
     Peer,
     PeerError,
     Server,
+    deflate_peer,
     kill_all,
     workers_peer,
 )
 
 SATURATED = 0.90  # client CPU / wall time from which the client is the bottleneck
+# The deflate cases' messages, made once for every server and repeat.
+DEFLATE_MESSAGES: dict[deflate.Case, list[bytes]] = {}
 SCRAPE_INTERVAL = 1.0  # seconds between GET /metrics with --scrape, as a busy Prometheus
-SCENARIOS = ("echo", "idle", "fanout")
+SCENARIOS = ("echo", "idle", "fanout", "deflate")
 
 
 @dataclass(frozen=True)
@@ -95,6 +98,13 @@ def echo_cases(args: argparse.Namespace) -> list[tuple[str, int, int]]:
     return cases
 
 
+def deflate_cases(args: argparse.Namespace) -> list[deflate.Case]:
+    return [
+        deflate.Case(args.deflate_messages, fragment=int(fragment), payload=payload)
+        for payload, _, fragment in (c.partition("/") for c in args.deflate_cases)
+    ]
+
+
 def describe_size(size: int) -> str:
     return f"{size // 1024} KiB" if size % 1024 == 0 else f"{size} B"
 
@@ -113,6 +123,19 @@ def figures(args: argparse.Namespace) -> list[Figure]:
                 Figure(f"{key} cpu", "server CPU µs/msg", section, digits=1),
                 Figure(f"{key} server%", "server core busy %", section, ratios=False),
                 Figure(f"{key} client%", "client core busy %", section, ratios=False),
+            ]
+    if "deflate" in args.scenarios:
+        for case in deflate_cases(args):
+            section = (
+                f"permessage-deflate echo, 1 connection, {case.messages} {case.payload} messages "
+                f"of {describe_size(case.smallest)}-{describe_size(case.largest)} in "
+                f"{describe_size(case.fragment)} fragments, one at a time"
+            )
+            out += [
+                Figure(f"{case.key} cpu", "server CPU ms/msg", section, digits=2),
+                Figure(f"{case.key} ms", "ms per message", section, digits=2),
+                Figure(f"{case.key} server%", "server core busy %", section, ratios=False),
+                Figure(f"{case.key} client%", "client core busy %", section, ratios=False),
             ]
     if "idle" in args.scenarios:
         section = f"{args.idle} idle connections, then SIGTERM"
@@ -233,6 +256,48 @@ async def measure_idle(
         results.errors.append(f"{peer.label} exited with status {status} after SIGTERM")
 
 
+async def measure_deflate(
+    args: argparse.Namespace, results: Results, peer: Peer, repeat: int, server: Server
+) -> None:
+    for case in deflate_cases(args):
+        what = f"{peer.label} {case.key} (repeat {repeat})"
+        step = functools.partial(deflate_case, args, results, peer, repeat, server, case)
+        if not await guarded(results, what, step) and server.proc.poll() is not None:
+            raise PeerError(f"{peer.label} exited with status {server.proc.returncode}")
+
+
+async def deflate_case(  # noqa: PLR0917
+    args: argparse.Namespace,
+    results: Results,
+    peer: Peer,
+    repeat: int,
+    server: Server,
+    case: deflate.Case,
+) -> None:
+    messages = DEFLATE_MESSAGES.get(case)
+    if messages is None:
+        messages = DEFLATE_MESSAGES[case] = deflate.make_messages(case)
+    r = await deflate.deflate_echo(server.port, case, messages, server.cpu_seconds)
+    w = r.window
+    key = case.key
+    results.add(peer, f"{key} cpu", w.server_cpu / w.events * 1e3)
+    results.add(peer, f"{key} ms", w.seconds / w.events * 1e3)
+    results.add(peer, f"{key} server%", 100 * w.server_cpu / w.seconds)
+    results.add(peer, f"{key} client%", 100 * w.client_cpu / w.seconds)
+    results.runs.append(
+        {"repeat": repeat, "peer": peer.name, "kind": peer.kind, "case": key}
+        | {"messages": w.events, "seconds": w.seconds, "fragment": case.fragment}
+        | {"server_cpu_s": w.server_cpu, "client_cpu_s": w.client_cpu}
+        | {"echo_frames": r.server_frames, "echo_bytes": r.server_bytes}
+        | {"sent_bytes": r.client_bytes}
+    )
+    note(
+        f"  {peer.label:<12} {key:<26} {w.seconds / w.events * 1e3:>6.2f} ms/msg  "
+        f"server {w.server_cpu / w.events * 1e3:>6.2f} ms/msg  "
+        f"client {100 * w.client_cpu / w.seconds:>3.0f}%  echo in {r.server_frames} frames"
+    )
+
+
 async def measure_fanout(
     args: argparse.Namespace, results: Results, peer: Peer, repeat: int, server: Server
 ) -> None:
@@ -285,26 +350,41 @@ async def scrape_every(port: int, counts: dict[str, int]) -> None:
         await asyncio.sleep(SCRAPE_INTERVAL)
 
 
-async def run_all(args: argparse.Namespace, results: Results) -> None:
-    broken: dict[tuple[str, str], str] = {}
+def make_plan(args: argparse.Namespace) -> list[tuple[Peer, str]]:
+    """Every (server, scenario) of one repeat, in order; deflate with compression on, and
+    only for the servers that have it (not the scraped or workers variants)."""
     plan: list[tuple[Peer, str]] = []
     for peer in selected("echo", args):
+        variant = peer.scrape or peer.name == WORKERS
         for scenario in ("echo", "idle"):
-            idle_only_alone = peer.scrape or peer.name == WORKERS
-            if scenario in args.scenarios and not (idle_only_alone and scenario == "idle"):
+            if scenario in args.scenarios and not (variant and scenario == "idle"):
                 plan.append((peer, scenario))
+        compressing = deflate_peer(peer) if "deflate" in args.scenarios else None
+        if compressing is not None and not variant:
+            plan.append((compressing, "deflate"))
     if "fanout" in args.scenarios:
         plan += [(p, "fanout") for p in selected("relay", args)]
-    steps = {"echo": measure_echo, "idle": measure_idle, "fanout": measure_fanout}
+    return plan
+
+
+async def run_all(args: argparse.Namespace, results: Results) -> None:
+    broken: dict[tuple[str, str, bool], str] = {}
+    plan = make_plan(args)
+    steps = {
+        "echo": measure_echo,
+        "idle": measure_idle,
+        "fanout": measure_fanout,
+        "deflate": measure_deflate,
+    }
     for repeat in range(1, args.repeat + 1):
         note(f"repeat {repeat}/{args.repeat}")
         for peer, scenario in plan:
-            if (peer.kind, peer.name) in broken:
+            if (peer.kind, peer.name, scenario == "deflate") in broken:
                 continue
             try:
                 server = Server(peer, args.server_core, args.subscribers)
             except PeerError as exc:
-                broken[(peer.kind, peer.name)] = str(exc)
+                broken[(peer.kind, peer.name, scenario == "deflate")] = str(exc)
                 results.errors.append(f"{peer.label} ({peer.kind}) not measured: {exc}")
                 note(f"  SKIPPED {peer.label}: {exc}")
                 continue
@@ -424,7 +504,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--idle", type=int, help="idle connections for memory and drain (10000; quick 1000)")
     add("--subscribers", type=int, help="fan-out subscribers (default 1000; quick 100)")
     add("--only", help="peers, comma-separated: " + ",".join(sorted(peer_names())))
-    add("--scenarios", default=",".join(SCENARIOS), help="any of echo,idle,fanout")
+    add("--scenarios", default=",".join(SCENARIOS), help="any of echo,idle,fanout,deflate")
+    add("--deflate-messages", type=int, help="messages per deflate case (default 300; quick 50)")
+    add(
+        "--deflate-cases",
+        default="text/256,random/256,text/32768",
+        help="deflate cases, PAYLOAD/FRAGMENT comma-separated; payload text or random "
+        "(default text/256,random/256,text/32768)",
+    )
     add("--scrape", action="store_true", help="also measure wsechod scraped every second")
     add(
         "--workers",
@@ -444,6 +531,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "connections": "1,50" if quick else "1,50,500",
         "idle": 1000 if quick else 10_000,
         "subscribers": 100 if quick else 1000,
+        "deflate_messages": 50 if quick else 300,
     }
     for key, value in defaults.items():
         if getattr(args, key) is None:
@@ -462,6 +550,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if min(counts) < 1 or args.seconds <= 0 or args.warmup < 0 or args.size < 1:
         parser.error("counts, sizes and --seconds must be positive")
     args.big_case = (args.big_connections, args.big_size)
+    args.deflate_cases = [c for c in args.deflate_cases.split(",") if c]
+    for c in args.deflate_cases:
+        payload, _, fragment = c.partition("/")
+        if payload not in ("text", "random") or not fragment.isdigit() or int(fragment) < 1:
+            parser.error(f"--deflate-cases: {c!r} is not text/N or random/N")
+    if args.deflate_messages < 1:
+        parser.error("--deflate-messages must be positive")
     return args
 
 

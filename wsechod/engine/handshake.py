@@ -27,15 +27,13 @@ import ssl
 from typing import TYPE_CHECKING, Any, cast
 
 from websockets.datastructures import Headers
-from websockets.extensions.permessage_deflate import PerMessageDeflate
 from websockets.http11 import Request as WsRequest
 from websockets.server import ServerProtocol
 
 from wsechod._version import __version__
-from wsechod.engine import proxy
+from wsechod.engine import deflate, proxy
 from wsechod.engine.addresses import format_address
 from wsechod.engine.connection import WebSocket, failures
-from wsechod.engine.deflate import Deflate
 from wsechod.engine.interface import Reply, Request
 
 if TYPE_CHECKING:
@@ -345,9 +343,8 @@ class Handshake(asyncio.Protocol):
         for chunk in protocol.data_to_send():
             transport.write(chunk)
         self._finish(upgraded=True)  # still counted for its address, as a WebSocket now
-        negotiated = protocol.extensions[0] if protocol.extensions else None
-        deflate = Deflate(negotiated) if isinstance(negotiated, PerMessageDeflate) else None
-        ws = WebSocket(engine, transport, raw.path, self.peer, deflate)
+        compression = deflate.negotiated(protocol.extensions, engine.options.inflate_rate)
+        ws = WebSocket(engine, transport, raw.path, self.peer, compression)
         ws.group = self.group
         transport.set_protocol(ws)
         self._t = None

@@ -66,6 +66,7 @@ class Options:
     ping_timeout: float = 20.0
     close_timeout: float = 10.0
     compression: bool = False
+    inflate_rate: int = 8 * 2**20  # per connection; 0: no limit (deflate.py: Budget)
     tls: ssl.SSLContext | None = None  # every connection starts with a TLS handshake
     trusted_proxies: tuple[Network, ...] = ()  # may say who the client is (proxy.py)
     trust_unix: bool = False  # so may whoever connects over a Unix socket

@@ -250,6 +250,20 @@ class Settings:
             "it; it trades CPU and memory per connection for bandwidth."
         ),
     )
+    inflate_rate: int = _opt(
+        8 * 2**20,
+        "with compression: bytes a second a client's messages may inflate to beyond 32 "
+        "times their compressed size before reading it is paced; 0: no limit",
+        minimum=0,
+        section=LIMITS,
+        note=(
+            "With deflate: bytes a second that a client's messages may inflate to beyond 32 "
+            'times their compressed size (a few KiB/s of "zip bombs" could otherwise keep '
+            "a core busy). Over it, the server stops reading that client until it is back "
+            "under (pacing, no close); ordinary data (text, JSON: 3 to 10 times) is never "
+            "paced. One second's worth may come at once. 0 means no limit."
+        ),
+    )
     max_connections: int = _opt(
         10_000,
         "open WebSocket connections before new ones get HTTP 503; 0: no limit",
