@@ -28,7 +28,7 @@ from typing import Any
 
 import uvloop
 
-from wsechod.embedded import running
+from wsechod.runtime.embedded import running
 
 SETTLE = 3.0  # seconds after the close: the server's own trim comes a second after
 
