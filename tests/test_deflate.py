@@ -15,17 +15,9 @@ from websockets.exceptions import ConnectionClosedError
 from tests import rawws
 from tests.conftest import Daemon
 from tests.test_echo import make_payloads
-from wsechod.engine.connection import WebSocket
 from wsechod.engine.deflate import trimmer
 
 DEFLATE = "Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits"
-# The engine's side of holding fragments and of the inflate budget is in connection.py
-# (proposed alongside deflate.py's): until it is there, these tests are expected to fail.
-needs_engine_part = pytest.mark.xfail(
-    not hasattr(WebSocket, "_flush_held"),
-    reason="the connection.py part (_flush_held, _pace, Deflate.close) is not applied",
-    strict=True,
-)
 
 
 @pytest.fixture
@@ -182,7 +174,6 @@ def text_of(size: int) -> bytes:
     return b" ".join(words[i * 7 % 5] + str(i).encode() for i in range(size // 6))[:size]
 
 
-@needs_engine_part
 def test_fragments_that_arrive_together_are_echoed_as_one_frame(daemon: Daemon) -> None:
     """A sync flush and a frame per fragment made compressing small fragments cost three
     times as much as the whole message: the fragments of one read go back together."""
@@ -305,7 +296,6 @@ def test_window_kept_across_a_final_block_after_many_frames(daemon: Daemon) -> N
     assert echoes == [first, second]
 
 
-@needs_engine_part
 def test_what_inflates_beyond_the_free_ratio_is_paced_at_inflate_rate(
     start: Callable[..., Daemon],
 ) -> None:
@@ -334,7 +324,6 @@ def rss(pid: int) -> int:
         return next(int(line.split()[1]) for line in status if line.startswith("VmRSS:"))
 
 
-@needs_engine_part
 @pytest.mark.skipif(not trimmer.available, reason="no malloc_trim in this C library")
 def test_memory_of_closed_deflate_connections_is_given_back(start: Callable[..., Daemon]) -> None:
     """1,000 deflate connections closed left about 40 MiB more in the process than without

@@ -31,8 +31,9 @@ if TYPE_CHECKING:
 # in CLOSED nothing more is parsed.
 OPEN, CLOSING, CLOSED = 1, 2, 3
 # Why reading is paused: our own write buffer is full, the application asked, this
-# connection has had its turn of the event loop, or the process is over its memory budget.
-PAUSED_WRITE, PAUSED_APP, PAUSED_TURN, PAUSED_MEMORY = 1, 2, 4, 8
+# connection has had its turn of the event loop, the process is over its memory budget, or
+# the connection is over its inflate budget.
+PAUSED_WRITE, PAUSED_APP, PAUSED_TURN, PAUSED_MEMORY, PAUSED_INFLATE = 1, 2, 4, 8, 16
 # Work a connection may do before it lets the others have the loop: a unit per frame and
 # per 4 KiB of payload (inflated, for compressed frames). Without it one client sending
 # tiny frames, or small frames that inflate to much, could hold everyone else for seconds.
@@ -157,7 +158,9 @@ class WebSocket(asyncio.Protocol):
     def sent(self) -> int:
         return self.text_out + self.binary_out
 
-    def send(self, payload: bytes, text: bool, first: bool = True, last: bool = True) -> None:
+    def send(  # noqa: PLR0912 - inline
+        self, payload: bytes, text: bool, first: bool = True, last: bool = True
+    ) -> None:
         if self._state != OPEN:
             return
         n = len(payload)
@@ -170,10 +173,15 @@ class WebSocket(asyncio.Protocol):
                 self.binary_out += 1
             self.bytes_out += n
             return
-        opcode = (f.OP_TEXT if text else f.OP_BINARY) if first else f.OP_CONT
-        rsv1 = False
-        if self._deflate is not None:
-            payload, rsv1 = self._deflate.compress(payload, first, last), first
+        deflate = self._deflate
+        if deflate is None:
+            opcode, rsv1 = (f.OP_TEXT if text else f.OP_BINARY) if first else f.OP_CONT, False
+        elif last:
+            opcode, rsv1, payload = deflate.end(payload, text, first)
+        else:  # held until the loop has handled this read (deflate.py: why)
+            if deflate.hold(payload, text, first):
+                self._engine.loop.call_soon(self._flush_held)
+            return
         n = len(payload)
         if n < 126:
             self._t.write(
@@ -189,6 +197,16 @@ class WebSocket(asyncio.Protocol):
                 self.text_out += 1
             else:
                 self.binary_out += 1
+
+    def _flush_held(self) -> None:
+        """The compressed fragments ``send`` held go out as one frame: once the loop has
+        handled the read that brought them, or before another frame (a pong, a close)."""
+        if self._deflate is None or self._state != OPEN:
+            return
+        frame = self._deflate.flush()
+        if frame is not None:
+            self._t.writelines(frame)
+            self.bytes_out += len(frame[1])
 
     def send_prepared(self, message: Prepared) -> None:
         if self._state != OPEN:
@@ -311,6 +329,9 @@ class WebSocket(asyncio.Protocol):
         engine.transports -= 1
         self._state = CLOSED
         self._set_buf(None)
+        if self._deflate is not None:  # zlib's state (about 50 KiB) goes now
+            self._deflate.close()
+            self._deflate = None
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -503,15 +524,18 @@ class WebSocket(asyncio.Protocol):
             self._fail(f.INTERNAL_ERROR, "internal error")
 
     def _inflate(self, first: bool, fin: int, payload: bytes) -> bytes:
-        assert self._deflate is not None
+        deflate = self._deflate
+        assert deflate is not None
         try:
-            data = self._deflate.inflate(payload, first, bool(fin), self._max_size - self._msg_size)
+            data = deflate.inflate(payload, first, bool(fin), self._max_size - self._msg_size)
         except TooBig:
             self._fail(f.MESSAGE_TOO_BIG, "message too big")
             return b""
         except Corrupt as exc:
             self._fail(f.PROTOCOL_ERROR, str(exc))
             return b""
+        if deflate.pause:
+            self._pace(deflate.pause)
         if fin:
             self._compressed = False
         return data
@@ -558,6 +582,8 @@ class WebSocket(asyncio.Protocol):
     def _control(self, opcode: int, payload: bytes) -> None:
         if opcode == f.OP_PING:
             n = len(payload)
+            if self._deflate is not None:
+                self._flush_held()
             self._t.write(_HEADERS[0x80 | f.OP_PONG][n] + payload)
         elif opcode == f.OP_PONG:
             if payload == self._ping:
@@ -596,6 +622,8 @@ class WebSocket(asyncio.Protocol):
     # --- closing ---------------------------------------------------------------------
 
     def _write_close(self, code: int | None, reason: str = "") -> None:
+        if self._deflate is not None:
+            self._flush_held()
         payload = f.close_payload(code, reason)
         self._t.write(_HEADERS[0x80 | f.OP_CLOSE][len(payload)] + payload)
         self.code_sent = f.NO_STATUS if code is None else code
@@ -645,6 +673,12 @@ class WebSocket(asyncio.Protocol):
         self._budget = TURN
         self._release(PAUSED_TURN)
 
+    def _pace(self, delay: float) -> None:
+        """Over its inflate budget: stop reading it for ``delay`` seconds."""
+        if not self._pause & PAUSED_INFLATE:
+            self._hold(PAUSED_INFLATE)
+            self._engine.loop.call_later(delay, self._release, PAUSED_INFLATE)
+
     def _hold(self, reason: int) -> None:
         if not self._pause:
             self._t.pause_reading()
@@ -677,8 +711,8 @@ class WebSocket(asyncio.Protocol):
         The ping is written even when the buffer is full, and a client that does not
         read cannot answer it, so it is dropped at the deadline however full it is. (A
         client the server stopped reading for its own reasons, a held relay publisher or
-        one paused by the memory budget, could not be heard answering: its deadline waits
-        until it is read again.)"""
+        one paused by the memory budget or paced by the inflate budget, could not be heard
+        answering: its deadline waits until it is read again.)"""
         self._timer = None
         if self._state != OPEN:
             return
