@@ -107,6 +107,22 @@ def test_corrupt_compressed_data_is_a_protocol_error(daemon: Daemon) -> None:
         assert rawws.read_close(sock)[0] in (1002, 1007)
 
 
+@pytest.mark.parametrize("fragments", [1, 3])
+def test_a_compressed_message_with_no_payload_is_a_protocol_error(
+    daemon: Daemon, fragments: int
+) -> None:
+    """RFC 7692 7.2.3.6: an empty message compresses to 0x00. No payload at all, with the
+    tail put back, is no DEFLATE stream: taken as an empty message, it left the inflater
+    in the middle of a block, and the next message was misread."""
+    with raw_deflate_connection(daemon.port) as sock:
+        frames = [rawws.frame(rawws.OP_BINARY, b"", fin=fragments == 1, rsv=0x40)]
+        frames += [
+            rawws.frame(rawws.OP_CONT, b"", fin=i == fragments - 2) for i in range(fragments - 1)
+        ]
+        sock.sendall(b"".join(frames))
+        assert rawws.read_close(sock)[0] == 1002
+
+
 def test_invalid_utf8_inside_compressed_text_closes_1007(daemon: Daemon) -> None:
     with raw_deflate_connection(daemon.port) as sock:
         sock.sendall(rawws.frame(rawws.OP_TEXT, compress(b"ok \xff"), rsv=0x40))

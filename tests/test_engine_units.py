@@ -9,13 +9,15 @@ from collections.abc import Iterator
 
 import pytest
 import uvloop
+from websockets.extensions.permessage_deflate import PerMessageDeflate
 
 from tests.rawws import OP_BINARY, OP_PING, frame
 from wsechod.apps.echo import Echo
 from wsechod.apps.relay import Relay
 from wsechod.brokers.memory import MemoryBroker
-from wsechod.engine import Application, Connection, Engine, Options, frames
+from wsechod.engine import Application, Connection, Engine, Options, connection, frames
 from wsechod.engine.connection import WebSocket
+from wsechod.engine.deflate import Deflate, alone
 from wsechod.runtime import run
 
 pytestmark = pytest.mark.unit  # in-process: make check runs it
@@ -270,3 +272,35 @@ def test_the_memory_budget_never_leaves_connections_paused_for_good(
     closed = [ws for ws in conns if ws.code_sent == 1013]
     assert len(closed) == 2, [ws.code_sent for ws in conns]
     assert all(t.reading for ws, t in zip(conns, transports, strict=True) if ws not in closed)
+
+
+def test_a_relayed_message_is_compressed_once_for_every_compressing_member(
+    loop: asyncio.AbstractEventLoop, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Not once per member: a thousand members were a thousand compressions of every
+    message, and a 1 MiB message among 40 held the loop for seconds."""
+    calls: list[int] = []
+
+    def counting(data: bytes, bits: int) -> bytes:
+        calls.append(bits)
+        return alone(data, bits)
+
+    monkeypatch.setattr(connection, "alone", counting)
+
+    async def main() -> None:
+        relay = Relay(MemoryBroker())
+        engine = Engine(Options(ping_interval=0, write_limit=2**30), relay)
+        offers = [PerMessageDeflate(False, False, 15, 15)] * 40 + [
+            PerMessageDeflate(False, False, 15, 10)  # a smaller window for our messages
+        ]
+        for negotiated in offers:
+            t = Transport()
+            t.high = 2**30
+            ws = WebSocket(engine, t, "/room", "peer", Deflate(negotiated))  # type: ignore[arg-type]
+            t.protocol = ws
+            engine.opened(ws)
+        publisher, _ = connect(engine)
+        publisher.data_received(frame(OP_BINARY, bytes(1000)))
+
+    loop.run_until_complete(main())
+    assert sorted(calls) == [10, 15]  # once per window size

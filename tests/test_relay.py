@@ -3,6 +3,7 @@
 import asyncio
 import contextlib
 import inspect
+import os
 import shutil
 import signal
 import socket
@@ -18,6 +19,8 @@ import redis
 import uvloop
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import InvalidStatus
+from websockets.extensions.base import ClientExtensionFactory
+from websockets.extensions.permessage_deflate import ClientPerMessageDeflateFactory
 from websockets.sync.client import connect as sync_connect
 
 from tests import rawws
@@ -118,6 +121,35 @@ def test_relay_echo_sends_back_to_the_sender_too(start: Callable[..., Daemon]) -
     groups = {"x": ["x1", "x2"]}
     received = asyncio.run(exchange({f"{daemon.url}/x": groups["x"]}, {"x1": 2, "x2": 2}))
     check_channels(received, groups, echo=True)
+
+
+def test_compressing_members_get_each_message_right_whatever_they_negotiated(
+    start: Callable[..., Daemon],
+) -> None:
+    """Each message is compressed once per window size for all compressing members (a
+    stream of its own), which members with context takeover, without it, with small
+    windows, and without compression at all must all read right, message after message."""
+    daemon = relay(start, "--compression", "deflate")
+    offers: list[list[ClientExtensionFactory] | None] = [
+        [ClientPerMessageDeflateFactory()],
+        [ClientPerMessageDeflateFactory(server_no_context_takeover=True)],
+        [ClientPerMessageDeflateFactory(server_max_window_bits=10)],
+        None,
+    ]
+    messages: list[str | bytes] = [os.urandom(5000), b"a" * 20000, "texte répété " * 500, b"", "é"]
+
+    async def main() -> None:
+        members = [await connect(f"{daemon.url}/z", extensions=offer) for offer in offers]
+        async with connect(f"{daemon.url}/z") as publisher:
+            for message in messages:
+                await publisher.send(message)
+            for ws in members:
+                for message in messages:
+                    assert await asyncio.wait_for(ws.recv(), 10) == message
+        for ws in members:
+            await ws.close()
+
+    asyncio.run(main())
 
 
 def test_channel_limits_get_http_errors(start: Callable[..., Daemon]) -> None:

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from wsechod import ratelimit
 from wsechod.engine import frames as f
-from wsechod.engine.deflate import Corrupt, Deflate, TooBig
+from wsechod.engine.deflate import Corrupt, Deflate, TooBig, alone
 from wsechod.engine.frames import apply_mask
 from wsechod.engine.interface import Application, Prepared
 
@@ -211,11 +211,19 @@ class WebSocket(asyncio.Protocol):
     def send_prepared(self, message: Prepared) -> None:
         if self._state != OPEN:
             return
-        if self._deflate is not None:
-            self.send(message.payload, message.text)
-            return
-        self._t.write(message.frame)
-        self.bytes_out += len(message.payload)
+        deflate = self._deflate
+        if deflate is not None:  # compressed once for every member with this window
+            bits = deflate.out_bits
+            payload = message.deflated.get(bits)
+            if payload is None:
+                payload = message.deflated[bits] = alone(message.payload, bits)
+            opcode = f.OP_TEXT if message.text else f.OP_BINARY
+            self._t.writelines((f.header(opcode, len(payload), rsv1=True), payload))
+            deflate.sent_alone()
+            self.bytes_out += len(payload)
+        else:
+            self._t.write(message.frame)
+            self.bytes_out += len(message.payload)
         if message.text:
             self.text_out += 1
         else:

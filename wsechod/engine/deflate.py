@@ -163,6 +163,16 @@ def negotiated(extensions: Sequence[Extension], inflate_rate: int) -> Deflate | 
     return Deflate(found, Budget(inflate_rate, inflate_rate) if inflate_rate else None)
 
 
+def alone(data: bytes, bits: int) -> bytes:
+    """A whole message compressed as a stream of its own (no window before it, flushed, its
+    tail removed, 7.2.1): it refers to nothing before its start, so any client whose window
+    holds ``2**bits`` bytes inflates it, whatever it inflated before. The relay compresses a
+    message so once for every member with that window, not once per member: a thousand
+    members were a thousand compressions of each message, holding the loop for seconds."""
+    encoder = zlib.compressobj(wbits=-bits, memLevel=MEM_LEVEL)
+    return (encoder.compress(data) + encoder.flush(zlib.Z_SYNC_FLUSH))[:-4]
+
+
 class Deflate:
     """One connection's compression state, from the parameters negotiated."""
 
@@ -170,6 +180,7 @@ class Deflate:
         "_budget",
         "_decoder",
         "_done",
+        "_empty",
         "_encoder",
         "_held",
         "_in_bits",
@@ -197,6 +208,7 @@ class Deflate:
         self._window = bytearray()
         self._window_size = 1 << self._in_bits
         self._done = False  # the message in progress had a final block
+        self._empty = True  # no compressed byte of the message in progress yet
         self._raw: list[bytes] = []  # fragments held as they came (at most HOLD_RAW bytes)
         self._raw_size = 0
         self._held: list[bytes] = []  # compressed, not sent yet: the message's next frame
@@ -214,9 +226,14 @@ class Deflate:
         while idle)."""
         if first:
             self._done = False
+            self._empty = True
             if self._in_reset:
                 self._decoder = zlib.decompressobj(wbits=-self._in_bits)
+        if data:
+            self._empty = False
         if last:
+            if self._empty:  # 7.2.3.6: an empty message compresses to 0x00, never to nothing
+                raise Corrupt("a compressed message with no payload")
             data += _TAIL
         if self._done:
             if data not in _AFTER_FINAL:
@@ -355,10 +372,15 @@ class Deflate:
         self._held.clear()
         trimmer.add(released)
 
-    def compress(self, data: bytes, first: bool, last: bool) -> bytes:
-        """One frame's payload, flushed (the first of each message carries RSV1, 6.1, which
-        the caller sets): what an engine without ``hold`` and ``flush`` calls."""
-        encoder = self._start(True) if first else self._encoder
-        assert encoder is not None
-        out = encoder.compress(data) + encoder.flush(zlib.Z_SYNC_FLUSH)
-        return out[:-4] if last else out  # 7.2.1: without the empty block's 4 octets
+    # --- a message compressed once for many -----------------------------------------
+
+    @property
+    def out_bits(self) -> int:
+        """The window the client may expect of what we send: ``alone`` is made for it."""
+        return self._out_bits
+
+    def sent_alone(self) -> None:
+        """A message compressed on its own (``alone``) went out: the client's window now
+        holds what this connection's encoder never saw, so the next message it compresses
+        starts a stream of its own too."""
+        self._encoder = None

@@ -76,14 +76,16 @@ class Request:
 
 class Prepared:
     """A message framed once for many receivers (relay fan-out): connections without
-    compression write ``frame`` as it is; a compressing connection uses ``payload``."""
+    compression write ``frame`` as it is; compressing ones, the payload compressed once
+    per window size (``deflated``, filled by the first of them that needs it)."""
 
-    __slots__ = ("frame", "payload", "text")
+    __slots__ = ("deflated", "frame", "payload", "text")
 
     def __init__(self, payload: bytes, text: bool, frame: bytes) -> None:
         self.payload = payload
         self.text = text
         self.frame = frame
+        self.deflated: dict[int, bytes] = {}  # window bits -> the payload compressed alone
 
 
 class Connection(Protocol):
