@@ -22,7 +22,7 @@ from typing import Any
 from websockets.speedups import apply_mask
 
 from wsechod.apps.echo import Echo
-from wsechod.engine.server import Options
+from wsechod.engine import Options
 
 ROOT = Path(__file__).resolve().parents[1]
 SOURCE = "wsechod/engine/connection.py"

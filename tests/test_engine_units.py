@@ -17,7 +17,7 @@ from wsechod.apps.relay import Relay
 from wsechod.brokers.memory import MemoryBroker
 from wsechod.engine import Application, Connection, Engine, Options, connection, frames
 from wsechod.engine.connection import WebSocket
-from wsechod.engine.deflate import Deflate, alone
+from wsechod.engine.deflate import Deflate, compress_whole
 from wsechod.runtime import run
 
 pytestmark = pytest.mark.unit  # in-process: make check runs it
@@ -283,9 +283,9 @@ def test_a_relayed_message_is_compressed_once_for_every_compressing_member(
 
     def counting(data: bytes, bits: int) -> bytes:
         calls.append(bits)
-        return alone(data, bits)
+        return compress_whole(data, bits)
 
-    monkeypatch.setattr(connection, "alone", counting)
+    monkeypatch.setattr(connection, "compress_whole", counting)
 
     async def main() -> None:
         relay = Relay(MemoryBroker())

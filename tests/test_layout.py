@@ -75,6 +75,48 @@ def test_the_engine_needs_only_itself_and_two_leaves() -> None:
     assert {k: v for k, v in found.items() if v} == {}
 
 
+# The engine's modules, lowest first: each imports only those before it (a connection is
+# typed against the protocol of the engine it asks things of, not the engine itself).
+ENGINE_ORDER = (
+    "addresses",
+    "frames",
+    "interface",
+    "proxy",
+    "options",
+    "deflate",
+    "budget",
+    "connection",
+    "handshake",
+    "server",
+    "__init__",
+)
+
+
+def test_the_engine_imports_in_one_direction() -> None:
+    files = {p.stem for p in modules("engine")}
+    assert files == set(ENGINE_ORDER), files ^ set(ENGINE_ORDER)
+    back = {}
+    for rank, name in enumerate(ENGINE_ORDER):
+        path = PACKAGE / "engine" / f"{name}.py"
+        later = tuple(f"wsechod.engine.{n}" for n in ENGINE_ORDER[rank:] if n != "__init__")
+        found = imports(path)
+        bad = sorted(i for i in found if i.startswith(later))
+        # "from wsechod.engine import frames" names the module as an attribute
+        bad += sorted(
+            i
+            for i in found
+            if i.startswith("wsechod.engine.")
+            and i.count(".") == 2
+            and i.rsplit(".", 1)[1] in ENGINE_ORDER[rank:]
+            and i not in bad
+        )
+        if name == "__init__":
+            bad = []
+        if bad:
+            back[name] = bad
+    assert back == {}
+
+
 def test_the_engine_knows_nothing_of_metrics() -> None:
     """The engine keeps plain counts; /metrics reads them at scrape time, from above."""
     assert offending(modules("engine"), ("wsechod.runtime.metrics", "prometheus_client")) == {}

@@ -17,7 +17,7 @@ from websockets.sync.client import connect as sync_connect
 from tests.conftest import Daemon
 from tests.test_echo import http_get
 from tests.test_tls import issue, trusting
-from wsechod.engine.server import Options
+from wsechod.engine import Options
 from wsechod.runtime import tls
 from wsechod.runtime.lifecycle import Lifecycle
 from wsechod.settings import Settings

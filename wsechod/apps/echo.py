@@ -15,7 +15,7 @@ class Echo:
         pass
 
     def data(self, conn: Connection, payload: bytes, text: bool, first: bool, last: bool) -> None:
-        conn.send(payload, text, first, last)
+        conn.send(payload, text=text, first=first, last=last)
 
     def blocked(self, conn: Connection) -> None:
         pass

@@ -38,7 +38,7 @@ from wsechod import ratelimit
 from wsechod.apps import channels
 from wsechod.brokers.base import Broker
 from wsechod.engine import Connection, Family, Figures, Prepared, Reply, prepare
-from wsechod.engine.frames import POLICY_VIOLATION
+from wsechod.engine.frames import CloseCode
 from wsechod.log import get_logger
 
 log = get_logger("wsechod.relay")
@@ -421,7 +421,7 @@ class Relay:
         if self.policy == "close":
             self.stats["slow_closed"] += 1
             warn.warning("slow consumer: closing", peer=conn.peer, channel=channel.name)
-            conn.close(POLICY_VIOLATION, SLOW_REASON)
+            conn.close(CloseCode.POLICY_VIOLATION, SLOW_REASON)
             return
         self.stats["slow_dropping"] += 1
         warn.warning("slow consumer: dropping its messages", peer=conn.peer, channel=channel.name)

@@ -1,7 +1,7 @@
 """The engine: WebSocket connections on uvloop with one ``asyncio.Protocol`` each and no
 Task per connection or message; applications see only ``interface``."""
 
-from wsechod.engine.frames import OP_BINARY, OP_TEXT, frame
+from wsechod.engine.frames import OP_BINARY, OP_TEXT, CloseCode, Opcode, frame
 from wsechod.engine.interface import (
     Application,
     Connection,
@@ -12,15 +12,18 @@ from wsechod.engine.interface import (
     Reply,
     Request,
 )
-from wsechod.engine.server import Engine, Options
+from wsechod.engine.options import Options
+from wsechod.engine.server import Engine
 
 __all__ = [
     "Application",
+    "CloseCode",
     "Connection",
     "Engine",
     "Family",
     "Figures",
     "Listener",
+    "Opcode",
     "Options",
     "Prepared",
     "Reply",

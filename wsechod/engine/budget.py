@@ -26,27 +26,53 @@ pongs wait behind what is not read.
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING
+from collections.abc import Collection
+from typing import Protocol
 
 from wsechod import ratelimit
-
-if TYPE_CHECKING:
-    from wsechod.engine.connection import WebSocket
-    from wsechod.engine.server import Engine
+from wsechod.engine.frames import CloseCode
 
 CHECK_INTERVAL = 0.1  # seconds between sums of the blocked write buffers
 GRACE = 1.0  # seconds over the limit before the heaviest connections are closed
 RESUME_AT = 0.75  # share of the limit under which reading goes on
-TRY_AGAIN_LATER = 1013
 
 warn = ratelimit.logger("wsechod.engine")
+
+
+class Holder(Protocol):
+    """A connection, as the budget sees it."""
+
+    peer: str
+
+    @property
+    def blocked(self) -> bool:
+        """Its write buffer is above ``write_limit``."""
+
+    @property
+    def buffered(self) -> int:
+        """Bytes waiting to be written to it."""
+
+    @property
+    def holding(self) -> bool:
+        """Part of a frame is buffered, or the application holds part of a message."""
+
+    @property
+    def weight(self) -> int:
+        """What closing it would let go of."""
+
+    def memory_pause(self) -> None: ...
+
+    def memory_resume(self) -> None: ...
+
+    def close_for_memory(self, code: CloseCode) -> None: ...
 
 
 class Budget:
     """One process's budget; ``held`` is kept by the connections themselves."""
 
     __slots__ = (
-        "_engine",
+        "_connections",
+        "_loop",
         "_over_since",
         "_timer",
         "blocked",
@@ -57,13 +83,16 @@ class Budget:
         "paused",
     )
 
-    def __init__(self, engine: Engine, limit: int) -> None:
-        self._engine = engine
+    def __init__(
+        self, loop: asyncio.AbstractEventLoop, connections: Collection[Holder], limit: int
+    ) -> None:
+        self._loop = loop
+        self._connections = connections  # the engine's table, as it changes
         self.limit = limit
         self.held = 0  # bytes of frames still arriving, and held by applications
         self.outgoing = 0  # the blocked connections' write buffers, at the last check
-        self.blocked: set[WebSocket] = set()  # above write_limit
-        self.paused: set[WebSocket] = set()  # not read while over the limit
+        self.blocked: set[Holder] = set()  # above write_limit
+        self.paused: set[Holder] = set()  # not read while over the limit
         self.closed = 0  # connections closed to bring the process back under
         self._over_since: float | None = None
         self._timer: asyncio.TimerHandle | None = None
@@ -73,7 +102,7 @@ class Budget:
         return self.held + self.outgoing
 
     def start(self) -> None:
-        self._timer = self._engine.loop.call_later(CHECK_INTERVAL, self.check)
+        self._timer = self._loop.call_later(CHECK_INTERVAL, self.check)
 
     def stop(self) -> None:
         if self._timer is not None:
@@ -83,8 +112,7 @@ class Budget:
     def check(self) -> None:
         """Every CHECK_INTERVAL: sum the blocked write buffers, then pause, resume or
         shed as the total says."""
-        engine = self._engine
-        self._timer = engine.loop.call_later(CHECK_INTERVAL, self.check)
+        self._timer = self._loop.call_later(CHECK_INTERVAL, self.check)
         self.outgoing = sum(ws.buffered for ws in self.blocked)
         total = self.total
         if total <= self.limit * RESUME_AT:
@@ -97,7 +125,7 @@ class Budget:
         if total <= self.limit and not self.paused:
             self._over_since = None  # between the two marks, nobody waiting: as it is
             return
-        now = engine.loop.time()
+        now = self._loop.time()
         if self._over_since is None:
             self._over_since = now
             warn.warning(
@@ -106,26 +134,26 @@ class Budget:
                 buffered=total,
                 limit=self.limit,
             )
-            for ws in engine.connections:
+            for ws in self._connections:
                 if ws.holding:
                     self.pause(ws)
         elif now - self._over_since >= GRACE:
             self._shed(total - int(self.limit * RESUME_AT))
             self._over_since = now  # what was closed takes a moment to be gone
 
-    def pause(self, ws: WebSocket) -> None:
+    def pause(self, ws: Holder) -> None:
         if ws not in self.paused:
             self.paused.add(ws)
             ws.memory_pause()
 
-    def forget(self, ws: WebSocket) -> None:
+    def forget(self, ws: Holder) -> None:
         self.blocked.discard(ws)
         self.paused.discard(ws)
 
     def _shed(self, excess: int) -> None:
         """Close the heaviest connections until ``excess`` bytes are let go."""
         heavy = sorted(
-            (ws for ws in self._engine.connections if ws.holding or ws.blocked),
+            (ws for ws in self._connections if ws.holding or ws.blocked),
             key=lambda ws: ws.weight,
             reverse=True,
         )
@@ -141,4 +169,4 @@ class Budget:
                 held=ws.weight,
                 limit=self.limit,
             )
-            ws.close_for_memory(TRY_AGAIN_LATER)
+            ws.close_for_memory(CloseCode.TRY_AGAIN_LATER)

@@ -16,16 +16,30 @@ from __future__ import annotations
 
 import asyncio
 import codecs
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from wsechod import ratelimit
-from wsechod.engine import frames as f
-from wsechod.engine.deflate import Corrupt, Deflate, TooBig, alone
-from wsechod.engine.frames import apply_mask
+from wsechod.engine import frames
+from wsechod.engine.budget import Budget
+from wsechod.engine.deflate import Corrupt, Deflate, TooBig, compress_whole
+from wsechod.engine.frames import (
+    HEADERS,
+    INVALID_UTF8,
+    MAX_CONTROL_PAYLOAD,
+    OP_BINARY,
+    OP_CLOSE,
+    OP_CONT,
+    OP_PING,
+    OP_PONG,
+    OP_TEXT,
+    RSV1,
+    CloseCode,
+    Failure,
+    apply_mask,
+    valid_utf8,
+)
 from wsechod.engine.interface import Application, Prepared
-
-if TYPE_CHECKING:
-    from wsechod.engine.server import Engine
+from wsechod.engine.options import Options
 
 # States. Reading goes on in CLOSING (we sent a close frame and wait for the client's);
 # in CLOSED nothing more is parsed.
@@ -41,11 +55,33 @@ TURN = 256
 # A frame bigger than this is unmasked from a memoryview instead of a copy.
 _VIEW_FROM = 4096
 _Decoder = codecs.getincrementaldecoder("utf-8")
-_HEADERS = f._HEADERS
-_TEXT, _BINARY = _HEADERS[0x80 | f.OP_TEXT], _HEADERS[0x80 | f.OP_BINARY]
+_TEXT, _BINARY = HEADERS[0x80 | OP_TEXT], HEADERS[0x80 | OP_BINARY]
+_PONG, _PING, _CLOSE = HEADERS[0x80 | OP_PONG], HEADERS[0x80 | OP_PING], HEADERS[0x80 | OP_CLOSE]
+APP_FAILED = Failure(CloseCode.INTERNAL_ERROR, "internal error")
+KEEPALIVE_TIMEOUT = Failure(CloseCode.INTERNAL_ERROR, "keepalive ping timeout")
+SHORT_OF_MEMORY = "server is short of memory"
+_NO_STATUS = int(CloseCode.NO_STATUS_RCVD)
 
 # An application's exception is a bug, but a client can trigger it over and over.
 failures = ratelimit.logger("wsechod.engine")
+
+
+class Host(Protocol):
+    """What a connection asks of the engine that accepted it."""
+
+    app: Application
+    options: Options  # a connection keeps those of the moment it opened
+    loop: asyncio.AbstractEventLoop
+    budget: Budget
+
+    def next_ping(self) -> bytes:
+        """A keepalive ping's payload, unique among the pings in flight."""
+
+    def closed(self, ws: WebSocket) -> None:
+        """``ws`` is gone, and its file descriptor with it."""
+
+    def failed(self, ws: WebSocket, failure: Failure) -> None:
+        """``ws`` failed (7.1.7): counted and logged."""
 
 
 class WebSocket(asyncio.Protocol):
@@ -65,12 +101,12 @@ class WebSocket(asyncio.Protocol):
         "_need",
         "_options",
         "_parsing",
-        "_pause",
+        "_paused",
         "_ping",
         "_ping_at",
         "_state",
-        "_t",
         "_timer",
+        "_transport",
         "_utf8",
         "app_data",
         "app_held",
@@ -93,7 +129,7 @@ class WebSocket(asyncio.Protocol):
 
     def __init__(
         self,
-        engine: Engine,
+        engine: Host,
         transport: asyncio.Transport,
         path: str,
         peer: str,
@@ -101,7 +137,7 @@ class WebSocket(asyncio.Protocol):
     ) -> None:
         self._engine = engine
         self._app: Application = engine.app
-        self._t = transport
+        self._transport = transport
         self._deflate = deflate
         # The options of the moment it opened: a reload changes them for new connections.
         self._options = options = engine.options
@@ -112,7 +148,7 @@ class WebSocket(asyncio.Protocol):
         self._msg_size = 0
         self._compressed = False  # the message in progress is compressed
         self._utf8: Any = None  # incremental decoder of a text message in progress
-        self._pause = 0
+        self._paused = 0  # why reading is paused: PAUSED_* bits
         self._budget = TURN
         self._parsing = False
         self._state = OPEN
@@ -148,7 +184,7 @@ class WebSocket(asyncio.Protocol):
 
     @property
     def buffered(self) -> int:
-        return self._t.get_write_buffer_size()
+        return self._transport.get_write_buffer_size()
 
     @property
     def received(self) -> int:
@@ -159,23 +195,23 @@ class WebSocket(asyncio.Protocol):
         return self.text_out + self.binary_out
 
     def send(  # noqa: PLR0912 - inline
-        self, payload: bytes, text: bool, first: bool = True, last: bool = True
+        self, payload: bytes, *, text: bool, first: bool = True, last: bool = True
     ) -> None:
         if self._state != OPEN:
             return
         n = len(payload)
         if n < 126 and first and last and self._deflate is None:  # the common case, inline
             if text:
-                self._t.write(_TEXT[n] + payload)
+                self._transport.write(_TEXT[n] + payload)
                 self.text_out += 1
             else:
-                self._t.write(_BINARY[n] + payload)
+                self._transport.write(_BINARY[n] + payload)
                 self.binary_out += 1
             self.bytes_out += n
             return
         deflate = self._deflate
         if deflate is None:
-            opcode, rsv1 = (f.OP_TEXT if text else f.OP_BINARY) if first else f.OP_CONT, False
+            opcode, rsv1 = (OP_TEXT if text else OP_BINARY) if first else OP_CONT, False
         elif last:
             opcode, rsv1, payload = deflate.end(payload, text, first)
         else:  # held until the loop has handled this read (deflate.py: why)
@@ -184,13 +220,13 @@ class WebSocket(asyncio.Protocol):
             return
         n = len(payload)
         if n < 126:
-            self._t.write(
-                _HEADERS[(0x80 if last else 0) | (0x40 if rsv1 else 0) | opcode][n] + payload
+            self._transport.write(
+                HEADERS[(0x80 if last else 0) | (0x40 if rsv1 else 0) | opcode][n] + payload
             )
         elif n < _VIEW_FROM:
-            self._t.write(f.header(opcode, n, last, rsv1) + payload)
+            self._transport.write(frames.header(opcode, n, last, rsv1) + payload)
         else:  # no copy of a big payload: the transport keeps both parts
-            self._t.writelines((f.header(opcode, n, last, rsv1), payload))
+            self._transport.writelines((frames.header(opcode, n, last, rsv1), payload))
         self.bytes_out += n
         if last:
             if text:
@@ -205,7 +241,7 @@ class WebSocket(asyncio.Protocol):
             return
         frame = self._deflate.flush()
         if frame is not None:
-            self._t.writelines(frame)
+            self._transport.writelines(frame)
             self.bytes_out += len(frame[1])
 
     def send_prepared(self, message: Prepared) -> None:
@@ -216,13 +252,13 @@ class WebSocket(asyncio.Protocol):
             bits = deflate.out_bits
             payload = message.deflated.get(bits)
             if payload is None:
-                payload = message.deflated[bits] = alone(message.payload, bits)
-            opcode = f.OP_TEXT if message.text else f.OP_BINARY
-            self._t.writelines((f.header(opcode, len(payload), rsv1=True), payload))
-            deflate.sent_alone()
+                payload = message.deflated[bits] = compress_whole(message.payload, bits)
+            opcode = OP_TEXT if message.text else OP_BINARY
+            self._transport.writelines((frames.header(opcode, len(payload), rsv1=True), payload))
+            deflate.sent_whole()
             self.bytes_out += len(payload)
         else:
-            self._t.write(message.frame)
+            self._transport.write(message.frame)
             self.bytes_out += len(message.payload)
         if message.text:
             self.text_out += 1
@@ -230,19 +266,20 @@ class WebSocket(asyncio.Protocol):
             self.binary_out += 1
 
     def close(self, code: int, reason: str = "") -> None:
-        """Our side starts the closing handshake (drain, slow consumer, keepalive)."""
+        """Our side starts the closing handshake (drain, slow consumer, keepalive): ``code``
+        a ``CloseCode``, or an application's own (3000-4999)."""
         if self._state != OPEN:
             return
         self._write_close(code, reason)
         self._state = CLOSING
         self._close_later()
-        self._release(PAUSED_APP)  # its close frame must be read; its data is only counted
+        self._resume_for(PAUSED_APP)  # its close frame must be read; its data is only counted
 
     def pause_reading(self) -> None:
-        self._hold(PAUSED_APP)
+        self._pause_for(PAUSED_APP)
 
     def resume_reading(self) -> None:
-        self._release(PAUSED_APP)
+        self._resume_for(PAUSED_APP)
 
     def hold(self, nbytes: int) -> None:
         nbytes = max(nbytes, -self.app_held)  # never below nothing, whatever comes late
@@ -261,18 +298,18 @@ class WebSocket(asyncio.Protocol):
         """What closing it would let go of."""
         buf = self._buf
         held = (0 if buf is None else len(buf)) + self.app_held
-        return held + self._t.get_write_buffer_size() if self.blocked else held
+        return held + self._transport.get_write_buffer_size() if self.blocked else held
 
     def memory_pause(self) -> None:
-        self._hold(PAUSED_MEMORY)
+        self._pause_for(PAUSED_MEMORY)
 
     def memory_resume(self) -> None:
-        self._release(PAUSED_MEMORY)
+        self._resume_for(PAUSED_MEMORY)
 
-    def close_for_memory(self, code: int) -> None:
+    def close_for_memory(self, code: CloseCode) -> None:
         """Closed to bring the process back under its budget: what it holds is let go of
         now; a client that does not read its buffer cannot take the close frame."""
-        self._fail(code, "server is short of memory")
+        self._fail(Failure(code, SHORT_OF_MEMORY))
         if self.blocked:
             self.abort()
 
@@ -321,7 +358,7 @@ class WebSocket(asyncio.Protocol):
     def pause_writing(self) -> None:
         self.blocked = True
         self._engine.budget.blocked.add(self)
-        self._hold(PAUSED_WRITE)
+        self._pause_for(PAUSED_WRITE)
         self._app.blocked(self)
 
     def resume_writing(self) -> None:
@@ -330,11 +367,10 @@ class WebSocket(asyncio.Protocol):
         self._app.unblocked(self)
         if self.blocked:  # what the application wrote meanwhile filled it again
             return
-        self._release(PAUSED_WRITE)
+        self._resume_for(PAUSED_WRITE)
 
     def connection_lost(self, exc: Exception | None) -> None:
         engine = self._engine
-        engine.transports -= 1
         self._state = CLOSED
         self._set_buf(None)
         if self._deflate is not None:  # zlib's state (about 50 KiB) goes now
@@ -370,7 +406,7 @@ class WebSocket(asyncio.Protocol):
         self._parsing = True
         try:
             max_size = self._max_size
-            while end - pos >= 2 and not self._pause and self._state != CLOSED:
+            while end - pos >= 2 and not self._paused and self._state != CLOSED:
                 b0 = buf[pos]
                 b1 = buf[pos + 1]
                 length = b1 & 0x7F
@@ -393,12 +429,8 @@ class WebSocket(asyncio.Protocol):
                     self.bytes_in += length
                     text = b0 == 0x81
                     if text:
-                        if not payload.isascii():
-                            try:
-                                payload.decode()
-                            except UnicodeDecodeError as exc:
-                                bad = f"invalid UTF-8 at {exc.start}"
-                                return self._fail(f.INVALID_DATA, bad, end)
+                        if not payload.isascii() and not valid_utf8(payload):
+                            return self._fail(INVALID_UTF8, end)
                         self.text_in += 1
                     else:
                         self.binary_in += 1
@@ -406,8 +438,7 @@ class WebSocket(asyncio.Protocol):
                         try:
                             self._app.data(self, payload, text, True, True)
                         except Exception:
-                            failures.error("application failed on a message", peer=self.peer)
-                            return self._fail(f.INTERNAL_ERROR, "internal error", end)
+                            return self._app_failed(end)
                     self._budget -= 1
                     if self._budget <= 0:
                         self._yield()
@@ -418,25 +449,24 @@ class WebSocket(asyncio.Protocol):
                     length = (buf[pos + 2] << 8) | buf[pos + 3]
                     start = pos + 8
                     if length < 126:  # 5.2: the minimal number of bytes MUST be used
-                        return self._fail(f.PROTOCOL_ERROR, "non-minimal length", end)
+                        return self._fail(frames.NON_MINIMAL_LENGTH, end)
                 elif length == 127:
                     if end - pos < 14:
                         break
                     length = int.from_bytes(buf[pos + 2 : pos + 10], "big")
                     start = pos + 14
                     if length < 0x10000 or length >> 63:  # 5.2: minimal, top bit 0
-                        return self._fail(f.PROTOCOL_ERROR, "invalid length", end)
+                        return self._fail(frames.INVALID_LENGTH, end)
                 if not b1 & 0x80:
-                    return self._fail(f.PROTOCOL_ERROR, "incorrect masking", end)
+                    return self._fail(frames.UNMASKED, end)
                 opcode = b0 & 0x0F
                 if opcode & 0x8:
-                    if opcode > f.OP_PONG or b0 & 0x70:
-                        return self._fail(f.PROTOCOL_ERROR, "invalid control frame", end)
-                    if not b0 & 0x80 or length > f.MAX_CONTROL_PAYLOAD:
-                        return self._fail(f.PROTOCOL_ERROR, "control frame too long", end)
-                elif why := self._check_data_header(b0, opcode, length):
-                    code = f.MESSAGE_TOO_BIG if why == "message too big" else f.PROTOCOL_ERROR
-                    return self._fail(code, why, end)
+                    if opcode > OP_PONG or b0 & 0x70:
+                        return self._fail(frames.INVALID_CONTROL, end)
+                    if not b0 & 0x80 or length > MAX_CONTROL_PAYLOAD:
+                        return self._fail(frames.CONTROL_TOO_LONG, end)
+                elif failure := self._check_data_header(b0, opcode, length):
+                    return self._fail(failure, end)
                 stop = start + length
                 if stop > end:
                     self._need = stop - pos
@@ -462,35 +492,35 @@ class WebSocket(asyncio.Protocol):
             return end
         return pos
 
-    def _check_data_header(self, b0: int, opcode: int, length: int) -> str | None:
+    def _check_data_header(self, b0: int, opcode: int, length: int) -> Failure | None:
         """Why a data frame's header is a protocol violation, before its payload."""
-        if opcode > f.OP_BINARY:
-            return "reserved opcode"
-        if b0 & 0x70 and (b0 & 0x70 != f.RSV1 or self._deflate is None or opcode == f.OP_CONT):
-            return "reserved bits set"
-        if opcode == f.OP_CONT:
+        if opcode > OP_BINARY:
+            return frames.RESERVED_OPCODE
+        if b0 & 0x70 and (b0 & 0x70 != RSV1 or self._deflate is None or opcode == OP_CONT):
+            return frames.RESERVED_BITS
+        if opcode == OP_CONT:
             if not self._msg:
-                return "unexpected continuation frame"
+                return frames.UNEXPECTED_CONTINUATION
         elif self._msg:
-            return "expected a continuation frame"
+            return frames.EXPECTED_CONTINUATION
         room = self._max_size - self._msg_size
-        if b0 & 0x40 or (opcode == f.OP_CONT and self._compressed):
+        if b0 & 0x40 or (opcode == OP_CONT and self._compressed):
             # Deflate grows incompressible data a little (up to 1/8 with zlib's smallest
             # memLevel); what counts is the size once inflated, checked then. This only
             # bounds what is buffered.
             room += (room >> 3) + 64
         if length > room:
-            return "message too big"
+            return frames.TOO_BIG
         return None
 
     def _data(self, opcode: int, b0: int, payload: bytes) -> None:  # noqa: PLR0912
         fin = b0 & 0x80
         if opcode:
-            text = opcode == f.OP_TEXT
+            text = opcode == OP_TEXT
             first = True
             self._compressed = bool(b0 & 0x40)
         else:
-            text = self._msg == f.OP_TEXT
+            text = self._msg == OP_TEXT
             first = False
         if self._compressed:
             payload = self._inflate(first, fin, payload)
@@ -504,12 +534,9 @@ class WebSocket(asyncio.Protocol):
                 if not self._text_ok(payload_rest, bool(fin)):
                     return
             elif first and fin:
-                if not payload.isascii():
-                    try:
-                        payload.decode()
-                    except UnicodeDecodeError as exc:
-                        self._fail(f.INVALID_DATA, f"invalid UTF-8 at byte {exc.start}")
-                        return
+                if not payload.isascii() and not valid_utf8(payload):
+                    self._fail(INVALID_UTF8)
+                    return
             elif not self._text_ok(payload, bool(fin)):
                 return
         if fin:
@@ -528,8 +555,13 @@ class WebSocket(asyncio.Protocol):
         try:
             self._app.data(self, payload, text, first, bool(fin))
         except Exception:
-            failures.error("application failed on a message", peer=self.peer)
-            self._fail(f.INTERNAL_ERROR, "internal error")
+            self._app_failed()
+
+    def _app_failed(self, result: int = 0) -> int:
+        """The application raised on a message: a bug, logged (rate-limited: a client can
+        trigger it over and over), and the connection fails with 1011."""
+        failures.error("application failed on a message", peer=self.peer)
+        return self._fail(APP_FAILED, result)
 
     def _inflate(self, first: bool, fin: int, payload: bytes) -> bytes:
         deflate = self._deflate
@@ -537,10 +569,10 @@ class WebSocket(asyncio.Protocol):
         try:
             data = deflate.inflate(payload, first, bool(fin), self._max_size - self._msg_size)
         except TooBig:
-            self._fail(f.MESSAGE_TOO_BIG, "message too big")
+            self._fail(frames.TOO_BIG)
             return b""
         except Corrupt as exc:
-            self._fail(f.PROTOCOL_ERROR, str(exc))
+            self._fail(Failure(CloseCode.PROTOCOL_ERROR, str(exc)))
             return b""
         if deflate.pause:
             self._pace(deflate.pause)
@@ -555,8 +587,8 @@ class WebSocket(asyncio.Protocol):
             decoder = self._utf8 = _Decoder()
         try:
             decoder.decode(payload, final)
-        except UnicodeDecodeError as exc:
-            self._fail(f.INVALID_DATA, f"invalid UTF-8 at byte {exc.start}")
+        except UnicodeDecodeError:
+            self._fail(INVALID_UTF8)
             return False
         if final:
             self._utf8 = None
@@ -570,7 +602,7 @@ class WebSocket(asyncio.Protocol):
         has arrived whole and been inflated."""
         b0 = buf[0]
         opcode = b0 & 0x0F
-        if opcode != f.OP_TEXT and (opcode != f.OP_CONT or self._msg != f.OP_TEXT):
+        if opcode != OP_TEXT and (opcode != OP_CONT or self._msg != OP_TEXT):
             return  # binary, or a control frame between the fragments of a text message
         if self._compressed or b0 & 0x40:
             return
@@ -588,12 +620,12 @@ class WebSocket(asyncio.Protocol):
             self._checked = checked + len(seen)
 
     def _control(self, opcode: int, payload: bytes) -> None:
-        if opcode == f.OP_PING:
+        if opcode == OP_PING:
             n = len(payload)
             if self._deflate is not None:
                 self._flush_held()
-            self._t.write(_HEADERS[0x80 | f.OP_PONG][n] + payload)
-        elif opcode == f.OP_PONG:
+            self._transport.write(_PONG[n] + payload)
+        elif opcode == OP_PONG:
             if payload == self._ping:
                 self._ping = None
                 if self._timer is not None and self._state == OPEN:
@@ -607,54 +639,54 @@ class WebSocket(asyncio.Protocol):
         code: int | None = None
         if payload:
             if len(payload) == 1:
-                self._fail(f.PROTOCOL_ERROR, "close frame too short")
+                self._fail(frames.CLOSE_TOO_SHORT)
                 return
             code = int.from_bytes(payload[:2], "big")
-            if not f.valid_peer_code(code):
-                self._fail(f.PROTOCOL_ERROR, f"invalid close code {code}")
+            if not frames.valid_peer_code(code):
+                self._fail(Failure(CloseCode.PROTOCOL_ERROR, f"invalid close code {code}"))
                 return
             try:
                 payload[2:].decode()
             except UnicodeDecodeError:
-                self._fail(f.INVALID_DATA, "invalid UTF-8 in close reason")
+                self._fail(frames.INVALID_CLOSE_REASON)
                 return
-        self.code_received = f.NO_STATUS if code is None else code
+        self.code_received = _NO_STATUS if code is None else code
         if self._state == OPEN:
             # 5.5.1: answer with a close frame, echoing the code. A close between the
             # fragments of a message is a normal close too: the message is abandoned.
             self._write_close(code)
         self._state = CLOSED
         self._close_later()
-        self._t.close()  # 7.1.1: the server closes the TCP connection first
+        self._transport.close()  # 7.1.1: the server closes the TCP connection first
 
     # --- closing ---------------------------------------------------------------------
 
     def _write_close(self, code: int | None, reason: str = "") -> None:
         if self._deflate is not None:
             self._flush_held()
-        payload = f.close_payload(code, reason)
-        self._t.write(_HEADERS[0x80 | f.OP_CLOSE][len(payload)] + payload)
-        self.code_sent = f.NO_STATUS if code is None else code
+        payload = frames.close_payload(code, reason)
+        self._transport.write(_CLOSE[len(payload)] + payload)
+        self.code_sent = _NO_STATUS if code is None else int(code)  # a number in logs
         if self.closed_by is None:  # the client's close came first if we are answering it
             self.closed_by = "server" if self.code_received is None else "client"
 
-    def _fail(self, code: int, reason: str, result: int = 0) -> int:
-        """7.1.7 Fail the WebSocket Connection: a close frame with ``code`` if none was
+    def _fail(self, failure: Failure, result: int = 0) -> int:
+        """7.1.7 Fail the WebSocket Connection: a close frame with its code if none was
         sent yet, then stop reading frames. Our side of TCP is shut after the close
         frame, and the client's bytes are discarded until it closes its side, so that
         closing early cannot turn into a reset that destroys the close frame."""
         if self._state == CLOSED:
             return result
         if self._state == OPEN:
-            self._write_close(code, reason)
+            self._write_close(failure.code, failure.reason)
         self._state = CLOSED
         self._set_buf(None)  # nothing more is parsed: what is buffered is let go of now
-        self._engine.failed(self, code, reason)
+        self._engine.failed(self, failure)
         self._close_later()
-        if self._t.can_write_eof():
-            self._t.write_eof()
+        if self._transport.can_write_eof():
+            self._transport.write_eof()
         else:
-            self._t.close()
+            self._transport.close()
         return result
 
     def _close_later(self) -> None:
@@ -668,44 +700,44 @@ class WebSocket(asyncio.Protocol):
     def abort(self) -> None:
         """Drop the TCP connection now (deadlines: close, keepalive, drain)."""
         self._state = CLOSED
-        self._t.abort()
+        self._transport.abort()
 
     # --- flow control ----------------------------------------------------------------
 
     def _yield(self) -> None:
         """Its turn is over: stop reading until the loop has served the others."""
-        self._hold(PAUSED_TURN)
+        self._pause_for(PAUSED_TURN)
         self._engine.loop.call_soon(self._next_turn)
 
     def _next_turn(self) -> None:
         self._budget = TURN
-        self._release(PAUSED_TURN)
+        self._resume_for(PAUSED_TURN)
 
     def _pace(self, delay: float) -> None:
         """Over its inflate budget: stop reading it for ``delay`` seconds."""
-        if not self._pause & PAUSED_INFLATE:
-            self._hold(PAUSED_INFLATE)
-            self._engine.loop.call_later(delay, self._release, PAUSED_INFLATE)
+        if not self._paused & PAUSED_INFLATE:
+            self._pause_for(PAUSED_INFLATE)
+            self._engine.loop.call_later(delay, self._resume_for, PAUSED_INFLATE)
 
-    def _hold(self, reason: int) -> None:
-        if not self._pause:
-            self._t.pause_reading()
-        self._pause |= reason
+    def _pause_for(self, reason: int) -> None:
+        if not self._paused:
+            self._transport.pause_reading()
+        self._paused |= reason
 
-    def _release(self, reason: int) -> None:
-        if not self._pause & reason:
+    def _resume_for(self, reason: int) -> None:
+        if not self._paused & reason:
             return
-        self._pause &= ~reason
-        if self._pause or self._state == CLOSED:
+        self._paused &= ~reason
+        if self._paused or self._state == CLOSED:
             return
-        if self._t.is_closing():  # gone meanwhile (a reset): nothing to answer it with
+        if self._transport.is_closing():  # gone meanwhile (a reset): nothing to answer it with
             self._state = CLOSED
             self._set_buf(None)
             return
         if self._buf is not None and not self._parsing:
             self._continue()  # what was read before the pause comes first
-        if not self._pause and self._state != CLOSED:
-            self._t.resume_reading()
+        if not self._paused and self._state != CLOSED:
+            self._transport.resume_reading()
 
     # --- keepalive -------------------------------------------------------------------
 
@@ -729,12 +761,12 @@ class WebSocket(asyncio.Protocol):
         if self._ping is None:
             self._ping_at = now
             self._ping = self._engine.next_ping()
-            self._t.write(_HEADERS[0x80 | f.OP_PING][len(self._ping)] + self._ping)
+            self._transport.write(_PING[len(self._ping)] + self._ping)
             self._keepalive_later(options.ping_timeout or options.ping_interval)
-        elif not options.ping_timeout or (self._pause and not self._pause & PAUSED_WRITE):
+        elif not options.ping_timeout or (self._paused and not self._paused & PAUSED_WRITE):
             self._keepalive_later(options.ping_interval)  # the pong re-arms the interval
         else:
-            self._fail(f.INTERNAL_ERROR, "keepalive ping timeout")
+            self._fail(KEEPALIVE_TIMEOUT)
             if self.buffered:  # it does not read: the close frame cannot reach it
                 self.abort()
             elif self._timer is not None:

@@ -50,7 +50,7 @@ from collections.abc import Callable, Sequence
 from websockets.extensions import Extension
 from websockets.extensions.permessage_deflate import PerMessageDeflate
 
-from wsechod.engine import frames as f
+from wsechod.engine.frames import OP_BINARY, OP_CONT, OP_TEXT, header
 from wsechod.log import get_logger
 
 log = get_logger("wsechod.engine")
@@ -82,7 +82,7 @@ class Corrupt(Exception):
     """Not a valid DEFLATE stream (1002)."""
 
 
-class Budget:
+class TokenBucket:
     """A token bucket of inflated bytes: ``rate`` a second, at most ``burst`` saved up.
     One per connection (its clock is the process's monotonic one, as the loop's)."""
 
@@ -160,10 +160,10 @@ def negotiated(extensions: Sequence[Extension], inflate_rate: int) -> Deflate | 
     found = extensions[0] if extensions else None
     if not isinstance(found, PerMessageDeflate):
         return None
-    return Deflate(found, Budget(inflate_rate, inflate_rate) if inflate_rate else None)
+    return Deflate(found, TokenBucket(inflate_rate, inflate_rate) if inflate_rate else None)
 
 
-def alone(data: bytes, bits: int) -> bytes:
+def compress_whole(data: bytes, bits: int) -> bytes:
     """A whole message compressed as a stream of its own (no window before it, flushed, its
     tail removed, 7.2.1): it refers to nothing before its start, so any client whose window
     holds ``2**bits`` bytes inflates it, whatever it inflated before. The relay compresses a
@@ -196,7 +196,7 @@ class Deflate:
         "pause",
     )
 
-    def __init__(self, negotiated: PerMessageDeflate, budget: Budget | None = None) -> None:
+    def __init__(self, negotiated: PerMessageDeflate, budget: TokenBucket | None = None) -> None:
         # "remote": what the client compresses; "local": what we do.
         self._in_bits = negotiated.remote_max_window_bits or 15
         self._in_reset = negotiated.remote_no_context_takeover
@@ -213,7 +213,7 @@ class Deflate:
         self._raw_size = 0
         self._held: list[bytes] = []  # compressed, not sent yet: the message's next frame
         self._pending = False  # fragments held since the last flush (or message end)
-        self._opcode = f.OP_CONT  # the opcode of the next frame of the message being sent
+        self._opcode = OP_CONT  # the opcode of the next frame of the message being sent
         self._budget = budget
         self.pause = 0.0  # after inflate: seconds to stop reading (the budget is spent)
 
@@ -278,7 +278,7 @@ class Deflate:
 
     def _start(self, text: bool) -> zlib._Compress:
         """A new message: its first frame carries the opcode and RSV1 (6.1)."""
-        self._opcode = f.OP_TEXT if text else f.OP_BINARY
+        self._opcode = OP_TEXT if text else OP_BINARY
         if self._encoder is None or self._out_reset:
             self._encoder = zlib.compressobj(wbits=-self._out_bits, memLevel=MEM_LEVEL)
         return self._encoder
@@ -343,8 +343,8 @@ class Deflate:
             return None
         payload = self._compressed(b"")
         opcode = self._opcode
-        self._opcode = f.OP_CONT
-        return f.header(opcode, len(payload), fin=False, rsv1=opcode != f.OP_CONT), payload
+        self._opcode = OP_CONT
+        return header(opcode, len(payload), fin=False, rsv1=opcode != OP_CONT), payload
 
     def end(self, data: bytes, text: bool, first: bool) -> tuple[int, bool, bytes]:
         """The last fragment of a message (or all of it): the opcode, RSV1 and payload of
@@ -353,10 +353,10 @@ class Deflate:
             self._start(text)
         out = self._compressed(data)[:-4]  # 7.2.1: without the empty block's 4 octets
         opcode = self._opcode
-        self._opcode = f.OP_CONT
+        self._opcode = OP_CONT
         if self._out_reset:  # the next message makes its own: none kept while idle
             self._encoder = None
-        return opcode, opcode != f.OP_CONT, out
+        return opcode, opcode != OP_CONT, out
 
     # --- closing ---------------------------------------------------------------------
 
@@ -376,11 +376,11 @@ class Deflate:
 
     @property
     def out_bits(self) -> int:
-        """The window the client may expect of what we send: ``alone`` is made for it."""
+        """The window the client may expect of what we send: ``compress_whole`` is made for it."""
         return self._out_bits
 
-    def sent_alone(self) -> None:
-        """A message compressed on its own (``alone``) went out: the client's window now
+    def sent_whole(self) -> None:
+        """A message compressed whole (``compress_whole``) went out: the client's window now
         holds what this connection's encoder never saw, so the next message it compresses
         starts a stream of its own too."""
         self._encoder = None

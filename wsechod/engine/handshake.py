@@ -24,20 +24,18 @@ import http
 import re
 import socket
 import ssl
-from typing import TYPE_CHECKING, Any, cast
+from typing import Any, Protocol, cast
 
 from websockets.datastructures import Headers
+from websockets.extensions import ServerExtensionFactory
 from websockets.http11 import Request as WsRequest
 from websockets.server import ServerProtocol
 
 from wsechod._version import __version__
 from wsechod.engine import deflate, proxy
 from wsechod.engine.addresses import format_address
-from wsechod.engine.connection import WebSocket, failures
+from wsechod.engine.connection import Host, WebSocket, failures
 from wsechod.engine.interface import Reply, Request
-
-if TYPE_CHECKING:
-    from wsechod.engine.server import Engine
 
 SERVER = f"wsechod/{__version__}"
 # Longest request head read before answering 431; websockets allows 8 KiB a line and 128
@@ -93,6 +91,35 @@ def _quoted(cause: object) -> str:
     return text if len(text) <= CAUSE_MAX else text[:CAUSE_MAX] + "..."
 
 
+class Gatekeeper(Host, Protocol):
+    """What a handshake asks of the engine that accepted it, besides what its connection
+    will (``Host``): the table of pending handshakes, per-address counts, admission."""
+
+    @property
+    def extensions(self) -> list[ServerExtensionFactory] | None:
+        """What a new handshake may negotiate."""
+
+    def accepted(self, handshake: Handshake) -> bool:
+        """Counted and in the table; False: refuse it (short of file descriptors)."""
+
+    def over_limit(self, group: str) -> bool: ...
+
+    def regroup(self, handshake: Handshake, group: str) -> None: ...
+
+    def handshake_done(self, handshake: Handshake, *, upgraded: bool = False) -> None: ...
+
+    def admit(self, request: Request) -> Reply | None: ...
+
+    def opened(self, ws: WebSocket) -> None: ...
+
+    def refused(self, reason: str, peer: str, detail: str = "") -> None: ...
+
+    def tls_failed(self, peer: str, exc: BaseException) -> None: ...
+
+    def lost(self) -> None:
+        """A connection that never became a WebSocket is gone, and its descriptor."""
+
+
 class Handshake(asyncio.Protocol):
     __slots__ = (
         "_addr",
@@ -102,20 +129,20 @@ class Handshake(asyncio.Protocol):
         "_head",
         "_proxy",
         "_sock",
-        "_t",
         "_timer",
         "_tls",
+        "_transport",
         "_trusted",
         "group",
         "peer",
         "roles",
     )
 
-    def __init__(self, engine: Engine, roles: frozenset[str]) -> None:
+    def __init__(self, engine: Gatekeeper, roles: frozenset[str]) -> None:
         self._engine = engine
         self.roles = roles  # its listener's: what it may be served
         self._head = bytearray()
-        self._t: asyncio.Transport | None = None
+        self._transport: asyncio.Transport | None = None
         self._timer: asyncio.TimerHandle | None = None
         # The TLS handshake under way (``connect_accepted_socket``), and its socket.
         self._tls: asyncio.Task[Any] | None = None
@@ -131,7 +158,7 @@ class Handshake(asyncio.Protocol):
     # --- accepted --------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self._t = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+        self._transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
         if self._tls is not None:  # the TLS handshake is done: the request comes now
             return
         info = transport.get_extra_info
@@ -282,8 +309,8 @@ class Handshake(asyncio.Protocol):
         self._cut = True  # a TLS task ending meanwhile must not go on with it
         if self._tls is not None:
             self._tls.cancel()  # its transport is aborted, the socket closed
-        if self._t is not None:  # also when the TLS task ended but has not said so yet
-            self._t.abort()
+        if self._transport is not None:  # also when the TLS task ended but has not said so yet
+            self._transport.abort()
         self._finish()
 
     def _finish(self, *, upgraded: bool = False) -> None:
@@ -338,7 +365,7 @@ class Handshake(asyncio.Protocol):
             return
         response.headers["Server"] = SERVER
         protocol.send_response(response)
-        transport = self._t
+        transport = self._transport
         assert transport is not None
         for chunk in protocol.data_to_send():
             transport.write(chunk)
@@ -347,7 +374,7 @@ class Handshake(asyncio.Protocol):
         ws = WebSocket(engine, transport, raw.path, self.peer, compression)
         ws.group = self.group
         transport.set_protocol(ws)
-        self._t = None
+        self._transport = None
         engine.opened(ws)
         if rest:
             ws.data_received(rest)
@@ -402,9 +429,9 @@ class Handshake(asyncio.Protocol):
 
     def _answer(self, reply: Reply, head_only: bool = False) -> None:
         """Plain HTTP: write the reply and close once it is sent."""
-        if self._t is None:
+        if self._transport is None:
             return
         if reply.refused:
             self._engine.refused(reply.refused, self.peer)
-        self._t.write(serialize(reply, head_only))
-        self._t.close()  # in the table, with its deadline, until it is gone
+        self._transport.write(serialize(reply, head_only))
+        self._transport.close()  # in the table, with its deadline, until it is gone

@@ -117,7 +117,7 @@ class Connection(Protocol):
     def blocked(self) -> bool:
         """Whether ``buffered`` went above ``write_limit`` and has not drained since."""
 
-    def send(self, payload: bytes, text: bool, first: bool = True, last: bool = True) -> None:
+    def send(self, payload: bytes, *, text: bool, first: bool = True, last: bool = True) -> None:
         """Send one frame of a message (a whole message by default). Ignored once the
         connection is closing: RFC 6455 forbids data after a close frame."""
 
@@ -125,8 +125,9 @@ class Connection(Protocol):
         """Send a whole message framed by ``prepare`` (the same bytes for everyone)."""
 
     def close(self, code: int, reason: str = "") -> None:
-        """Start the closing handshake; the connection goes away when it completes or
-        after ``close_timeout``."""
+        """Start the closing handshake with ``code`` (a ``CloseCode``, or the application's
+        own in 3000-4999); the connection goes away when it completes or after
+        ``close_timeout``."""
 
     def pause_reading(self) -> None:
         """Stop reading from this client (it is sending faster than others can take)."""

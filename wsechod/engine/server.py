@@ -18,7 +18,6 @@ import socket
 import ssl
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 from websockets.extensions import ServerExtensionFactory
@@ -27,10 +26,11 @@ from websockets.extensions.permessage_deflate import enable_server_permessage_de
 from wsechod import ratelimit
 from wsechod.engine.addresses import format_address
 from wsechod.engine.budget import Budget
-from wsechod.engine.connection import WebSocket, failures
+from wsechod.engine.connection import APP_FAILED, WebSocket, failures
+from wsechod.engine.frames import Failure
 from wsechod.engine.handshake import Handshake
 from wsechod.engine.interface import Application, Listener, Reply, Request
-from wsechod.engine.proxy import Network
+from wsechod.engine.options import Options
 from wsechod.log import get_logger
 
 log = get_logger("wsechod.engine")
@@ -55,29 +55,6 @@ def code_label(code: int | None) -> str:
     return f"{code // 1000}000-{code // 1000}999" if code >= 3000 else str(code)
 
 
-@dataclass(frozen=True, slots=True)
-class Options:
-    """Limits and deadlines of the engine; 0 disables a timeout (and max_connections)."""
-
-    max_size: int = 2**20
-    write_limit: int = 2**15
-    open_timeout: float = 10.0
-    ping_interval: float = 20.0
-    ping_timeout: float = 20.0
-    close_timeout: float = 10.0
-    compression: bool = False
-    inflate_rate: int = 8 * 2**20  # per connection; 0: no limit (deflate.py: Budget)
-    tls: ssl.SSLContext | None = None  # every connection starts with a TLS handshake
-    trusted_proxies: tuple[Network, ...] = ()  # may say who the client is (proxy.py)
-    trust_unix: bool = False  # so may whoever connects over a Unix socket
-    ipv6_prefix_length: int = 64  # IPv6 clients are counted per network this size
-    max_connections_per_ip: int = 0  # connections (pending and open) per address group
-    memory_limit: int = 2**62  # bytes buffered for clients in the whole process (budget.py)
-    access_log: bool = False  # one info line per closed connection
-    # uvloop listens again on every socket it is given: with this, not its own 100.
-    backlog: int = socket.SOMAXCONN
-
-
 class Engine:
     """Serves one application on a list of listening sockets."""
 
@@ -100,7 +77,7 @@ class Engine:
         # received (code_label): counted at close, never per message.
         self.closes: Counter[tuple[str, str, str]] = Counter()
         self.transports = 0  # accepted and not yet lost: each holds a file descriptor
-        self.budget = Budget(self, options.memory_limit)
+        self.budget = Budget(self.loop, self.connections, options.memory_limit)
         # Connections per client address group (proxy.group), pending handshakes and open
         # WebSockets, for max_connections_per_ip; a group leaves when its last one goes.
         self.per_address: Counter[str] = Counter()
@@ -318,9 +295,11 @@ class Engine:
             self.app.opened(ws)
         except Exception:  # a bug, but one a client may trigger over and over
             failures.error("application failed on open", peer=ws.peer)
-            ws.close(1011, "internal error")
+            ws.close(APP_FAILED.code, APP_FAILED.reason)
 
     def closed(self, ws: WebSocket) -> None:
+        """A connection is gone: its file descriptor, its place in the table."""
+        self.transports -= 1
         if ws not in self.connections:
             return
         self.connections.discard(ws)
@@ -368,12 +347,13 @@ class Engine:
         if not self.connections and self._idle is not None and not self._idle.done():
             self._idle.set_result(None)
 
-    def failed(self, ws: WebSocket, code: int, reason: str) -> None:
+    def failed(self, ws: WebSocket, failure: Failure) -> None:
         """A connection failed (protocol violation, keepalive): the client's doing, so
         it is counted and logged at debug only."""
+        code = int(failure.code)  # a number in logs and stats
         self.stats[f"failed_{code}"] += 1
         if self._debug:
-            log.debug("connection failed", peer=ws.peer, code=code, reason=reason)
+            log.debug("connection failed", peer=ws.peer, code=code, reason=failure.reason)
 
     def refused(self, reason: str, peer: str, detail: str = "") -> None:
         """A handshake answered with an HTTP error instead of the upgrade."""

@@ -27,7 +27,7 @@ from wsechod import brokers, ratelimit
 from wsechod.apps.echo import Echo
 from wsechod.apps.relay import Relay
 from wsechod.engine import Application, Engine, Listener, Options, Reply, Request
-from wsechod.engine.frames import GOING_AWAY
+from wsechod.engine.frames import CloseCode
 from wsechod.http.admission import admission
 from wsechod.log import get_logger
 from wsechod.runtime import memory, metrics, tls
@@ -35,7 +35,7 @@ from wsechod.settings import RESTART_KEYS, Settings, changes
 
 log = get_logger("wsechod")
 
-SHUTDOWN_CODE, SHUTDOWN_REASON = GOING_AWAY, "server shutting down"
+SHUTDOWN_CODE, SHUTDOWN_REASON = CloseCode.GOING_AWAY, "server shutting down"
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 RELOAD_SIGNALS = (signal.SIGHUP, signal.SIGUSR1)
 HANDSHAKE_GRACE = 0.2  # seconds a connection accepted at the very end has to ask
