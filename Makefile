@@ -9,8 +9,8 @@ PORT   ?= 8765
 NODE_DEPS := tests/node/node_modules/.package-lock.json
 BENCH_NODE_DEPS := bench/node/node_modules/.package-lock.json
 
-.PHONY: setup python-version node-deps bench-node-deps systemd-tools redis run test check lint \
-        typecheck docs docs-serve pytest unit \
+.PHONY: setup python-version node-deps bench-node-deps systemd-tools redis browser run test \
+        check lint typecheck docs docs-serve pytest unit \
         bench clean install install-units install-systemd
 
 # An interpreter's version and installation ("3.11.7 /usr"); a venv's python gives its base's.
@@ -76,6 +76,10 @@ systemd-tools:
 redis:
 	@command -v redis-server >/dev/null || { apt-get update && apt-get install -y redis-server; }
 
+## Chromium for the tests of the docs' browser client (Debian package chromium).
+browser:
+	@command -v chromium >/dev/null || { apt-get update && apt-get install -y chromium; }
+
 ## Run the daemon in the foreground on $(PORT) (extra flags: make run ARGS="--log-level debug").
 run: setup
 	$(BIN)/wsechod --port $(PORT) $(ARGS)
@@ -94,7 +98,7 @@ lint: setup
 typecheck: setup
 	$(BIN)/mypy
 
-pytest: setup node-deps systemd-tools redis
+pytest: setup node-deps systemd-tools redis browser
 	$(BIN)/pytest $(PYTEST_ARGS)
 
 ## The tests marked unit, collected from the files that have some (the others are not

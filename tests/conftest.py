@@ -15,6 +15,9 @@ from typing import Any
 
 import pytest
 
+from tests.credentials import key_file, secret_file  # noqa: F401 - fixtures for every module
+from tests.redisd import make_redis, redis_server  # noqa: F401 - fixtures for every module
+
 # The console script installed next to the interpreter running the tests (the .venv).
 WSECHOD = str(Path(sys.executable).with_name("wsechod"))
 JOURNAL_PRIORITY = re.compile(r"^<[0-7]>")

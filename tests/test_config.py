@@ -142,16 +142,24 @@ def test_the_sample_config_is_made_from_the_schema() -> None:
     assert all(note(key) for key in ("host", "backlog", "memory_limit", "workers"))
 
 
-def test_sample_config_is_valid_and_shows_every_default() -> None:
+def test_sample_config_is_valid_and_shows_every_default(tmp_path: Path) -> None:
     sample = Path(__file__).parents[1] / "etc" / "wsechod.toml"
     result = run_cli("--check-config", "--config", str(sample))
     assert result.returncode == 0, result.stderr
-    # Uncommented, the sample's "# key = value" lines must be exactly the defaults.
-    lines = [ln[2:] for ln in sample.read_text().splitlines() if re.match(r"# \w+ = ", ln)]
+    # Uncommented, the sample's "# key = value" lines must be exactly the defaults; the
+    # tables come last, as an example (their default is none).
+    keys, _, tables = sample.read_text().partition("\n# [[")
+    lines = [ln[2:] for ln in keys.splitlines() if re.match(r"# \w+ = ", ln)]
     shown = tomllib.loads("\n".join(lines))
     # Lists are tuples in Settings (frozen), arrays in TOML; a default computed on each
     # machine is shown as the word for it (backlog = "max").
-    assert shown == {f.name: listed(default_text(f.name)) for f in KEYS}
+    assert shown == {f.name: listed(default_text(f.name)) for f in KEYS if not f.metadata["table"]}
+    example = "[[" + "\n".join(ln.removeprefix("# ") for ln in tables.splitlines())
+    assert set(tomllib.loads(example)) == {f.name for f in KEYS if f.metadata["table"]}
+    uncommented = tmp_path / "tables.toml"
+    uncommented.write_text(example)
+    result = run_cli("--check-config", "--config", str(uncommented))
+    assert result.returncode == 0, result.stderr
 
 
 def test_booleans_from_env_and_file(tmp_path: Path) -> None:
@@ -178,9 +186,17 @@ def test_version_and_module_entry_point() -> None:
 
 def test_help_lists_every_key_with_its_flag_env_var_and_description() -> None:
     """--help is made from the schema, as the sample config and the docs' reference are."""
-    out = "".join(run_cli("--help").stdout.split())  # argparse wraps lines anywhere
+    shown = run_cli("--help").stdout
+    out = "".join(shown.split())  # argparse wraps lines anywhere
     for f in KEYS:
+        if f.metadata["table"]:  # the config file's only
+            assert f"[[{f.name}]]:{''.join(describe(f.name).split())}" in out
+            assert flag_name(f.name) not in shown and env_name(f.name) not in shown
+            continue
         for text in (flag_name(f.name), env_name(f.name), describe(f.name)):
+            if f.metadata["secret"] and text == flag_name(f.name):
+                assert f"{text} {f.name.upper()}" not in shown  # no flag: command lines are public
+                continue
             assert "".join(text.split()) in out, (f.name, text)
 
 

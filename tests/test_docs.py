@@ -15,7 +15,16 @@ from typing import Any
 import pytest
 
 from tests.conftest import clean_env
-from wsechod.settings import KEY_NAMES, RESTART_KEYS, default_text, describe, env_name, flag_name
+from wsechod.settings import (
+    KEY_NAMES,
+    RESTART_KEYS,
+    SECRET_KEYS,
+    TABLE_KEYS,
+    default_text,
+    describe,
+    env_name,
+    flag_name,
+)
 
 ROOT = Path(__file__).parents[1]
 README = (ROOT / "README.md").read_text()
@@ -45,7 +54,12 @@ def test_the_site_builds_and_its_reference_lists_every_key(tmp_path: Path) -> No
     for key in KEY_NAMES:
         assert f'id="{key}"' in page, key
         entry = text_of(page.partition(f'id="{key}"')[2].partition("<h")[0])
-        assert flag_name(key) in entry and env_name(key) in entry, entry
+        if key in TABLE_KEYS:
+            assert f"[[{key}]] tables in the config file only" in entry, entry
+        elif key in SECRET_KEYS:
+            assert "Flag: none" in entry and env_name(key) in entry, entry
+        else:
+            assert flag_name(key) in entry and env_name(key) in entry, entry
         default = json.dumps(written(default_text(key)) if key != "backlog" else "max")
         assert f"default: {key} = " in entry, entry
         assert ("needs a restart" in entry) == (key in RESTART_KEYS), entry

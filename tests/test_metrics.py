@@ -20,8 +20,9 @@ from websockets.sync.client import connect as sync_connect
 import wsechod
 from tests import rawws
 from tests.conftest import WSECHOD, Daemon, clean_env, peer_port
+from tests.redisd import RedisServer
 from tests.test_echo import http_get
-from tests.test_relay import RedisServer, make_redis, redis_server, wait_health
+from tests.test_relay import wait_health
 from tests.test_systemd import (
     HARNESS,
     HARNESS_REASON,
@@ -32,8 +33,6 @@ from tests.test_systemd import (
 )
 from wsechod.process.runner import EXTEND_BY, EXTEND_INTERVAL, drain_on_schedule
 from wsechod.runtime.metrics import RENDER_INTERVAL, SelfProcessCollector
-
-__all__ = ["make_redis", "redis_server"]  # fixtures, used by name
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]

@@ -25,10 +25,10 @@ from websockets.sync.client import ClientConnection, connect, unix_connect
 
 from tests import rawws
 from tests.conftest import WSECHOD, Daemon, clean_env, peer_port, run_cli
+from tests.redisd import RedisServer, free_port
 from tests.test_daemon import gone, read_log, stat_fields
 from tests.test_echo import http_get
 from tests.test_metrics import scrape, scrape_when, value
-from tests.test_relay import RedisServer, free_port, make_redis, redis_server
 from tests.test_systemd import (
     HARNESS_REASON,
     ROOT,
@@ -48,8 +48,6 @@ from wsechod.process.workers.scoreboard import (
     Scoreboard,
 )
 from wsechod.process.workers.totals import Totals
-
-__all__ = ["make_redis", "redis_server"]  # fixtures, used by name
 
 WORKERS = 2
 

@@ -24,6 +24,7 @@ TYPES: dict[Any, str] = {
     bool: "boolean",
     tuple[str, ...]: "list of strings",
 }
+TABLE_TYPE = "array of tables"
 # Keys written in descriptions (only those with an underscore: "port" or "mode" there are
 # words) become links to their entries.
 _KEY_IN_TEXT = re.compile(r"\b(" + "|".join(k for k in settings.KEY_NAMES if "_" in k) + r")\b")
@@ -59,14 +60,19 @@ def reference(groups: list[tuple[str, list[str]]]) -> str:
 
 def entry(key: str, kind: Any) -> str:
     flag, env = f"`{settings.flag_name(key)}`", f"`{settings.env_name(key)}`"
-    if kind is bool:
+    if key in settings.SECRET_KEYS:
+        flag = "none (a command line is visible to every user of the machine)"
+    if key in settings.TABLE_KEYS:
+        flag, env = "none", "none: `[[" + key + "]]` tables in the config file only"
+    elif kind is bool:
         flag += f", `--no-{settings.flag_name(key)[2:]}`"
     elif kind == tuple[str, ...]:
         flag += " (repeatable, or comma-separated)"
         env += " (comma-separated)"
     default = toml(settings.default_text(key))
     facts = [
-        f"- Type: {TYPES.get(kind, str(kind))}; default: `{key} = {default}`",
+        f"- Type: {TABLE_TYPE if key in settings.TABLE_KEYS else TYPES.get(kind, str(kind))}; "
+        f"default: `{key} = {default}`",
         f"- Flag: {flag}; environment: {env}",
     ]
     allowed = settings.choices(key)
@@ -76,9 +82,24 @@ def entry(key: str, kind: Any) -> str:
         facts.append(f"- Values: {shown}, in any case{also(values, aliases)}")
     facts.append(f"- On reload: {restart(key, short=False)}")
     heading = f"#### `{key}` {{#{key}}}"
-    note = [prose(paragraph, sentence=False) for paragraph in settings.note(key).split("\n")]
+    note = notes(settings.note(key))
     body = [prose(settings.describe(key)), "", *facts, ""]
     return "\n".join([heading, "", *body, *(f"{n}\n" for n in note if n)])
+
+
+def notes(text: str) -> list[str]:
+    """A note's paragraphs as Markdown; lines indented by four spaces are TOML, shown as
+    a code block."""
+    out: list[str] = []
+    for paragraph in text.split("\n"):
+        if paragraph.startswith("    "):
+            if out and out[-1].startswith("```toml"):
+                out[-1] = out[-1][: -len("```")] + paragraph[4:] + "\n```"
+            else:
+                out.append("```toml\n" + paragraph[4:] + "\n```")
+        else:
+            out.append(prose(paragraph, sentence=False))
+    return out
 
 
 def also(values: tuple[str, ...], aliases: typing.Mapping[str, str]) -> str:

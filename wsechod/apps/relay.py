@@ -29,14 +29,13 @@ reader never paces the channel for the others for long.
 
 import asyncio
 import http
-import re
 from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-from wsechod import ratelimit
-from wsechod.apps import channels
-from wsechod.brokers.base import Broker
+from wsechod import channels, ratelimit
+from wsechod.brokers.base import Broker, Members
+from wsechod.channels import Policies, Policy, Rule
 from wsechod.engine import Connection, Family, Figures, Prepared, Reply, prepare
 from wsechod.engine.frames import CloseCode
 from wsechod.log import get_logger
@@ -44,9 +43,9 @@ from wsechod.log import get_logger
 log = get_logger("wsechod.relay")
 warn = ratelimit.logger("wsechod.relay")
 
-# RFC 3986 path characters: anything else in a channel name is refused with 400.
-_PATH = re.compile(r"/[A-Za-z0-9._~!$&'()*+,;=:@%/-]*")
+
 SLOW_REASON = "slow consumer"
+READ_ONLY_REASON = "read-only member: no right to publish on this channel"
 BROKER_OUTCOMES = ("published", "delivered", "lost", "unconfirmed", "failed", "malformed")
 FAMILIES = (
     Family("relay_channels", "gauge", "relay channels now"),
@@ -67,6 +66,7 @@ FAMILIES = (
         "counter",
         "messages from other instances (the broker) relayed to local members",
     ),
+    Family("relay_api_messages", "counter", "messages published through the HTTP API here"),
     Family(
         "broker_connected",
         "gauge",
@@ -83,23 +83,12 @@ FAMILIES = (
     ),
     Family("broker_reconnects", "counter", "sessions with the broker after the first"),
 )
-RESERVED = frozenset(("/healthz", "/metrics"))  # the ops role's paths
 LEAK = 0.1  # share of the time a receiver may alone hold its channel back, indefinitely
 POLICIES = ("drop", "close")
 
 
-def _name(written: str) -> str:
-    """The channel a request path names (InvalidName if none)."""
-    if not _PATH.fullmatch(written):
-        raise channels.InvalidName("a character a path may not hold")
-    name = channels.normalize(written)
-    if name in RESERVED:  # whatever its spelling: the server's own paths are no channel
-        raise channels.InvalidName(f"{name} is the server's own")
-    return name
-
-
 def channel_of(path: str) -> str:
-    """The channel is the request path, normalised (``wsechod.apps.channels``), without the
+    """The channel is the request path, normalised (``wsechod.channels``), without the
     query string; admission has refused the paths that name none."""
     return channels.normalize(path)
 
@@ -113,11 +102,15 @@ class Member:
         "conn",
         "debt",
         "debt_at",
+        "paced",
         "parts",
         "pending",
+        "read_only",
         "slow",
         "text",
         "timer",
+        "tokens",
+        "tokens_at",
     )
 
     def __init__(self, conn: Connection, channel: "Channel") -> None:
@@ -127,6 +120,13 @@ class Member:
         self.text = False
         self.pending: tuple[bytes, bool] | None = None  # held with its publisher
         self.slow = False
+        identity = conn.identity
+        self.read_only = (identity is not None and not identity.may_publish) or (
+            channel.policy.publish == "api"  # only the HTTP API publishes there
+        )
+        self.tokens = 0.0  # publish_rate's bucket: messages it may still send at once
+        self.tokens_at = 0.0
+        self.paced = False  # over publish_rate: not read until its bucket has one again
         self.behind_since = 0.0
         self.timer: asyncio.TimerHandle | None = None
         self.debt = 0.0  # seconds it alone held the channel, leaking at LEAK per second
@@ -134,10 +134,20 @@ class Member:
 
 
 class Channel:
-    __slots__ = ("behind", "broker_wait", "episode", "fanning", "members", "name", "waiting")
+    __slots__ = (
+        "behind",
+        "broker_wait",
+        "episode",
+        "fanning",
+        "members",
+        "name",
+        "policy",
+        "waiting",
+    )
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, policy: Policy) -> None:
         self.name = name
+        self.policy = policy  # its [[channel]] table's, or the global settings
         self.members: dict[Connection, Member] = {}
         self.behind: set[Member] = set()  # receivers above write_limit, not slow
         self.waiting: deque[Member] = deque()  # publishers held, each with one message
@@ -151,20 +161,20 @@ class Relay:
 
     def __init__(self, broker: Broker, **options: Any) -> None:
         self.broker = broker
-        self.echo = False
+        self.policies = Policies((), Policy(False, "drop", 2.0, 1_000, "members"))
         self.max_size = 0  # what a client may send: what another instance may, too
         self.cap = 0  # a receiver's buffer never grows past this
-        self.max_channels = self.max_channel_members = self.max_path_length = 0
-        self.policy = "drop"
-        self.timeout = 0.0
-        self.configure(**options)
+        self.max_channels = self.max_path_length = 0
+        self.publish_rate = 0.0
         self.channels: dict[str, Channel] = {}
+        self.configure(**options)
         self.stats = {
             "dropped": 0,
             "slow_dropping": 0,
             "slow_closed": 0,
             "remote": 0,
             "remote_too_big": 0,
+            "api": 0,
         }
         self._now: Callable[[], float] = asyncio.get_running_loop().time
 
@@ -179,16 +189,20 @@ class Relay:
         max_path_length: int = 256,
         slow_consumer: str = "drop",
         slow_consumer_timeout: float = 2.0,
+        publish_rate: float = 0.0,
+        channel_rules: tuple[Rule, ...] = (),
     ) -> None:
-        """At start, and on a reload: the limits and the policy apply from now on."""
-        self.echo = echo
+        """At start, and on a reload: the limits and the policies apply from now on, to
+        the channels open already too (publish rights: to members that join from now)."""
+        default = Policy(echo, slow_consumer, slow_consumer_timeout, max_channel_members, "members")
+        self.policies = Policies(channel_rules, default)
         self.max_size = max_size
         self.cap = write_limit + max_size
         self.max_channels = max_channels
-        self.max_channel_members = max_channel_members
         self.max_path_length = max_path_length
-        self.policy = slow_consumer
-        self.timeout = slow_consumer_timeout
+        self.publish_rate = publish_rate
+        for channel in self.channels.values():
+            channel.policy = self.policies.of(channel.name)
 
     # --- admission -------------------------------------------------------------------
 
@@ -199,7 +213,7 @@ class Relay:
             status, text = http.HTTPStatus.REQUEST_URI_TOO_LONG, "channel name too long\n"
             return Reply(status, text, refused="max_path_length")
         try:
-            name = _name(written)
+            name = channels.name_of(written)
         except channels.InvalidName as exc:
             text = f"invalid channel name: {exc}\n"
             return Reply(http.HTTPStatus.BAD_REQUEST, text, refused="invalid_channel")
@@ -208,10 +222,9 @@ class Relay:
             warn.warning("connection refused", reason="max_channels", limit=self.max_channels)
             text = "too many channels\n"
             return Reply(http.HTTPStatus.SERVICE_UNAVAILABLE, text, refused="max_channels")
-        if channel is not None and len(channel.members) >= self.max_channel_members:
-            warn.warning(
-                "connection refused", reason="max_channel_members", limit=self.max_channel_members
-            )
+        limit = (self.policies.of(name) if channel is None else channel.policy).max_channel_members
+        if channel is not None and len(channel.members) >= limit:
+            warn.warning("connection refused", reason="max_channel_members", limit=limit)
             text = "channel is full\n"
             return Reply(http.HTTPStatus.SERVICE_UNAVAILABLE, text, refused="max_channel_members")
         return None
@@ -235,6 +248,7 @@ class Relay:
             "relay_slow_consumers/drop": stats["slow_dropping"],
             "relay_slow_consumers/close": stats["slow_closed"],
             "relay_remote_messages": stats["remote"],
+            "relay_api_messages": stats["api"],
             "broker_messages/too_big": stats["remote_too_big"],
             "broker_reconnects": broker.get("reconnects", 0),
         }
@@ -248,16 +262,18 @@ class Relay:
         name = channel_of(conn.path)
         channel = self.channels.get(name)
         if channel is None:
-            channel = self.channels[name] = Channel(name)
+            channel = self.channels[name] = Channel(name, self.policies.of(name))
             self.broker.subscribe(name)
         member = Member(conn, channel)
         channel.members[conn] = member
         conn.app_data = member
+        self.broker.presence_changed()
 
     def closed(self, conn: Connection) -> None:
         member: Member = conn.app_data
         channel = member.channel
         channel.members.pop(conn, None)
+        self.broker.presence_changed()
         if member.timer is not None:
             member.timer.cancel()
         if member.slow and conn.dropped:
@@ -273,6 +289,9 @@ class Relay:
 
     def data(self, conn: Connection, payload: bytes, text: bool, first: bool, last: bool) -> None:
         member: Member = conn.app_data
+        if member.read_only:  # its token grants no publish right on this channel
+            conn.close(CloseCode.POLICY_VIOLATION, READ_ONLY_REASON)
+            return
         if not last:  # put together (the engine bounds it by max_size), and counted
             if first:
                 member.parts, member.text = bytearray(payload), text
@@ -284,6 +303,8 @@ class Relay:
             member.parts += payload
             payload, text, member.parts = bytes(member.parts), member.text, None
             conn.hold(-conn.app_held)  # the parts are let go of...
+        if self.publish_rate:
+            self._pace(member)
         channel = member.channel
         if channel.behind or channel.waiting or not self.broker.writable():
             member.pending = (payload, text)
@@ -292,7 +313,9 @@ class Relay:
             channel.waiting.append(member)
             self._wait_for_broker(channel)
             return
-        self._fan_out(channel, prepare(payload, text), None if self.echo else member)
+        self._fan_out(
+            channel, prepare(payload, text), None if channel.policy.relay_echo else member
+        )
         self.broker.publish(channel.name, payload, text)
 
     def deliver(self, name: str, payload: bytes, text: bool) -> bool:
@@ -315,8 +338,45 @@ class Relay:
         self._fan_out(channel, prepare(payload, text), None)
         return True
 
-    def _fan_out(self, channel: Channel, message: Prepared, exclude: Member | None) -> None:
+    # --- presence (the HTTP API's GET /channels) --------------------------------------
+
+    def presence(self) -> dict[str, Members]:
+        """The members here, by channel: their number and the connections of each sub
+        (what the broker writes for the other instances)."""
+        out: dict[str, Members] = {}
+        for name, channel in self.channels.items():
+            if not channel.members:
+                continue
+            subs: dict[str, int] = {}
+            for conn in channel.members:
+                identity = conn.identity
+                if identity is not None and identity.sub:
+                    subs[identity.sub] = subs.get(identity.sub, 0) + 1
+            out[name] = (len(channel.members), subs)
+        return out
+
+    async def channel_counts(self) -> dict[str, int]:
+        return await self.broker.channel_counts()
+
+    async def channel_members(self, name: str) -> Members:
+        return await self.broker.channel_members(name)
+
+    # --- the HTTP API's POST /publish --------------------------------------------------
+
+    def publish(self, name: str, payload: bytes, text: bool) -> int:
+        """A message from the HTTP API: to every member here, never held (as a message
+        from another instance is), and through the broker to every other instance; the
+        members here it reached."""
+        channel = self.channels.get(name)
+        sent = 0 if channel is None else self._fan_out(channel, prepare(payload, text), None)
+        self.stats["api"] += 1
+        self.broker.publish(name, payload, text)
+        return sent
+
+    def _fan_out(self, channel: Channel, message: Prepared, exclude: Member | None) -> int:
+        """Write ``message`` to every member but ``exclude``; how many it reached."""
         channel.fanning = True
+        sent = 0
         try:
             for member in channel.members.values():
                 if member is exclude:
@@ -331,13 +391,15 @@ class Relay:
                         continue
                 elif (
                     member.slow
-                    and self.policy == "drop"
-                    and self._leaked(member) <= self.timeout / 2
+                    and channel.policy.slow_consumer == "drop"
+                    and self._leaked(member) <= channel.policy.slow_consumer_timeout / 2
                 ):
                     self._caught_up(member)
                 conn.send_prepared(message)
+                sent += 1
         finally:
             channel.fanning = False
+        return sent
 
     # --- flow control ----------------------------------------------------------------
 
@@ -347,7 +409,8 @@ class Relay:
             return
         member.behind_since = self._now()
         member.channel.behind.add(member)
-        member.timer = asyncio.get_running_loop().call_later(self.timeout, self._timeout, member)
+        timeout = member.channel.policy.slow_consumer_timeout
+        member.timer = asyncio.get_running_loop().call_later(timeout, self._timeout, member)
 
     def unblocked(self, conn: Connection) -> None:
         member: Member | None = conn.app_data
@@ -379,7 +442,8 @@ class Relay:
         waiting = channel.waiting
         if not waiting or not channel.episode:
             return
-        publisher = waiting[0] if len(waiting) == 1 and not self.echo else None
+        policy = channel.policy
+        publisher = waiting[0] if len(waiting) == 1 and not policy.relay_echo else None
         receivers = [m for m in channel.members.values() if not m.slow and m is not publisher]
         if len(receivers) < 2:
             return
@@ -394,7 +458,7 @@ class Relay:
             excess = took - 2 * others[(len(others) - 1) // 2]
             if excess > 0:
                 member.debt = self._leaked(member) + excess
-                if member.debt > self.timeout:
+                if member.debt > policy.slow_consumer_timeout:
                     self._slow(member)
 
     def _leaked(self, member: Member) -> float:
@@ -407,7 +471,7 @@ class Relay:
     def _timeout(self, member: Member) -> None:
         member.timer = None
         if member in member.channel.behind:
-            member.debt = max(self._leaked(member), self.timeout)
+            member.debt = max(self._leaked(member), member.channel.policy.slow_consumer_timeout)
             self._slow(member)
 
     def _slow(self, member: Member) -> None:
@@ -418,7 +482,7 @@ class Relay:
         conn, channel = member.conn, member.channel
         if member in channel.behind:
             self._not_behind(member, settle=False)
-        if self.policy == "close":
+        if channel.policy.slow_consumer == "close":
             self.stats["slow_closed"] += 1
             warn.warning("slow consumer: closing", peer=conn.peer, channel=channel.name)
             conn.close(CloseCode.POLICY_VIOLATION, SLOW_REASON)
@@ -454,11 +518,30 @@ class Relay:
             payload, text = member.pending
             member.pending = None
             member.conn.hold(-len(payload))
-            self._fan_out(channel, prepare(payload, text), None if self.echo else member)
+            self._fan_out(
+                channel, prepare(payload, text), None if channel.policy.relay_echo else member
+            )
             self.broker.publish(channel.name, payload, text)
-            if member.conn in channel.members:
+            if member.conn in channel.members and not member.paced:
                 member.conn.resume_reading()
         self._forget_if_empty(channel)
+
+    def _pace(self, member: Member) -> None:
+        """``publish_rate``: a token bucket of messages, a second's worth at most; a
+        member that has spent it is not read until it has one again (what it sent is
+        delivered: pacing loses nothing)."""
+        rate, now = self.publish_rate, self._now()
+        member.tokens = min(max(rate, 1.0), member.tokens + (now - member.tokens_at) * rate) - 1
+        member.tokens_at = now
+        if member.tokens < 0 and not member.paced:
+            member.paced = True
+            member.conn.pause_reading()
+            asyncio.get_running_loop().call_later(-member.tokens / rate, self._unpace, member)
+
+    def _unpace(self, member: Member) -> None:
+        member.paced = False
+        if member.pending is None and member.conn in member.channel.members:
+            member.conn.resume_reading()
 
     def _forget_if_empty(self, channel: Channel) -> None:
         """A channel with no member and no held message is gone (once: several paths

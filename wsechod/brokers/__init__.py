@@ -6,18 +6,19 @@ pace its publishers while the queue is long and Redis healthy), and when the bro
 the instance keeps relaying between its own clients and reports itself ``degraded``.
 """
 
-from wsechod.brokers.base import Broker, Deliver
+from wsechod.brokers.base import Broker, Deliver, Members, PresenceUnavailable
 from wsechod.brokers.memory import MemoryBroker
 
-__all__ = ["Broker", "Deliver", "create"]
+__all__ = ["Broker", "Deliver", "Members", "PresenceUnavailable", "create"]
 
 
-def create(url: str) -> Broker:
-    """The broker ``url`` names: ``memory``, or a Redis URL."""
+def create(url: str, *, presence_interval: float = 10.0) -> Broker:
+    """The broker ``url`` names: ``memory``, or a Redis URL (whose presence entries are
+    written every ``presence_interval`` seconds)."""
     if url == "memory":
         return MemoryBroker()
     # Imported here: redis-py is an optional extra (wsechod[redis]), needed by this broker
     # only; settings validation has already said so if it is missing.
     from wsechod.brokers.redis import RedisBroker  # noqa: PLC0415
 
-    return RedisBroker(url)
+    return RedisBroker(url, presence_interval=presence_interval)

@@ -5,15 +5,26 @@ drive it: payloads are bytes with a ``text`` flag, and remote messages arrive th
 synchronous callback on the event loop (a broker must never wait on its consumer).
 """
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Protocol
 
 # Called on the loop with (channel, payload, text) for each message another instance published.
 Deliver = Callable[[str, bytes, bool], bool]  # whether it reached anyone here
 
+# Presence: the members of a channel here, their number and the connections of each sub
+# (members without a token are in the number only); and all of them, by channel.
+Members = tuple[int, Mapping[str, int]]
+Snapshot = Callable[[], Mapping[str, Members]]
+
+
+class PresenceUnavailable(ConnectionError):
+    """Presence cannot be read now (the broker's store does not answer)."""
+
 
 class Broker(Protocol):
-    async def start(self, deliver: Deliver) -> None: ...
+    async def start(self, deliver: Deliver, snapshot: Snapshot) -> None:
+        """Start carrying messages (``deliver`` those of others) and presence (read
+        ``snapshot`` for the members here)."""
 
     def subscribe(self, channel: str) -> None: ...
 
@@ -34,5 +45,14 @@ class Broker(Protocol):
 
     def stats(self) -> dict[str, int]:
         """Counters for logs and metrics (published, delivered, lost, ...)."""
+
+    def presence_changed(self) -> None:
+        """A member joined or left here: others should know soon."""
+
+    async def channel_counts(self) -> dict[str, int]:
+        """Members per channel on every instance (PresenceUnavailable)."""
+
+    async def channel_members(self, channel: str) -> Members:
+        """The members of one channel on every instance (PresenceUnavailable)."""
 
     async def close(self) -> None: ...

@@ -48,7 +48,8 @@ from redis.backoff import NoBackoff
 from redis.exceptions import AuthenticationError, RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from wsechod.brokers.base import Deliver
+from wsechod.brokers.base import Deliver, Members, PresenceUnavailable, Snapshot
+from wsechod.brokers.presence import RedisPresence, Unavailable
 from wsechod.log import get_logger
 from wsechod.ratelimit import RateLimitedLog
 from wsechod.settings.values import redact_url
@@ -95,12 +96,13 @@ class _Down(Exception):
 
 
 class RedisBroker:
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, *, presence_interval: float = 10.0) -> None:
         self.url = url
         self.shown = redact_url(url)  # the only form of the URL that reaches a log
         password = urllib.parse.urlsplit(url).password
         self._secret = urllib.parse.unquote(password) if password else None
         self.id = os.urandom(ID_SIZE)
+        self.presence = RedisPresence(url, self.id.hex(), presence_interval)
         self.channels: set[str] = set()
         self.state = CONNECTING
         self.counts = dict.fromkeys(
@@ -127,13 +129,14 @@ class RedisBroker:
 
     # --- the Broker interface -------------------------------------------------------------
 
-    async def start(self, deliver: Deliver) -> None:
+    async def start(self, deliver: Deliver, snapshot: Snapshot) -> None:
         """Start connecting; return once the first attempt succeeded or failed (bounded),
         so that a normal start is not reported degraded and a bad URL, port or password
         is logged before ``listening``."""
         self._deliver = deliver
         self._outcome = asyncio.get_running_loop().create_future()
         self._task = asyncio.create_task(self._run(), name="redis broker")
+        self.presence.start(snapshot)
         await asyncio.wait([self._outcome], timeout=2 * CONNECT_TIMEOUT + PING_TIMEOUT + 1)
 
     def subscribe(self, channel: str) -> None:
@@ -185,8 +188,25 @@ class RedisBroker:
         reconnects: sessions after the first."""
         return dict(self.counts)
 
+    def presence_changed(self) -> None:
+        self.presence.changed()
+
+    async def channel_counts(self) -> dict[str, int]:
+        try:
+            return await self.presence.channels()
+        except Unavailable as exc:
+            raise PresenceUnavailable(str(exc)) from None
+
+    async def channel_members(self, channel: str) -> Members:
+        try:
+            return await self.presence.members(channel)
+        except Unavailable as exc:
+            raise PresenceUnavailable(str(exc)) from None
+
     async def close(self) -> None:
-        """Stop relaying through Redis; dropping the subscriber connection unsubscribes."""
+        """Stop relaying through Redis; dropping the subscriber connection unsubscribes.
+        This instance's presence goes at once."""
+        await self.presence.close()
         if self._task is not None:
             self._task.cancel()
             await asyncio.wait([self._task], timeout=CLOSE_TIMEOUT)

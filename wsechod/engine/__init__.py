@@ -3,12 +3,16 @@ Task per connection or message; applications see only ``interface``."""
 
 from wsechod.engine.frames import OP_BINARY, OP_TEXT, CloseCode, Opcode, frame
 from wsechod.engine.interface import (
+    Admission,
+    Admitted,
     Application,
     Connection,
     Family,
     Figures,
+    Identity,
     Listener,
     Prepared,
+    ReadBody,
     Reply,
     Request,
 )
@@ -16,16 +20,20 @@ from wsechod.engine.options import Options
 from wsechod.engine.server import Engine
 
 __all__ = [
+    "Admission",
+    "Admitted",
     "Application",
     "CloseCode",
     "Connection",
     "Engine",
     "Family",
     "Figures",
+    "Identity",
     "Listener",
     "Opcode",
     "Options",
     "Prepared",
+    "ReadBody",
     "Reply",
     "Request",
     "frame",

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import codecs
+import time
 from typing import Any, Protocol
 
 from wsechod import ratelimit
@@ -38,7 +39,7 @@ from wsechod.engine.frames import (
     apply_mask,
     valid_utf8,
 )
-from wsechod.engine.interface import Application, Prepared
+from wsechod.engine.interface import EXPIRED, Application, Identity, Prepared
 from wsechod.engine.options import Options
 
 # States. Reading goes on in CLOSING (we sent a close frame and wait for the client's);
@@ -95,6 +96,7 @@ class WebSocket(asyncio.Protocol):
         "_compressed",
         "_deflate",
         "_engine",
+        "_expiry",
         "_max_size",
         "_msg",
         "_msg_size",
@@ -120,6 +122,8 @@ class WebSocket(asyncio.Protocol):
         "code_sent",
         "dropped",
         "group",
+        "identity",
+        "member",
         "opened_at",
         "path",
         "peer",
@@ -159,6 +163,9 @@ class WebSocket(asyncio.Protocol):
         self.path = path
         self.peer = peer
         self.group = ""  # the client's address group (proxy.group), counted by the engine
+        self.identity: Identity | None = None  # who it is, if admission checked a token
+        self.member = False  # the application was told it opened (and will be, that it closed)
+        self._expiry: asyncio.TimerHandle | None = None  # its token's
         self.app_data: Any = None
         self.app_held = 0  # bytes the application keeps for it (``hold``)
         self.blocked = False
@@ -275,6 +282,12 @@ class WebSocket(asyncio.Protocol):
         self._close_later()
         self._resume_for(PAUSED_APP)  # its close frame must be read; its data is only counted
 
+    def expire_at(self, when: float) -> None:
+        """Close it at ``when`` (seconds since the epoch): its token expires then. A
+        client renews by connecting again with a new token."""
+        delay = max(when - time.time(), 0.0)
+        self._expiry = self._engine.loop.call_later(delay, self.close, *EXPIRED)
+
     def pause_reading(self) -> None:
         self._pause_for(PAUSED_APP)
 
@@ -379,6 +392,9 @@ class WebSocket(asyncio.Protocol):
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        if self._expiry is not None:
+            self._expiry.cancel()
+            self._expiry = None
         engine.closed(self)
         engine.budget.forget(self)
         self.hold(-self.app_held)  # what the application did not let go of itself

@@ -21,21 +21,24 @@ from __future__ import annotations
 import asyncio
 import email.utils
 import http
+import inspect
 import re
 import socket
 import ssl
+from collections.abc import Awaitable, Callable
 from typing import Any, Protocol, cast
 
 from websockets.datastructures import Headers
 from websockets.extensions import ServerExtensionFactory
 from websockets.http11 import Request as WsRequest
 from websockets.server import ServerProtocol
+from websockets.typing import Subprotocol
 
 from wsechod._version import __version__
-from wsechod.engine import deflate, proxy
+from wsechod.engine import bodies, deflate, proxy
 from wsechod.engine.addresses import format_address
 from wsechod.engine.connection import Host, WebSocket, failures
-from wsechod.engine.interface import Reply, Request
+from wsechod.engine.interface import Admitted, ReadBody, Reply, Request
 
 SERVER = f"wsechod/{__version__}"
 # Longest request head read before answering 431; websockets allows 8 KiB a line and 128
@@ -67,6 +70,8 @@ def serialize(reply: Reply, head_only: bool = False) -> bytes:
 
 
 _REQUEST_LINE = re.compile(rb"\S+ \S+ \S+\r?")  # method, target, version; websockets checks more
+# Another method, in HTTP/1.x: h11 reads it (websockets' parser reads GET only).
+_BODY_REQUEST_LINE = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+ \S+ HTTP/1\.[01]\r\n")
 TLS_RECORD = 0x16  # the first byte of a TLS ClientHello (a handshake record)
 
 
@@ -83,6 +88,19 @@ def _not_a_request(head: bytearray) -> str | None:
     if _REQUEST_LINE.fullmatch(line):
         return None
     return f"invalid HTTP request line: {_quoted(line.decode('latin-1').rstrip(chr(13)))}"
+
+
+def _misframed(head: bytes, rest: bytes) -> str | None:
+    """What is wrong with a whole request head before any parser reads it."""
+    if proxy.is_header(head + rest[: len(proxy.V2_SIGNATURE)]):
+        return (
+            "a PROXY protocol header where the HTTP request should be (from a peer not in "
+            "trusted_proxies, or a second one)"
+        )
+    if head.count(b"\n") != head.count(b"\r\n"):
+        # websockets would say "connection closed": say what is wrong instead.
+        return "a line ends with a bare LF; HTTP lines end with CRLF"
+    return None
 
 
 def _quoted(cause: object) -> str:
@@ -108,9 +126,9 @@ class Gatekeeper(Host, Protocol):
 
     def handshake_done(self, handshake: Handshake, *, upgraded: bool = False) -> None: ...
 
-    def admit(self, request: Request) -> Reply | None: ...
+    def admit(self, request: Request) -> Reply | Awaitable[Reply] | ReadBody | Admitted | None: ...
 
-    def opened(self, ws: WebSocket) -> None: ...
+    def opened(self, ws: WebSocket, admitted: Admitted | None) -> None: ...
 
     def refused(self, reason: str, peer: str, detail: str = "") -> None: ...
 
@@ -123,12 +141,16 @@ class Gatekeeper(Host, Protocol):
 class Handshake(asyncio.Protocol):
     __slots__ = (
         "_addr",
+        "_answered",
+        "_body",
         "_cut",
         "_engine",
         "_gone",
         "_head",
         "_proxy",
         "_sock",
+        "_subprotocol",
+        "_task",
         "_timer",
         "_tls",
         "_transport",
@@ -152,6 +174,13 @@ class Handshake(asyncio.Protocol):
         self._proxy = False  # a PROXY protocol header may come first
         self._gone = False  # its connection is over and uncounted
         self._cut = False  # aborted: nothing more is done with it
+        self._subprotocol: Subprotocol | None = None  # admission's choice, for websockets to select
+        # A request with a body: its reader and what answers it once read; then the answer
+        # being made (an awaitable admission returned).
+        self._body: tuple[bodies.BodyReader, Callable[[bytes], Reply | Awaitable[Reply]]] | None
+        self._body = None
+        self._task: asyncio.Future[Reply] | None = None
+        self._answered = False  # an HTTP reply was written: what else comes is discarded
         self.peer = ""
         self.group = ""  # the client's address group (proxy.group), once known
 
@@ -239,6 +268,11 @@ class Handshake(asyncio.Protocol):
         if self._tls is not None:  # decrypted before the TLS task has ended
             self._head += data
             return
+        if self._body is not None:
+            self._more_body(data)
+            return
+        if self._answered or self._task is not None:
+            return  # answered, or being answered: what else comes is not read
         if self._proxy:
             self._proxy_header(data)
             return
@@ -275,6 +309,7 @@ class Handshake(asyncio.Protocol):
         both, or an abort first."""
         if not self._gone:
             self._gone = True
+            self._drop_body()
             self._finish()
             self._engine.lost()
 
@@ -307,6 +342,8 @@ class Handshake(asyncio.Protocol):
         """The client did not complete the handshake in time, the server stops, or it is
         cut to make room for others."""
         self._cut = True  # a TLS task ending meanwhile must not go on with it
+        if self._task is not None:
+            self._task.cancel()
         if self._tls is not None:
             self._tls.cancel()  # its transport is aborted, the socket closed
         if self._transport is not None:  # also when the TLS task ended but has not said so yet
@@ -332,22 +369,33 @@ class Handshake(asyncio.Protocol):
         self._answer(Reply(http.HTTPStatus.BAD_REQUEST, f"bad request: {problem}\n"))
 
     def _request(self, head: bytes, rest: bytes) -> None:
+        if problem := _misframed(head, rest):
+            self._refuse(problem)
+            return
+        if not head.startswith((b"GET ", b"HEAD ")) and _BODY_REQUEST_LINE.match(head):
+            self._with_body(head + rest)
+            return
         engine = self._engine
-        protocol = ServerProtocol(extensions=engine.extensions, max_size=engine.options.max_size)
-        raw = self._parse(protocol, head, rest)
+        protocol = ServerProtocol(
+            extensions=engine.extensions,
+            max_size=engine.options.max_size,
+            select_subprotocol=lambda _protocol, _offered: self._subprotocol,
+        )
+        raw = self._parse(protocol, head)
         if raw is None:
             return
         if self._trusted:
             self._client(raw.headers)
         request = Request(raw.method, raw.path, raw.headers, self.peer, self.group, self.roles)
-        try:
-            reply = engine.admit(request)
-        except Exception:  # a bug, but one a client may trigger over and over
-            failures.error("admission failed", peer=self.peer)
-            reply = Reply(http.HTTPStatus.INTERNAL_SERVER_ERROR, "internal error\n")
-        if reply is not None:
-            self._answer(reply, head_only=raw.method == "HEAD")
+        reply = self._admit(request)
+        if isinstance(reply, ReadBody):  # a GET has no body to read
+            reply = Reply(http.HTTPStatus.METHOD_NOT_ALLOWED, "use POST\n", {"Allow": "POST"})
+        if isinstance(reply, Reply) or inspect.isawaitable(reply):
+            self._answer_when(reply, head_only=raw.method == "HEAD")
             return
+        if reply is not None:
+            chosen = reply.subprotocol
+            self._subprotocol = None if chosen is None else Subprotocol(chosen)
         if raw.protocol != "HTTP/1.1":
             # RFC 6455 4.1: the opening handshake is an HTTP/1.1 request (websockets would
             # answer 505, but HTTP/1.0 is the same major version: this request is wrong).
@@ -375,22 +423,99 @@ class Handshake(asyncio.Protocol):
         ws.group = self.group
         transport.set_protocol(ws)
         self._transport = None
-        engine.opened(ws)
+        engine.opened(ws, reply)
         if rest:
             ws.data_received(rest)
 
-    def _parse(self, protocol: ServerProtocol, head: bytes, rest: bytes) -> WsRequest | None:
+    def _admit(self, request: Request) -> Reply | Awaitable[Reply] | ReadBody | Admitted | None:
+        try:
+            return self._engine.admit(request)
+        except Exception:  # a bug, but one a client may trigger over and over
+            failures.error("admission failed", peer=self.peer)
+            return Reply(http.HTTPStatus.INTERNAL_SERVER_ERROR, "internal error\n")
+
+    # --- requests with a body (bodies.py) --------------------------------------------
+
+    def _with_body(self, data: bytes) -> None:
+        """A request other than GET or HEAD: h11 reads its head, admission decides, and
+        its body is read (at most what admission allows) before it is answered."""
+        reader = bodies.BodyReader()
+        head = reader.head(data)
+        if isinstance(head, Reply):
+            self._refuse(head.body.removeprefix("bad request: ").strip())
+            return
+        if self._trusted:
+            self._client(head.headers)
+        request = Request(head.method, head.target, head.headers, self.peer, self.group, self.roles)
+        reply = self._admit(request)
+        if not isinstance(reply, ReadBody):
+            if isinstance(reply, Reply) or inspect.isawaitable(reply):
+                self._answer_when(reply, linger=True)
+            else:  # admission would upgrade it: not with this method
+                allow = {"Allow": "GET, HEAD"}
+                text = f"{head.method} is not served here\n"
+                self._answer(Reply(http.HTTPStatus.METHOD_NOT_ALLOWED, text, allow), linger=True)
+            return
+        declared = bodies.declared(head)
+        if declared is not None and declared > reply.limit:
+            self._answer(bodies.too_big(reply.limit), linger=True)  # before any of it is sent
+            return
+        reader.limit = reply.limit
+        self._body = (reader, reply.then)
+        if reader.waits_for_continue and self._transport is not None:
+            self._transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        self._more_body(b"")
+
+    def _more_body(self, data: bytes) -> None:
+        assert self._body is not None
+        reader, then = self._body
+        held = reader.held
+        result = reader.feed(data)
+        self._engine.budget.held += reader.held - held  # counted in the memory budget
+        if result is None:
+            return
+        self._drop_body()
+        if isinstance(result, Reply):
+            self._answer(result, linger=True)
+            return
+        try:
+            reply = then(result)
+        except Exception:
+            failures.error("request failed", peer=self.peer)
+            reply = Reply(http.HTTPStatus.INTERNAL_SERVER_ERROR, "internal error\n")
+        self._answer_when(reply)
+
+    def _drop_body(self) -> None:
+        """What was read of a body is let go of (answered, or the client gone)."""
+        if self._body is not None:
+            self._engine.budget.held -= self._body[0].held
+            self._body = None
+
+    def _answer_when(
+        self, reply: Reply | Awaitable[Reply], *, head_only: bool = False, linger: bool = False
+    ) -> None:
+        """Answer now, or once the awaitable has the reply (within the open deadline,
+        which still runs: a reply that takes longer is not waited for)."""
+        if isinstance(reply, Reply):
+            self._answer(reply, head_only, linger=linger)
+            return
+        task = self._task = asyncio.ensure_future(reply)
+
+        def done(_: asyncio.Future[Reply]) -> None:
+            self._task = None
+            if task.cancelled():
+                return
+            if (error := task.exception()) is not None:
+                failures.error("request failed", peer=self.peer, error=repr(error))
+                answer = Reply(http.HTTPStatus.INTERNAL_SERVER_ERROR, "internal error\n")
+            else:
+                answer = task.result()
+            self._answer(answer, head_only, linger=linger)
+
+        task.add_done_callback(done)
+
+    def _parse(self, protocol: ServerProtocol, head: bytes) -> WsRequest | None:
         """The request, or None once it has been answered 400 saying what is wrong."""
-        if proxy.is_header(head + rest[: len(proxy.V2_SIGNATURE)]):
-            self._refuse(
-                "a PROXY protocol header where the HTTP request should be (from a peer not "
-                "in trusted_proxies, or a second one)"
-            )
-            return None
-        if head.count(b"\n") != head.count(b"\r\n"):
-            # websockets would say "connection closed": say what is wrong instead.
-            self._refuse("a line ends with a bare LF; HTTP lines end with CRLF")
-            return None
         protocol.receive_data(head)
         events = protocol.events_received()
         if not events or not isinstance(events[0], WsRequest):
@@ -427,11 +552,20 @@ class Handshake(asyncio.Protocol):
                 self.peer = str(client)
         self._regroup(addr)
 
-    def _answer(self, reply: Reply, head_only: bool = False) -> None:
-        """Plain HTTP: write the reply and close once it is sent."""
-        if self._transport is None:
+    def _answer(self, reply: Reply, head_only: bool = False, *, linger: bool = False) -> None:
+        """Plain HTTP: write the reply and close once it is sent. ``linger``: the client
+        may still be sending a body; closing with unread bytes would reset the connection
+        and could destroy the reply, so our side is shut and what comes is discarded until
+        the client closes (or the open deadline)."""
+        transport = self._transport
+        if transport is None or transport.is_closing():
             return
         if reply.refused:
             self._engine.refused(reply.refused, self.peer)
-        self._transport.write(serialize(reply, head_only))
-        self._transport.close()  # in the table, with its deadline, until it is gone
+        transport.write(serialize(reply, head_only))
+        self._answered = True
+        self._drop_body()
+        if linger and transport.can_write_eof():
+            transport.write_eof()  # data_received discards the rest; eof_received closes
+        else:
+            transport.close()  # in the table, with its deadline, until it is gone

@@ -7,7 +7,7 @@ the engine, and the engine can change its I/O without touching them.
 
 import http
 import socket
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Protocol
 
@@ -74,6 +74,50 @@ class Request:
         return self.path.partition("?")[0]
 
 
+# The close a connection gets when its token expires (4401, as for a missing or invalid
+# token: the client must authenticate again).
+EXPIRED = (4401, "token expired")
+
+
+@dataclass(frozen=True, slots=True)
+class Identity:
+    """Who a connection is, as admission established it (from a token): ``sub``, shown in
+    the access log and presence ("": anonymous); whether it may send messages to its
+    channel (a read-only member may not); and until when it may stay (the token's expiry,
+    seconds since the epoch; None: for ever)."""
+
+    sub: str = ""
+    may_publish: bool = True
+    expires: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Admitted:
+    """Admission's yes, and what the connection takes from it: the subprotocol to select
+    among those the client offered, who it is, and, to refuse a browser in a way its
+    script can read (it sees no HTTP status), a close to send at once after the 101
+    (code and reason) instead of opening it to the application."""
+
+    subprotocol: str | None = None
+    identity: Identity | None = None
+    close: tuple[int, str] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ReadBody:
+    """Admission's answer to a request with a body (the HTTP API's POST): read it, at most
+    ``limit`` bytes (a larger one gets 413), then ``then(body)`` gives the reply, at once
+    or once it is ready (an awaitable: say, what Redis answers)."""
+
+    limit: int
+    then: "Callable[[bytes], Reply | Awaitable[Reply]]"
+
+
+# What the engine asks of admission for each request: refuse or answer it with a reply
+# (now, or once an awaitable has it), read its body first, or go on with the WebSocket.
+Admission = Callable[[Request], Reply | Awaitable[Reply] | ReadBody | Admitted | None]
+
+
 class Prepared:
     """A message framed once for many receivers (relay fan-out): connections without
     compression write ``frame`` as it is; compressing ones, the payload compressed once
@@ -93,6 +137,7 @@ class Connection(Protocol):
 
     path: str  # the request path, query string included
     peer: str  # "host:port", or the Unix socket's name
+    identity: Identity | None  # who it is, when admission checked a token
     dropped: int  # messages an application chose not to send (relay slow consumers)
     app_held: int  # bytes the application said it keeps for this connection (``hold``)
     app_data: Any  # free for the application's per-connection state

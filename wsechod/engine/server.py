@@ -13,11 +13,12 @@ import functools
 import itertools
 import logging
 import os
+import re
 import resource
 import socket
 import ssl
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Sequence
 from typing import Any
 
 from websockets.extensions import ServerExtensionFactory
@@ -29,7 +30,15 @@ from wsechod.engine.budget import Budget
 from wsechod.engine.connection import APP_FAILED, WebSocket, failures
 from wsechod.engine.frames import Failure
 from wsechod.engine.handshake import Handshake
-from wsechod.engine.interface import Application, Listener, Reply, Request
+from wsechod.engine.interface import (
+    Admission,
+    Admitted,
+    Application,
+    Listener,
+    ReadBody,
+    Reply,
+    Request,
+)
 from wsechod.engine.options import Options
 from wsechod.log import get_logger
 
@@ -47,6 +56,17 @@ ACCEPT_RETRY = 0.1  # seconds before accepting again when the process is out of 
 ACCESS_PATH = 512
 
 
+_TOKEN = re.compile(r"(?<=[?&]token=)[^&#]*")
+
+
+def loggable(path: str) -> str:
+    """A request path as logs show it: at most ACCESS_PATH characters, and the value of a
+    ``token`` query parameter masked (it is a credential; proxies' logs are warned about
+    in the docs, ours need not add to them)."""
+    path = path[:ACCESS_PATH]
+    return _TOKEN.sub("***", path) if "token=" in path else path
+
+
 def code_label(code: int | None) -> str:
     """A close code as a metrics label: clients choose among 2000 codes of 3000-4999, so
     those are counted by range, which keeps the number of series bounded."""
@@ -62,7 +82,7 @@ class Engine:
         self,
         options: Options,
         app: Application,
-        admit: Callable[[Request], Reply | None] | None = None,
+        admit: Admission | None = None,
     ) -> None:
         self.options = options  # replaced by a reload; each connection keeps its own
         self.app = app
@@ -274,11 +294,11 @@ class Engine:
         """What a new handshake may negotiate."""
         return list(_DEFLATE) if self.options.compression else None
 
-    def set_admission(self, admit: Callable[[Request], Reply | None]) -> None:
+    def set_admission(self, admit: Admission) -> None:
         """Admission reads the engine's state (draining, connections), so it comes after."""
         self._admit = admit
 
-    def admit(self, request: Request) -> Reply | None:
+    def admit(self, request: Request) -> Reply | Awaitable[Reply] | ReadBody | Admitted | None:
         return None if self._admit is None else self._admit(request)
 
     def connections_from(self, group: str) -> int:
@@ -286,11 +306,21 @@ class Engine:
         open WebSockets."""
         return self.per_address.get(group, 0)
 
-    def opened(self, ws: WebSocket) -> None:
+    def opened(self, ws: WebSocket, admitted: Admitted | None = None) -> None:
+        """A WebSocket is open: in the table, and the application's, unless admission
+        said to close it at once (then the application never hears of it)."""
         self.connections.add(ws)
         self.stats["connections_opened"] += 1
+        if admitted is not None:
+            ws.identity = identity = admitted.identity
+            if admitted.close is not None:
+                ws.close(*admitted.close)
+                return
+            if identity is not None and identity.expires is not None:
+                ws.expire_at(identity.expires)
+        ws.member = True
         if self._debug:
-            log.debug("connection open", peer=ws.peer, path=ws.path)
+            log.debug("connection open", peer=ws.peer, path=loggable(ws.path))
         try:
             self.app.opened(ws)
         except Exception:  # a bug, but one a client may trigger over and over
@@ -315,10 +345,11 @@ class Engine:
         stats["text_out"] += ws.text_out
         closed_by = ws.closed_by or "none"
         self.closes[closed_by, code_label(ws.code_sent), code_label(ws.code_received)] += 1
-        try:
-            self.app.closed(ws)
-        except Exception:
-            failures.error("application failed on close", peer=ws.peer)
+        if ws.member:
+            try:
+                self.app.closed(ws)
+            except Exception:
+                failures.error("application failed on close", peer=ws.peer)
         if self._debug:
             log.debug(
                 "connection closed",
@@ -333,7 +364,8 @@ class Engine:
             access.info(
                 "access",
                 peer=ws.peer,
-                path=ws.path[:ACCESS_PATH],
+                path=loggable(ws.path),
+                sub=None if ws.identity is None else ws.identity.sub,
                 duration=round(self.loop.time() - ws.opened_at, 3),
                 messages_in=ws.received,
                 messages_out=ws.sent,

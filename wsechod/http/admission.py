@@ -10,12 +10,12 @@ that closes at once.
 """
 
 import http
-from collections.abc import Callable, Sized
+from collections.abc import Awaitable, Callable, Sized
 from typing import Protocol
 
 from wsechod import ratelimit
-from wsechod.engine import Application, Reply, Request
-from wsechod.http import origins
+from wsechod.engine import Admission, Admitted, Application, ReadBody, Reply, Request
+from wsechod.http import api, auth, origins, subprotocols
 from wsechod.settings import Settings
 
 warn = ratelimit.logger("wsechod.http.admission")
@@ -45,16 +45,24 @@ def admission(
     metrics: Callable[[], Reply] | None = None,
     degraded: Callable[[], str | None] | None = None,
     draining: Callable[[], bool] | None = None,
-) -> Callable[[Request], Reply | None]:
+    publisher: api.Publisher | None = None,
+) -> Admission:
     """``settings()``: the settings of the moment (a reload may change the limits);
     ``metrics()``: the ``/metrics`` page, rendered at each request; ``degraded()``: what
     ``/healthz`` reports missing (default: the application's, ``app.degraded``);
     ``draining()``: whether ``/healthz`` says so (default: ``state.draining``; a worker
-    answers for the daemon, which does not drain when one worker is recycled)."""
+    answers for the daemon, which does not drain when one worker is recycled);
+    ``publisher``: the relay, which the HTTP API publishes through (None: no API)."""
     why = app.degraded if degraded is None else degraded
     stopping = (lambda: state.draining) if draining is None else draining
+    gate = auth.Gate()
+    routes = api.Api(gate, publisher, lambda: state.draining)
 
-    def admit(request: Request) -> Reply | None:  # noqa: PLR0911 - one answer per rule
+    def admit(  # noqa: PLR0911 - one answer per rule
+        request: Request,
+    ) -> Reply | Awaitable[Reply] | ReadBody | Admitted | None:
+        if api.is_api(request):
+            return routes.handle(request, settings())
         if request.method not in ("GET", "HEAD"):
             text = "only GET is served\n"
             return Reply(http.HTTPStatus.METHOD_NOT_ALLOWED, text, ALLOW, refused="method")
@@ -89,7 +97,23 @@ def admission(
             warn.warning("connection refused", reason="max_connections", limit=max_connections)
             text = "too many connections\n"
             return Reply(http.HTTPStatus.SERVICE_UNAVAILABLE, text, refused="max_connections")
-        return app.admit(request.path)
+        return websocket_terms(request, current)
+
+    def websocket_terms(request: Request, current: Settings) -> Reply | Admitted | None:
+        """The WebSocket's own terms: its token, if asked for, the application's limits,
+        the subprotocol it gets."""
+        chosen = subprotocols.select(subprotocols.offered(request), current.subprotocols)
+        identity = None
+        if current.auth == "jwt":
+            checked = gate.admit(request, current)
+            if isinstance(checked, Reply):
+                closing = current.auth_refusal == "close"
+                return (closing and auth.refusal_to_close(checked, chosen)) or checked
+            identity = checked
+        refused = app.admit(request.path)
+        if refused is not None or (identity is None and chosen is None):
+            return refused
+        return Admitted(chosen, identity)
 
     return admit
 

@@ -67,6 +67,11 @@ def build_parser() -> argparse.ArgumentParser:
         description="WebSocket echo and relay server daemon. Every setting can also be given "
         "as a key in the config file or as a WSECHOD_<KEY> environment variable; flags win over "
         "the environment, which wins over the file.",
+        epilog="secrets, from the environment or the config file only (a command line is "
+        "visible to every user of the machine): "
+        + "; ".join(f"{env_name(f.name)}: {describe(f.name)}" for f in KEYS if f.metadata["secret"])
+        + ". Tables, in the config file only: "
+        + "; ".join(f"[[{f.name}]]: {describe(f.name)}" for f in KEYS if f.metadata["table"]),
     )
     parser.add_argument("--version", action="version", version=f"wsechod {__version__}")
     parser.add_argument(
@@ -105,6 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
             flag_name(key), dest=key, default=argparse.SUPPRESS, help=argparse.SUPPRESS
         )
     for f in KEYS:
+        if f.metadata["secret"] or f.metadata["table"]:
+            continue  # a secret: not on a command line, which is public; tables: file only
         allowed = choices(f.name)
         values = "" if allowed is None else "; one of: " + ", ".join(allowed[0])
         if allowed and allowed[1]:

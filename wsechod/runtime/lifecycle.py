@@ -26,7 +26,7 @@ from typing import Any, Protocol
 from wsechod import brokers, ratelimit
 from wsechod.apps.echo import Echo
 from wsechod.apps.relay import Relay
-from wsechod.engine import Application, Engine, Listener, Options, Reply, Request
+from wsechod.engine import Admission, Application, Engine, Listener, Options, Reply
 from wsechod.engine.frames import CloseCode
 from wsechod.http.admission import admission
 from wsechod.log import get_logger
@@ -243,7 +243,7 @@ def tls_context(settings: Settings) -> ssl.SSLContext | None:
 def application(settings: Settings) -> tuple[Application, brokers.Broker | None]:
     if settings.mode != "relay":
         return Echo(), None
-    broker = brokers.create(settings.broker)
+    broker = brokers.create(settings.broker, presence_interval=settings.presence_interval)
     return Relay(broker, **relay_options(settings)), broker
 
 
@@ -257,6 +257,8 @@ def relay_options(settings: Settings) -> dict[str, Any]:
         "max_path_length": settings.max_path_length,
         "slow_consumer": settings.slow_consumer,
         "slow_consumer_timeout": settings.slow_consumer_timeout,
+        "publish_rate": settings.publish_rate,
+        "channel_rules": settings.channel,
     }
 
 
@@ -278,7 +280,7 @@ async def serve(
     try:
         if broker is not None:
             assert isinstance(app, Relay)
-            await broker.start(app.deliver)
+            await broker.start(app.deliver, app.presence)
         engine = Engine(engine_options, app)
         engine.set_admission(_admission(engine, app, life))
         await engine.listen(listeners)
@@ -349,14 +351,19 @@ async def serve(
     return report
 
 
-def _admission(
-    engine: Engine, app: Application, life: Lifecycle
-) -> Callable[[Request], Reply | None]:
+def _admission(engine: Engine, app: Application, life: Lifecycle) -> Admission:
     """What a request gets before the upgrade; a worker answers /metrics and /healthz for
     the whole daemon."""
     worker = life.worker
+    publisher = app if isinstance(app, Relay) else None
     if worker is None:
-        return admission(engine, app, lambda: life.settings, metrics=metrics.exporter(engine, app))
+        return admission(
+            engine,
+            app,
+            lambda: life.settings,
+            metrics=metrics.exporter(engine, app),
+            publisher=publisher,
+        )
     return admission(
         engine,
         app,
@@ -364,6 +371,7 @@ def _admission(
         metrics=worker.page,
         degraded=functools.partial(worker.degraded, app),
         draining=worker.daemon_draining,
+        publisher=publisher,
     )
 
 

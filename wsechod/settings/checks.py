@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from wsechod.auth import apikeys, keys
 from wsechod.runtime import tls
 from wsechod.settings import values
 from wsechod.settings.schema import (
@@ -141,3 +142,60 @@ def check_broker_package(settings: Settings, sources: Mapping[str, str]) -> None
             f"invalid broker {values.redact_url(settings.broker)!r} (from {sources['broker']}): "
             "the Redis broker needs the redis package: pip install 'wsechod[redis]'"
         ) from None
+
+
+AUTH_KEYS = ("jwt_secret_file", "jwt_public_key", "jwt_secret")
+
+
+def check_auth(settings: Settings, sources: Mapping[str, str]) -> None:
+    """Every key file is read and parsed now, so that a missing file, a short secret or a
+    public key that does not parse stops the start (or a reload) with a line naming it."""
+    for key, kind in (("jwt_secret_file", "secret"), ("jwt_public_key", "public")):
+        for entry in getattr(settings, key):
+            try:
+                keys.load(kind, entry)
+            except keys.BadKey as exc:
+                raise SettingsError(
+                    f"invalid {key} {entry!r} (from {sources[key]}): {exc}"
+                ) from None
+    if settings.jwt_secret:
+        try:
+            keys.secret(None, settings.jwt_secret.encode(), "jwt_secret")
+        except keys.BadKey as exc:
+            raise SettingsError(
+                f"invalid jwt_secret '***' (from {sources['jwt_secret']}): {exc}"
+            ) from None
+    try:
+        ring = keys.ring(settings.jwt_secret_file, settings.jwt_public_key, settings.jwt_secret)
+    except keys.BadKey as exc:
+        key = "jwt_public_key" if settings.jwt_public_key else "jwt_secret_file"
+        raise SettingsError(f"invalid {key} (from {sources[key]}): {exc}") from None
+    if settings.api_key_file:
+        try:
+            apikeys.load(settings.api_key_file)
+        except apikeys.BadKeyFile as exc:
+            raise SettingsError(
+                f"invalid api_key_file {settings.api_key_file!r} "
+                f"(from {sources['api_key_file']}): {exc}"
+            ) from None
+    if settings.auth == "jwt" and not ring:
+        raise SettingsError(
+            f"invalid auth 'jwt' (from {sources['auth']}): no key to check tokens with; "
+            "set jwt_secret_file, jwt_public_key or jwt_secret"
+        )
+
+
+def auth_notice(settings: Settings, sources: Mapping[str, str]) -> list[Notice]:
+    """Keys given while tokens are not asked for: most likely auth was forgotten."""
+    if settings.auth != "none":
+        return []
+    unused = [k for k in AUTH_KEYS if sources[k] != "default"]
+    if not unused:
+        return []
+    return [
+        Notice(
+            f"settings have no effect: {', '.join(unused)} (auth is none: no token is asked for)",
+            "settings have no effect",
+            {"keys": unused},
+        )
+    ]

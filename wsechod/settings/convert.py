@@ -34,6 +34,8 @@ def convert(key: str, raw: Any, source: str, *, text: bool, program: bool = Fals
     env/CLI string (``text`` True: parsed) into the key's type, then check its range.
     ``program``: the value came from a Python program, whose author wants Python advice."""
     f = BY_NAME[key]
+    if f.metadata["table"]:
+        return _table(key, raw, source, text=text)
     kind = typing.get_origin(f.type) or f.type  # tuple[str, ...]: a list of strings
     assert isinstance(kind, type)
     words = f.metadata["words"]
@@ -50,7 +52,21 @@ def convert(key: str, raw: Any, source: str, *, text: bool, program: bool = Fals
         return check_value(f.metadata, value)
     except ValueError as exc:
         shown = values.redact_url(raw) if f.metadata["url"] and isinstance(raw, str) else raw
+        if f.metadata["secret"]:
+            shown = "***"
         raise SettingsError(f"invalid {key} {shown!r} (from {source}): {exc}") from None
+
+
+def _table(key: str, raw: Any, source: str, *, text: bool) -> Any:
+    """An array of tables (``[[channel]]``): from the config file (or a program) only."""
+    if text:
+        raise SettingsError(
+            f"invalid {key} (from {source}): set in the config file only, as [[{key}]] tables"
+        )
+    try:
+        return BY_NAME[key].metadata["table"](raw)
+    except ValueError as exc:
+        raise SettingsError(f"invalid {key} (from {source}): {exc}") from None
 
 
 _INT = r"[+-]?[0-9]+"

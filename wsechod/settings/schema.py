@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from wsechod import channels
 from wsechod.http import origins
 from wsechod.settings import values
 
@@ -42,10 +43,15 @@ LISTENING = "Listening"
 LOGGING = "Logging"
 LIMITS = "Limits (per connection unless said otherwise)"
 ADMISSION = "Who may connect: TLS, origins, per-client limit, proxies"
+AUTH = "Tokens and rights (auth)"
 TIMEOUTS = "Timeouts (seconds; 0 disables the ones that say so)"
 RELAY = "Relay mode"
 PROCESS = "Process"
-SECTIONS = (LISTENING, LOGGING, LIMITS, ADMISSION, TIMEOUTS, RELAY, PROCESS)
+# Last: in TOML, the keys after a [[table]] belong to it.
+CHANNELS = "Policies per channel (relay; tables come last in the file)"
+SECTIONS = (LISTENING, LOGGING, LIMITS, ADMISSION, AUTH, TIMEOUTS, RELAY, PROCESS, CHANNELS)
+AUTH_MODES = ("none", "jwt")
+AUTH_REFUSALS = ("status", "close")
 
 
 class SettingsError(Exception):
@@ -69,6 +75,8 @@ def _opt(
     item: Callable[[str], str] | None = None,
     words: Mapping[str, Callable[[], Any]] | None = None,
     default_word: str | None = None,
+    secret: bool = False,
+    table: Callable[[Any], Any] | None = None,
 ) -> T:
     """A key: ``doc``, one line for ``--help``; ``note``, what the sample config and the
     reference page say of it (paragraphs split by a newline; a key that shares the note of
@@ -81,7 +89,10 @@ def _opt(
     for new connections. ``item``: the key is a list (``tuple[str, ...]``) and this checks
     and normalises each entry (ValueError). ``words``: names that stand for a value
     computed at load time (``workers = "auto"``). ``default_word``: the word the default
-    is written as where it differs from machine to machine."""
+    is written as where it differs from machine to machine. ``secret``: never shown
+    (masked wherever settings are printed or logged) and no command-line flag (a command
+    line is visible to every user of the machine). ``table``: the key is an array of TOML
+    tables (``[[channel]]``), set in the config file only; this turns them into values."""
     meta = {
         "restart": restart,
         "doc": doc,
@@ -97,6 +108,8 @@ def _opt(
         "item": item,
         "words": words or {},
         "default_word": default_word,
+        "secret": secret,
+        "table": table,
     }
     return field(default=default, metadata=meta)
 
@@ -332,6 +345,16 @@ class Settings:
             "accepted, unless require_origin is true."
         ),
     )
+    subprotocols: tuple[str, ...] = _opt(
+        (),
+        "subprotocols the server may select, the first a client offers",
+        section=ADMISSION,
+        note=(
+            "Subprotocols the server selects when a client offers them (the first it "
+            "offers that is listed here); a client that offers none of them is served "
+            "without one."
+        ),
+    )
     require_origin: bool = _opt(
         False,
         "refuse (HTTP 403) handshakes without an Origin header",
@@ -368,6 +391,126 @@ class Settings:
             "or with a PROXY protocol header (v1 or v2, detected by its first bytes; not "
             "with TLS). From any other peer X-Forwarded-For is ignored and a PROXY header "
             "gets HTTP 400."
+        ),
+    )
+    auth: str = _opt(
+        "none",
+        "none: anyone may connect; jwt: a signed token is required (jwt_* keys)",
+        choices=AUTH_MODES,
+        section=AUTH,
+        note=(
+            'none: anyone who can reach a public listener may connect. "jwt": every '
+            "WebSocket client presents a signed token (JWT) that says who it is (sub), until "
+            "when (exp, required) and which channels it may subscribe and publish to; see "
+            "the Relay rights page. The token comes in an Authorization: Bearer header, a "
+            "bearer.<token> entry of Sec-WebSocket-Protocol (browsers), or the token query "
+            "parameter, in that order of preference. A connection closes when its token "
+            "expires (4401)."
+        ),
+    )
+    jwt_secret_file: tuple[str, ...] = _opt(
+        (),
+        "files holding HS256 secrets (at least 32 bytes), each KID=PATH or PATH",
+        item=values.key_file,
+        section=AUTH,
+        note=(
+            "Keys that may sign tokens: files each holding an HS256 secret of at least 32 "
+            "bytes (jwt_secret_file), or a PEM public key (jwt_public_key: RSA of 2048 bits "
+            "or more for RS256, EC P-256/384/521 for ES256/384/512, Ed25519 or Ed448 for "
+            'EdDSA). Name a key "KID=PATH" to select it by the token header\'s kid, so that '
+            "old and new keys work side by side while tokens are rotated; with one key, a "
+            "token needs no kid. Each key checks tokens of its own algorithm only. SIGHUP "
+            "reads the files again."
+        ),
+    )
+    jwt_public_key: tuple[str, ...] = _opt(
+        (),
+        "PEM public keys (RS256, ES256/384/512, EdDSA), each KID=PATH or PATH",
+        item=values.key_file,
+        section=AUTH,
+    )
+    jwt_secret: str = _opt(
+        "",
+        "an HS256 secret (at least 32 bytes) from the environment or the file; never printed",
+        secret=True,
+        section=AUTH,
+        note=(
+            "An HS256 secret given as a value (WSECHOD_JWT_SECRET, for containers) rather "
+            "than a file; it has no command-line flag and is never printed."
+        ),
+    )
+    jwt_audience: str = _opt(
+        "",
+        "tokens must carry this aud; '': tokens must carry none",
+        section=AUTH,
+        note=(
+            'When set, tokens must name this audience (aud) and this issuer (iss); "": '
+            "not checked (a token that carries an aud is then refused: RFC 7519 4.1.3)."
+        ),
+    )
+    jwt_issuer: str = _opt("", "tokens must carry this iss; '': not checked", section=AUTH)
+    jwt_leeway: float = _opt(
+        10.0,
+        "seconds of clock difference allowed in exp, nbf and iat",
+        minimum=0,
+        maximum=600,
+        section=AUTH,
+        note="Clock difference allowed when exp, nbf and iat are checked.",
+    )
+    jwt_rights_claim: str = _opt(
+        "wsechod",
+        "the claim holding {subscribe: [...], publish: [...]} channel patterns",
+        section=AUTH,
+        note=(
+            'The private claim that holds the rights: {"subscribe": [patterns], "publish": '
+            "[patterns]}, channel patterns where * is one path segment and ** the rest "
+            '("/rooms/*", "/users/alice/**"). A token without it has no rights.'
+        ),
+    )
+    auth_refusal: str = _opt(
+        "status",
+        "status: refuse with HTTP 401/403; close: open, then close with 4401/4403",
+        choices=AUTH_REFUSALS,
+        section=AUTH,
+        note=(
+            '"status": a client without a valid token gets HTTP 401, one without the right '
+            'to this channel 403, before the WebSocket opens. "close": the WebSocket opens '
+            "and is closed at once with 4401 or 4403 and the reason, which a browser's "
+            "script can read (it sees no HTTP status, only 1006)."
+        ),
+    )
+    api_key_file: str = _opt(
+        "",
+        "relay: the HTTP API's keys, one 'NAME sha256:HEX' (or 'NAME KEY') per line",
+        path=(),
+        section=AUTH,
+        note=(
+            "relay: the keys of the HTTP API (POST /publish/<channel>, GET /channels), one "
+            'per line: "NAME sha256:HEX", the SHA-256 of the key (printf %s KEY | '
+            'sha256sum), or "NAME KEY". A backend sends its key as X-API-Key; a token with '
+            "the publish right works too. SIGHUP reads the file again."
+        ),
+    )
+    handshake_rate: float = _opt(
+        20.0,
+        "with auth: WebSocket handshakes per second per client address; beyond: 429; 0: any",
+        minimum=0,
+        section=AUTH,
+        note=(
+            "With auth: opening handshakes per second from one client address (a burst of "
+            "twice as many is allowed); beyond, HTTP 429 with Retry-After, before any token "
+            "is checked, so that a flood of bad tokens costs little. 0: no limit."
+        ),
+    )
+    publish_rate: float = _opt(
+        0.0,
+        "relay: messages per second one member may publish; faster ones are paced; 0: any",
+        minimum=0,
+        section=AUTH,
+        note=(
+            "relay: messages per second one member may send (a burst of one second's worth "
+            "is allowed); a faster member is paced (the server reads from it more slowly), "
+            "nothing is dropped. 0: no limit."
         ),
     )
     open_timeout: float = _opt(
@@ -441,6 +584,20 @@ class Settings:
             'relay: "memory" relays within this process; "redis://host:6379/0" (or '
             "rediss://, unix:///path) shares channels with every wsechod using the same "
             "Redis."
+        ),
+    )
+    presence_interval: float = _opt(
+        10.0,
+        "relay: seconds between writes of this instance's presence to Redis",
+        minimum=0.1,
+        maximum=3600,
+        restart=True,
+        section=RELAY,
+        note=(
+            "relay with Redis: how often each instance writes who is on its channels "
+            "(GET /channels), and within a quarter second of a join or leave. An instance "
+            "that dies disappears from presence within three times this; one that stops "
+            "cleanly, at once."
         ),
     )
     max_channels: int = _opt(
@@ -568,6 +725,30 @@ class Settings:
         restart=True,
         section=PROCESS,
     )
+    channel: tuple[channels.Rule, ...] = _opt(
+        (),
+        "relay: per-channel policies ([[channel]] tables: pattern, relay_echo, "
+        "slow_consumer, slow_consumer_timeout, max_channel_members, publish), in the "
+        "config file only",
+        table=channels.rules,
+        section=CHANNELS,
+        note=(
+            "relay: policies for the channels a pattern matches, in [[channel]] tables (in "
+            "the config file only): relay_echo, slow_consumer, slow_consumer_timeout and "
+            'max_channel_members override the keys above; publish = "api" lets only the '
+            "HTTP API publish (members are read-only, whatever their tokens say). The first "
+            "table whose pattern matches a channel applies. A reload applies them to every "
+            "channel, open ones included; publish to members that join from then on. "
+            "For example:\n"
+            "    [[channel]]\n"
+            '    pattern = "/announcements/**"\n'
+            '    publish = "api"\n'
+            "    [[channel]]\n"
+            '    pattern = "/rooms/*"\n'
+            "    relay_echo = true\n"
+            "    max_channel_members = 50"
+        ),
+    )
 
 
 KEYS: tuple[dataclasses.Field[Any], ...] = dataclasses.fields(Settings)
@@ -575,6 +756,8 @@ KEY_NAMES = tuple(f.name for f in KEYS)
 BY_NAME = {f.name: f for f in KEYS}
 RELAY_KEYS = tuple(f.name for f in KEYS if str(f.metadata["doc"]).startswith("relay:"))
 RESTART_KEYS = frozenset(f.name for f in KEYS if f.metadata["restart"])
+TABLE_KEYS = tuple(f.name for f in KEYS if f.metadata["table"])  # [[channel]]: the file only
+SECRET_KEYS = tuple(f.name for f in KEYS if f.metadata["secret"])
 
 
 def changes(old: Settings, new: Settings) -> list[str]:

@@ -112,11 +112,13 @@ def load(
     checks.check_workers(settings, sources)
     checks.check_broker_package(settings, sources)
     checks.check_tls(settings, sources)
+    checks.check_auth(settings, sources)
     notices = [
         *checks.service_link_notice(ignored),
         *checks.retired_notice(retired),
         *checks.echo_mode_notice(settings),
         *checks.listen_notice(settings, sources),
+        *checks.auth_notice(settings, sources),
     ]
     return Loaded(settings, sources, config_path, tuple(notices))
 

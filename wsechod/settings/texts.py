@@ -5,6 +5,7 @@ config, all from the schema."""
 import json
 import textwrap
 from collections.abc import Mapping
+from dataclasses import asdict
 from typing import Any
 
 from wsechod.settings import values
@@ -32,7 +33,12 @@ def default_text(key: str) -> Any:
 
 def shown(key: str, value: Any) -> Any:
     """A value as it may be shown to people: with credentials masked."""
-    return values.redact_url(value) if BY_NAME[key].metadata["url"] else value
+    meta = BY_NAME[key].metadata
+    if meta["secret"]:
+        return "***" if value else value
+    if meta["table"]:
+        return [{k: v for k, v in asdict(entry).items() if v is not None} for entry in value]
+    return values.redact_url(value) if meta["url"] else value
 
 
 def render(loaded: Loaded) -> str:
@@ -77,11 +83,14 @@ def sample() -> str:
             for paragraph in note(f.name).split("\n") if note(f.name) else ():
                 if paragraph.startswith("For example"):  # an example keeps its own line
                     lines.append("# " + paragraph)
+                elif paragraph.startswith("    "):  # a block of TOML, as it is written
+                    lines.append("# " + paragraph[4:])
                 else:
                     lines += textwrap.wrap(
                         paragraph, WIDTH - 2, initial_indent="# ", subsequent_indent="# "
                     )
-            lines.append(f"# {f.name} = {_toml(default_text(f.name))}")
+            if not f.metadata["table"]:  # tables are shown by their note's example
+                lines.append(f"# {f.name} = {_toml(default_text(f.name))}")
     return "\n".join(lines) + "\n"
 
 

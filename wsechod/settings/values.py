@@ -206,3 +206,18 @@ def redact_url(url: str) -> str:
     user, colon, _ = userinfo.partition(":")
     user = user if colon else ""  # alone, redis-py takes the "user" as the password
     return urllib.parse.urlunsplit(parts._replace(netloc=f"{user}:***@{hostport}"))
+
+
+# --- Keys and secrets (jwt_secret_file, jwt_public_key) ----------------------------------
+
+
+def key_file(entry: str) -> str:
+    """``PATH`` or ``KID=PATH``: a key file, its path made absolute (a daemon runs in /)."""
+    entry = entry.strip()
+    kid, sep, path = entry.partition("=")
+    if not (sep and kid and "/" not in kid):
+        kid, path = "", entry
+    if not path:
+        raise ValueError("no file named")
+    path = os.path.abspath(os.path.expanduser(path))
+    return f"{kid}={path}" if kid else path

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from wsechod.log import get_logger
-from wsechod.settings import Loaded, Settings
+from wsechod.settings import KEYS, TABLE_KEYS, Loaded, Settings
 
 log = get_logger("wsechod")
 
@@ -138,6 +138,8 @@ class Scoreboard:
             key: tuple(value) if isinstance(value, list) else value
             for key, value in raw["settings"].items()
         }
+        for key in TABLE_KEYS:  # tables came as lists of objects
+            values[key] = next(f for f in KEYS if f.name == key).metadata["table"](values[key])
         path = raw["config_path"]
         return Loaded(Settings(**values), raw["sources"], None if path is None else Path(path))
 
