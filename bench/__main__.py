@@ -25,7 +25,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -33,9 +33,10 @@ from typing import Any
 
 import uvloop
 
-from bench import client, deflate
+from bench import client, deflate, tokens
 from bench.peers import (
     ECHO_PEERS,
+    HANDSHAKE_PEERS,
     NODE_DIR,
     RELAY_PEERS,
     ROOT,
@@ -53,7 +54,13 @@ SATURATED = 0.90  # client CPU / wall time from which the client is the bottlene
 # The deflate cases' messages, made once for every server and repeat.
 DEFLATE_MESSAGES: dict[deflate.Case, list[bytes]] = {}
 SCRAPE_INTERVAL = 1.0  # seconds between GET /metrics with --scrape, as a busy Prometheus
-SCENARIOS = ("echo", "idle", "fanout", "deflate")
+SCENARIOS = ("echo", "idle", "fanout", "deflate", "handshake")
+# Each kind's columns are compared with this peer's (and with Node's ws, where it runs).
+BASES = {
+    "echo": ("example", "example"),
+    "relay": ("broadcast", "broadcast()"),
+    "handshake": ("wsechod", "no token"),
+}
 
 
 @dataclass(frozen=True)
@@ -65,6 +72,7 @@ class Figure:
     floor: bool = False  # a throughput: only a floor when the client was saturated
     digits: int | None = None
     worst: bool = False  # show the smallest value of the repeats instead of the median
+    kind: str = "echo"  # whose columns: "echo", "relay" or "handshake" peers
 
 
 @dataclass
@@ -152,10 +160,21 @@ def figures(args: argparse.Namespace) -> list[Figure]:
             f"{describe_size(args.size)} messages"
         )
         out += [
-            Figure("fan rate", "deliveries/s", section, floor=True),
-            Figure("fan cpu", "server CPU µs/delivery", section, digits=2),
-            Figure("fan server%", "server core busy %", section, ratios=False),
-            Figure("fan client%", "client core busy %", section, ratios=False),
+            Figure("fan rate", "deliveries/s", section, floor=True, kind="relay"),
+            Figure("fan cpu", "server CPU µs/delivery", section, digits=2, kind="relay"),
+            Figure("fan server%", "server core busy %", section, ratios=False, kind="relay"),
+            Figure("fan client%", "client core busy %", section, ratios=False, kind="relay"),
+        ]
+    if "handshake" in args.scenarios:
+        section = (
+            f"opening handshakes, {args.handshakes} connections, "
+            f"{client.HANDSHAKES_IN_FLIGHT} at a time, a different token each"
+        )
+        out += [
+            Figure("hs rate", "handshakes/s", section, floor=True, kind="handshake"),
+            Figure("hs cpu", "server CPU µs/handshake", section, digits=1, kind="handshake"),
+            Figure("hs server%", "server core busy %", section, ratios=False, kind="handshake"),
+            Figure("hs client%", "client core busy %", section, ratios=False, kind="handshake"),
         ]
     return out
 
@@ -208,6 +227,7 @@ async def echo_case(  # noqa: PLR0917
         warmup=args.warmup,
         seconds=args.seconds,
         server_cpu=server.cpu_seconds,
+        tokens=made_tokens(peer, n),
     )
     w = r.window
     sat = w.client_cpu / w.seconds >= SATURATED
@@ -308,6 +328,7 @@ async def measure_fanout(
         warmup=args.warmup,
         seconds=args.seconds,
         server_cpu=server.cpu_seconds,
+        tokens=made_tokens(peer, args.subscribers + 1),
     )
     sat = w.client_cpu / w.seconds >= SATURATED
     results.add(peer, "fan rate", w.events / w.seconds, sat)
@@ -326,13 +347,47 @@ async def measure_fanout(
     )
 
 
+def made_tokens(peer: Peer, count: int) -> Iterator[str] | None:
+    """For a peer that checks tokens, ``count`` of them, made before they are measured."""
+    return None if peer.auth is None else iter(list(tokens.tokens(peer.auth, count)))
+
+
+async def measure_handshake(
+    args: argparse.Namespace, results: Results, peer: Peer, repeat: int, server: Server
+) -> None:
+    await client.handshakes(server.port, connections=50, server_cpu=server.cpu_seconds,
+                            tokens=made_tokens(peer, 50))  # fmt: skip
+    w = await client.handshakes(
+        server.port,
+        connections=args.handshakes,
+        server_cpu=server.cpu_seconds,
+        tokens=made_tokens(peer, args.handshakes),
+    )
+    sat = w.client_cpu / w.seconds >= SATURATED
+    results.add(peer, "hs rate", w.events / w.seconds, sat)
+    results.add(peer, "hs cpu", w.server_cpu / w.events * 1e6)
+    results.add(peer, "hs server%", 100 * w.server_cpu / w.seconds)
+    results.add(peer, "hs client%", 100 * w.client_cpu / w.seconds, sat)
+    results.runs.append(
+        {"repeat": repeat, "peer": peer.name, "kind": peer.kind, "case": "handshake"}
+        | {"handshakes": w.events, "seconds": w.seconds}
+        | {"server_cpu_s": w.server_cpu, "client_cpu_s": w.client_cpu}
+    )
+    note(
+        f"  {peer.label:<12} {'handshakes':<14} {w.events / w.seconds:>9.0f} /s  "
+        f"server {w.server_cpu / w.events * 1e6:>6.1f} µs/handshake  "
+        f"client {100 * w.client_cpu / w.seconds:>3.0f}%"
+    )
+
+
 def selected(kind: str, args: argparse.Namespace) -> list[Peer]:
     """The peers of ``kind`` to measure, in column order; with --scrape, wsechod twice."""
     peers: list[Peer] = []
-    for peer in ECHO_PEERS if kind == "echo" else RELAY_PEERS:
+    every = {"echo": ECHO_PEERS, "relay": RELAY_PEERS, "handshake": HANDSHAKE_PEERS}[kind]
+    for peer in every:
         if peer.name in args.only:
             peers.append(peer)
-            if peer.name == "wsechod" and args.scrape:
+            if peer.name == "wsechod" and args.scrape and kind != "handshake":
                 peers.append(SCRAPED_PEERS[kind])
         if peer.name == "wsechod" and kind == "echo" and args.workers > 1 and WORKERS in args.only:
             peers.append(workers_peer(args.workers))
@@ -355,7 +410,7 @@ def make_plan(args: argparse.Namespace) -> list[tuple[Peer, str]]:
     only for the servers that have it (not the scraped or workers variants)."""
     plan: list[tuple[Peer, str]] = []
     for peer in selected("echo", args):
-        variant = peer.scrape or peer.name == WORKERS
+        variant = peer.scrape or peer.name == WORKERS or peer.auth is not None
         for scenario in ("echo", "idle"):
             if scenario in args.scenarios and not (variant and scenario == "idle"):
                 plan.append((peer, scenario))
@@ -364,6 +419,8 @@ def make_plan(args: argparse.Namespace) -> list[tuple[Peer, str]]:
             plan.append((compressing, "deflate"))
     if "fanout" in args.scenarios:
         plan += [(p, "fanout") for p in selected("relay", args)]
+    if "handshake" in args.scenarios:
+        plan += [(p, "handshake") for p in selected("handshake", args)]
     return plan
 
 
@@ -375,6 +432,7 @@ async def run_all(args: argparse.Namespace, results: Results) -> None:
         "idle": measure_idle,
         "fanout": measure_fanout,
         "deflate": measure_deflate,
+        "handshake": measure_handshake,
     }
     for repeat in range(1, args.repeat + 1):
         note(f"repeat {repeat}/{args.repeat}")
@@ -430,10 +488,9 @@ def table(args: argparse.Namespace, results: Results) -> tuple[str, dict[str, An
     summary: dict[str, Any] = {}
     section = None
     for fig in figures(args):
-        kind = "relay" if fig.key.startswith("fan ") else "echo"
+        kind = fig.kind
         peers = selected(kind, args)
-        base_name = "broadcast" if kind == "relay" else "example"
-        base_label = "broadcast()" if kind == "relay" else "example"
+        base_name, base_label = BASES[kind]
         if fig.section != section:
             section = fig.section
             lines += ["", section, f"{'':<30}" + "".join(f"{p.label:>13}" for p in peers)]
@@ -451,7 +508,9 @@ def table(args: argparse.Namespace, results: Results) -> tuple[str, dict[str, An
             entry[p.name] = {"value": value, "client_saturated": saturated}
         lines.append(f"  {fig.label:<28}" + "".join(f"{c:>13}" for c in cells))
         if fig.ratios:
-            bases = [(base_name, base_label), ("ws", "ws")]
+            bases = [(base_name, base_label)]
+            if any(p.name == "ws" for p in peers):
+                bases.append(("ws", "ws"))
             if any(p.name == WORKERS for p in peers):  # how the workers scale
                 bases.append(("wsechod", "wsechod"))
             for base, label in bases:
@@ -503,8 +562,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--big-connections", type=int, default=50, help="connections for large messages")
     add("--idle", type=int, help="idle connections for memory and drain (10000; quick 1000)")
     add("--subscribers", type=int, help="fan-out subscribers (default 1000; quick 100)")
+    add("--handshakes", type=int, help="connections opened per handshake run (2000; quick 300)")
     add("--only", help="peers, comma-separated: " + ",".join(sorted(peer_names())))
-    add("--scenarios", default=",".join(SCENARIOS), help="any of echo,idle,fanout,deflate")
+    add("--scenarios", default=",".join(SCENARIOS), help="any of " + ",".join(SCENARIOS))
     add("--deflate-messages", type=int, help="messages per deflate case (default 300; quick 50)")
     add(
         "--deflate-cases",
@@ -531,6 +591,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "connections": "1,50" if quick else "1,50,500",
         "idle": 1000 if quick else 10_000,
         "subscribers": 100 if quick else 1000,
+        "handshakes": 300 if quick else 2000,
         "deflate_messages": 50 if quick else 300,
     }
     for key, value in defaults.items():
@@ -546,7 +607,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.scenarios = set(args.scenarios.split(","))
     if unknown := args.scenarios - set(SCENARIOS):
         parser.error(f"--scenarios: unknown {', '.join(sorted(unknown))}")
-    counts = [args.repeat, args.idle, args.subscribers, args.big_connections, *args.connections]
+    counts = [args.repeat, args.idle, args.subscribers, args.handshakes, args.big_connections]
+    counts += args.connections
     if min(counts) < 1 or args.seconds <= 0 or args.warmup < 0 or args.size < 1:
         parser.error("counts, sizes and --seconds must be positive")
     args.big_case = (args.big_connections, args.big_size)
@@ -561,7 +623,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def peer_names() -> set[str]:
-    return {p.name for p in (*ECHO_PEERS, *RELAY_PEERS)} | {WORKERS}
+    return {p.name for p in (*ECHO_PEERS, *RELAY_PEERS, *HANDSHAKE_PEERS)} | {WORKERS}
 
 
 def place(args: argparse.Namespace) -> None:
@@ -575,7 +637,7 @@ def place(args: argparse.Namespace) -> None:
         args.server_core = None
         args.placement = "one core (or no taskset): servers and client share it, ratios only"
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    need = max(args.idle, args.subscribers + 1, *args.connections) + 200
+    need = max(args.idle, args.subscribers + 1, args.handshakes, *args.connections) + 200
     if soft < need:
         if hard != resource.RLIM_INFINITY and hard < need:
             sys.exit(f"bench: --idle {args.idle} needs {need} open files; hard limit is {hard}")
@@ -609,8 +671,9 @@ def main() -> None:
     print(text)
     print(
         "\nx example: value ÷ the websockets legacy-API example's (fan-out: ÷ the broadcast() "
-        "relay's); x ws: ÷ Node ws's. Higher is better for round trips/s and deliveries/s, "
-        "lower for the rest.\n"
+        "relay's; handshakes: x no token, ÷ wsechod's without auth); x ws: ÷ Node ws's. "
+        '+jwt HS256: wsechod with auth = "jwt", every client with a token. Higher is better '
+        "for round trips/s, deliveries/s and handshakes/s, lower for the rest.\n"
         f"≥ a throughput measured with the client core ≥{SATURATED:.0%} busy: the client was "
         "the bottleneck, the server can do at least this (trust server CPU µs/msg instead); "
         "* the same run's latencies (they include client queueing) and ratios involving them."

@@ -13,7 +13,7 @@ import resource
 import signal
 import subprocess
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import TypeVar, cast
 
@@ -58,14 +58,17 @@ class Client(WSListener):
 C = TypeVar("C", bound=Client)
 
 
-async def connect_many(port: int, n: int, make: Callable[[], C], path: str = "/") -> list[C]:
-    """Open ``n`` connections, keeping a bounded number of handshakes in flight."""
-    url = f"ws://127.0.0.1:{port}{path}"
+async def connect_many(
+    port: int, n: int, make: Callable[[], C], path: str = "/", tokens: Iterator[str] | None = None
+) -> list[C]:
+    """Open ``n`` connections, keeping a bounded number of handshakes in flight; with
+    ``tokens``, each with the next one (the ``token`` query parameter)."""
+    base = f"ws://127.0.0.1:{port}{path}"
     clients: list[C] = []
     failures: list[BaseException] = []
     slots = asyncio.Semaphore(HANDSHAKES_IN_FLIGHT)
 
-    async def one() -> None:
+    async def one(url: str) -> None:
         try:
             _, listener = await ws_connect(
                 make,
@@ -86,7 +89,8 @@ async def connect_many(port: int, n: int, make: Callable[[], C], path: str = "/"
             await slots.acquire()
             if failures:
                 break
-            task = asyncio.ensure_future(one())
+            url = base if tokens is None else f"{base}?token={next(tokens)}"
+            task = asyncio.ensure_future(one(url))
             tasks.add(task)
             task.add_done_callback(tasks.discard)
         if tasks:
@@ -209,9 +213,10 @@ async def echo(
     warmup: float,
     seconds: float,
     server_cpu: Callable[[], float],
+    tokens: Iterator[str] | None = None,
 ) -> EchoResult:
     run = EchoRun(os.urandom(size))
-    clients = await connect_many(port, connections, lambda: EchoClient(run))
+    clients = await connect_many(port, connections, lambda: EchoClient(run), "/", tokens)
     try:
         run.running = True
         for c in clients:
@@ -378,12 +383,13 @@ async def fan_out(
     server_cpu: Callable[[], float],
     window: int = 256,
     batch: int = 16,
+    tokens: Iterator[str] | None = None,
 ) -> Window:
     run = FanRun(os.urandom(size), subscribers, batch, max(1, window // batch))
-    subs = await connect_many(port, subscribers, lambda: Subscriber(run), "/bench")
+    subs = await connect_many(port, subscribers, lambda: Subscriber(run), "/bench", tokens)
     clients: list[Client] = list(subs)
     try:
-        clients += await connect_many(port, 1, Client, "/bench")
+        clients += await connect_many(port, 1, Client, "/bench", tokens)
         publisher = clients[-1].transport
         assert publisher is not None
         run.publisher = publisher
@@ -419,3 +425,21 @@ async def fan_out(
     finally:
         await close_all(clients)
     return Window(t1 - t0, n1 - n0, s1 - s0, c1 - c0)
+
+
+# Opening handshakes ----------------------------------------------------------------------
+
+
+async def handshakes(
+    port: int,
+    *,
+    connections: int,
+    server_cpu: Callable[[], float],
+    tokens: Iterator[str] | None = None,
+) -> Window:
+    """Open ``connections`` (HANDSHAKES_IN_FLIGHT at a time), measured, then close them."""
+    t0, s0, c0 = time.perf_counter(), server_cpu(), client_cpu()
+    clients = await connect_many(port, connections, Client, "/", tokens)
+    t1, s1, c1 = time.perf_counter(), server_cpu(), client_cpu()
+    await close_all(clients)
+    return Window(t1 - t0, len(clients), s1 - s0, c1 - c0)

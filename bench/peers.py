@@ -13,6 +13,8 @@ import threading
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from bench import tokens
+
 ROOT = Path(__file__).resolve().parents[1]
 NODE_DIR = ROOT / "bench" / "node"
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
@@ -61,12 +63,15 @@ class Peer:
     argv: tuple[str, ...]  # "wsechod", "node", "python" and arguments
     scrape: bool = False  # GET /metrics every second while it is measured (--scrape)
     pinned: bool = True  # on the server core; else on every core (several workers)
+    auth: str | None = None  # wsechod with auth = "jwt": the tokens' algorithm
 
     def command(self, subscribers: int) -> list[str]:
         how, *args = self.argv
         if how == "wsechod":
             if self.kind == "relay":  # 1 publisher + subscribers on one channel
                 args += ["--max-channel-members", str(subscribers + 1)]
+            if self.auth is not None:
+                args += tokens.server_args(self.auth)
             return wsechod(*args)
         if how == "node":
             return node(*args)
@@ -77,13 +82,21 @@ ECHO_PEERS = (
     Peer("example", "example", "echo", ("python", "bench.example")),
     Peer("example-asyncio", "ex-asyncio", "echo", ("python", "bench.baseline")),
     Peer("wsechod", "wsechod", "echo", ("wsechod",)),
+    Peer("wsechod-jwt", "+jwt HS256", "echo", ("wsechod",), auth="HS256"),
     Peer("ws", "ws", "echo", ("node", "echo.mjs")),
     Peer("picows", "picows", "echo", ("python", "bench.picows_echo")),
 )
 RELAY_PEERS = (
     Peer("broadcast", "broadcast()", "relay", ("python", "bench.broadcast_relay")),
     Peer("wsechod", "wsechod", "relay", ("wsechod", "--mode", "relay")),
+    Peer("wsechod-jwt", "+jwt HS256", "relay", ("wsechod", "--mode", "relay"), auth="HS256"),
     Peer("ws", "ws", "relay", ("node", "broadcast.mjs")),
+)
+# Opening handshakes: wsechod without tokens, and checking a different one each time.
+HANDSHAKE_PEERS = (
+    Peer("wsechod", "no token", "handshake", ("wsechod",)),
+    Peer("wsechod-jwt", "HS256", "handshake", ("wsechod",), auth="HS256"),
+    Peer("wsechod-es256", "ES256", "handshake", ("wsechod",), auth="ES256"),
 )
 # With --scrape, right after wsechod: the same server, with a Prometheus-like scraper.
 SCRAPED = "wsechod-scraped"
