@@ -39,6 +39,7 @@ from bench.peers import (
     HANDSHAKE_PEERS,
     NODE_DIR,
     RELAY_PEERS,
+    RESUME_PEERS,
     ROOT,
     SCRAPED_PEERS,
     WORKERS,
@@ -54,12 +55,13 @@ SATURATED = 0.90  # client CPU / wall time from which the client is the bottlene
 # The deflate cases' messages, made once for every server and repeat.
 DEFLATE_MESSAGES: dict[deflate.Case, list[bytes]] = {}
 SCRAPE_INTERVAL = 1.0  # seconds between GET /metrics with --scrape, as a busy Prometheus
-SCENARIOS = ("echo", "idle", "fanout", "deflate", "handshake")
+SCENARIOS = ("echo", "idle", "fanout", "deflate", "handshake", "resume")
 # Each kind's columns are compared with this peer's (and with Node's ws, where it runs).
 BASES = {
     "echo": ("example", "example"),
     "relay": ("broadcast", "broadcast()"),
     "handshake": ("wsechod", "no token"),
+    "resume": ("wsechod-history", "wsechod"),
 }
 
 
@@ -175,6 +177,16 @@ def figures(args: argparse.Namespace) -> list[Figure]:
             Figure("hs cpu", "server CPU µs/handshake", section, digits=1, kind="handshake"),
             Figure("hs server%", "server core busy %", section, ratios=False, kind="handshake"),
             Figure("hs client%", "client core busy %", section, ratios=False, kind="handshake"),
+        ]
+    if "resume" in args.scenarios:
+        section = (
+            f"resume: a wsechod.v1 client catching up with {args.resume} messages of "
+            f"{describe_size(args.size)} from history (memory broker)"
+        )
+        out += [
+            Figure("resume s", "seconds to the junction", section, False, digits=3, kind="resume"),
+            Figure("resume cpu", "server CPU ms", section, ratios=False, kind="resume"),
+            Figure("resume kib", "server RSS growth, KiB", section, ratios=False, kind="resume"),
         ]
     return out
 
@@ -380,14 +392,43 @@ async def measure_handshake(
     )
 
 
+async def measure_resume(
+    args: argparse.Namespace, results: Results, peer: Peer, repeat: int, server: Server
+) -> None:
+    r = await client.resume(
+        server.port,
+        messages=args.resume,
+        size=args.size,
+        server_cpu=server.cpu_seconds,
+        rss=server.rss_bytes,
+    )
+    results.add(peer, "resume s", r.seconds)
+    results.add(peer, "resume cpu", r.server_cpu * 1e3)
+    results.add(peer, "resume kib", r.rss_kib)
+    results.runs.append(
+        {"repeat": repeat, "peer": peer.name, "kind": peer.kind, "case": "resume"}
+        | {"messages": r.messages, "seconds": r.seconds, "server_cpu_s": r.server_cpu}
+        | {"rss_kib": r.rss_kib}
+    )
+    note(
+        f"  {peer.label:<12} {'resume':<14} {r.messages} messages in {r.seconds:.3f} s, "
+        f"server {r.server_cpu * 1e3:.0f} ms CPU, RSS +{r.rss_kib:.0f} KiB"
+    )
+
+
 def selected(kind: str, args: argparse.Namespace) -> list[Peer]:
     """The peers of ``kind`` to measure, in column order; with --scrape, wsechod twice."""
     peers: list[Peer] = []
-    every = {"echo": ECHO_PEERS, "relay": RELAY_PEERS, "handshake": HANDSHAKE_PEERS}[kind]
+    every = {
+        "echo": ECHO_PEERS,
+        "relay": RELAY_PEERS,
+        "handshake": HANDSHAKE_PEERS,
+        "resume": RESUME_PEERS,
+    }[kind]
     for peer in every:
         if peer.name in args.only:
             peers.append(peer)
-            if peer.name == "wsechod" and args.scrape and kind != "handshake":
+            if peer.name == "wsechod" and args.scrape and kind in ("echo", "relay"):
                 peers.append(SCRAPED_PEERS[kind])
         if peer.name == "wsechod" and kind == "echo" and args.workers > 1 and WORKERS in args.only:
             peers.append(workers_peer(args.workers))
@@ -419,8 +460,9 @@ def make_plan(args: argparse.Namespace) -> list[tuple[Peer, str]]:
             plan.append((compressing, "deflate"))
     if "fanout" in args.scenarios:
         plan += [(p, "fanout") for p in selected("relay", args)]
-    if "handshake" in args.scenarios:
-        plan += [(p, "handshake") for p in selected("handshake", args)]
+    for scenario in ("handshake", "resume"):
+        if scenario in args.scenarios:
+            plan += [(p, scenario) for p in selected(scenario, args)]
     return plan
 
 
@@ -433,6 +475,7 @@ async def run_all(args: argparse.Namespace, results: Results) -> None:
         "fanout": measure_fanout,
         "deflate": measure_deflate,
         "handshake": measure_handshake,
+        "resume": measure_resume,
     }
     for repeat in range(1, args.repeat + 1):
         note(f"repeat {repeat}/{args.repeat}")
@@ -563,6 +606,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--idle", type=int, help="idle connections for memory and drain (10000; quick 1000)")
     add("--subscribers", type=int, help="fan-out subscribers (default 1000; quick 100)")
     add("--handshakes", type=int, help="connections opened per handshake run (2000; quick 300)")
+    add("--resume", type=int, help="messages a resuming client catches up with (10000; quick 1000)")
     add("--only", help="peers, comma-separated: " + ",".join(sorted(peer_names())))
     add("--scenarios", default=",".join(SCENARIOS), help="any of " + ",".join(SCENARIOS))
     add("--deflate-messages", type=int, help="messages per deflate case (default 300; quick 50)")
@@ -592,6 +636,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "idle": 1000 if quick else 10_000,
         "subscribers": 100 if quick else 1000,
         "handshakes": 300 if quick else 2000,
+        "resume": 1000 if quick else 10_000,
         "deflate_messages": 50 if quick else 300,
     }
     for key, value in defaults.items():
@@ -607,7 +652,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.scenarios = set(args.scenarios.split(","))
     if unknown := args.scenarios - set(SCENARIOS):
         parser.error(f"--scenarios: unknown {', '.join(sorted(unknown))}")
-    counts = [args.repeat, args.idle, args.subscribers, args.handshakes, args.big_connections]
+    counts = [args.repeat, args.idle, args.subscribers, args.handshakes, args.resume]
+    counts += [args.big_connections]
     counts += args.connections
     if min(counts) < 1 or args.seconds <= 0 or args.warmup < 0 or args.size < 1:
         parser.error("counts, sizes and --seconds must be positive")
@@ -623,7 +669,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def peer_names() -> set[str]:
-    return {p.name for p in (*ECHO_PEERS, *RELAY_PEERS, *HANDSHAKE_PEERS)} | {WORKERS}
+    peers = (*ECHO_PEERS, *RELAY_PEERS, *HANDSHAKE_PEERS, *RESUME_PEERS)
+    return {p.name for p in peers} | {WORKERS}
 
 
 def place(args: argparse.Namespace) -> None:

@@ -443,3 +443,89 @@ async def handshakes(
     t1, s1, c1 = time.perf_counter(), server_cpu(), client_cpu()
     await close_all(clients)
     return Window(t1 - t0, len(clients), s1 - s0, c1 - c0)
+
+
+# Resume: a wsechod.v1 client catching up with a channel's history ------------------------
+
+
+class Catcher(Client):
+    """A wsechod.v1 client: counts the ``m`` lines, notes the epoch and the ``p``/``l``
+    line that ends a catch-up."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.messages = 0
+        self.epoch = ""
+        self.ended: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+
+    def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
+        if frame.msg_type not in DATA:
+            super().on_ws_frame(transport, frame)
+            return
+        data = frame.get_payload_as_bytes()
+        kind = data[:1]
+        if kind == b"m":
+            self.messages += 1
+            if not self.epoch:
+                self.epoch = data.split(b"\n", 1)[0].split(b" ")[2].decode()
+        elif kind in (b"p", b"l") and self.messages and not self.ended.done():
+            self.ended.set_result(data)
+
+
+@dataclass
+class ResumeResult:
+    messages: int
+    seconds: float
+    server_cpu: float
+    rss_kib: float  # the server's peak growth while it sent them
+
+
+async def resume(
+    port: int,
+    *,
+    messages: int,
+    size: int,
+    server_cpu: Callable[[], float],
+    rss: Callable[[], int],
+) -> ResumeResult:
+    """Publish ``messages`` to a channel with history (a v1 watcher sees them all land),
+    then resume a new v1 client from offset 0: the time, server CPU and memory it takes."""
+    v1 = {"Sec-WebSocket-Protocol": "wsechod.v1"}
+
+    async def one(make: Callable[[], C], path: str) -> C:
+        _, listener = await ws_connect(
+            make, f"ws://127.0.0.1:{port}{path}", extra_headers=v1, use_aiofastnet=False
+        )
+        return cast(C, listener)
+
+    watcher = await one(Catcher, "/resume")
+    (publisher,) = await connect_many(port, 1, Client, "/resume")
+    clients: list[Client] = [watcher, publisher]
+    try:
+        assert publisher.transport is not None
+        payload = os.urandom(size)
+        for n in range(messages):
+            publisher.transport.send(WSMsgType.BINARY, payload)
+            if n % 256 == 255:
+                await asyncio.sleep(0)  # let the server read
+        deadline = time.monotonic() + 60
+        while watcher.messages < messages:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{watcher.messages} of {messages} messages landed")
+            await asyncio.sleep(0.01)
+        peak, base = 0, rss()
+        t0, s0 = time.perf_counter(), server_cpu()
+        catcher = await one(Catcher, f"/resume?since=0&epoch={watcher.epoch}")
+        clients.append(catcher)
+        while not catcher.ended.done():
+            if time.monotonic() > deadline + 60:
+                raise TimeoutError(f"{catcher.messages} of {messages} messages replayed")
+            peak = max(peak, rss())
+            await asyncio.wait([catcher.ended], timeout=0.005)
+        t1, s1 = time.perf_counter(), server_cpu()
+        ended = catcher.ended.result()
+        if not ended.startswith(b"p ") or catcher.messages != messages:
+            raise AssertionError(f"{catcher.messages} replayed, then {ended[:40]!r}")
+    finally:
+        await close_all(clients)
+    return ResumeResult(messages, t1 - t0, s1 - s0, max(0, peak - base) / 1024)

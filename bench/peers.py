@@ -78,6 +78,7 @@ class Peer:
         return python(args[0])
 
 
+HISTORY = ("--history-size", "10000", "--history-ttl", "600")
 ECHO_PEERS = (
     Peer("example", "example", "echo", ("python", "bench.example")),
     Peer("example-asyncio", "ex-asyncio", "echo", ("python", "bench.baseline")),
@@ -90,8 +91,16 @@ RELAY_PEERS = (
     Peer("broadcast", "broadcast()", "relay", ("python", "bench.broadcast_relay")),
     Peer("wsechod", "wsechod", "relay", ("wsechod", "--mode", "relay")),
     Peer("wsechod-jwt", "+jwt HS256", "relay", ("wsechod", "--mode", "relay"), auth="HS256"),
+    Peer("wsechod-history", "+history", "relay", ("wsechod", "--mode", "relay", *HISTORY)),
     Peer("ws", "ws", "relay", ("node", "broadcast.mjs")),
 )
+# A channel with history: resumed from its first message.
+RESUME_PEERS = (
+    Peer(
+        "wsechod-history", "wsechod", "resume",
+        ("wsechod", "--mode", "relay", *HISTORY, "--history-memory", str(2**30)),
+    ),
+)  # fmt: skip
 # Opening handshakes: wsechod without tokens, and checking a different one each time.
 HANDSHAKE_PEERS = (
     Peer("wsechod", "no token", "handshake", ("wsechod",)),

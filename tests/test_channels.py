@@ -68,7 +68,7 @@ def test_a_pattern_without_wildcards_matches_its_own_name_only(segments: list[st
 
 @pytest.mark.unit
 def test_the_first_matching_table_applies_over_the_global_settings() -> None:
-    default = Policy(False, "drop", 2.0, 1000, "members")
+    default = Policy(False, "drop", 2.0, 1000, "members", 0, 0.0)
     policies = Policies(
         rules(
             [
@@ -79,8 +79,8 @@ def test_the_first_matching_table_applies_over_the_global_settings() -> None:
         ),
         default,
     )
-    assert policies.of("/news/sports") == Policy(False, "drop", 2.0, 1000, "api")
-    assert policies.of("/rooms/1") == Policy(False, "close", 2.0, 5, "members")
+    assert policies.of("/news/sports") == Policy(False, "drop", 2.0, 1000, "api", 0, 0.0)
+    assert policies.of("/rooms/1") == Policy(False, "close", 2.0, 5, "members", 0, 0.0)
     assert policies.of("/elsewhere") is default
 
 

@@ -23,7 +23,7 @@ wildcard and is refused, so that nobody writes one expecting a prefix match.
 
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 # What a request path may hold (RFC 3986 3.3's pchar, and "/"); anything else is no name.
@@ -181,7 +181,13 @@ RULE_KEYS: dict[str, type] = {
     "slow_consumer_timeout": float,
     "max_channel_members": int,
     "publish": str,
+    "history_size": int,
+    "history_ttl": float,
 }
+
+
+# The smallest value of each number a table may set.
+LEAST = {"slow_consumer_timeout": 0, "max_channel_members": 1, "history_size": 0, "history_ttl": 0}
 
 
 @dataclass(frozen=True, slots=True)
@@ -195,6 +201,8 @@ class Rule:
     slow_consumer_timeout: float | None = None
     max_channel_members: int | None = None
     publish: str | None = None  # "members" (and the API), or "api" alone
+    history_size: int | None = None
+    history_ttl: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -206,6 +214,8 @@ class Policy:
     slow_consumer_timeout: float
     max_channel_members: int
     publish: str
+    history_size: int
+    history_ttl: float
 
 
 def rule(table: Any) -> Rule:
@@ -233,8 +243,8 @@ def rule(table: Any) -> Rule:
         raise ValueError(f"publish = {values['publish']!r}: expected members or api")
     if values.get("slow_consumer", "drop") not in SLOW_CONSUMER_POLICIES:
         raise ValueError(f"slow_consumer = {values['slow_consumer']!r}: expected drop or close")
-    for key in ("slow_consumer_timeout", "max_channel_members"):
-        if values.get(key, 1) < (0 if key == "slow_consumer_timeout" else 1):
+    for key, least in LEAST.items():
+        if values.get(key, least) < least:
             raise ValueError(f"{key} = {values[key]!r}: too small")
     return Rule(pattern, **values)
 
@@ -266,16 +276,6 @@ class Policies:
     def of(self, channel: str) -> Policy:
         for pattern, found in self._rules:
             if pattern.matches(channel):
-                d = self.default
-                return Policy(
-                    d.relay_echo if found.relay_echo is None else found.relay_echo,
-                    d.slow_consumer if found.slow_consumer is None else found.slow_consumer,
-                    d.slow_consumer_timeout
-                    if found.slow_consumer_timeout is None
-                    else found.slow_consumer_timeout,
-                    d.max_channel_members
-                    if found.max_channel_members is None
-                    else found.max_channel_members,
-                    d.publish if found.publish is None else found.publish,
-                )
+                values = {key: getattr(found, key) for key in RULE_KEYS}
+                return replace(self.default, **{k: v for k, v in values.items() if v is not None})
         return self.default

@@ -25,19 +25,29 @@ per channel:
 So a receiver that stops reading costs at most ``write_limit + max_size`` of memory for
 what is written to it and holds its channel for at most ``slow_consumer_timeout``; a slow
 reader never paces the channel for the others for long.
+
+History (``history_size``, ``history_ttl``, per channel): the broker numbers and keeps
+each message of such a channel and hands it back (``deliver``) to every instance, this
+one included, so that every member sees the offsets in order. Members that negotiated
+``wsechod.v1`` get envelopes (``wsechod.history``); one that joins or resumes first
+*catches up*: what history holds after its position is sent, as fast as it reads, while
+live messages wait for it (bounded: past ``write_limit + max_size`` they are let go and
+read from history again), then the live stream, with neither gap nor duplicate.
 """
 
 import asyncio
 import http
+import itertools
 from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-from wsechod import channels, ratelimit
+from wsechod import channels, history, ratelimit
 from wsechod.brokers.base import Broker, Members
 from wsechod.channels import Policies, Policy, Rule
 from wsechod.engine import Connection, Family, Figures, Prepared, Reply, prepare
 from wsechod.engine.frames import CloseCode
+from wsechod.history import NOWHERE, History, Position, Published
 from wsechod.log import get_logger
 
 log = get_logger("wsechod.relay")
@@ -85,6 +95,15 @@ FAMILIES = (
 )
 LEAK = 0.1  # share of the time a receiver may alone hold its channel back, indefinitely
 POLICIES = ("drop", "close")
+CHUNK = 256  # messages asked of history at a time, while a member catches up
+API_TIMEOUT = 5.0  # seconds the HTTP API waits for its message to come back numbered
+
+
+def history_of(policy: Policy) -> History | None:
+    """The history a channel keeps, if any."""
+    if policy.history_size and policy.history_ttl:
+        return History(policy.history_size, policy.history_ttl)
+    return None
 
 
 def channel_of(path: str) -> str:
@@ -97,7 +116,10 @@ class Member:
     """A connection's place in its channel."""
 
     __slots__ = (
+        "backlog",
+        "backlog_bytes",
         "behind_since",
+        "catching_up",
         "channel",
         "conn",
         "debt",
@@ -106,16 +128,27 @@ class Member:
         "parts",
         "pending",
         "read_only",
+        "room",
+        "serial",
         "slow",
         "text",
         "timer",
         "tokens",
         "tokens_at",
+        "v1",
     )
 
-    def __init__(self, conn: Connection, channel: "Channel") -> None:
+    def __init__(self, conn: Connection, channel: "Channel", serial: int) -> None:
         self.conn = conn
         self.channel = channel
+        self.serial = serial  # its messages' origin, when history hands them back
+        self.v1 = conn.subprotocol == history.V1  # envelopes
+        # Catching up (v1, history): its task, the live messages waiting for it (None:
+        # let go, read from history again) and their size; ``room``: set when it drains.
+        self.catching_up: asyncio.Task[None] | None = None
+        self.backlog: list[tuple[Position, Prepared]] | None = None
+        self.backlog_bytes = 0
+        self.room: asyncio.Event | None = None
         self.parts: bytearray | None = None  # a fragmented message being reassembled
         self.text = False
         self.pending: tuple[bytes, bool] | None = None  # held with its publisher
@@ -139,6 +172,7 @@ class Channel:
         "broker_wait",
         "episode",
         "fanning",
+        "history",
         "members",
         "name",
         "policy",
@@ -148,6 +182,7 @@ class Channel:
     def __init__(self, name: str, policy: Policy) -> None:
         self.name = name
         self.policy = policy  # its [[channel]] table's, or the global settings
+        self.history = history_of(policy)
         self.members: dict[Connection, Member] = {}
         self.behind: set[Member] = set()  # receivers above write_limit, not slow
         self.waiting: deque[Member] = deque()  # publishers held, each with one message
@@ -161,12 +196,14 @@ class Relay:
 
     def __init__(self, broker: Broker, **options: Any) -> None:
         self.broker = broker
-        self.policies = Policies((), Policy(False, "drop", 2.0, 1_000, "members"))
+        self.policies = Policies((), Policy(False, "drop", 2.0, 1_000, "members", 0, 0.0))
         self.max_size = 0  # what a client may send: what another instance may, too
         self.cap = 0  # a receiver's buffer never grows past this
         self.max_channels = self.max_path_length = 0
         self.publish_rate = 0.0
         self.channels: dict[str, Channel] = {}
+        self._serials = itertools.count(1)
+        self._api_waiting: dict[int, asyncio.Future[int]] = {}  # origin: members reached
         self.configure(**options)
         self.stats = {
             "dropped": 0,
@@ -190,11 +227,21 @@ class Relay:
         slow_consumer: str = "drop",
         slow_consumer_timeout: float = 2.0,
         publish_rate: float = 0.0,
+        history_size: int = 0,
+        history_ttl: float = 0.0,
         channel_rules: tuple[Rule, ...] = (),
     ) -> None:
         """At start, and on a reload: the limits and the policies apply from now on, to
         the channels open already too (publish rights: to members that join from now)."""
-        default = Policy(echo, slow_consumer, slow_consumer_timeout, max_channel_members, "members")
+        default = Policy(
+            echo,
+            slow_consumer,
+            slow_consumer_timeout,
+            max_channel_members,
+            "members",
+            history_size,
+            history_ttl,
+        )
         self.policies = Policies(channel_rules, default)
         self.max_size = max_size
         self.cap = write_limit + max_size
@@ -203,6 +250,7 @@ class Relay:
         self.publish_rate = publish_rate
         for channel in self.channels.values():
             channel.policy = self.policies.of(channel.name)
+            channel.history = history_of(channel.policy)
 
     # --- admission -------------------------------------------------------------------
 
@@ -264,16 +312,27 @@ class Relay:
         if channel is None:
             channel = self.channels[name] = Channel(name, self.policies.of(name))
             self.broker.subscribe(name)
-        member = Member(conn, channel)
+        member = Member(conn, channel, next(self._serials))
         channel.members[conn] = member
         conn.app_data = member
         self.broker.presence_changed()
+        if member.v1:
+            since = history.resume_of(conn.path)  # admission has checked it
+            if channel.history is None:  # nothing kept: nothing to catch up with
+                kind = history.POSITION if since is None else history.LOST
+                conn.send(history.head(kind, NOWHERE), text=True)
+            else:
+                member.backlog = []
+                member.catching_up = asyncio.create_task(self._catch_up(member, since))
 
     def closed(self, conn: Connection) -> None:
         member: Member = conn.app_data
         channel = member.channel
         channel.members.pop(conn, None)
         self.broker.presence_changed()
+        if member.catching_up is not None:
+            member.catching_up.cancel()
+            member.backlog = None
         if member.timer is not None:
             member.timer.cancel()
         if member.slow and conn.dropped:
@@ -313,17 +372,33 @@ class Relay:
             channel.waiting.append(member)
             self._wait_for_broker(channel)
             return
-        self._fan_out(
-            channel, prepare(payload, text), None if channel.policy.relay_echo else member
-        )
+        self._publish(channel, payload, text, member)
+
+    def _publish(self, channel: Channel, payload: bytes, text: bool, sender: Member) -> None:
+        """A member's message: to the others here at once and through the broker to every
+        other instance; with history, numbered by the broker first, which hands it back
+        (``deliver``) to be sent here in offset order."""
+        if channel.history is not None:
+            self.broker.publish(
+                channel.name, payload, text, history=channel.history, origin=sender.serial
+            )
+            return
+        skip = 0 if channel.policy.relay_echo else sender.serial
+        self._fan_out(channel, prepare(payload, text), NOWHERE, skip)
         self.broker.publish(channel.name, payload, text)
 
-    def deliver(self, name: str, payload: bytes, text: bool) -> bool:
-        """A message from another instance: to every member here, never held (the broker
-        serves every channel); a receiver it pushes past the cap is slow at once. Whether
-        it was delivered (not: no member here any more, or too big)."""
+    def deliver(
+        self, name: str, payload: bytes, text: bool, at: Position | None, origin: int
+    ) -> bool:
+        """A message from the broker: from another instance (``origin`` 0), or one of
+        ours with history (numbered: ``at``). To every member here, never held (the
+        broker serves every channel); a receiver it pushes past the cap is slow at once.
+        Whether it was delivered (not: no member here any more, or too big)."""
+        waiting = self._api_waiting.pop(origin, None) if origin else None
         channel = self.channels.get(name)
         if channel is None:
+            if waiting is not None and not waiting.done():
+                waiting.set_result(0)
             return False
         if len(payload) > self.max_size:  # bounded like what a client sends
             self.stats["remote_too_big"] += 1
@@ -334,8 +409,12 @@ class Relay:
                 size=len(payload),
             )
             return False
-        self.stats["remote"] += 1
-        self._fan_out(channel, prepare(payload, text), None)
+        if not origin:
+            self.stats["remote"] += 1
+        skip = 0 if channel.policy.relay_echo else origin
+        sent = self._fan_out(channel, prepare(payload, text), at or NOWHERE, skip)
+        if waiting is not None and not waiting.done():
+            waiting.set_result(sent)
         return True
 
     # --- presence (the HTTP API's GET /channels) --------------------------------------
@@ -363,24 +442,48 @@ class Relay:
 
     # --- the HTTP API's POST /publish --------------------------------------------------
 
-    def publish(self, name: str, payload: bytes, text: bool) -> int:
+    async def publish(self, name: str, payload: bytes, text: bool) -> Published:
         """A message from the HTTP API: to every member here, never held (as a message
-        from another instance is), and through the broker to every other instance; the
-        members here it reached."""
-        channel = self.channels.get(name)
-        sent = 0 if channel is None else self._fan_out(channel, prepare(payload, text), None)
+        from another instance is), and through the broker to every other instance; with
+        history, once the broker has numbered it."""
         self.stats["api"] += 1
-        self.broker.publish(name, payload, text)
-        return sent
+        channel = self.channels.get(name)
+        kept = history_of(channel.policy if channel else self.policies.of(name))
+        if kept is None:
+            message = prepare(payload, text)
+            sent = 0 if channel is None else self._fan_out(channel, message, NOWHERE, 0)
+            self.broker.publish(name, payload, text)
+            return Published(sent, None)
+        origin = next(self._serials)
+        reached = asyncio.get_running_loop().create_future()
+        if channel is not None:  # else nobody here: the broker hands nothing back
+            self._api_waiting[origin] = reached
+        try:
+            stored = self.broker.publish(name, payload, text, history=kept, origin=origin)
+            async with asyncio.timeout(API_TIMEOUT):
+                at = None if stored is None else await stored
+                sent = await reached if channel is not None and at is not None else 0
+        finally:
+            self._api_waiting.pop(origin, None)
+        return Published(sent, at)
 
-    def _fan_out(self, channel: Channel, message: Prepared, exclude: Member | None) -> int:
-        """Write ``message`` to every member but ``exclude``; how many it reached."""
+    def _fan_out(self, channel: Channel, message: Prepared, at: Position, exclude: int) -> int:
+        """Write ``message`` (at ``at``, for envelopes) to every member but the one whose
+        serial is ``exclude``; how many it reached (those catching up keep it for later)."""
         channel.fanning = True
         sent = 0
+        envelope: Prepared | None = None
         try:
             for member in channel.members.values():
-                if member is exclude:
+                if member.serial == exclude:
                     continue
+                if member.v1:  # one envelope for them all
+                    if envelope is None:
+                        head = history.head(history.MESSAGE, at)
+                        envelope = prepare(head + message.payload, message.text)
+                    if member.catching_up is not None:
+                        self._keep(member, at, envelope)
+                        continue
                 conn = member.conn
                 if conn.blocked:
                     if not member.slow and conn.buffered + len(message.frame) > self.cap:
@@ -395,7 +498,7 @@ class Relay:
                     and self._leaked(member) <= channel.policy.slow_consumer_timeout / 2
                 ):
                     self._caught_up(member)
-                conn.send_prepared(message)
+                conn.send_prepared(envelope if member.v1 and envelope is not None else message)
                 sent += 1
         finally:
             channel.fanning = False
@@ -405,8 +508,8 @@ class Relay:
 
     def blocked(self, conn: Connection) -> None:
         member: Member | None = conn.app_data
-        if member is None or member.slow or not conn.open:
-            return
+        if member is None or member.slow or not conn.open or member.catching_up is not None:
+            return  # one catching up is paced by its own reading (``_room``)
         member.behind_since = self._now()
         member.channel.behind.add(member)
         timeout = member.channel.policy.slow_consumer_timeout
@@ -414,6 +517,8 @@ class Relay:
 
     def unblocked(self, conn: Connection) -> None:
         member: Member | None = conn.app_data
+        if member is not None and member.room is not None:
+            member.room.set()
         if member is not None and member in member.channel.behind:
             member.channel.episode[member] = self._now() - member.behind_since
             self._not_behind(member)
@@ -518,10 +623,7 @@ class Relay:
             payload, text = member.pending
             member.pending = None
             member.conn.hold(-len(payload))
-            self._fan_out(
-                channel, prepare(payload, text), None if channel.policy.relay_echo else member
-            )
-            self.broker.publish(channel.name, payload, text)
+            self._publish(channel, payload, text, member)
             if member.conn in channel.members and not member.paced:
                 member.conn.resume_reading()
         self._forget_if_empty(channel)
@@ -553,3 +655,75 @@ class Relay:
         ):
             del self.channels[channel.name]
             self.broker.unsubscribe(channel.name)
+
+    # --- catching up (wsechod.v1 members of channels with history) -----------------------
+
+    def _keep(self, member: Member, at: Position, envelope: Prepared) -> None:
+        """A live message for a member still catching up: kept for it, up to the cap; past
+        it, let go (it is in history: read again)."""
+        if member.backlog is None:
+            return
+        member.backlog_bytes += len(envelope.frame)
+        if member.backlog_bytes > self.cap:
+            member.backlog = None
+            return
+        member.backlog.append((at, envelope))
+
+    async def _catch_up(self, member: Member, since: Position | None) -> None:
+        try:
+            await self._replay(member, since)
+        except ConnectionError as exc:  # the broker's history does not answer
+            warn.warning("history unavailable", channel=member.channel.name, error=str(exc))
+            member.conn.close(CloseCode.TRY_AGAIN_LATER, "history unavailable: try again")
+        except Exception:  # a bug, but one a client may trigger over and over
+            log.exception("catching up failed", channel=member.channel.name)
+            member.conn.close(CloseCode.INTERNAL_ERROR, "internal error")
+
+    async def _replay(self, member: Member, since: Position | None) -> None:
+        """What history holds after ``since`` (None: a member that just joined), as fast
+        as the member reads; then the live messages kept meanwhile, without those it got
+        from history, and the live stream. The member is told its position (``p``) at
+        the junction, or that what it missed is lost (``l``)."""
+        channel, conn = member.channel, member.conn
+        at, lost = since, False
+        while True:
+            kept = channel.history
+            if kept is None:  # a reload turned history off meanwhile
+                at, lost, live = NOWHERE, True, list(member.backlog or ())
+                conn.send(history.head(history.LOST, at), text=True)
+                break
+            found = await self.broker.recover(channel.name, at, CHUNK, kept)
+            if found.entries is None:
+                at, lost = found.top, True
+                conn.send(history.head(history.LOST, at), text=True)
+            else:
+                for entry in found.entries:
+                    await self._room(member)
+                    at = Position(entry.offset, found.top.epoch)
+                    head = history.head(history.MESSAGE, at)
+                    conn.send_prepared(prepare(head + entry.payload, entry.text))
+                if len(found.entries) == CHUNK:
+                    continue
+                at = found.top if at is None or at.offset < found.top.offset else at
+            backlog = member.backlog
+            assert at is not None
+            live = [(p, m) for p, m in backlog or () if p.epoch != at.epoch or p.offset > at.offset]
+            if backlog is None or (live and live[0][0] != Position(at.offset + 1, at.epoch)):
+                member.backlog, member.backlog_bytes = [], 0  # read history again
+                continue
+            break
+        if not lost:
+            conn.send(history.head(history.POSITION, at), text=True)
+        for _, envelope in live:
+            conn.send_prepared(envelope)
+        member.backlog, member.catching_up, member.room = None, None, None
+        if conn.blocked:
+            self.blocked(conn)
+
+    async def _room(self, member: Member) -> None:
+        """Until the member's write buffer is under ``write_limit``."""
+        while member.conn.blocked:
+            if member.room is None:
+                member.room = asyncio.Event()
+            member.room.clear()
+            await member.room.wait()

@@ -12,11 +12,14 @@ from wsechod.brokers.memory import MemoryBroker
 __all__ = ["Broker", "Deliver", "Members", "PresenceUnavailable", "create"]
 
 
-def create(url: str, *, presence_interval: float = 10.0) -> Broker:
-    """The broker ``url`` names: ``memory``, or a Redis URL (whose presence entries are
-    written every ``presence_interval`` seconds)."""
+def create(
+    url: str, *, presence_interval: float = 10.0, history_memory: int = 64 * 2**20
+) -> Broker:
+    """The broker ``url`` names: ``memory`` (keeping at most ``history_memory`` bytes of
+    history), or a Redis URL (whose presence entries are written every
+    ``presence_interval`` seconds)."""
     if url == "memory":
-        return MemoryBroker()
+        return MemoryBroker(history_memory=history_memory)
     # Imported here: redis-py is an optional extra (wsechod[redis]), needed by this broker
     # only; settings validation has already said so if it is missing.
     from wsechod.brokers.redis import RedisBroker  # noqa: PLC0415

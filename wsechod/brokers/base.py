@@ -5,11 +5,17 @@ drive it: payloads are bytes with a ``text`` flag, and remote messages arrive th
 synchronous callback on the event loop (a broker must never wait on its consumer).
 """
 
+import asyncio
 from collections.abc import Callable, Mapping
 from typing import Protocol
 
-# Called on the loop with (channel, payload, text) for each message another instance published.
-Deliver = Callable[[str, bytes, bool], bool]  # whether it reached anyone here
+from wsechod.history import History, Position, Recovery
+
+# Called on the loop with (channel, payload, text, position, origin) for each message
+# another instance published (origin 0), and for each of ours with history, once numbered
+# (position: its offset and epoch; origin: what ``publish`` was given). Whether it reached
+# anyone here.
+Deliver = Callable[[str, bytes, bool, Position | None, int], bool]
 
 # Presence: the members of a channel here, their number and the connections of each sub
 # (members without a token are in the number only); and all of them, by channel.
@@ -30,8 +36,24 @@ class Broker(Protocol):
 
     def unsubscribe(self, channel: str) -> None: ...
 
-    def publish(self, channel: str, payload: bytes, text: bool) -> None:
-        """Queue a local message for other instances; never blocks, never raises."""
+    def publish(
+        self,
+        channel: str,
+        payload: bytes,
+        text: bool,
+        *,
+        history: History | None = None,
+        origin: int = 0,
+    ) -> "asyncio.Future[Position | None] | None":
+        """Queue a local message for other instances; never blocks, never raises. With
+        ``history``: numbered and kept, then handed to every instance, this one included
+        (``deliver``, with ``origin``); the future says where it was kept (None: lost)."""
+
+    async def recover(
+        self, channel: str, since: Position | None, limit: int, history: History
+    ) -> Recovery:
+        """At most ``limit`` messages after ``since`` (None: none, just the position);
+        ConnectionError if history cannot be read now."""
 
     def writable(self) -> bool:
         """False while messages are queued above the high-water mark and the broker is

@@ -50,6 +50,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from wsechod.brokers.base import Deliver, Members, PresenceUnavailable, Snapshot
 from wsechod.brokers.presence import RedisPresence, Unavailable
+from wsechod.history import History, Position, Recovery
 from wsechod.log import get_logger
 from wsechod.ratelimit import RateLimitedLog
 from wsechod.settings.values import redact_url
@@ -147,13 +148,22 @@ class RedisBroker:
         self.channels.discard(channel)
         self._changed.set()
 
-    def publish(self, channel: str, payload: bytes, text: bool) -> None:
+    def publish(
+        self,
+        channel: str,
+        payload: bytes,
+        text: bool,
+        *,
+        history: History | None = None,
+        origin: int = 0,
+    ) -> "asyncio.Future[Position | None] | None":
+        """History is not kept with Redis in this release (the settings refuse it)."""
         if self.state != CONNECTED:
             self.counts["lost"] += 1
             if self.state != CLOSED:
                 lost = self.counts["lost"]
                 self._warn.warning(f"broker {self.state}: message not sent", lost=lost)
-            return
+            return None
         data = b"".join((MAGIC, self.id, TEXT if text else BINARY, payload))
         name = (PREFIX + channel).encode()
         size = len(data) + len(name) + OVERHEAD
@@ -161,12 +171,18 @@ class RedisBroker:
             self.counts["lost"] += 1
             lost = self.counts["lost"]
             self._warn.warning("broker outbox full: message dropped", limit=OUTBOX_LIMIT, lost=lost)
-            return
+            return None
         self._outbox.append((name, data, size))
         self._queued += size
         if self._queued > HIGH_WATER:
             self._paused = True
         self._mail.set()
+        return None
+
+    async def recover(
+        self, channel: str, since: Position | None, limit: int, history: History
+    ) -> Recovery:
+        raise ConnectionError("history is not kept with Redis in this release")
 
     def writable(self) -> bool:
         return not self._paused or self.state != CONNECTED
@@ -440,7 +456,7 @@ class RedisBroker:
             return
         assert self._deliver is not None
         try:
-            if self._deliver(name, body, kind == TEXT):
+            if self._deliver(name, body, kind == TEXT, None, 0):
                 self.counts["delivered"] += 1
         except Exception as exc:  # a relay bug must not end cross-instance relay
             self._warn.warning("broker delivery failed", error=repr(exc))

@@ -127,6 +127,7 @@ class WebSocket(asyncio.Protocol):
         "opened_at",
         "path",
         "peer",
+        "subprotocol",
         "text_in",
         "text_out",
     )
@@ -164,6 +165,7 @@ class WebSocket(asyncio.Protocol):
         self.peer = peer
         self.group = ""  # the client's address group (proxy.group), counted by the engine
         self.identity: Identity | None = None  # who it is, if admission checked a token
+        self.subprotocol: str | None = None  # the one the handshake selected
         self.member = False  # the application was told it opened (and will be, that it closed)
         self._expiry: asyncio.TimerHandle | None = None  # its token's
         self.app_data: Any = None

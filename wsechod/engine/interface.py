@@ -138,6 +138,7 @@ class Connection(Protocol):
     path: str  # the request path, query string included
     peer: str  # "host:port", or the Unix socket's name
     identity: Identity | None  # who it is, when admission checked a token
+    subprotocol: str | None  # the one the handshake selected
     dropped: int  # messages an application chose not to send (relay slow consumers)
     app_held: int  # bytes the application said it keeps for this connection (``hold``)
     app_data: Any  # free for the application's per-connection state

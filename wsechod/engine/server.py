@@ -313,6 +313,7 @@ class Engine:
         self.stats["connections_opened"] += 1
         if admitted is not None:
             ws.identity = identity = admitted.identity
+            ws.subprotocol = admitted.subprotocol
             if admitted.close is not None:
                 ws.close(*admitted.close)
                 return

@@ -13,7 +13,7 @@ import http
 from collections.abc import Awaitable, Callable, Sized
 from typing import Protocol
 
-from wsechod import ratelimit
+from wsechod import history, ratelimit
 from wsechod.engine import Admission, Admitted, Application, ReadBody, Reply, Request
 from wsechod.http import api, auth, origins, subprotocols
 from wsechod.settings import Settings
@@ -102,7 +102,15 @@ def admission(
     def websocket_terms(request: Request, current: Settings) -> Reply | Admitted | None:
         """The WebSocket's own terms: its token, if asked for, the application's limits,
         the subprotocol it gets."""
-        chosen = subprotocols.select(subprotocols.offered(request), current.subprotocols)
+        offers = subprotocols.offered(request)
+        chosen = subprotocols.select(offers, current.subprotocols, v1=current.mode == "relay")
+        try:
+            since = history.resume_of(request.path)
+        except history.InvalidResume as exc:
+            return Reply(http.HTTPStatus.BAD_REQUEST, f"bad request: {exc}\n", refused="query")
+        if since is not None and chosen != history.V1:
+            text = "bad request: since and epoch need the wsechod.v1 subprotocol (relay mode)\n"
+            return Reply(http.HTTPStatus.BAD_REQUEST, text, refused="query")
         identity = None
         if current.auth == "jwt":
             checked = gate.admit(request, current)

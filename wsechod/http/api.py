@@ -20,6 +20,7 @@ from typing import Any, Protocol
 from wsechod import channels, ratelimit
 from wsechod.auth import apikeys, tokens
 from wsechod.engine import ReadBody, Reply, Request
+from wsechod.history import Published
 from wsechod.http.auth import Gate, too_many
 from wsechod.log import get_logger
 from wsechod.settings import Settings
@@ -35,9 +36,10 @@ JSON = "application/json"
 class Publisher(Protocol):
     """What the API asks of the relay."""
 
-    def publish(self, name: str, payload: bytes, text: bool) -> int:
-        """Send to the channel's members here and, through the broker, everywhere;
-        the members here it reached."""
+    def publish(self, name: str, payload: bytes, text: bool) -> Awaitable[Published]:
+        """Send to the channel's members here and, through the broker, everywhere: the
+        members here it reached, and its place in history (TimeoutError: not numbered in
+        time)."""
 
     def degraded(self) -> str | None: ...
 
@@ -213,7 +215,7 @@ class Api:
         publisher = self._publisher
         assert publisher is not None
 
-        def then(body: bytes) -> Reply:
+        def then(body: bytes) -> Reply | Awaitable[Reply]:
             if text:
                 try:
                     body.decode()
@@ -222,13 +224,24 @@ class Api:
                         f"a text body (by its Content-Type) that is not UTF-8, at byte {exc.start}"
                     )
                     return error(http.HTTPStatus.BAD_REQUEST, why, "invalid_utf8")
-            delivered = publisher.publish(name, body, text)
-            document: dict[str, Any] = {"channel": name, "delivered_here": delivered}
-            if (missing := publisher.degraded()) is not None:
-                document["broker"] = f"degraded: {missing}"
-            return answer(http.HTTPStatus.ACCEPTED, document)
+            return self._published(publisher, name, body, text)
 
         return ReadBody(settings.max_size, then)
+
+    async def _published(self, publisher: Publisher, name: str, body: bytes, text: bool) -> Reply:
+        try:
+            done = await publisher.publish(name, body, text)
+        except TimeoutError:
+            return error(
+                http.HTTPStatus.SERVICE_UNAVAILABLE, "history did not answer in time",
+                "history_unavailable", Retry_After="1",
+            )  # fmt: skip
+        document: dict[str, Any] = {"channel": name, "delivered_here": done.delivered_here}
+        if done.position is not None:
+            document.update(offset=done.position.offset, epoch=done.position.epoch)
+        if (missing := publisher.degraded()) is not None:
+            document["broker"] = f"degraded: {missing}"
+        return answer(http.HTTPStatus.ACCEPTED, document)
 
     # --- who may ---------------------------------------------------------------------
 

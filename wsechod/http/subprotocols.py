@@ -8,8 +8,8 @@ it offered. A ``bearer.`` entry is never selected (it would echo the token back)
 from collections.abc import Sequence
 
 from wsechod.engine import Request
+from wsechod.history import V1
 
-V1 = "wsechod.v1"
 AUTH_MARKER = "wsechod.auth"
 BEARER = "bearer."
 

@@ -16,6 +16,7 @@ import socket
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import NoReturn
 
 import daemon
@@ -45,7 +46,7 @@ def detach(
     if child:
         os.close(write_end)
         try:
-            return _Launcher(read_end).wait()
+            return _Launcher(read_end, None if pidfile is None else pidfile.path).wait()
         finally:
             os.close(read_end)
             os.waitpid(child, 0)  # it exits as soon as it has forked again
@@ -112,8 +113,9 @@ class _Report:
 class _Launcher:
     """The invoking command's side: wait for "ready" or an error, then for the clean-up."""
 
-    def __init__(self, pipe: int) -> None:
+    def __init__(self, pipe: int, pidfile: Path | None = None) -> None:
         self.pipe = pipe
+        self.pidfile = pidfile  # removed if a daemon killed with SIGKILL left it
         self.pid: int | None = None
         self.buffer = b""
 
@@ -174,11 +176,15 @@ class _Launcher:
                 self.pid = int(line[4:])
         if self.pid is None:
             return
-        for sig, grace in ((signal.SIGTERM, 1.0), (signal.SIGTERM, 2.0), (signal.SIGKILL, 2.0)):
+        for sig, grace in ((signal.SIGTERM, 2.0), (signal.SIGTERM, 3.0), (signal.SIGKILL, 2.0)):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(self.pid, sig)
             deadline = time.monotonic() + grace
             while self._line(deadline) is not None:
                 pass
             if time.monotonic() < deadline:
-                return  # EOF: it is gone
+                break  # EOF: it is gone
+        if self.pidfile is not None:  # killed before it could remove its own
+            with contextlib.suppress(OSError):
+                if self.pidfile.read_text().strip() == str(self.pid):
+                    self.pidfile.unlink()

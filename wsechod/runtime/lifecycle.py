@@ -243,7 +243,11 @@ def tls_context(settings: Settings) -> ssl.SSLContext | None:
 def application(settings: Settings) -> tuple[Application, brokers.Broker | None]:
     if settings.mode != "relay":
         return Echo(), None
-    broker = brokers.create(settings.broker, presence_interval=settings.presence_interval)
+    broker = brokers.create(
+        settings.broker,
+        presence_interval=settings.presence_interval,
+        history_memory=settings.history_memory,
+    )
     return Relay(broker, **relay_options(settings)), broker
 
 
@@ -258,6 +262,8 @@ def relay_options(settings: Settings) -> dict[str, Any]:
         "slow_consumer": settings.slow_consumer,
         "slow_consumer_timeout": settings.slow_consumer_timeout,
         "publish_rate": settings.publish_rate,
+        "history_size": settings.history_size,
+        "history_ttl": settings.history_ttl,
         "channel_rules": settings.channel,
     }
 

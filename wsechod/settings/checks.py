@@ -144,6 +144,30 @@ def check_broker_package(settings: Settings, sources: Mapping[str, str]) -> None
         ) from None
 
 
+def check_history(settings: Settings, sources: Mapping[str, str]) -> None:
+    """History needs a size and a time to live: one without the other is a mistake; and
+    in this release it is kept by the memory broker only."""
+    places = [("", settings.history_size, settings.history_ttl)] + [
+        (f", [[channel]] {rule.pattern!r}", rule.history_size, rule.history_ttl)
+        for rule in settings.channel
+    ]
+    for where, sized, timed in places:
+        size = settings.history_size if sized is None else sized
+        ttl = settings.history_ttl if timed is None else timed
+        key, value = ("history_ttl", ttl) if size else ("history_size", size)
+        source = sources["channel" if where else key]
+        if bool(size) != bool(ttl):
+            raise SettingsError(
+                f"invalid {key} {value!r} (from {source}{where}): history needs both "
+                "history_size and history_ttl (or neither)"
+            )
+        if size and settings.mode == "relay" and settings.broker != "memory":
+            raise SettingsError(
+                f"invalid history_size {size!r} (from {source}{where}): in this release, "
+                "history is kept by the memory broker only, not with Redis"
+            )
+
+
 AUTH_KEYS = ("jwt_secret_file", "jwt_public_key", "jwt_secret")
 
 

@@ -644,6 +644,43 @@ class Settings:
         minimum=0,
         section=RELAY,
     )
+    history_size: int = _opt(
+        0,
+        "relay: messages kept per channel, for clients that resume (wsechod.v1); 0: none",
+        minimum=0,
+        maximum=1_000_000,
+        section=RELAY,
+        note=(
+            "relay: history. Each channel keeps its last history_size messages, each for "
+            "history_ttl seconds; both 0 (the default): no history, and no cost. With "
+            "history, messages are numbered (offsets, in an epoch), clients that negotiate "
+            "the wsechod.v1 subprotocol get them in envelopes and may resume with "
+            "?since=OFFSET&epoch=EPOCH (see the Recovery page). Settable per channel in "
+            "[[channel]] tables."
+        ),
+    )
+    history_ttl: float = _opt(
+        0.0,
+        "relay: seconds a message stays in its channel's history; 0: none",
+        minimum=0,
+        maximum=30 * 86400,
+        section=RELAY,
+    )
+    history_memory: int = _opt(
+        64 * 2**20,
+        "relay, memory broker: bytes of history this process keeps in all; beyond, the "
+        "least recently published channel's oldest messages go first",
+        minimum=2**16,
+        maximum=2**40,
+        restart=True,
+        section=RELAY,
+        note=(
+            "relay with the memory broker: the bytes of history the process keeps, every "
+            "channel together (each message counts its payload and about 100 bytes); "
+            "beyond, the oldest messages of the channel published to least recently go "
+            "first. (With Redis, Redis keeps history: its maxmemory bounds it.)"
+        ),
+    )
     workers: int = _opt(
         1,
         "serving processes sharing the listeners, supervised by the main one; auto: one "
@@ -728,14 +765,15 @@ class Settings:
     channel: tuple[channels.Rule, ...] = _opt(
         (),
         "relay: per-channel policies ([[channel]] tables: pattern, relay_echo, "
-        "slow_consumer, slow_consumer_timeout, max_channel_members, publish), in the "
-        "config file only",
+        "slow_consumer, slow_consumer_timeout, max_channel_members, publish, history_size, "
+        "history_ttl), in the config file only",
         table=channels.rules,
         section=CHANNELS,
         note=(
             "relay: policies for the channels a pattern matches, in [[channel]] tables (in "
-            "the config file only): relay_echo, slow_consumer, slow_consumer_timeout and "
-            'max_channel_members override the keys above; publish = "api" lets only the '
+            "the config file only): relay_echo, slow_consumer, slow_consumer_timeout, "
+            "max_channel_members, history_size and history_ttl override the keys above; "
+            'publish = "api" lets only the '
             "HTTP API publish (members are read-only, whatever their tokens say). The first "
             "table whose pattern matches a channel applies. A reload applies them to every "
             "channel, open ones included; publish to members that join from then on. "
@@ -746,7 +784,9 @@ class Settings:
             "    [[channel]]\n"
             '    pattern = "/rooms/*"\n'
             "    relay_echo = true\n"
-            "    max_channel_members = 50"
+            "    max_channel_members = 50\n"
+            "    history_size = 100\n"
+            "    history_ttl = 300.0"
         ),
     )
 

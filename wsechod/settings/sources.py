@@ -113,6 +113,7 @@ def load(
     checks.check_broker_package(settings, sources)
     checks.check_tls(settings, sources)
     checks.check_auth(settings, sources)
+    checks.check_history(settings, sources)
     notices = [
         *checks.service_link_notice(ignored),
         *checks.retired_notice(retired),

@@ -1,0 +1,320 @@
+"""Channel history and resume (memory broker): offsets in wsechod.v1 envelopes, a resume
+with ?since=&epoch= that gives what was missed then the live stream with no gap and no
+duplicate, and an explicit answer when history cannot fill the gap. Clients: websockets
+(asyncio) and websocket-client (which shows each frame's opcode)."""
+
+import asyncio
+import signal
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import websocket
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import InvalidStatus
+from websockets.typing import Subprotocol
+
+from tests.conftest import Daemon, run_cli
+from tests.credentials import KEY
+from tests.test_api import post
+
+V1 = [Subprotocol("wsechod.v1")]
+
+
+def relay(start: Callable[..., Daemon], *args: str) -> Daemon:
+    return start("--mode", "relay", "--history-size", "100", "--history-ttl", "60", *args)
+
+
+def envelope(message: str | bytes) -> tuple[str, int, str, str | bytes]:
+    """(kind, offset, epoch, payload) of a wsechod.v1 message."""
+    raw = message.encode() if isinstance(message, str) else message
+    line, _, payload = raw.partition(b"\n")
+    kind, offset, epoch = line.decode().split(" ")
+    return kind, int(offset), epoch, payload.decode() if isinstance(message, str) else payload
+
+
+async def joined(url: str) -> tuple[ClientConnection, int, str]:
+    """A v1 member, once it has its position (the server's ``p``)."""
+    ws = await connect(url, subprotocols=V1)
+    kind, offset, epoch, _ = envelope(await asyncio.wait_for(ws.recv(), 10))
+    assert kind == "p", (kind, offset)
+    return ws, offset, epoch
+
+
+async def published(url: str, *messages: str | bytes) -> None:
+    async with connect(url) as pub:
+        for message in messages:
+            await pub.send(message)
+
+
+def test_v1_members_get_offsets_in_envelopes_and_plain_members_plain_messages(
+    start: Callable[..., Daemon],
+) -> None:
+    daemon = relay(start)
+    url = f"{daemon.url}/room"
+
+    async def main() -> None:
+        ws, top, epoch = await joined(url)
+        assert (top, ws.subprotocol) == (0, "wsechod.v1")
+        async with ws, connect(url) as plain:
+            await published(url, "one", b"\x00two", "three")
+            got = [envelope(await ws.recv()) for _ in range(3)]
+            assert got == [
+                ("m", 1, epoch, "one"),
+                ("m", 2, epoch, b"\x00two"),
+                ("m", 3, epoch, "three"),
+            ]
+            assert [await plain.recv() for _ in range(3)] == ["one", b"\x00two", "three"]
+
+    asyncio.run(main())
+    # websocket-client: the frame types are kept (text stays text, binary binary).
+    ws = websocket.create_connection(f"{url}?since=0&epoch=x", subprotocols=V1, timeout=10)
+    try:
+        opcode, data = ws.recv_data()
+        assert (opcode, data.split(b" ")[0]) == (websocket.ABNF.OPCODE_TEXT, b"l")
+    finally:
+        ws.close()
+
+
+def test_a_resume_under_a_publisher_that_does_not_stop_has_no_gap_and_no_duplicate(
+    start: Callable[..., Daemon],
+) -> None:
+    """Three reconnects while a publisher sends without pause, the last one reading its
+    replay slowly (its write buffer full: what arrives live meanwhile waits or is read
+    from history again): every offset once, in order, each with its own message."""
+    daemon = relay(start, "--history-size", "5000", "--write-limit", "4096")
+    url = f"{daemon.url}/stream"
+
+    async def main() -> list[tuple[int, str]]:
+        seen: list[tuple[int, str]] = []
+        stop = asyncio.Event()
+
+        async def publisher() -> None:
+            async with connect(url) as pub:
+                n = 0
+                while not stop.is_set():
+                    n += 1
+                    await pub.send(f"{n:06d}" + "x" * 200)
+                    await asyncio.sleep(0.001)  # about 1,000 a second at most
+
+        sending = asyncio.create_task(publisher())
+        ws, offset, epoch = await joined(url)
+        for round_ in range(4):
+            async with ws:
+                junction = False
+                for _ in range(300 if round_ < 3 else 1500):
+                    kind, at, e, payload = envelope(await asyncio.wait_for(ws.recv(), 10))
+                    assert e == epoch
+                    if kind == "p":  # the junction: replay done, live from here
+                        assert at == offset and not junction
+                        junction = True
+                        continue
+                    assert (kind, at) == ("m", offset + 1), (kind, at, offset)
+                    offset = at
+                    seen.append((at, str(payload)[:6]))
+                    if round_ == 3 and len(seen) % 100 == 0:
+                        await asyncio.sleep(0.05)  # a slow reader while catching up
+                assert round_ == 0 or junction
+            await asyncio.sleep(0.05)  # missed meanwhile
+            ws = await connect(f"{url}?since={offset}&epoch={epoch}", subprotocols=V1)
+        await ws.close()
+        stop.set()
+        await sending
+        return seen
+
+    seen = asyncio.run(main())
+    offsets = [at for at, _ in seen]
+    assert offsets == list(range(1, len(seen) + 1))
+    assert all(int(number) == at for at, number in seen)  # its own message, not another's
+
+
+def test_a_gap_history_cannot_fill_is_said_then_the_live_stream_follows(
+    start: Callable[..., Daemon],
+) -> None:
+    daemon = relay(start, "--history-size", "5")
+    url = f"{daemon.url}/room"
+
+    async def main() -> None:
+        ws, _, epoch = await joined(url)
+        await ws.close()
+        await published(url, *(f"m{i}" for i in range(1, 21)))
+        async with await connect(f"{url}?since=1&epoch={epoch}", subprotocols=V1) as late:
+            assert envelope(await late.recv()) == ("l", 20, epoch, "")
+            await published(url, "live")
+            assert envelope(await late.recv()) == ("m", 21, epoch, "live")
+        # Within reach (the last five: 17 to 21), then the junction.
+        async with await connect(f"{url}?since=16&epoch={epoch}", subprotocols=V1) as near:
+            got = [envelope(await asyncio.wait_for(near.recv(), 10))[:2] for _ in range(6)]
+            assert got == [("m", n) for n in range(17, 22)] + [("p", 21)]
+        # Another epoch, or an offset beyond the top: lost, and the position now.
+        for query in ("since=3&epoch=other", f"since=99&epoch={epoch}"):
+            async with await connect(f"{url}?{query}", subprotocols=V1) as wrong:
+                assert envelope(await wrong.recv()) == ("l", 21, epoch, "")
+
+    asyncio.run(main())
+
+
+def test_a_restart_is_a_new_epoch(start: Callable[..., Daemon]) -> None:
+    first = relay(start)
+    url = f"{first.url}/room"
+
+    async def before() -> str:
+        ws, _, epoch = await joined(url)
+        await ws.close()
+        await published(url, "a", "b")
+        return epoch
+
+    epoch = asyncio.run(before())
+    first.signal(signal.SIGTERM)
+    assert first.wait(20) == 0
+    second = relay(start)
+
+    async def after() -> None:
+        resumed = f"{second.url}/room?since=2&epoch={epoch}"
+        async with await connect(resumed, subprotocols=V1) as ws:
+            kind, offset, new, _ = envelope(await ws.recv())
+            assert (kind, offset) == ("l", 0) and new != epoch
+
+    asyncio.run(after())
+
+
+def test_history_expires_after_its_ttl_and_a_quiet_channel_keeps_its_position(
+    start: Callable[..., Daemon],
+) -> None:
+    daemon = relay(start, "--history-ttl", "0.5")
+    url = f"{daemon.url}/room"
+
+    async def main() -> None:
+        ws, _, epoch = await joined(url)
+        await ws.close()
+        await published(url, "a", "b", "c")
+        async with await connect(f"{url}?since=1&epoch={epoch}", subprotocols=V1) as ws:
+            got = [envelope(await ws.recv())[:2] for _ in range(3)]
+            assert got == [("m", 2), ("m", 3), ("p", 3)]
+        deadline = time.monotonic() + 10
+        while True:  # until the entries have expired
+            async with await connect(f"{url}?since=1&epoch={epoch}", subprotocols=V1) as ws:
+                if envelope(await ws.recv())[0] == "l":
+                    break
+            assert time.monotonic() < deadline, "history never expired"
+            await asyncio.sleep(0.1)
+        # Nothing missed since offset 3: told so, though the entries are gone.
+        async with await connect(f"{url}?since=3&epoch={epoch}", subprotocols=V1) as ws:
+            assert envelope(await ws.recv()) == ("p", 3, epoch, "")
+
+    asyncio.run(main())
+
+
+def test_history_memory_bounds_what_is_kept_the_oldest_channel_first(
+    start: Callable[..., Daemon],
+) -> None:
+    """64 KiB in all: 100 messages of 4 KiB on one channel do not all stay; the most
+    recent do; a channel published to later pushes out the first one's."""
+    daemon = relay(start, "--history-memory", "65536", "--max-size", "8192")
+    body = "x" * 4096
+
+    async def main() -> None:
+        a, _, epoch = await joined(f"{daemon.url}/a")
+        await a.close()
+        await published(f"{daemon.url}/a", *(f"{i:03d}{body}" for i in range(1, 101)))
+        async with await connect(f"{daemon.url}/a?since=0&epoch={epoch}", subprotocols=V1) as ws:
+            assert envelope(await ws.recv())[:2] == ("l", 100)
+        async with await connect(f"{daemon.url}/a?since=95&epoch={epoch}", subprotocols=V1) as ws:
+            assert [envelope(await ws.recv())[:2] for _ in range(6)][-1] == ("p", 100)
+        await published(f"{daemon.url}/b", *(f"{i:03d}{body}" for i in range(1, 21)))
+        async with await connect(f"{daemon.url}/a?since=95&epoch={epoch}", subprotocols=V1) as ws:
+            assert envelope(await ws.recv())[:2] == ("l", 100)
+
+    asyncio.run(main())
+
+
+def test_the_api_answers_with_the_offset_and_members_get_the_message_there(
+    start: Callable[..., Daemon], key_file: Path
+) -> None:
+    daemon = relay(start, "--api-key-file", str(key_file))
+
+    async def main() -> None:
+        ws, _, epoch = await joined(f"{daemon.url}/news")
+        async with ws:
+            headers = {"X-API-Key": KEY, "Content-Type": "text/plain"}
+            status, answer, _ = await asyncio.to_thread(
+                post, daemon.port, "/publish/news", b"hello", headers
+            )
+            assert (status, answer) == (
+                202,
+                {"channel": "/news", "delivered_here": 1, "offset": 1, "epoch": epoch},
+            )
+            assert envelope(await ws.recv()) == ("m", 1, epoch, "hello")
+        # No member here: kept all the same, for whoever resumes.
+        status, answer, _ = post(daemon.port, "/publish/news", b"later", {"X-API-Key": KEY})
+        assert (status, answer["delivered_here"], answer["offset"]) == (202, 0, 2)
+
+    asyncio.run(main())
+
+
+def test_policies_per_channel_and_the_sender_is_left_out_unless_relay_echo(
+    start: Callable[..., Daemon], tmp_path: Path
+) -> None:
+    config = tmp_path / "wsechod.toml"
+    config.write_text(
+        '[[channel]]\npattern = "/kept/*"\nhistory_size = 10\nhistory_ttl = 60.0\n'
+        "relay_echo = true\n"
+    )
+    daemon = start("--mode", "relay", "--config", str(config))
+
+    async def main() -> None:
+        plain, top, epoch = await joined(f"{daemon.url}/other")
+        assert (top, epoch) == (0, "-")  # no history here
+        kept, _, kept_epoch = await joined(f"{daemon.url}/kept/1")
+        async with plain, kept:
+            await published(f"{daemon.url}/other", "x")
+            assert envelope(await plain.recv()) == ("m", 0, "-", "x")
+            await kept.send("mine")  # relay_echo: back to its sender, numbered
+            assert envelope(await kept.recv()) == ("m", 1, kept_epoch, "mine")
+        async with await connect(f"{daemon.url}/other?since=0&epoch=-", subprotocols=V1) as ws:
+            assert envelope(await ws.recv()) == ("l", 0, "-", "")
+
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize(
+    ("query", "says"),
+    [
+        ("since=1", "since and epoch go together"),
+        ("since=abc&epoch=e", "since='abc': an offset"),
+        ("since=1&since=2&epoch=e", "since given 2 times"),
+        ("since=1&epoch=a%20b", "epoch='a b'"),
+    ],
+)
+def test_a_bad_resume_is_a_400_naming_the_parameter(
+    start: Callable[..., Daemon], query: str, says: str
+) -> None:
+    daemon = relay(start)
+
+    async def main() -> None:
+        with pytest.raises(InvalidStatus) as refused:
+            await connect(f"{daemon.url}/room?{query}", subprotocols=V1)
+        assert refused.value.response.status_code == 400
+        assert says in refused.value.response.body.decode()
+        with pytest.raises(InvalidStatus) as plain:  # a resume needs envelopes
+            await connect(f"{daemon.url}/room?since=1&epoch=e")
+        assert b"need the wsechod.v1 subprotocol" in plain.value.response.body
+        async with connect(f"{daemon.url}/room?other=1&cache=2") as ws:  # others: ignored
+            assert ws.subprotocol is None
+
+    asyncio.run(main())
+
+
+def test_history_settings_are_checked(tmp_path: Path) -> None:
+    only_size = run_cli("--check-config", "--mode", "relay", "--history-size", "10")
+    assert (only_size.returncode, only_size.stderr) == (
+        2,
+        "wsechod: error: invalid history_ttl 0.0 (from default): history needs both "
+        "history_size and history_ttl (or neither)\n",
+    )
+    config = tmp_path / "w.toml"
+    config.write_text('[[channel]]\npattern = "/a"\nhistory_ttl = 5.0\n')
+    table = run_cli("--check-config", "--mode", "relay", "--config", str(config))
+    assert table.returncode == 2 and "[[channel]] '/a'" in table.stderr, table.stderr
+    assert len(table.stderr.strip().splitlines()) == 1
