@@ -4,12 +4,15 @@ duplicate, and an explicit answer when history cannot fill the gap. Clients: web
 (asyncio) and websocket-client (which shows each frame's opcode)."""
 
 import asyncio
+import contextlib
+import os
 import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import redis
 import websocket
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import InvalidStatus
@@ -17,7 +20,9 @@ from websockets.typing import Subprotocol
 
 from tests.conftest import Daemon, run_cli
 from tests.credentials import KEY
+from tests.redisd import RedisServer
 from tests.test_api import post
+from tests.test_relay import subscribed
 
 V1 = [Subprotocol("wsechod.v1")]
 
@@ -318,3 +323,104 @@ def test_history_settings_are_checked(tmp_path: Path) -> None:
     table = run_cli("--check-config", "--mode", "relay", "--config", str(config))
     assert table.returncode == 2 and "[[channel]] '/a'" in table.stderr, table.stderr
     assert len(table.stderr.strip().splitlines()) == 1
+
+
+# --- with Redis: history shared by every instance -------------------------------------------
+
+
+def redis_relays(start: Callable[..., Daemon], url: str, *args: str) -> tuple[Daemon, Daemon]:
+    args = ("--broker", url, "--log-level", "debug", *args)
+    return relay(start, *args), relay(start, *args)
+
+
+def test_instances_share_offsets_and_a_resume_works_on_another_instance(
+    start: Callable[..., Daemon], redis_server: RedisServer, key_file: Path
+) -> None:
+    one, two = redis_relays(start, redis_server.url, "--api-key-file", str(key_file))
+
+    async def main() -> None:
+        a, _, epoch = await joined(f"{one.url}/room")
+        b, _, epoch_b = await joined(f"{two.url}/room")
+        assert epoch == epoch_b  # one channel, one epoch, whichever instance
+        async with a, b:
+            await asyncio.to_thread(subscribed, two, "/room", 0)
+            await asyncio.to_thread(subscribed, one, "/room", 0)
+            await a.send("from one")  # not back to its sender (relay_echo is off)
+            await published(f"{two.url}/room", "from two")
+            headers = {"X-API-Key": KEY, "Content-Type": "text/plain"}
+            status, answer, _ = await asyncio.to_thread(
+                post, one.port, "/publish/room", b"from the api", headers
+            )
+            assert (status, answer["offset"], answer["epoch"]) == (202, 3, epoch), answer
+            got_b = [envelope(await asyncio.wait_for(b.recv(), 10)) for _ in range(3)]
+            assert got_b == [
+                ("m", 1, epoch, "from one"),
+                ("m", 2, epoch, "from two"),
+                ("m", 3, epoch, "from the api"),
+            ]
+            got_a = [envelope(await asyncio.wait_for(a.recv(), 10)) for _ in range(2)]
+            assert got_a == [("m", 2, epoch, "from two"), ("m", 3, epoch, "from the api")]
+        # Away from instance two; back on instance one, after two more.
+        await published(f"{two.url}/room", "4", "5")
+        resumed = f"{one.url}/room?since=1&epoch={epoch}"
+        async with await connect(resumed, subprotocols=V1) as ws:
+            got = [envelope(await asyncio.wait_for(ws.recv(), 10))[:2] for _ in range(5)]
+            assert got == [("m", 2), ("m", 3), ("m", 4), ("m", 5), ("p", 5)]
+
+    asyncio.run(main())
+
+
+def local_ports(pid: int) -> set[int]:
+    """The local TCP ports of a process's sockets (from /proc: no tool needed)."""
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        with contextlib.suppress(OSError):
+            target = os.readlink(fd)
+            if target.startswith("socket:["):
+                inodes.add(target[8:-1])
+    ports = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[9] in inodes:
+                ports.add(int(fields[1].rsplit(":", 1)[1], 16))
+    return ports
+
+
+def test_after_its_session_with_redis_breaks_an_instance_delivers_what_it_missed(
+    start: Callable[..., Daemon], redis_server: RedisServer
+) -> None:
+    """Instance two's connections to Redis are killed while instance one publishes: its
+    member still gets every message, once, in order, read from history after the
+    reconnect (a plain member: nothing to do on its side)."""
+    one, two = redis_relays(start, redis_server.url)
+    admin = redis.Redis(port=redis_server.port)
+
+    def connected() -> int:
+        return sum(e["event"] == "broker connected" for e in two.events)
+
+    async def main() -> list[str | bytes]:
+        async with connect(f"{two.url}/feed") as member, connect(f"{one.url}/feed") as pub:
+            await asyncio.to_thread(subscribed, two, "/feed", 0)
+            await asyncio.to_thread(subscribed, one, "/feed", 0)
+            await pub.send("0")
+            assert await asyncio.wait_for(member.recv(), 10) == "0"
+            sessions = connected()
+            ports = local_ports(two.proc.pid)
+            theirs = [
+                c["id"] for c in admin.client_list() if int(c["addr"].rsplit(":")[1]) in ports
+            ]
+            assert len(theirs) >= 3  # subscriber, publisher, reader (and presence)
+            for n in range(1, 51):
+                await pub.send(str(n))
+                if n == 10:
+                    for client_id in theirs:
+                        admin.client_kill_filter(_id=client_id)
+            await asyncio.to_thread(
+                two.wait_for, "broker connected", 20, lambda _: connected() > sessions
+            )
+            return [await asyncio.wait_for(member.recv(), 10) for _ in range(50)]
+
+    got = asyncio.run(main())
+    assert got == [str(n) for n in range(1, 51)]
+    assert "Traceback" not in one.log + two.log

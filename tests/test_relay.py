@@ -439,8 +439,8 @@ def test_sigterm_under_load_with_redis_exits_within_the_drain(
     assert time.monotonic() - sent_at < 2 + 2
     daemon.wait_for("stopped")
     # Nothing is left subscribed in Redis.
-    assert redis.Redis(port=redis_server.port).pubsub_numsub("wsechod:/busy") == [
-        (b"wsechod:/busy", 0)
+    assert redis.Redis(port=redis_server.port).pubsub_numsub("wsechod:{/busy}") == [
+        (b"wsechod:{/busy}", 0)
     ]
 
 
@@ -458,11 +458,11 @@ def test_malformed_message_in_redis_does_not_stop_the_relay(
             await asyncio.to_thread(subscribed, one, "/room", since[0])
             await asyncio.to_thread(subscribed, two, "/room", since[1])
             poison = redis.Redis(port=redis_server.port)
-            envelope = b"WSE\x0112345678t"
-            poison.publish("wsechod:/room", envelope + b"\xff")  # not UTF-8
-            poison.publish("wsechod:/room", b"x")  # too short to be anybody's
-            poison.publish("wsechod:/room", b"12345678tlooks like ours")  # no marker
-            poison.publish("wsechod:/room", envelope + b"a" * 1025)  # over max_size
+            envelope = b"WSE\x0212345678t" + bytes(8) + b"0 -\n"  # not from a live instance
+            poison.publish("wsechod:{/room}", envelope + b"\xff")  # not UTF-8
+            poison.publish("wsechod:{/room}", b"x")  # too short to be anybody's
+            poison.publish("wsechod:{/room}", b"12345678tlooks like ours")  # no marker
+            poison.publish("wsechod:{/room}", envelope + b"a" * 1025)  # over max_size
             await p.send("after the poison")
             assert await asyncio.wait_for(q.recv(), 10) == "after the poison"
 

@@ -72,6 +72,18 @@ class Published(NamedTuple):
     position: Position | None
 
 
+def continued(since: Position | None, top: Position, after: list[Stored]) -> Recovery:
+    """What a broker answers a reader at ``since``, given the channel's ``top`` and the
+    entries its history holds after ``since`` (in order, as many as were asked for)."""
+    if since is None or since == top:
+        return Recovery(top, [])
+    if since.epoch != top.epoch or since.offset > top.offset:
+        return Recovery(top, None)  # another epoch, or more than there is
+    if not after or after[0].offset != since.offset + 1:
+        return Recovery(top, None)  # what came next has left history
+    return Recovery(top, after)
+
+
 class InvalidResume(ValueError):
     """A ``since`` or ``epoch`` query parameter that is not one: the message names it."""
 

@@ -18,7 +18,7 @@ from collections import OrderedDict, deque
 from collections.abc import Callable
 
 from wsechod.brokers.base import Deliver, Members, Snapshot
-from wsechod.history import History, Position, Recovery, Stored, new_epoch
+from wsechod.history import History, Position, Recovery, Stored, continued, new_epoch
 
 RINGS = 65_536  # channels whose position is remembered; beyond, the least recently used go
 OVERHEAD = 96  # bytes an entry costs besides its payload (the tuple, the deque's share)
@@ -62,15 +62,11 @@ class MemoryHistory:
         ring = self._ring(channel)
         self._trim(ring, history, self._now())
         top = Position(ring.top, ring.epoch)
-        if since is None or since == top:
-            return Recovery(top, [])
-        if since.epoch != ring.epoch or since.offset > ring.top:
-            return Recovery(top, None)
-        first = ring.entries[0][0].offset if ring.entries else ring.top + 1
-        if since.offset + 1 < first:
-            return Recovery(top, None)
-        start = since.offset + 1 - first
-        return Recovery(top, [e[0] for e in itertools.islice(ring.entries, start, start + limit)])
+        after: list[Stored] = []
+        if since is not None and since.epoch == ring.epoch and ring.entries:
+            start = max(0, since.offset + 1 - ring.entries[0][0].offset)
+            after = [e[0] for e in itertools.islice(ring.entries, start, start + limit)]
+        return continued(since, top, after)
 
     def _ring(self, channel: str) -> _Ring:
         ring = self._rings.get(channel)

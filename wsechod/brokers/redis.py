@@ -10,11 +10,22 @@ client classes (``Redis``, ``PubSub``, pipelines) are not used: they retry, chec
 and reconnect on their own, and a retried PUBLISH can be delivered twice.
 
 Each instance subscribes only to the channels it has members on (Redis channel
-``wsechod:<path>``) and publishes each relayed message once, in an envelope: a marker and
-version (``MAGIC``), its own random id and the frame type, so it can ignore its own
-messages when Redis echoes them back (a client never gets a message twice) and drop, as
-malformed, what anyone else publishes there. Nothing is retried, so delivery between instances is at
-most once, and every loss is counted (``stats()``) and logged, rate-limited.
+``wsechod:{<path>}``: the hash tag keeps a channel's keys on one Cluster shard) and
+publishes each relayed message once, in an envelope: a marker and version (``MAGIC``), its
+own random id, the frame type, the publishing member (``origin``) and its position in
+history (``0 -`` without), so it can ignore its own messages when Redis echoes them back
+(a client never gets a message twice) and drop, as malformed, what anyone else publishes
+there. Nothing is retried, so delivery between instances is at most once, and every loss
+is counted (``stats()``) and logged, rate-limited.
+
+History (``history.py``): a channel's messages are numbered, kept and published in one
+atomic step (``APPEND``: HINCRBY on the channel's hash ``wsechod:{<path>}:m``, XADD to its
+stream ``wsechod:{<path>}:h`` with the offset as the entry's id, PUBLISH), so every
+instance, this one included, delivers them in offset order as they come back; a hash that
+is gone (flushed, expired, a restart without persistence) is a new epoch. After a session
+with Redis starts again, each channel with history is read from where this instance was,
+so its members get what was published meanwhile (live messages wait for it), and nothing
+twice. A third connection, the reader, serves ``recover`` (members catching up).
 
 A session with Redis is two connections: the subscriber (SUBSCRIBE, and a PING every
 ``PING_INTERVAL`` that Redis must answer within ``PING_TIMEOUT``) and the publisher
@@ -35,6 +46,8 @@ instances are dropped and counted.
 
 import asyncio
 import contextlib
+import hashlib
+import math
 import os
 import time
 import urllib.parse
@@ -50,7 +63,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from wsechod.brokers.base import Deliver, Members, PresenceUnavailable, Snapshot
 from wsechod.brokers.presence import RedisPresence, Unavailable
-from wsechod.history import History, Position, Recovery
+from wsechod.history import History, Position, Recovery, Stored, continued, new_epoch
 from wsechod.log import get_logger
 from wsechod.ratelimit import RateLimitedLog
 from wsechod.settings.values import redact_url
@@ -59,10 +72,49 @@ log = get_logger("wsechod.broker")
 
 PREFIX = "wsechod:"
 CONTROL = PREFIX + "\0control"  # always subscribed: keeps the subscriber in pub/sub mode
-MAGIC = b"WSE\x01"  # the envelope's marker and version
+MAGIC = b"WSE\x02"  # the envelope's marker and version
 TEXT, BINARY = b"t", b"b"
 ID_SIZE = 8
-HEAD = len(MAGIC) + ID_SIZE + 1  # marker, instance id, frame type; then the payload
+ORIGIN_SIZE = 8
+# marker, instance id, frame type, origin; then "<offset> <epoch>\n" and the payload
+HEAD = len(MAGIC) + ID_SIZE + 1 + ORIGIN_SIZE
+UNNUMBERED = b"0 -\n"
+META_TTL = 86_400  # seconds a channel's position outlives its last message, at least
+REPAIR_BACKLOG = 4 * 2**20  # bytes of live messages held per channel while it is repaired
+
+# KEYS: the channel's hash and stream. ARGV: the Redis channel, the frame type and payload,
+# the stream's length, its ttl, the hash's ttl, a fresh epoch, the envelope's head.
+APPEND = """
+local e = redis.call('HGET', KEYS[1], 'e')
+if not e then
+  e = ARGV[6]
+  redis.call('HSET', KEYS[1], 'e', e)
+  redis.call('DEL', KEYS[2])
+end
+local o = redis.call('HINCRBY', KEYS[1], 'o', 1)
+redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], o .. '-0', 'd', ARGV[2])
+redis.call('EXPIRE', KEYS[2], ARGV[4])
+redis.call('EXPIRE', KEYS[1], ARGV[5])
+redis.call('PUBLISH', ARGV[1], ARGV[7] .. o .. ' ' .. e .. '\\n' .. string.sub(ARGV[2], 2))
+return {o, e}
+"""
+# KEYS: the hash and the stream. ARGV: a fresh epoch, the hash's ttl, the offset to read
+# after ("": none), at most how many. Returns the epoch, the top offset, the entries.
+READ = """
+local e = redis.call('HGET', KEYS[1], 'e')
+if not e then
+  e = ARGV[1]
+  redis.call('HSET', KEYS[1], 'e', e, 'o', 0)
+  redis.call('EXPIRE', KEYS[1], ARGV[2])
+  redis.call('DEL', KEYS[2])
+end
+local o = redis.call('HGET', KEYS[1], 'o') or '0'
+local found = {}
+if ARGV[3] ~= '' then
+  found = redis.call('XRANGE', KEYS[2], '(' .. ARGV[3] .. '-0', '+', 'COUNT', ARGV[4])
+end
+return {e, o, found}
+"""
 
 # Deadlines, in seconds. Redis answers a PING in well under a millisecond; a second and a
 # half without an answer is a hang, not load. Detection takes at most about
@@ -84,8 +136,30 @@ OVERHEAD = 64
 BATCH_BYTES = 256 * 2**10  # one pipelined round trip carries at most this...
 BATCH_MESSAGES = 1024  # ...and this many messages
 
+APPEND_SHA, READ_SHA = (hashlib.sha1(script.encode()).hexdigest() for script in (APPEND, READ))
+CHUNK = 256  # entries read at a time while a channel is repaired
+
 CONNECTING, CONNECTED = "connecting", "connected"
 UNREACHABLE, UNRESPONSIVE, CLOSED = "unreachable", "unresponsive", "closed"
+
+
+# What the outbox holds: a command, its size, and the future of a message with history.
+Queued = tuple[tuple[Any, ...], int, "asyncio.Future[Position | None] | None"]
+# A message with history held while its channel is repaired: payload, text, where, origin.
+Held = tuple[bytes, bool, Position, int]
+
+
+def channel_key(channel: str) -> str:
+    """A channel's Redis channel, and the prefix of its keys (``:m``, ``:h``)."""
+    return f"{PREFIX}{{{channel}}}"
+
+
+def _answered(
+    future: "asyncio.Future[Position | None] | None", value: Position | None
+) -> "asyncio.Future[Position | None] | None":
+    if future is not None and not future.done():
+        future.set_result(value)
+    return future
 
 
 class _Down(Exception):
@@ -114,7 +188,12 @@ class RedisBroker:
         self._deliver: Deliver | None = None
         self._task: asyncio.Task[None] | None = None
         self._outcome: asyncio.Future[None] | None = None  # the first attempt's
-        self._outbox: deque[tuple[bytes, bytes, int]] = deque()  # (channel, payload, size)
+        self._outbox: deque[Queued] = deque()
+        self._reads: asyncio.Queue[tuple[tuple[Any, ...], asyncio.Future[Any]]] | None = None
+        self._last: dict[str, Position] = {}  # per channel with history: delivered up to
+        self._repairs: dict[str, list[Held]] = {}
+        self._repair_bytes: dict[str, int] = {}
+        self._repairing: set[asyncio.Task[None]] = set()
         self._queued = 0  # bytes in the outbox and in flight
         self._paused = False  # above HIGH_WATER, not yet back under LOW_WATER
         self._waiters: list[Callable[[], None]] = []
@@ -146,6 +225,7 @@ class RedisBroker:
 
     def unsubscribe(self, channel: str) -> None:
         self.channels.discard(channel)
+        self._last.pop(channel, None)
         self._changed.set()
 
     def publish(
@@ -157,32 +237,72 @@ class RedisBroker:
         history: History | None = None,
         origin: int = 0,
     ) -> "asyncio.Future[Position | None] | None":
-        """History is not kept with Redis in this release (the settings refuse it)."""
+        stored: asyncio.Future[Position | None] | None = None
+        if history is not None:
+            stored = asyncio.get_running_loop().create_future()
         if self.state != CONNECTED:
             self.counts["lost"] += 1
             if self.state != CLOSED:
                 lost = self.counts["lost"]
                 self._warn.warning(f"broker {self.state}: message not sent", lost=lost)
-            return None
-        data = b"".join((MAGIC, self.id, TEXT if text else BINARY, payload))
-        name = (PREFIX + channel).encode()
-        size = len(data) + len(name) + OVERHEAD
+            return _answered(stored, None)
+        kind = TEXT if text else BINARY
+        head = b"".join((MAGIC, self.id, kind, origin.to_bytes(ORIGIN_SIZE, "big")))
+        name = channel_key(channel)
+        command: tuple[Any, ...]
+        if history is None:
+            command = ("PUBLISH", name, head + UNNUMBERED + payload)
+        else:
+            ttl = max(1, math.ceil(history.ttl))
+            command = (
+                "EVALSHA", APPEND_SHA, 2, name + ":m", name + ":h",
+                name, kind + payload, history.size, ttl, max(ttl, META_TTL), new_epoch(), head,
+            )  # fmt: skip
+        size = len(payload) + 2 * len(name) + len(head) + OVERHEAD
         if self._queued + size > OUTBOX_LIMIT:
             self.counts["lost"] += 1
             lost = self.counts["lost"]
             self._warn.warning("broker outbox full: message dropped", limit=OUTBOX_LIMIT, lost=lost)
-            return None
-        self._outbox.append((name, data, size))
+            return _answered(stored, None)
+        self._outbox.append((command, size, stored))
         self._queued += size
         if self._queued > HIGH_WATER:
             self._paused = True
         self._mail.set()
-        return None
+        return stored
 
     async def recover(
         self, channel: str, since: Position | None, limit: int, history: History
     ) -> Recovery:
-        raise ConnectionError("history is not kept with Redis in this release")
+        """Read by the session's reader (ConnectionError while there is none)."""
+        name = channel_key(channel)
+        after = "" if since is None else str(since.offset)
+        command = (
+            "EVALSHA",
+            READ_SHA,
+            2,
+            name + ":m",
+            name + ":h",
+            new_epoch(),
+            META_TTL,
+            after,
+            limit,
+        )
+        reply = await self._read_now(command)
+        epoch, top, found = reply
+        entries = [
+            Stored(int(entry_id.split(b"-")[0]), fields[1][1:], fields[1][:1] == TEXT)
+            for entry_id, fields in found
+        ]
+        return continued(since, Position(int(top), epoch.decode()), entries)
+
+    async def _read_now(self, command: tuple[Any, ...]) -> Any:
+        reads = self._reads
+        if reads is None or self.state != CONNECTED:
+            raise ConnectionError(f"broker {self.state}")
+        answer: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        reads.put_nowait((command, answer))
+        return await answer
 
     def writable(self) -> bool:
         return not self._paused or self.state != CONNECTED
@@ -254,20 +374,26 @@ class RedisBroker:
         conns: list[AbstractConnection] = []
         tasks: list[asyncio.Task[None]] = []
         try:
-            conns.append(await self._open())
-            conns.append(await self._open())
-            subscriber, publisher = conns
+            for _ in range(3):
+                conns.append(await self._open())
+            subscriber, publisher, reader = conns
+            await self._load_scripts(reader)
+            for channel in self._last:  # hold its live messages until it is repaired
+                self._repairs.setdefault(channel, [])
+            self._reads = asyncio.Queue()
             tasks = [
                 asyncio.create_task(self._read(subscriber)),
                 asyncio.create_task(self._keepalive(subscriber)),
                 asyncio.create_task(self._send(publisher)),
+                asyncio.create_task(self._serve_reads(reader, self._reads)),
             ]
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
             for task in done:
                 task.result()
             raise _Down(UNREACHABLE, "session ended", "bug")  # the tasks never return
         finally:
-            for task in tasks:
+            self._end_reads()
+            for task in [*tasks, *self._repairing]:
                 task.cancel()
             if tasks:
                 await asyncio.wait(tasks, timeout=CLOSE_TIMEOUT)
@@ -306,6 +432,55 @@ class RedisBroker:
                 raise self._failure(exc, CONNECT_TIMEOUT) from None
             raise
         return conn
+
+    async def _load_scripts(self, conn: AbstractConnection) -> None:
+        """The scripts, by their SHA-1 from then on (a restarted Redis has none)."""
+        try:
+            async with asyncio.timeout(CONNECT_TIMEOUT):
+                for script in (APPEND, READ):
+                    await conn.send_command("SCRIPT", "LOAD", script, check_health=False)
+                    await conn.read_response()
+        except TimeoutError:
+            raise _Down(UNRESPONSIVE, "no answer to SCRIPT LOAD", "timeout") from None
+        except (RedisError, OSError) as exc:
+            raise self._failure(exc, CONNECT_TIMEOUT) from None
+
+    async def _serve_reads(
+        self,
+        conn: AbstractConnection,
+        reads: "asyncio.Queue[tuple[tuple[Any, ...], asyncio.Future[Any]]]",
+    ) -> None:
+        """History reads, one at a time, each answered within PUBLISH_TIMEOUT."""
+        while True:
+            command, answer = await reads.get()
+            try:
+                async with asyncio.timeout(PUBLISH_TIMEOUT):
+                    await conn.send_command(*command, check_health=False)
+                    reply = await conn.read_response()
+            except TimeoutError:
+                answer.set_exception(ConnectionError("history read timed out"))
+                raise _Down(
+                    UNRESPONSIVE, f"no answer to a read within {PUBLISH_TIMEOUT:g} s", "timeout"
+                ) from None
+            except ResponseError as exc:  # e.g. an ACL without EVALSHA
+                self._warn.warning("broker refused a history read", error=str(exc))
+                answer.set_exception(ConnectionError(f"history read refused: {exc}"))
+                continue
+            except (RedisError, OSError) as exc:
+                answer.set_exception(ConnectionError(f"history read failed: {exc}"))
+                raise self._failure(exc, PUBLISH_TIMEOUT) from None
+            if not answer.done():
+                answer.set_result(reply)
+
+    def _end_reads(self) -> None:
+        """Reads still waiting fail: the session is over."""
+        reads, self._reads = self._reads, None
+        while reads is not None and not reads.empty():
+            _, answer = reads.get_nowait()
+            if not answer.done():
+                answer.set_exception(ConnectionError("broker session ended"))
+        self._repairs.clear()
+        self._repair_bytes.clear()
 
     def _failure(self, exc: BaseException, deadline: float) -> _Down:
         if isinstance(exc, TimeoutError | RedisTimeoutError):  # ours, or the TCP connect's
@@ -349,9 +524,9 @@ class RedisBroker:
             added = wanted - (subscribed or set())
             if subscribed is None or added:
                 extra = [CONTROL] if subscribed is None else []
-                commands.append(("SUBSCRIBE", *extra, *(PREFIX + c for c in sorted(added))))
+                commands.append(("SUBSCRIBE", *extra, *(channel_key(c) for c in sorted(added))))
             if removed := (subscribed or set()) - wanted:
-                commands.append(("UNSUBSCRIBE", *(PREFIX + c for c in sorted(removed))))
+                commands.append(("UNSUBSCRIBE", *(channel_key(c) for c in sorted(removed))))
             self._ping_seq += 1
             commands.append(("PING", str(self._ping_seq)))
             await self._round_trip(conn, commands, self._ping_seq)
@@ -392,23 +567,26 @@ class RedisBroker:
                         await self._mail.wait()
                 except TimeoutError:
                     await self._idle_ping(conn)
-            batch: list[tuple[bytes, bytes, int]] = []
+            batch: list[Queued] = []
             size = 0
             while self._outbox and len(batch) < BATCH_MESSAGES and size < BATCH_BYTES:
                 batch.append(self._outbox.popleft())
-                size += batch[-1][2]
+                size += batch[-1][1]
             answered = 0
             try:
                 async with asyncio.timeout(PUBLISH_TIMEOUT):
-                    packed = conn.pack_commands([("PUBLISH", c, p) for c, p, _ in batch])
+                    packed = conn.pack_commands([command for command, _, _ in batch])
                     await conn.send_packed_command(packed, check_health=False)
-                    for _ in batch:
+                    for _, _, stored in batch:
                         try:
-                            await conn.read_response()
+                            reply = await conn.read_response()
                             self.counts["published"] += 1
+                            if stored is not None:
+                                _answered(stored, Position(int(reply[0]), reply[1].decode()))
                         except ResponseError as exc:  # e.g. an ACL without PUBLISH rights
                             self.counts["failed"] += 1
                             self._warn.warning("broker refused a message", error=str(exc))
+                            _answered(stored, None)
                         answered += 1
             except TimeoutError:
                 raise _Down(
@@ -418,6 +596,8 @@ class RedisBroker:
                 raise self._failure(exc, PUBLISH_TIMEOUT) from None
             finally:
                 self.counts["unconfirmed"] += len(batch) - answered
+                for _, _, stored in batch[answered:]:
+                    _answered(stored, None)
                 self._queued -= size
                 if self._paused and self._queued <= LOW_WATER:
                     self._paused = False
@@ -438,28 +618,104 @@ class RedisBroker:
             return
         if channel == CONTROL.encode():
             return  # ours to stay in pub/sub mode, not a channel's
-        if payload[len(MAGIC) : HEAD - 1] == self.id:
-            return  # our own message coming back: already delivered locally
-        kind = payload[HEAD - 1 : HEAD]
-        body = payload[HEAD:]
+        own = payload[len(MAGIC) : len(MAGIC) + ID_SIZE] == self.id
+        kind = payload[len(MAGIC) + ID_SIZE : len(MAGIC) + ID_SIZE + 1]
+        line, newline, body = payload[HEAD:].partition(b"\n")
         try:
-            if not payload.startswith(MAGIC):
+            if not payload.startswith(MAGIC) or not newline:
                 raise ValueError("not a wsechod envelope")
             if kind not in (TEXT, BINARY):
                 raise ValueError(f"unknown frame type {kind!r}")
+            offset, _, epoch = line.decode("ascii").partition(" ")
+            at = Position(int(offset), epoch) if offset != "0" else None
             if kind == TEXT:
                 body.decode()  # a text frame must be UTF-8: check it once, here
-            name = channel.decode()[len(PREFIX) :]
+            name = channel.decode()[len(PREFIX) + 1 : -1]
         except ValueError as exc:  # UnicodeDecodeError too: someone else's message
             self.counts["malformed"] += 1
             self._warn.warning("malformed message from redis dropped", error=str(exc))
             return
+        if at is None:
+            if not own:  # our own came back: already delivered here
+                self._hand(name, body, kind == TEXT, None, 0)
+            return
+        origin = int.from_bytes(payload[HEAD - ORIGIN_SIZE : HEAD], "big") if own else 0
+        self._numbered(name, body, kind == TEXT, at, origin)
+
+    def _numbered(self, name: str, body: bytes, text: bool, at: Position, origin: int) -> None:
+        """A message with history, in offset order: once (not again after a repair), and
+        a gap in its channel is repaired from history first."""
+        held = self._repairs.get(name)
+        if held is not None:  # being repaired: it waits for that
+            self._hold(name, held, (body, text, at, origin))
+            return
+        last = self._last.get(name)
+        if last is not None and last.epoch == at.epoch:
+            if at.offset <= last.offset:
+                return  # had it already (from history, during a repair)
+            if at.offset > last.offset + 1:  # a gap: messages this session never saw
+                held = self._repairs[name] = []
+                self._hold(name, held, (body, text, at, origin))
+                self._start_repair(name)
+                return
+        if name in self.channels:
+            self._last[name] = at
+        self._hand(name, body, text, at, origin)
+
+    def _hold(self, name: str, held: list[Held], message: Held) -> None:
+        size = self._repair_bytes.get(name, 0) + len(message[0]) + OVERHEAD
+        if size > REPAIR_BACKLOG:  # too much: what is held is read from history again
+            held.clear()
+            size = 0
+        else:
+            held.append(message)
+        self._repair_bytes[name] = size
+
+    def _hand(self, name: str, body: bytes, text: bool, at: Position | None, origin: int) -> None:
         assert self._deliver is not None
         try:
-            if self._deliver(name, body, kind == TEXT, None, 0):
+            if self._deliver(name, body, text, at, origin) and not origin:
                 self.counts["delivered"] += 1
         except Exception as exc:  # a relay bug must not end cross-instance relay
             self._warn.warning("broker delivery failed", error=repr(exc))
+
+    def _start_repair(self, name: str) -> None:
+        task = asyncio.create_task(self._repair(name))
+        self._repairing.add(task)
+        task.add_done_callback(self._repairing.discard)
+
+    async def _repair(self, name: str) -> None:
+        """Deliver what history holds after the last message delivered in ``name``, then
+        what was held meanwhile; what history no longer holds is lost, and said so."""
+        while (held := self._repairs.get(name)) is not None:
+            last = self._last.get(name)
+            if last is None or name not in self.channels:
+                break
+            try:
+                found = await self.recover(name, last, CHUNK, History(1, 1))
+            except ConnectionError:
+                return  # the session is over; the next one repairs again
+            if found.entries is None:
+                self.counts["lost"] += (
+                    found.top.offset - last.offset if (found.top.epoch == last.epoch) else 0
+                )
+                self._warn.warning(
+                    "history could not fill a gap", channel=name, since=last.offset,
+                    top=found.top.offset, epoch_changed=found.top.epoch != last.epoch,
+                )  # fmt: skip
+                self._last[name] = found.top
+            else:
+                for entry in found.entries:
+                    at = Position(entry.offset, found.top.epoch)
+                    self._last[name] = at
+                    self._hand(name, entry.payload, entry.text, at, 0)
+                if len(found.entries) == CHUNK:
+                    continue
+            del self._repairs[name]
+            self._repair_bytes.pop(name, None)
+            for body, text, at, origin in held:  # may find a gap again, and hold anew
+                self._numbered(name, body, text, at, origin)
+            return
 
     # --- state ----------------------------------------------------------------------------
 
@@ -476,6 +732,8 @@ class RedisBroker:
             self._down_since = None
         self._ever_connected = True
         log.info("broker connected", **fields)
+        for name in list(self._repairs):  # subscribed again: read what was missed
+            self._start_repair(name)
         self._settle()
 
     def _went_down(self, down: _Down) -> None:
@@ -500,7 +758,9 @@ class RedisBroker:
     def _discard(self) -> int:
         """Empty the outbox (Redis is gone), counting its messages as lost."""
         discarded = len(self._outbox)
-        self._queued -= sum(size for _, _, size in self._outbox)
+        self._queued -= sum(size for _, size, _ in self._outbox)
+        for _, _, stored in self._outbox:
+            _answered(stored, None)
         self._outbox.clear()
         self.counts["lost"] += discarded
         self._paused = False

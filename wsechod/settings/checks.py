@@ -145,8 +145,7 @@ def check_broker_package(settings: Settings, sources: Mapping[str, str]) -> None
 
 
 def check_history(settings: Settings, sources: Mapping[str, str]) -> None:
-    """History needs a size and a time to live: one without the other is a mistake; and
-    in this release it is kept by the memory broker only."""
+    """History needs a size and a time to live: one without the other is a mistake."""
     places = [("", settings.history_size, settings.history_ttl)] + [
         (f", [[channel]] {rule.pattern!r}", rule.history_size, rule.history_ttl)
         for rule in settings.channel
@@ -160,11 +159,6 @@ def check_history(settings: Settings, sources: Mapping[str, str]) -> None:
             raise SettingsError(
                 f"invalid {key} {value!r} (from {source}{where}): history needs both "
                 "history_size and history_ttl (or neither)"
-            )
-        if size and settings.mode == "relay" and settings.broker != "memory":
-            raise SettingsError(
-                f"invalid history_size {size!r} (from {source}{where}): in this release, "
-                "history is kept by the memory broker only, not with Redis"
             )
 
 
