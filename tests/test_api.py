@@ -227,3 +227,66 @@ def test_api_key_file_is_checked_at_start(tmp_path: Path) -> None:
     result = run_cli("--mode", "relay", "--api-key-file", str(short), "--check-config")
     assert result.returncode == 2
     assert "at least 16 bytes" in result.stderr
+
+
+def test_a_good_key_is_never_rate_limited_by_its_address(
+    start: Callable[..., Daemon], key_file: Path, secret_file: Path
+) -> None:
+    """Handshakes from an address spend its handshake_rate; a backend behind the same
+    address (a NAT, a proxy) still publishes with its key; a wrong key is limited."""
+    daemon = relay_with_api(
+        start, key_file, "--auth", "jwt", "--jwt-secret-file", str(secret_file),
+        "--handshake-rate", "1",
+    )  # fmt: skip
+    statuses = [
+        raw_status(daemon.port, rawws.handshake_request(daemon.port, "/room")) for _ in range(6)
+    ]
+    assert statuses.count(429) >= 3, statuses  # a burst of 2, then 429
+    assert post(daemon.port, "/publish/room", b"x", {"X-API-Key": KEY})[0] == 202
+    assert post(daemon.port, "/publish/room", b"x", {"X-API-Key": "wrong" * 8})[0] == 429
+
+
+def raw_status(port: int, request: bytes) -> int:
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(request)
+        head = sock.recv(4096)
+    return int(head.split(b" ", 2)[1])
+
+
+def test_unfinished_bodies_take_a_share_of_memory_limit_and_close_no_websocket(
+    start: Callable[..., Daemon], key_file: Path
+) -> None:
+    """Found by a hostile run: bodies sent but never finished counted in memory_limit and
+    got WebSockets closed with 1013. Bodies now have a quarter of it: past that, 503."""
+    daemon = relay_with_api(start, key_file, "--memory-limit", "8388608")  # bodies: 2 MiB
+    head = (
+        f"POST /publish/room HTTP/1.1\r\nHost: x\r\nX-API-Key: {KEY}\r\n"
+        "Content-Length: 1000000\r\n\r\n"
+    ).encode()
+
+    async def main() -> list[bytes]:
+        async with connect(f"{daemon.url}/room") as victim, connect(f"{daemon.url}/room") as peer:
+            socks = []
+            answers = []
+            for _ in range(6):
+                sock = socket.create_connection(("127.0.0.1", daemon.port), timeout=10)
+                socks.append(sock)
+                sock.sendall(head + b"x" * 900_000)  # never finished
+                await asyncio.sleep(0.05)
+            for sock in socks:
+                sock.settimeout(0.5)
+                try:
+                    answers.append(sock.recv(4096))
+                except TimeoutError:
+                    answers.append(b"")  # still reading: within the share
+            await victim.send(b"v" * 600_000)
+            assert await asyncio.wait_for(peer.recv(), 10) == b"v" * 600_000
+            for sock in socks:
+                sock.close()
+            return answers
+
+    answers = asyncio.run(main())
+    refused = [a for a in answers if a.startswith(b"HTTP/1.1 503 ")]
+    assert refused and all(b"short of memory" in a for a in refused), answers
+    assert sum(1 for a in answers if not a) <= 2, answers  # 2 MiB hold two of them
+    assert "memory limit reached" not in daemon.log

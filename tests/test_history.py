@@ -23,6 +23,8 @@ from tests.credentials import KEY
 from tests.redisd import RedisServer
 from tests.test_api import post
 from tests.test_relay import subscribed
+from wsechod.brokers.memory import MemoryHistory
+from wsechod.history import History, Position
 
 V1 = [Subprotocol("wsechod.v1")]
 
@@ -215,7 +217,8 @@ def test_history_memory_bounds_what_is_kept_the_oldest_channel_first(
     start: Callable[..., Daemon],
 ) -> None:
     """64 KiB in all: 100 messages of 4 KiB on one channel do not all stay; the most
-    recent do; a channel published to later pushes out the first one's."""
+    recent do; a channel published to later pushes out the first one's messages, then its
+    position (a new epoch from then on); members who only join cost nothing."""
     daemon = relay(start, "--history-memory", "65536", "--max-size", "8192")
     body = "x" * 4096
 
@@ -227,9 +230,15 @@ def test_history_memory_bounds_what_is_kept_the_oldest_channel_first(
             assert envelope(await ws.recv())[:2] == ("l", 100)
         async with await connect(f"{daemon.url}/a?since=95&epoch={epoch}", subprotocols=V1) as ws:
             assert [envelope(await ws.recv())[:2] for _ in range(6)][-1] == ("p", 100)
+        for n in range(500):  # joins create nothing: /a keeps its messages
+            joiner, _, _ = await joined(f"{daemon.url}/join/{n}")
+            await joiner.close()
+        async with await connect(f"{daemon.url}/a?since=95&epoch={epoch}", subprotocols=V1) as ws:
+            assert [envelope(await ws.recv())[:2] for _ in range(6)][-1] == ("p", 100)
         await published(f"{daemon.url}/b", *(f"{i:03d}{body}" for i in range(1, 21)))
         async with await connect(f"{daemon.url}/a?since=95&epoch={epoch}", subprotocols=V1) as ws:
-            assert envelope(await ws.recv())[:2] == ("l", 100)
+            kind, offset, new, _ = envelope(await ws.recv())
+            assert (kind, offset) == ("l", 0) and new != epoch
 
     asyncio.run(main())
 
@@ -290,6 +299,7 @@ def test_policies_per_channel_and_the_sender_is_left_out_unless_relay_echo(
         ("since=abc&epoch=e", "since='abc': an offset"),
         ("since=1&since=2&epoch=e", "since given 2 times"),
         ("since=1&epoch=a%20b", "epoch='a b'"),
+        ("since=" + "9" * 5000 + "&epoch=e", "an offset (0 or more)"),  # no int() of it
     ],
 )
 def test_a_bad_resume_is_a_400_naming_the_parameter(
@@ -424,3 +434,104 @@ def test_after_its_session_with_redis_breaks_an_instance_delivers_what_it_missed
     got = asyncio.run(main())
     assert got == [str(n) for n in range(1, 51)]
     assert "Traceback" not in one.log + two.log
+
+
+def test_history_turned_off_by_a_reload_during_a_replay_is_said_and_nothing_is_lost(
+    start: Callable[..., Daemon], tmp_path: Path, key_file: Path
+) -> None:
+    """Found by a hostile run: the live messages held for a member that was catching up
+    were dropped, without a word, when a reload turned history off mid-replay."""
+    config = tmp_path / "wsechod.toml"
+    config.write_text("history_size = 1000\nhistory_ttl = 600.0\n")
+    daemon = start(
+        "--mode", "relay", "--config", str(config), "--write-limit", "4096",
+        "--api-key-file", str(key_file),
+    )  # fmt: skip
+    url = f"{daemon.url}/room"
+
+    async def main() -> list[tuple[str, int, str, str | bytes]]:
+        ws, _, epoch = await joined(url)
+        await ws.close()
+        # 12 MB, fewer than a chunk of history reads (256): the case that lost them
+        await published(url, *(f"{n:04d}" + "x" * 60_000 for n in range(1, 201)))
+        async with await connect(f"{url}?since=0&epoch={epoch}", subprotocols=V1) as late:
+            first = [envelope(await asyncio.wait_for(late.recv(), 10)) for _ in range(3)]
+            config.write_text("")  # history off
+            since = len(daemon.events)
+            daemon.signal(signal.SIGHUP)
+            await asyncio.to_thread(
+                daemon.wait_for,
+                "setting changed",
+                10,
+                lambda e: e["key"] == "history_ttl" and daemon.events.index(e) >= since,
+            )
+            for n in range(5):
+                assert (
+                    post(daemon.port, "/publish/room", f"live {n}".encode(), {"X-API-Key": KEY})[0]
+                    == 202
+                )
+            rest: list[tuple[str, int, str, str | bytes]] = []
+            while len(rest) < 6 or rest[-1][3] != b"live 4":
+                rest.append(envelope(await asyncio.wait_for(late.recv(), 10)))
+            return first + rest
+
+    got = asyncio.run(main())
+    kinds = [kind for kind, *_ in got]
+    assert kinds.count("l") == 1
+    lost = kinds.index("l")
+    assert got[lost][:3] == ("l", 0, "-")
+    assert [g[1] for g in got[:lost]] == list(range(1, lost + 1))  # in order, none twice
+    assert [g[3] for g in got[lost + 1 :]] == [f"live {n}".encode() for n in range(5)]
+
+
+@pytest.mark.unit
+def test_reading_history_creates_nothing_and_a_lost_ring_means_new_epochs() -> None:
+    """Found by a hostile run: each join made a ring, and enough joins pushed out every
+    channel's history. Now only publishing does; rings count in history_memory."""
+    kept = History(10, 60.0)
+    store = MemoryHistory(limit=4096)
+    epoch = store.append("/real", b"x" * 100, False, kept).epoch
+    for n in range(10_000):
+        assert store.recover(f"/join/{n}", None, 10, kept).top == Position(0, epoch)
+    found = store.recover("/real", Position(0, epoch), 10, kept)
+    assert found.entries is not None and [e.payload for e in found.entries] == [b"x" * 100]
+    for n in range(20):  # publishing does push the least recently used out
+        store.append(f"/busy/{n}", b"y" * 100, False, kept)
+    assert store.held <= 4096
+    gone = store.recover("/real", Position(1, epoch), 10, kept)
+    assert gone.entries is None and gone.top.epoch != epoch  # its offsets start again
+
+
+def test_history_redis_lost_behind_an_instance_becomes_a_new_epoch(
+    start: Callable[..., Daemon], redis_server: RedisServer
+) -> None:
+    """Redis comes back with an older copy of a channel (its counter behind what an
+    instance delivered, as after a restart from a snapshot): offsets are not used twice
+    in one epoch; the channel gets a new one, offsets going on from where they were."""
+    one, two = redis_relays(start, redis_server.url)
+    admin = redis.Redis(port=redis_server.port)
+
+    async def main() -> None:
+        member, _, epoch = await joined(f"{two.url}/feed")
+        async with member:
+            await asyncio.to_thread(subscribed, two, "/feed", 0)
+            await published(f"{one.url}/feed", *(str(n) for n in range(1, 6)))
+            got = [envelope(await asyncio.wait_for(member.recv(), 10))[1] for _ in range(5)]
+            assert got == [1, 2, 3, 4, 5]
+            admin.hset("wsechod:{/feed}:m", "o", 2)  # offsets 3 to 5 "lost"
+            ports = local_ports(two.proc.pid)
+            for client in admin.client_list():
+                if int(client["addr"].rsplit(":")[1]) in ports:
+                    admin.client_kill_filter(_id=client["id"])
+            warned = await asyncio.to_thread(
+                two.wait_for, "history could not fill a gap", 20, lambda e: e["epoch_changed"]
+            )
+            assert warned["since"] == 5
+            await published(f"{one.url}/feed", "after")
+            kind, offset, new, payload = envelope(await asyncio.wait_for(member.recv(), 10))
+            assert (kind, offset, payload) == ("m", 6, "after") and new != epoch
+        stale = f"{one.url}/feed?since=5&epoch={epoch}"
+        async with await connect(stale, subprotocols=V1) as ws:
+            assert envelope(await ws.recv()) == ("l", 6, new, "")
+
+    asyncio.run(main())

@@ -131,6 +131,7 @@ def test_presence_needs_an_api_key_and_pages_within_bounds(
         401,
         "unauthorized: presence needs an API key (X-API-Key)",
     )
-    status, document = get(daemon.port, "/channels?limit=5000")
-    assert (status, document["error"]) == (400, "limit: a whole number from 1 to 1000")
+    for limit in ("5000", "%D9%A3", "9" * 5000):  # too many, an Arabic-Indic 3, huge
+        status, document = get(daemon.port, f"/channels?limit={limit}")
+        assert (status, document["error"]) == (400, "limit: a whole number from 1 to 1000")
     assert get(daemon.port, "/channels/nobody")[1]["members"] == 0  # any name is valid

@@ -361,6 +361,15 @@ def test_echo_mode_needs_a_token_too(start: Callable[..., Daemon], secret_file: 
     daemon = guarded(start, secret_file)
     assert refusal(f"{daemon.url}/")[0] == 401
     assert http_get(daemon.port, "/healthz")[0] == 200  # operations are not behind it
+    # Its subscribe patterns cover the path; a path that names no channel is covered by
+    # none (found by a hostile run: a broken escape skipped the check in echo mode).
+    narrow = bearer(token(subscribe=["/only/this"]))
+    with sync_connect(f"{daemon.url}/only/this", additional_headers=narrow) as ws:
+        ws.send("mine")
+        assert ws.recv(timeout=10) == "mine"
+    assert refusal(f"{daemon.url}/other", additional_headers=narrow)[0] == 403
+    status, body = refusal(f"{daemon.url}/other%zz", additional_headers=narrow)
+    assert (status, body.startswith("bad request: invalid path")) == (400, True)
 
 
 def test_key_settings_are_checked_at_start_and_the_secret_never_shown(

@@ -111,7 +111,7 @@ def resume_of(path: str) -> Position | None:
     since, epoch = found.get("since", [None])[0], found.get("epoch", [None])[0]
     if since is None or epoch is None:
         raise InvalidResume("since and epoch go together (both from the last envelope)")
-    if not since.isascii() or not since.isdigit() or int(since) > MAX_OFFSET:
+    if not since.isascii() or not since.isdigit() or len(since) > 19 or int(since) > MAX_OFFSET:
         raise InvalidResume(f"since={since[:40]!r}: an offset (0 or more)")
     if epoch != NO_EPOCH and not _EPOCH.fullmatch(epoch):
         raise InvalidResume(f"epoch={epoch[:40]!r}: an epoch from an envelope")

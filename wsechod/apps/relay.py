@@ -688,26 +688,31 @@ class Relay:
         at, lost = since, False
         while True:
             kept = channel.history
-            if kept is None:  # a reload turned history off meanwhile
-                at, lost, live = NOWHERE, True, list(member.backlog or ())
-                conn.send(history.head(history.LOST, at), text=True)
-                break
-            found = await self.broker.recover(channel.name, at, CHUNK, kept)
-            if found.entries is None:
-                at, lost = found.top, True
-                conn.send(history.head(history.LOST, at), text=True)
-            else:
-                for entry in found.entries:
-                    await self._room(member)
-                    at = Position(entry.offset, found.top.epoch)
-                    head = history.head(history.MESSAGE, at)
-                    conn.send_prepared(prepare(head + entry.payload, entry.text))
-                if len(found.entries) == CHUNK:
-                    continue
-                at = found.top if at is None or at.offset < found.top.offset else at
+            if kept is not None:
+                found = await self.broker.recover(channel.name, at, CHUNK, kept)
+                if found.entries is None:
+                    at, lost = found.top, True
+                    conn.send(history.head(history.LOST, at), text=True)
+                else:
+                    for entry in found.entries:
+                        await self._room(member)
+                        at = Position(entry.offset, found.top.epoch)
+                        head = history.head(history.MESSAGE, at)
+                        conn.send_prepared(prepare(head + entry.payload, entry.text))
+                    if len(found.entries) == CHUNK:
+                        continue
+                    at = found.top if at is None or at.offset < found.top.offset else at
             backlog = member.backlog
+            live = [
+                (p, m)
+                for p, m in backlog or ()
+                if at is None or p.epoch != at.epoch or p.offset > at.offset
+            ]
+            if channel.history is None:  # a reload turned it off, before or during this
+                at, lost = NOWHERE, True
+                conn.send(history.head(history.LOST, at), text=True)
+                break  # what is held goes out as it is (numbered or not)
             assert at is not None
-            live = [(p, m) for p, m in backlog or () if p.epoch != at.epoch or p.offset > at.offset]
             if backlog is None or (live and live[0][0] != Position(at.offset + 1, at.epoch)):
                 member.backlog, member.backlog_bytes = [], 0  # read history again
                 continue

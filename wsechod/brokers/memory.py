@@ -1,36 +1,50 @@
 """The in-process broker: every member is local, so there is nothing to carry, presence is
 what this process has, and history is kept here, in memory.
 
-History: a ring per channel (``history_size`` messages, each for ``history_ttl`` seconds),
-and all of them together at most ``history_memory`` bytes: past it, the oldest messages of
-the channel published to least recently go first (a resume that needed them is told they
-are lost). A channel's epoch
-is made when its history is, so a restart of the process is a new epoch everywhere. What a
-channel's ring no longer holds, its position (epoch and top offset) still says, for up to
-``RINGS`` channels, so that a client resuming after a quiet spell is told it missed
-nothing rather than that history was lost.
+History: a ring per channel that was published to (``history_size`` messages, each for
+``history_ttl`` seconds), every ring together at most ``history_memory`` bytes (each
+message counts its payload and ``OVERHEAD``, each ring ``RING_OVERHEAD``): past it, the
+channel published to least recently loses its oldest messages first, then its ring. A
+ring outlives its messages (its position says a client that missed nothing so), until
+memory is short. Joining or resuming creates nothing, so clients that only join any
+number of channels cost history nothing. Channels get this process's epoch; once a ring
+with messages has had to go, new rings get epochs of their own, so that no offset is ever
+used twice in one epoch.
 """
 
 import asyncio
-import itertools
 import time
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from collections.abc import Callable
 
 from wsechod.brokers.base import Deliver, Members, Snapshot
 from wsechod.history import History, Position, Recovery, Stored, continued, new_epoch
 
-RINGS = 65_536  # channels whose position is remembered; beyond, the least recently used go
-OVERHEAD = 96  # bytes an entry costs besides its payload (the tuple, the deque's share)
+OVERHEAD = 96  # bytes a message costs besides its payload (the tuple, the list's share)
+RING_OVERHEAD = 512  # bytes a channel's ring costs, messages aside
 
 
 class _Ring:
-    __slots__ = ("entries", "epoch", "top")
+    __slots__ = ("entries", "epoch", "head", "top")
 
-    def __init__(self) -> None:
-        self.epoch = new_epoch()
+    def __init__(self, epoch: str) -> None:
+        self.epoch = epoch
         self.top = 0
-        self.entries: deque[tuple[Stored, float, int]] = deque()  # with when, and its size
+        # Entries from ``head`` on are kept (a list: a resume reads any part of it at once).
+        self.entries: list[tuple[Stored, float, int]] = []  # with when, and its size
+        self.head = 0
+
+    def __len__(self) -> int:
+        return len(self.entries) - self.head
+
+    def pop(self) -> int:
+        """Forget the oldest entry: its size."""
+        size = self.entries[self.head][2]
+        self.head += 1
+        if self.head > 64 and self.head * 2 > len(self.entries):
+            del self.entries[: self.head]
+            self.head = 0
+        return size
 
 
 class MemoryHistory:
@@ -39,51 +53,56 @@ class MemoryHistory:
     def __init__(self, limit: int, now: Callable[[], float] = time.monotonic) -> None:
         self.limit = limit
         self.held = 0  # bytes in every ring
+        self.epoch = new_epoch()  # for new rings, until one with messages had to go
         self._now = now
         self._rings: OrderedDict[str, _Ring] = OrderedDict()  # least recently used first
 
     def append(self, channel: str, payload: bytes, text: bool, history: History) -> Position:
-        ring, now = self._ring(channel), self._now()
+        now = self._now()
+        ring = self._rings.get(channel)
+        if ring is None:
+            ring = self._rings[channel] = _Ring(self.epoch)
+            self.held += RING_OVERHEAD
+        else:
+            self._rings.move_to_end(channel)
         ring.top += 1
         size = len(payload) + OVERHEAD
         ring.entries.append((Stored(ring.top, payload, text), now, size))
         self.held += size
         self._trim(ring, history, now)
-        rings = iter(self._rings.values())
         while self.held > self.limit:  # the least recently used channel's, oldest first
-            oldest = next(rings)
-            while oldest.entries and self.held > self.limit:
-                self.held -= oldest.entries.popleft()[2]
+            name, oldest = next(iter(self._rings.items()))
+            if len(oldest):
+                self.held -= oldest.pop()
+            elif oldest is not ring:
+                del self._rings[name]
+                self.held -= RING_OVERHEAD
+                if oldest.top:  # its offsets must not come back in this epoch
+                    self.epoch = new_epoch()
+            else:
+                break
         return Position(ring.top, ring.epoch)
 
     def recover(
         self, channel: str, since: Position | None, limit: int, history: History
     ) -> Recovery:
-        ring = self._ring(channel)
-        self._trim(ring, history, self._now())
-        top = Position(ring.top, ring.epoch)
-        after: list[Stored] = []
-        if since is not None and since.epoch == ring.epoch and ring.entries:
-            start = max(0, since.offset + 1 - ring.entries[0][0].offset)
-            after = [e[0] for e in itertools.islice(ring.entries, start, start + limit)]
-        return continued(since, top, after)
-
-    def _ring(self, channel: str) -> _Ring:
         ring = self._rings.get(channel)
-        if ring is None:
-            ring = self._rings[channel] = _Ring()
-            if len(self._rings) > RINGS:
-                _, gone = self._rings.popitem(last=False)
-                self.held -= sum(size for _, _, size in gone.entries)
-        else:
-            self._rings.move_to_end(channel)
-        return ring
+        if ring is None:  # nothing published (or all forgotten): nothing to read
+            return continued(since, Position(0, self.epoch), [])
+        self._trim(ring, history, self._now())
+        after: list[Stored] = []
+        if since is not None and since.epoch == ring.epoch and len(ring):
+            first = ring.entries[ring.head][0].offset
+            start = ring.head + max(0, since.offset + 1 - first)
+            after = [e[0] for e in ring.entries[start : start + limit]]
+        return continued(since, Position(ring.top, ring.epoch), after)
 
     def _trim(self, ring: _Ring, history: History, now: float) -> None:
         """What is over the channel's size, or older than its ttl, goes."""
-        entries = ring.entries
-        while entries and (len(entries) > history.size or entries[0][1] + history.ttl < now):
-            self.held -= entries.popleft()[2]
+        while len(ring) and (
+            len(ring) > history.size or ring.entries[ring.head][1] + history.ttl < now
+        ):
+            self.held -= ring.pop()
 
 
 class MemoryBroker:

@@ -136,7 +136,24 @@ OVERHEAD = 64
 BATCH_BYTES = 256 * 2**10  # one pipelined round trip carries at most this...
 BATCH_MESSAGES = 1024  # ...and this many messages
 
-APPEND_SHA, READ_SHA = (hashlib.sha1(script.encode()).hexdigest() for script in (APPEND, READ))
+# KEYS: the hash and the stream. ARGV: the epoch and offset this instance delivered up to,
+# a fresh epoch, the hash's ttl. A hash behind what was delivered lost messages (Redis
+# restarted from an older copy, or failed over to a replica that lagged): its offsets
+# would be used again for other messages, so the channel gets a new epoch, and its
+# offsets go on from where they were.
+CHECK = """
+local e = redis.call('HGET', KEYS[1], 'e')
+local o = tonumber(redis.call('HGET', KEYS[1], 'o') or '0')
+if e == ARGV[1] and o < tonumber(ARGV[2]) then
+  redis.call('HSET', KEYS[1], 'e', ARGV[3], 'o', ARGV[2])
+  redis.call('EXPIRE', KEYS[1], ARGV[4])
+  redis.call('DEL', KEYS[2])
+  return 1
+end
+return 0
+"""
+SCRIPTS = (APPEND, READ, CHECK)
+APPEND_SHA, READ_SHA, CHECK_SHA = (hashlib.sha1(s.encode()).hexdigest() for s in SCRIPTS)
 CHUNK = 256  # entries read at a time while a channel is repaired
 
 CONNECTING, CONNECTED = "connecting", "connected"
@@ -437,7 +454,7 @@ class RedisBroker:
         """The scripts, by their SHA-1 from then on (a restarted Redis has none)."""
         try:
             async with asyncio.timeout(CONNECT_TIMEOUT):
-                for script in (APPEND, READ):
+                for script in SCRIPTS:
                     await conn.send_command("SCRIPT", "LOAD", script, check_health=False)
                     await conn.read_response()
         except TimeoutError:
@@ -687,11 +704,16 @@ class RedisBroker:
     async def _repair(self, name: str) -> None:
         """Deliver what history holds after the last message delivered in ``name``, then
         what was held meanwhile; what history no longer holds is lost, and said so."""
+        checked = False
         while (held := self._repairs.get(name)) is not None:
             last = self._last.get(name)
             if last is None or name not in self.channels:
                 break
             try:
+                if not checked:  # has Redis lost what this instance delivered?
+                    keys = (channel_key(name) + ":m", channel_key(name) + ":h")
+                    check = (*keys, last.epoch, last.offset, new_epoch(), META_TTL)
+                    checked = await self._read_now(("EVALSHA", CHECK_SHA, 2, *check)) or True
                 found = await self.recover(name, last, CHUNK, History(1, 1))
             except ConnectionError:
                 return  # the session is over; the next one repairs again

@@ -76,6 +76,7 @@ class Budget:
         "_over_since",
         "_timer",
         "blocked",
+        "bodies",
         "closed",
         "held",
         "limit",
@@ -90,6 +91,7 @@ class Budget:
         self._connections = connections  # the engine's table, as it changes
         self.limit = limit
         self.held = 0  # bytes of frames still arriving, and held by applications
+        self.bodies = 0  # of which HTTP request bodies being read (no connection to pause)
         self.outgoing = 0  # the blocked connections' write buffers, at the last check
         self.blocked: set[Holder] = set()  # above write_limit
         self.paused: set[Holder] = set()  # not read while over the limit
@@ -100,6 +102,14 @@ class Budget:
     @property
     def total(self) -> int:
         return self.held + self.outgoing
+
+    def room_for_body(self, nbytes: int) -> bool:
+        """Whether ``nbytes`` more of request bodies fit: at most a quarter of the limit for
+        them all, and never past the limit (a body cannot be paused like a connection, and
+        must not get WebSockets closed for it)."""
+        if not self.limit:
+            return True
+        return self.bodies + nbytes <= self.limit // 4 and self.total + nbytes <= self.limit
 
     def start(self) -> None:
         self._timer = self._loop.call_later(CHECK_INTERVAL, self.check)

@@ -72,6 +72,12 @@ def serialize(reply: Reply, head_only: bool = False) -> bytes:
 _REQUEST_LINE = re.compile(rb"\S+ \S+ \S+\r?")  # method, target, version; websockets checks more
 # Another method, in HTTP/1.x: h11 reads it (websockets' parser reads GET only).
 _BODY_REQUEST_LINE = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+ \S+ HTTP/1\.[01]\r\n")
+SHORT_OF_MEMORY = Reply(
+    http.HTTPStatus.SERVICE_UNAVAILABLE,
+    "server is short of memory: try again\n",
+    {"Retry-After": "1"},
+    refused="memory_limit",
+)
 TLS_RECORD = 0x16  # the first byte of a TLS ClientHello (a handshake record)
 
 
@@ -471,7 +477,13 @@ class Handshake(asyncio.Protocol):
         reader, then = self._body
         held = reader.held
         result = reader.feed(data)
-        self._engine.budget.held += reader.held - held  # counted in the memory budget
+        grown, budget = reader.held - held, self._engine.budget
+        budget.held += grown  # counted in the memory budget
+        budget.bodies += grown
+        if grown > 0 and not budget.room_for_body(0):
+            self._drop_body()  # bodies have a share of memory_limit; past it, no more
+            self._answer(SHORT_OF_MEMORY, linger=True)
+            return
         if result is None:
             return
         self._drop_body()
@@ -489,6 +501,7 @@ class Handshake(asyncio.Protocol):
         """What was read of a body is let go of (answered, or the client gone)."""
         if self._body is not None:
             self._engine.budget.held -= self._body[0].held
+            self._engine.budget.bodies -= self._body[0].held
             self._body = None
 
     def _answer_when(

@@ -61,8 +61,9 @@ def admission(
     def admit(  # noqa: PLR0911 - one answer per rule
         request: Request,
     ) -> Reply | Awaitable[Reply] | ReadBody | Admitted | None:
-        if api.is_api(request):
-            return routes.handle(request, settings())
+        if api.is_api(request):  # counted for its address like any connection
+            current = settings()
+            return per_address_refused(state, request, current) or routes.handle(request, current)
         if request.method not in ("GET", "HEAD"):
             text = "only GET is served\n"
             return Reply(http.HTTPStatus.METHOD_NOT_ALLOWED, text, ALLOW, refused="method")

@@ -76,7 +76,7 @@ def _page(request: Request) -> tuple[int, str]:
     """``limit`` (1-1000, default 100) and ``after`` (the last name of the page before)."""
     query = urllib.parse.parse_qs(request.path.partition("?")[2], keep_blank_values=True)
     limit = query.get("limit", ["100"])[-1]
-    if not limit.isdigit() or not 1 <= int(limit) <= MAX_PAGE:
+    if not (limit.isascii() and limit.isdigit() and len(limit) < 5 and 1 <= int(limit) <= MAX_PAGE):
         raise ValueError(f"limit: a whole number from 1 to {MAX_PAGE}")
     return int(limit), query.get("after", [""])[-1]
 
@@ -251,13 +251,13 @@ class Api:
         """None if the request may publish to ``name``: an API key, or a token with the
         right; else the 401, 403 or 429 that refuses it."""
         rates, rate = self._gate.rates, settings.handshake_rate
+        keys = request.headers.get_all("X-API-Key")
+        if len(keys) == 1 and (found := apikeys.match(self.keys(settings), keys[0])):
+            debug.debug("api key accepted", key=found, peer=request.peer)
+            return None  # a good key is never limited (its address may be a busy NAT)
         if not rates.allow(request.group, rate, spend=False):
             return too_many(request)
-        keys = request.headers.get_all("X-API-Key")
         if keys:
-            if len(keys) == 1 and (found := apikeys.match(self.keys(settings), keys[0])):
-                debug.debug("api key accepted", key=found, peer=request.peer)
-                return None
             return self._unauthorized(request, rate, "invalid API key")
         bearer = request.headers.get("Authorization", "")
         scheme, _, token = bearer.partition(" ")

@@ -129,7 +129,9 @@ class Gate:
             )
         return self._verifier
 
-    def admit(self, request: Request, settings: Settings) -> Reply | Identity:
+    def admit(  # noqa: PLR0911 - one answer per rule
+        self, request: Request, settings: Settings
+    ) -> Reply | Identity:
         """The identity a token gives this request, or the reply that refuses it."""
         if not self.rates.allow(request.group, settings.handshake_rate):
             return too_many(request)
@@ -146,14 +148,15 @@ class Gate:
             return self._refuse(refused, request, settings)
         try:
             channel = channels.normalize(request.path)
-        except channels.InvalidName:
-            channel = None  # the application's admission says 400
-        if channel is not None and not claims.subscribe.matches(channel):
+        except channels.InvalidName as exc:  # no rights can cover what names no channel
+            text = f"bad request: invalid path: {exc}\n"
+            return Reply(http.HTTPStatus.BAD_REQUEST, text, refused="invalid_channel")
+        if not claims.subscribe.matches(channel):
             forbidden = tokens.Refused(
                 http.HTTPStatus.FORBIDDEN, "no right to this channel", f"channel {channel}"
             )
             return self._refuse(forbidden, request, settings, sub=claims.sub)
-        may_publish = channel is not None and claims.publish.matches(channel)
+        may_publish = claims.publish.matches(channel)
         return Identity(claims.sub, may_publish, claims.expires + verifier.leeway)
 
     def _refuse(
