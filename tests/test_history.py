@@ -6,6 +6,7 @@ duplicate, and an explicit answer when history cannot fill the gap. Clients: web
 import asyncio
 import contextlib
 import os
+import re
 import signal
 import time
 from collections.abc import Callable
@@ -22,6 +23,7 @@ from tests.conftest import Daemon, run_cli
 from tests.credentials import KEY
 from tests.redisd import RedisServer
 from tests.test_api import post
+from tests.test_echo import http_get
 from tests.test_relay import subscribed
 from wsechod.brokers.memory import MemoryHistory
 from wsechod.history import History, Position
@@ -239,6 +241,9 @@ def test_history_memory_bounds_what_is_kept_the_oldest_channel_first(
         async with await connect(f"{daemon.url}/a?since=95&epoch={epoch}", subprotocols=V1) as ws:
             kind, offset, new, _ = envelope(await ws.recv())
             assert (kind, offset) == ("l", 0) and new != epoch
+        page = (await asyncio.to_thread(http_get, daemon.port, "/metrics"))[1]
+        kept = re.search(r"^wsechod_relay_history_bytes (\S+)$", page, re.M)
+        assert kept is not None and 65536 >= float(kept.group(1)) > 4096 * 10  # the bound
 
     asyncio.run(main())
 

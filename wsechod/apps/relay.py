@@ -78,6 +78,11 @@ FAMILIES = (
     ),
     Family("relay_api_messages", "counter", "messages published through the HTTP API here"),
     Family(
+        "relay_history_bytes",
+        "gauge",
+        "bytes of channel history kept in this process (memory broker; within history_memory)",
+    ),
+    Family(
         "broker_connected",
         "gauge",
         "1 while the broker relays between instances, 0 while degraded (see /healthz)",
@@ -290,6 +295,7 @@ class Relay:
             "relay_channels": len(self.channels),
             "relay_members": sum(len(c.members) for c in self.channels.values()),
             "broker_connected": connected,
+            "relay_history_bytes": broker.get("history_bytes", 0),
         }
         counters = {
             "relay_dropped_messages": stats["dropped"],
