@@ -155,6 +155,7 @@ return 0
 SCRIPTS = (APPEND, READ, CHECK)
 APPEND_SHA, READ_SHA, CHECK_SHA = (hashlib.sha1(s.encode()).hexdigest() for s in SCRIPTS)
 CHUNK = 256  # entries read at a time while a channel is repaired
+ANY_HISTORY = History(1, 1.0)  # Redis trims its streams itself: recover() needs no policy
 
 CONNECTING, CONNECTED = "connecting", "connected"
 UNREACHABLE, UNRESPONSIVE, CLOSED = "unreachable", "unresponsive", "closed"
@@ -713,8 +714,9 @@ class RedisBroker:
                 if not checked:  # has Redis lost what this instance delivered?
                     keys = (channel_key(name) + ":m", channel_key(name) + ":h")
                     check = (*keys, last.epoch, last.offset, new_epoch(), META_TTL)
-                    checked = await self._read_now(("EVALSHA", CHECK_SHA, 2, *check)) or True
-                found = await self.recover(name, last, CHUNK, History(1, 1))
+                    await self._read_now(("EVALSHA", CHECK_SHA, 2, *check))
+                    checked = True
+                found = await self.recover(name, last, CHUNK, ANY_HISTORY)
             except ConnectionError:
                 return  # the session is over; the next one repairs again
             if found.entries is None:
