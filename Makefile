@@ -119,7 +119,7 @@ docs-serve: setup
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs serve --strict
 
 ## wsechod against the websockets example, Node's ws and others, in one run (docs/benchmarks.md).
-bench: setup bench-node-deps
+bench: setup bench-node-deps redis
 	$(BIN)/python -m bench $(BENCH_ARGS)
 
 clean:

@@ -38,6 +38,7 @@ from bench.peers import (
     ECHO_PEERS,
     HANDSHAKE_PEERS,
     NODE_DIR,
+    REDIS_PEERS,
     RELAY_PEERS,
     RESUME_PEERS,
     ROOT,
@@ -48,6 +49,7 @@ from bench.peers import (
     Server,
     deflate_peer,
     kill_all,
+    start_redis,
     workers_peer,
 )
 
@@ -55,13 +57,14 @@ SATURATED = 0.90  # client CPU / wall time from which the client is the bottlene
 # The deflate cases' messages, made once for every server and repeat.
 DEFLATE_MESSAGES: dict[deflate.Case, list[bytes]] = {}
 SCRAPE_INTERVAL = 1.0  # seconds between GET /metrics with --scrape, as a busy Prometheus
-SCENARIOS = ("echo", "idle", "fanout", "deflate", "handshake", "resume")
+SCENARIOS = ("echo", "idle", "fanout", "deflate", "handshake", "resume", "redis")
 # Each kind's columns are compared with this peer's (and with Node's ws, where it runs).
 BASES = {
     "echo": ("example", "example"),
     "relay": ("broadcast", "broadcast()"),
     "handshake": ("wsechod", "no token"),
     "resume": ("wsechod-history", "wsechod"),
+    "redis": ("wsechod-redis", "pub/sub"),
 }
 
 
@@ -163,6 +166,7 @@ def figures(args: argparse.Namespace) -> list[Figure]:
         )
         out += [
             Figure("fan rate", "deliveries/s", section, floor=True, kind="relay"),
+            Figure("fan p99", "p99 batch latency µs", section, kind="relay"),
             Figure("fan cpu", "server CPU µs/delivery", section, digits=2, kind="relay"),
             Figure("fan server%", "server core busy %", section, ratios=False, kind="relay"),
             Figure("fan client%", "client core busy %", section, ratios=False, kind="relay"),
@@ -177,6 +181,17 @@ def figures(args: argparse.Namespace) -> list[Figure]:
             Figure("hs cpu", "server CPU µs/handshake", section, digits=1, kind="handshake"),
             Figure("hs server%", "server core busy %", section, ratios=False, kind="handshake"),
             Figure("hs client%", "client core busy %", section, ratios=False, kind="handshake"),
+        ]
+    if "redis" in args.scenarios:
+        section = (
+            f"fan-out through Redis: 1 publisher on one instance, {args.subscribers} "
+            f"subscribers on another, {describe_size(args.size)} messages"
+        )
+        out += [
+            Figure("redis rate", "deliveries/s", section, floor=True, kind="redis"),
+            Figure("redis p99", "p99 batch latency µs", section, kind="redis"),
+            Figure("redis cpu", "both servers' CPU µs/delivery", section, digits=2, kind="redis"),
+            Figure("redis client%", "client core busy %", section, ratios=False, kind="redis"),
         ]
     if "resume" in args.scenarios:
         section = (
@@ -333,7 +348,7 @@ async def deflate_case(  # noqa: PLR0917
 async def measure_fanout(
     args: argparse.Namespace, results: Results, peer: Peer, repeat: int, server: Server
 ) -> None:
-    w = await client.fan_out(
+    w, p99 = await client.fan_out(
         server.port,
         subscribers=args.subscribers,
         size=args.size,
@@ -343,6 +358,7 @@ async def measure_fanout(
         tokens=made_tokens(peer, args.subscribers + 1),
     )
     sat = w.client_cpu / w.seconds >= SATURATED
+    results.add(peer, "fan p99", p99 * 1e6, sat)
     results.add(peer, "fan rate", w.events / w.seconds, sat)
     results.add(peer, "fan cpu", w.server_cpu / w.events * 1e6)
     results.add(peer, "fan server%", 100 * w.server_cpu / w.seconds)
@@ -392,6 +408,39 @@ async def measure_handshake(
     )
 
 
+async def measure_redis(
+    args: argparse.Namespace, results: Results, peer: Peer, repeat: int, server: Server
+) -> None:
+    """Subscribers on ``server``, the publisher on a second instance of the same peer."""
+    publisher = Server(peer, args.server_core, args.subscribers)
+    try:
+        w, p99 = await client.fan_out(
+            server.port,
+            subscribers=args.subscribers,
+            size=args.size,
+            warmup=args.warmup,
+            seconds=args.seconds,
+            server_cpu=lambda: server.cpu_seconds() + publisher.cpu_seconds(),
+            publisher_port=publisher.port,
+        )
+    finally:
+        publisher.stop()
+    sat = w.client_cpu / w.seconds >= SATURATED
+    results.add(peer, "redis rate", w.events / w.seconds, sat)
+    results.add(peer, "redis p99", p99 * 1e6, sat)
+    results.add(peer, "redis cpu", w.server_cpu / w.events * 1e6)
+    results.add(peer, "redis client%", 100 * w.client_cpu / w.seconds, sat)
+    results.runs.append(
+        {"repeat": repeat, "peer": peer.name, "kind": peer.kind, "case": "redis"}
+        | {"subscribers": args.subscribers, "seconds": w.seconds, "deliveries": w.events}
+        | {"p99_us": p99 * 1e6, "server_cpu_s": w.server_cpu, "client_cpu_s": w.client_cpu}
+    )
+    note(
+        f"  {peer.label:<12} {'redis':<14} {w.events / w.seconds:>9.0f} deliveries/s  "
+        f"p99 {p99 * 1e6:>7.0f} µs  servers {w.server_cpu / w.events * 1e6:>6.2f} µs/delivery"
+    )
+
+
 async def measure_resume(
     args: argparse.Namespace, results: Results, peer: Peer, repeat: int, server: Server
 ) -> None:
@@ -424,6 +473,7 @@ def selected(kind: str, args: argparse.Namespace) -> list[Peer]:
         "relay": RELAY_PEERS,
         "handshake": HANDSHAKE_PEERS,
         "resume": RESUME_PEERS,
+        "redis": REDIS_PEERS,
     }[kind]
     for peer in every:
         if peer.name in args.only:
@@ -460,7 +510,7 @@ def make_plan(args: argparse.Namespace) -> list[tuple[Peer, str]]:
             plan.append((compressing, "deflate"))
     if "fanout" in args.scenarios:
         plan += [(p, "fanout") for p in selected("relay", args)]
-    for scenario in ("handshake", "resume"):
+    for scenario in ("handshake", "resume", "redis"):
         if scenario in args.scenarios:
             plan += [(p, scenario) for p in selected(scenario, args)]
     return plan
@@ -476,6 +526,7 @@ async def run_all(args: argparse.Namespace, results: Results) -> None:
         "deflate": measure_deflate,
         "handshake": measure_handshake,
         "resume": measure_resume,
+        "redis": measure_redis,
     }
     for repeat in range(1, args.repeat + 1):
         note(f"repeat {repeat}/{args.repeat}")
@@ -669,7 +720,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def peer_names() -> set[str]:
-    peers = (*ECHO_PEERS, *RELAY_PEERS, *HANDSHAKE_PEERS, *RESUME_PEERS)
+    peers = (*ECHO_PEERS, *RELAY_PEERS, *HANDSHAKE_PEERS, *RESUME_PEERS, *REDIS_PEERS)
     return {p.name for p in peers} | {WORKERS}
 
 
@@ -702,10 +753,18 @@ def main() -> None:
         f"{args.warmup:g} s warm-up; {args.placement}"
     )
     results = Results()
+    redis_server = None
     try:
+        if "redis" in args.scenarios:
+            try:
+                redis_server = start_redis(args.server_core)
+            except PeerError as exc:
+                results.errors.append(f"fan-out through Redis not measured: {exc}")
         uvloop.run(run_all(args, results))
     finally:
         kill_all()
+        if redis_server is not None:
+            redis_server.kill()
     elapsed = time.monotonic() - started
 
     text, summary = table(args, results)

@@ -333,11 +333,15 @@ class FanRun:
     done_batches: int = 0
     finished: dict[int, int] = field(default_factory=dict)
     quiet: asyncio.Event = field(default_factory=asyncio.Event)  # stopped, all delivered
+    sent_at: dict[int, float] = field(default_factory=dict)  # by batch
+    latencies: list[float] = field(default_factory=list)  # batch sent -> all received
+    recording: bool = False
 
     def publish(self) -> None:
         """Keep at most ``window_batches`` batches ahead of the slowest subscriber."""
         assert self.publisher is not None
         while self.running and self.sent_batches - self.done_batches < self.window_batches:
+            self.sent_at[self.sent_batches + 1] = time.perf_counter()
             for _ in range(self.batch):
                 self.publisher.send(WSMsgType.BINARY, self.payload)
             self.sent_batches += 1
@@ -349,6 +353,9 @@ class FanRun:
             self.finished[index] = left
         else:
             self.finished.pop(index, None)
+            sent = self.sent_at.pop(index, None)
+            if self.recording and sent is not None:
+                self.latencies.append(time.perf_counter() - sent)
             self.done_batches += 1
             self.publish()
             if not self.running and self.done_batches == self.sent_batches:
@@ -384,12 +391,16 @@ async def fan_out(
     window: int = 256,
     batch: int = 16,
     tokens: Iterator[str] | None = None,
-) -> Window:
+    publisher_port: int | None = None,
+) -> tuple[Window, float]:
+    """Deliveries and the 99th percentile of a batch's latency (from its first message
+    sent to its last received by every subscriber); the publisher on ``publisher_port``
+    (another instance) if given."""
     run = FanRun(os.urandom(size), subscribers, batch, max(1, window // batch))
     subs = await connect_many(port, subscribers, lambda: Subscriber(run), "/bench", tokens)
     clients: list[Client] = list(subs)
     try:
-        clients += await connect_many(port, 1, Client, "/bench", tokens)
+        clients += await connect_many(publisher_port or port, 1, Client, "/bench", tokens)
         publisher = clients[-1].transport
         assert publisher is not None
         run.publisher = publisher
@@ -412,19 +423,22 @@ async def fan_out(
         run.publish()
         await asyncio.sleep(warmup)
         t0, n0, s0, c0 = time.perf_counter(), run.deliveries, server_cpu(), client_cpu()
+        run.recording = True
         end = t0 + seconds
         while (now := time.perf_counter()) < end:
             before, pause = run.deliveries, min(1.0, end - now)
             await asyncio.sleep(pause)
             if run.deliveries == before and pause >= 0.5:
                 raise TimeoutError("no delivery for 0.5 s: messages lost or dropped?")
+        run.recording = False
         t1, n1, s1, c1 = time.perf_counter(), run.deliveries, server_cpu(), client_cpu()
         run.running = False
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(run.quiet.wait(), 5)
     finally:
         await close_all(clients)
-    return Window(t1 - t0, n1 - n0, s1 - s0, c1 - c0)
+    p99 = percentile(sorted(run.latencies), 0.99)
+    return Window(t1 - t0, n1 - n0, s1 - s0, c1 - c0), p99
 
 
 # Opening handshakes ----------------------------------------------------------------------

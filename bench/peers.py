@@ -7,9 +7,11 @@ import queue
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
+import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -67,6 +69,10 @@ class Peer:
 
     def command(self, subscribers: int) -> list[str]:
         how, *args = self.argv
+        if self.kind == "redis":  # through the Redis the bench started
+            if not REDIS_URL:
+                raise PeerError("no redis-server (make redis installs it)")
+            args += ["--broker", REDIS_URL[0], "--max-channel-members", str(subscribers + 1)]
         if how == "wsechod":
             if self.kind == "relay":  # 1 publisher + subscribers on one channel
                 args += ["--max-channel-members", str(subscribers + 1)]
@@ -94,6 +100,42 @@ RELAY_PEERS = (
     Peer("wsechod-history", "+history", "relay", ("wsechod", "--mode", "relay", *HISTORY)),
     Peer("ws", "ws", "relay", ("node", "broadcast.mjs")),
 )
+# Fan-out between two instances through Redis: plain pub/sub, and with history.
+REDIS_PEERS = (
+    Peer("wsechod-redis", "pub/sub", "redis", ("wsechod", "--mode", "relay")),
+    Peer("wsechod-redis-history", "+history", "redis", ("wsechod", "--mode", "relay", *HISTORY)),
+)
+REDIS_URL: list[str] = []  # the bench's Redis, once started
+
+
+def start_redis(core: int | None) -> "subprocess.Popen[bytes]":
+    """A redis-server on a free port beside the servers (no persistence), in REDIS_URL."""
+    import redis  # noqa: PLC0415 - the redis extra, needed here only
+
+    if shutil.which("redis-server") is None:
+        raise PeerError("redis-server not found: make redis installs it")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    proc = subprocess.Popen(
+        [*pin([core] if core is not None else None), "redis-server", "--port", str(port),
+         "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    deadline = time.monotonic() + START_TIMEOUT
+    while True:
+        try:
+            redis.Redis(port=port, socket_connect_timeout=1).ping()
+            break
+        except redis.ConnectionError:
+            if time.monotonic() > deadline or proc.poll() is not None:
+                proc.kill()
+                raise PeerError("redis-server did not start") from None
+            time.sleep(0.05)
+    REDIS_URL[:] = [f"redis://127.0.0.1:{port}/0"]
+    return proc
+
+
 # A channel with history: resumed from its first message.
 RESUME_PEERS = (
     Peer(
@@ -193,7 +235,8 @@ class Server:
         found = False
         for line in self.proc.stdout:  # keep reading: a chatty server never blocks
             self.tail.append(line)
-            if not found and (match := re.search(r"127\.0\.0\.1:(\d+)", line)):
+            # the first address that is not the broker's (redis://127.0.0.1:...)
+            if not found and (match := re.search(r"(?<!redis://)127\.0\.0\.1:(\d+)", line)):
                 found = True
                 ports.put(int(match.group(1)))
         if not found:

@@ -71,7 +71,7 @@ async def load(scenario: str, server: Server, spy: list[str], payload: str) -> s
         w = d.window
         figure = f"{w.server_cpu / w.events * 1e3:.2f} ms of server CPU per message"
     elif scenario == "fanout":
-        w = await client.fan_out(
+        w, _ = await client.fan_out(
             server.port,
             subscribers=SUBSCRIBERS,
             size=SIZE,
