@@ -53,6 +53,18 @@ def test_fragmented_compressed_message_is_streamed_back(daemon: Daemon) -> None:
     assert asyncio.run(main()) == "".join(parts)
 
 
+def test_echo_keeps_its_compression_context(daemon: Daemon) -> None:
+    """Only the relay negotiates server_no_context_takeover (it compresses a message once
+    for all its receivers); an echo compresses each client's stream with its history."""
+
+    async def main() -> str:
+        async with connect(daemon.url) as ws:
+            assert ws.response is not None
+            return ws.response.headers["Sec-WebSocket-Extensions"]
+
+    assert "server_no_context_takeover" not in asyncio.run(main())
+
+
 def test_client_without_compression_is_served_plain(daemon: Daemon) -> None:
     async def main() -> None:
         async with connect(daemon.url, compression=None) as ws:

@@ -134,6 +134,10 @@ def test_compressing_members_get_each_message_right_whatever_they_negotiated(
 
     async def main() -> None:
         members = [await connect(f"{daemon.url}/z", extensions=offer) for offer in offers]
+        for ws in members:  # 7.1.1.1: negotiated with every compressing relay member
+            assert ws.response is not None
+            agreed = ws.response.headers.get("Sec-WebSocket-Extensions", "")
+            assert "server_no_context_takeover" in agreed, agreed
         async with connect(f"{daemon.url}/z") as publisher:
             for message in messages:
                 await publisher.send(message)

@@ -19,6 +19,10 @@ class Options:
     ping_timeout: float = 20.0
     close_timeout: float = 10.0
     compression: bool = False
+    # Whether what the server compresses may refer to earlier messages; False negotiates
+    # server_no_context_takeover (RFC 7692 7.1.1.1): the relay compresses a message once
+    # for all its receivers, so the client need not keep a window for it.
+    compression_context: bool = True
     inflate_rate: int = 8 * 2**20  # per connection; 0: no limit (deflate.py: Budget)
     tls: ssl.SSLContext | None = None  # every connection starts with a TLS handshake
     trusted_proxies: tuple[Network, ...] = ()  # may say who the client is (proxy.py)

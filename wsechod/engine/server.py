@@ -22,7 +22,10 @@ from collections.abc import Awaitable, Sequence
 from typing import Any
 
 from websockets.extensions import ServerExtensionFactory
-from websockets.extensions.permessage_deflate import enable_server_permessage_deflate
+from websockets.extensions.permessage_deflate import (
+    ServerPerMessageDeflateFactory,
+    enable_server_permessage_deflate,
+)
 
 from wsechod import ratelimit
 from wsechod.engine.addresses import format_address
@@ -47,6 +50,14 @@ warn = ratelimit.logger("wsechod.engine")
 access = get_logger("wsechod.access")
 
 _DEFLATE = enable_server_permessage_deflate(None)  # websockets' defaults: 12-bit windows
+_DEFLATE_EACH = [  # the same, each message compressed on its own
+    ServerPerMessageDeflateFactory(
+        server_no_context_takeover=True,
+        server_max_window_bits=12,
+        client_max_window_bits=12,
+        compress_settings={"memLevel": 5},
+    )
+]
 # File descriptors kept free for what is not a client: a handshake being refused, log
 # files reopened, broker connections, DNS.
 FD_HEADROOM = 16
@@ -292,7 +303,9 @@ class Engine:
     @property
     def extensions(self) -> list[ServerExtensionFactory] | None:
         """What a new handshake may negotiate."""
-        return list(_DEFLATE) if self.options.compression else None
+        if not self.options.compression:
+            return None
+        return list(_DEFLATE if self.options.compression_context else _DEFLATE_EACH)
 
     def set_admission(self, admit: Admission) -> None:
         """Admission reads the engine's state (draining, connections), so it comes after."""

@@ -220,6 +220,7 @@ def options(settings: Settings, loaded: ssl.SSLContext | None = None) -> Options
         ping_timeout=settings.ping_timeout,
         close_timeout=settings.close_timeout,
         compression=settings.compression == "deflate",
+        compression_context=settings.mode != "relay",
         inflate_rate=settings.inflate_rate,
         tls=loaded if loaded is not None and settings.tls_cert else tls_context(settings),
         trusted_proxies=tuple(

@@ -260,7 +260,10 @@ class Settings:
         section=LIMITS,
         note=(
             "none | deflate. deflate negotiates permessage-deflate when the client offers "
-            "it; it trades CPU and memory per connection for bandwidth."
+            "it; it trades CPU and memory per connection for bandwidth. In relay mode the "
+            "server compresses each message once for all its receivers (once per window "
+            "size asked for) and negotiates server_no_context_takeover, so receivers need "
+            "no window for what it sends."
         ),
     )
     inflate_rate: int = _opt(
