@@ -540,3 +540,15 @@ def test_history_redis_lost_behind_an_instance_becomes_a_new_epoch(
             assert envelope(await ws.recv()) == ("l", 6, new, "")
 
     asyncio.run(main())
+
+
+def test_the_api_says_503_when_redis_cannot_keep_a_message_with_history(
+    start: Callable[..., Daemon], redis_server: RedisServer, key_file: Path
+) -> None:
+    daemon = relay(start, "--broker", redis_server.url, "--api-key-file", str(key_file))
+    assert post(daemon.port, "/publish/room", b"kept", {"X-API-Key": KEY})[0] == 202
+    redis_server.kill()
+    daemon.wait_for("broker unreachable", 20)
+    status, answer, headers = post(daemon.port, "/publish/room", b"lost", {"X-API-Key": KEY})
+    assert (status, headers["Retry-After"]) == (503, "1"), answer
+    assert str(answer["error"]).startswith("not published: history unavailable (redis broker")

@@ -471,6 +471,8 @@ class Relay:
                 sent = await reached if channel is not None and at is not None else 0
         finally:
             self._api_waiting.pop(origin, None)
+        if at is None:  # not numbered, so kept and sent nowhere
+            raise ConnectionError(self.broker.degraded() or "the broker lost it")
         return Published(sent, at)
 
     def _fan_out(self, channel: Channel, message: Prepared, at: Position, exclude: int) -> int:

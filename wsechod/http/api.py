@@ -38,8 +38,8 @@ class Publisher(Protocol):
 
     def publish(self, name: str, payload: bytes, text: bool) -> Awaitable[Published]:
         """Send to the channel's members here and, through the broker, everywhere: the
-        members here it reached, and its place in history (TimeoutError: not numbered in
-        time)."""
+        members here it reached, and its place in history (TimeoutError, ConnectionError:
+        a channel with history whose broker did not number it)."""
 
     def degraded(self) -> str | None: ...
 
@@ -231,9 +231,10 @@ class Api:
     async def _published(self, publisher: Publisher, name: str, body: bytes, text: bool) -> Reply:
         try:
             done = await publisher.publish(name, body, text)
-        except TimeoutError:
+        except (TimeoutError, ConnectionError) as exc:  # a channel with history: not kept
+            why = str(exc) or "no answer in time"
             return error(
-                http.HTTPStatus.SERVICE_UNAVAILABLE, "history did not answer in time",
+                http.HTTPStatus.SERVICE_UNAVAILABLE, f"not published: history unavailable ({why})",
                 "history_unavailable", Retry_After="1",
             )  # fmt: skip
         document: dict[str, Any] = {"channel": name, "delivered_here": done.delivered_here}
