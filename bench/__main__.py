@@ -356,6 +356,7 @@ async def measure_fanout(
         seconds=args.seconds,
         server_cpu=server.cpu_seconds,
         tokens=made_tokens(peer, args.subscribers + 1),
+        deflate=peer.deflate,
     )
     sat = w.client_cpu / w.seconds >= SATURATED
     results.add(peer, "fan p99", p99 * 1e6, sat)

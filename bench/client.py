@@ -59,10 +59,17 @@ C = TypeVar("C", bound=Client)
 
 
 async def connect_many(
-    port: int, n: int, make: Callable[[], C], path: str = "/", tokens: Iterator[str] | None = None
+    port: int,
+    n: int,
+    make: Callable[[], C],
+    path: str = "/",
+    tokens: Iterator[str] | None = None,
+    *,
+    headers: dict[str, str] | None = None,
 ) -> list[C]:
     """Open ``n`` connections, keeping a bounded number of handshakes in flight; with
-    ``tokens``, each with the next one (the ``token`` query parameter)."""
+    ``tokens``, each with the next one (the ``token`` query parameter); with ``headers``
+    in each request."""
     base = f"ws://127.0.0.1:{port}{path}"
     clients: list[C] = []
     failures: list[BaseException] = []
@@ -76,6 +83,7 @@ async def connect_many(
                 websocket_handshake_timeout=30,
                 read_buffer_init_size=1024,
                 use_aiofastnet=False,  # uvloop's own transports: cheaper here (measured)
+                extra_headers=headers,
             )
             clients.append(cast(C, listener))
         except Exception as exc:
@@ -380,6 +388,19 @@ class Subscriber(Client):
             self.on_close(transport, frame)
 
 
+def text_payload(size: int) -> bytes:
+    """JSON-like text of ``size`` bytes that deflate shrinks a few times, as chat does."""
+    words = ("alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel")
+    parts: list[str] = []
+    n = 0
+    while n < size:
+        text = f"{words[n % 8]} {words[len(parts) % 8]}"
+        part = f'{{"id":{len(parts)},"user":"u{n % 97}","text":"{text}"}},'
+        parts.append(part)
+        n += len(part)
+    return "".join(parts)[:size].encode()
+
+
 async def fan_out(
     port: int,
     *,
@@ -392,12 +413,19 @@ async def fan_out(
     batch: int = 16,
     tokens: Iterator[str] | None = None,
     publisher_port: int | None = None,
+    deflate: bool = False,
 ) -> tuple[Window, float]:
     """Deliveries and the 99th percentile of a batch's latency (from its first message
     sent to its last received by every subscriber); the publisher on ``publisher_port``
-    (another instance) if given."""
-    run = FanRun(os.urandom(size), subscribers, batch, max(1, window // batch))
-    subs = await connect_many(port, subscribers, lambda: Subscriber(run), "/bench", tokens)
+    (another instance) if given. With ``deflate`` the subscribers offer permessage-deflate
+    and count the compressed messages without inflating them (the server's cost is the
+    figure), and the payload is text that deflate shrinks, not random bytes."""
+    payload = text_payload(size) if deflate else os.urandom(size)
+    run = FanRun(payload, subscribers, batch, max(1, window // batch))
+    offer = {"Sec-WebSocket-Extensions": "permessage-deflate"} if deflate else None
+    subs = await connect_many(
+        port, subscribers, lambda: Subscriber(run), "/bench", tokens, headers=offer
+    )
     clients: list[Client] = list(subs)
     try:
         clients += await connect_many(publisher_port or port, 1, Client, "/bench", tokens)

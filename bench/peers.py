@@ -66,6 +66,7 @@ class Peer:
     scrape: bool = False  # GET /metrics every second while it is measured (--scrape)
     pinned: bool = True  # on the server core; else on every core (several workers)
     auth: str | None = None  # wsechod with auth = "jwt": the tokens' algorithm
+    deflate: bool = False  # relay: the subscribers offer permessage-deflate
 
     def command(self, subscribers: int) -> list[str]:
         how, *args = self.argv
@@ -98,6 +99,13 @@ RELAY_PEERS = (
     Peer("wsechod", "wsechod", "relay", ("wsechod", "--mode", "relay")),
     Peer("wsechod-jwt", "+jwt HS256", "relay", ("wsechod", "--mode", "relay"), auth="HS256"),
     Peer("wsechod-history", "+history", "relay", ("wsechod", "--mode", "relay", *HISTORY)),
+    Peer(
+        "wsechod-deflate",
+        "+deflate",
+        "relay",
+        ("wsechod", "--mode", "relay", "--compression", "deflate"),
+        deflate=True,
+    ),
     Peer("ws", "ws", "relay", ("node", "broadcast.mjs")),
 )
 # Fan-out between two instances through Redis: plain pub/sub, and with history.

@@ -16,7 +16,12 @@ from typing import Any
 import pytest
 
 from tests.credentials import key_file, secret_file  # noqa: F401 - fixtures for every module
-from tests.redisd import make_redis, redis_server  # noqa: F401 - fixtures for every module
+from tests.redisd import (  # noqa: F401 - fixtures for every module
+    cluster_group,
+    make_redis,
+    redis_server,
+    sentinel_group,
+)
 
 # The console script installed next to the interpreter running the tests (the .venv).
 WSECHOD = str(Path(sys.executable).with_name("wsechod"))

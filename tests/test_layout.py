@@ -237,7 +237,7 @@ ONE_CONCERN = {
     "engine/handshake.py": "one opening handshake, from accept to the 101",
     "settings/schema.py": "the declaration of every key",
     "process/workers/supervisor.py": "the main process's loop over its workers",
-    "brokers/redis.py": "one broker's sessions with Redis",
+    "brokers/redis.py": "one broker's sessions with Redis: its shards, their connections",
     "apps/relay.py": "the relay: channels, fan-out, slow consumers",
 }
 

@@ -334,7 +334,7 @@ def subscribed(daemon: Daemon, channel: str, since: int, timeout: float = 10) ->
     deadline = time.monotonic() + timeout
     while True:
         subs = [e for e in daemon.events[since:] if e["event"] == "broker subscriptions"]
-        if subs and channel in subs[-1]["channels"]:
+        if any(channel in e["channels"] for e in subs):  # a Cluster logs one per shard
             return
         assert time.monotonic() < deadline, f"never subscribed to {channel}:\n{daemon.log}"
         time.sleep(0.02)
@@ -806,6 +806,19 @@ def test_the_redis_py_calls_the_broker_makes_are_there() -> None:
         assert set(parameters) <= set(inspect.signature(method).parameters), name
     packed = Connection().pack_commands([("PUBLISH", b"c", b"p")])  # not connected
     assert b"".join(packed) == b"*3\r\n$7\r\nPUBLISH\r\n$1\r\nc\r\n$1\r\np\r\n"
+    # Sentinel and Cluster (wsechod/brokers/topology.py): slots computed here, the URL's
+    # credentials for the clients presence uses, which are closed with aclose().
+    from redis.asyncio import RedisCluster  # noqa: PLC0415
+    from redis.asyncio.connection import parse_url  # noqa: PLC0415
+    from redis.asyncio.sentinel import Sentinel  # noqa: PLC0415
+    from redis.crc import key_slot  # noqa: PLC0415
+
+    assert key_slot(b"wsechod:{/room}") == key_slot(b"/room") == 4885
+    assert parse_url("redis://u:p@h:1/2") == {
+        "username": "u", "password": "p", "host": "h", "port": 1, "db": 2,
+    }  # fmt: skip
+    assert callable(RedisCluster.from_url) and callable(Sentinel.master_for)
+    assert inspect.iscoroutinefunction(Sentinel.aclose)
 
 
 def test_a_start_that_fails_after_the_broker_started_leaves_nothing_running(

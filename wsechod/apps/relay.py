@@ -97,6 +97,7 @@ FAMILIES = (
         labels=("outcome",),
     ),
     Family("broker_reconnects", "counter", "sessions with the broker after the first"),
+    Family("broker_failovers", "counter", "sessions with other Redis primaries than the last"),
 )
 LEAK = 0.1  # share of the time a receiver may alone hold its channel back, indefinitely
 POLICIES = ("drop", "close")
@@ -305,6 +306,7 @@ class Relay:
             "relay_api_messages": stats["api"],
             "broker_messages/too_big": stats["remote_too_big"],
             "broker_reconnects": broker.get("reconnects", 0),
+            "broker_failovers": broker.get("switches", 0),
         }
         for outcome in BROKER_OUTCOMES:
             counters[f"broker_messages/{outcome}"] = broker.get(outcome, 0)

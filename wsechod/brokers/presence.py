@@ -27,9 +27,9 @@ import json
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from redis.asyncio import Redis
-from redis.exceptions import RedisError
+from redis.exceptions import NoScriptError, RedisError
 
+from wsechod.brokers.topology import Topology
 from wsechod.log import get_logger
 from wsechod.ratelimit import RateLimitedLog
 
@@ -114,12 +114,11 @@ class Unavailable(Exception):
 class RedisPresence:
     """One instance's presence in Redis: its writer task, and the readers the API calls."""
 
-    def __init__(self, url: str, instance: str, interval: float) -> None:
+    def __init__(self, topology: Topology, instance: str, interval: float) -> None:
         self.instance = instance
         self.interval = interval
-        self._redis = Redis.from_url(
-            url, socket_timeout=TIMEOUT, socket_connect_timeout=TIMEOUT, retry_on_timeout=False
-        )
+        self._redis: Any
+        self._redis, self._also = topology.client()
         self._write = self._redis.register_script(WRITE)
         self._enrol = self._redis.register_script(ENROL)
         self._read_channel = self._redis.register_script(READ_CHANNEL)
@@ -154,6 +153,14 @@ class RedisPresence:
                 self._warn.warning("presence not written", reason=type(exc).__name__)
 
     async def _publish(self) -> None:
+        try:
+            await self._write_all()
+        except NoScriptError:  # a Cluster's pipeline does not load scripts: load them
+            for script in (self._write, self._enrol):
+                await self._redis.script_load(script.script)
+            await self._write_all()
+
+    async def _write_all(self) -> None:
         assert self._snapshot is not None
         now = dict(self._snapshot())
         ttl = self.ttl_ms
@@ -196,6 +203,9 @@ class RedisPresence:
                     await pipe.execute()
         with contextlib.suppress(Exception):
             await self._redis.aclose()
+        if self._also is not None:
+            with contextlib.suppress(Exception):
+                await self._also.aclose()
 
     # --- reading -------------------------------------------------------------------------
 

@@ -2,51 +2,51 @@
 
 What of redis-py this uses, all public (no underscore) and documented in its API reference
 (tested with redis-py 8.2; ``tests/test_relay.py`` checks these calls on the installed
-version, so a release that changes them fails there, not in production):
-``ConnectionPool.from_url`` and ``ConnectionPool.get_connection`` (a connected connection
-with the URL's credentials and database), and on that connection ``send_command``,
-``send_packed_command``, ``pack_commands``, ``read_response`` and ``disconnect``. The
-client classes (``Redis``, ``PubSub``, pipelines) are not used: they retry, check health
-and reconnect on their own, and a retried PUBLISH can be delivered twice.
+version, so a release that changes them fails there, not in production): connections from
+``topology.connect`` (``ConnectionPool.from_url``, ``get_connection``), and on them
+``send_command``, ``send_packed_command``, ``pack_commands``, ``read_response`` and
+``disconnect``. The client classes (``Redis``, ``PubSub``, pipelines) are not used here:
+they retry, check health and reconnect on their own, and a retried PUBLISH can be
+delivered twice.
 
-Each instance subscribes only to the channels it has members on (Redis channel
-``wsechod:{<path>}``: the hash tag keeps a channel's keys on one Cluster shard) and
-publishes each relayed message once, in an envelope: a marker and version (``MAGIC``), its
-own random id, the frame type, the publishing member (``origin``) and its position in
-history (``0 -`` without), so it can ignore its own messages when Redis echoes them back
-(a client never gets a message twice) and drop, as malformed, what anyone else publishes
-there. Nothing is retried, so delivery between instances is at most once, and every loss
-is counted (``stats()``) and logged, rate-limited.
+Each instance subscribes only to the channels it has members on and publishes each relayed
+message once, in the envelope of ``format.py``, so it can ignore its own messages when
+Redis echoes them back (a client never gets a message twice) and drop, as malformed, what
+anyone else publishes there. Nothing is retried, so delivery between instances is at most
+once, and every loss is counted (``stats()``) and logged, rate-limited.
 
 History (``history.py``): a channel's messages are numbered, kept and published in one
-atomic step (``APPEND``: HINCRBY on the channel's hash ``wsechod:{<path>}:m``, XADD to its
-stream ``wsechod:{<path>}:h`` with the offset as the entry's id, PUBLISH), so every
-instance, this one included, delivers them in offset order as they come back; a hash that
-is gone (flushed, expired, a restart without persistence) is a new epoch. After a session
-with Redis starts again, each channel with history is read from where this instance was,
-so its members get what was published meanwhile (live messages wait for it), and nothing
-twice. A third connection, the reader, serves ``recover`` (members catching up).
+atomic step (the ``APPEND`` script), so every instance, this one included, delivers them in
+offset order as they come back; a hash that is gone (flushed, expired, a restart without
+persistence) is a new epoch. After a session with Redis starts again, each channel with
+history is checked (``CHECK``: Redis behind what was delivered is a new epoch) and read
+from where this instance was, so its members get what was published meanwhile (live
+messages wait for it), and nothing twice.
 
-A session with Redis is two connections: the subscriber (SUBSCRIBE, and a PING every
-``PING_INTERVAL`` that Redis must answer within ``PING_TIMEOUT``) and the publisher
-(pipelined PUBLISH batches, answered within ``PUBLISH_TIMEOUT``). Every wait on Redis has a
-deadline, because a hung Redis (stopped, swapping, partitioned) answers nothing and closes
-nothing: without deadlines it would look healthy forever. Any failure ends the session:
-both connections are dropped, the state (``unreachable``: refused, reset, authentication;
-``unresponsive``: a deadline passed) shows in ``degraded()`` and is logged once, and the
-broker reconnects with backoff, silently until the state changes, then resubscribes.
+A session starts by finding the primaries (``topology.py``: one server, the primary that
+Sentinel names, or a Cluster's) and opens three connections to each, a shard of the
+session: the subscriber (SUBSCRIBE, or SSUBSCRIBE on a Cluster, and a PING every
+``PING_INTERVAL`` that Redis must answer within ``PING_TIMEOUT``), the publisher
+(pipelined batches, answered within ``PUBLISH_TIMEOUT``) and the reader (history reads;
+idle, it checks the node is still a primary). Every wait on Redis has a deadline, because
+a hung Redis (stopped, swapping, partitioned) answers nothing and closes nothing: without
+deadlines it would look healthy forever. Any failure of any connection, an answer saying
+the node no longer takes our writes (READONLY, MOVED...), or the topology announcing a new
+primary, ends the session: every connection is dropped, the state (``unreachable``:
+refused, reset, authentication; ``unresponsive``: a deadline passed; ``failing over``)
+shows in ``degraded()`` and is logged once, and the broker reconnects with backoff,
+silently until the state changes, then resubscribes.
 
-Publishing never blocks the relay: messages wait in an outbox for the publisher task. While
-Redis is healthy and the outbox holds more than ``HIGH_WATER`` bytes, ``writable()`` is
-False and the relay stops reading its publishers until it is back under ``LOW_WATER``, so a
-fast publisher is paced to what Redis takes instead of losing messages. While Redis is
-degraded nothing is paced (local relay goes on at full speed) and messages for other
-instances are dropped and counted.
+Publishing never blocks the relay: messages wait in their shard's outbox for its
+publisher task. While Redis is healthy and the outboxes hold more than ``HIGH_WATER``
+bytes, ``writable()`` is False and the relay stops reading its publishers until they are
+back under ``LOW_WATER``, so a fast publisher is paced to what Redis takes instead of
+losing messages. While Redis is degraded nothing is paced (local relay goes on at full
+speed) and messages for other instances are dropped and counted.
 """
 
 import asyncio
 import contextlib
-import hashlib
 import math
 import os
 import time
@@ -55,66 +55,51 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-from redis.asyncio.connection import AbstractConnection, ConnectionPool
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
-from redis.exceptions import AuthenticationError, RedisError, ResponseError
+from redis.asyncio.connection import AbstractConnection
+from redis.crc import key_slot
+from redis.exceptions import (
+    AskError,
+    AuthenticationError,
+    BusyLoadingError,
+    ClusterDownError,
+    MasterDownError,
+    MovedError,
+    NoScriptError,
+    ReadOnlyError,
+    RedisError,
+    ResponseError,
+    TryAgainError,
+)
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from wsechod.brokers.base import Deliver, Members, PresenceUnavailable, Snapshot
+from wsechod.brokers.format import (
+    APPEND_SHA,
+    BINARY,
+    CHECK_SHA,
+    CONTROL,
+    HEAD,
+    ID_SIZE,
+    MAGIC,
+    META_TTL,
+    ORIGIN_SIZE,
+    READ_SHA,
+    SCRIPTS,
+    TEXT,
+    UNNUMBERED,
+    channel_key,
+    channel_of,
+    history_keys,
+)
 from wsechod.brokers.presence import RedisPresence, Unavailable
+from wsechod.brokers.topology import Node, NotLocated, Single, Topology, connect
 from wsechod.history import History, Position, Recovery, Stored, continued, new_epoch
 from wsechod.log import get_logger
 from wsechod.ratelimit import RateLimitedLog
-from wsechod.settings.values import redact_url
 
 log = get_logger("wsechod.broker")
 
-PREFIX = "wsechod:"
-CONTROL = PREFIX + "\0control"  # always subscribed: keeps the subscriber in pub/sub mode
-MAGIC = b"WSE\x02"  # the envelope's marker and version
-TEXT, BINARY = b"t", b"b"
-ID_SIZE = 8
-ORIGIN_SIZE = 8
-# marker, instance id, frame type, origin; then "<offset> <epoch>\n" and the payload
-HEAD = len(MAGIC) + ID_SIZE + 1 + ORIGIN_SIZE
-UNNUMBERED = b"0 -\n"
-META_TTL = 86_400  # seconds a channel's position outlives its last message, at least
 REPAIR_BACKLOG = 4 * 2**20  # bytes of live messages held per channel while it is repaired
-
-# KEYS: the channel's hash and stream. ARGV: the Redis channel, the frame type and payload,
-# the stream's length, its ttl, the hash's ttl, a fresh epoch, the envelope's head.
-APPEND = """
-local e = redis.call('HGET', KEYS[1], 'e')
-if not e then
-  e = ARGV[6]
-  redis.call('HSET', KEYS[1], 'e', e)
-  redis.call('DEL', KEYS[2])
-end
-local o = redis.call('HINCRBY', KEYS[1], 'o', 1)
-redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], o .. '-0', 'd', ARGV[2])
-redis.call('EXPIRE', KEYS[2], ARGV[4])
-redis.call('EXPIRE', KEYS[1], ARGV[5])
-redis.call('PUBLISH', ARGV[1], ARGV[7] .. o .. ' ' .. e .. '\\n' .. string.sub(ARGV[2], 2))
-return {o, e}
-"""
-# KEYS: the hash and the stream. ARGV: a fresh epoch, the hash's ttl, the offset to read
-# after ("": none), at most how many. Returns the epoch, the top offset, the entries.
-READ = """
-local e = redis.call('HGET', KEYS[1], 'e')
-if not e then
-  e = ARGV[1]
-  redis.call('HSET', KEYS[1], 'e', e, 'o', 0)
-  redis.call('EXPIRE', KEYS[1], ARGV[2])
-  redis.call('DEL', KEYS[2])
-end
-local o = redis.call('HGET', KEYS[1], 'o') or '0'
-local found = {}
-if ARGV[3] ~= '' then
-  found = redis.call('XRANGE', KEYS[2], '(' .. ARGV[3] .. '-0', '+', 'COUNT', ARGV[4])
-end
-return {e, o, found}
-"""
 
 # Deadlines, in seconds. Redis answers a PING in well under a millisecond; a second and a
 # half without an answer is a hang, not load. Detection takes at most about
@@ -136,40 +121,26 @@ OVERHEAD = 64
 BATCH_BYTES = 256 * 2**10  # one pipelined round trip carries at most this...
 BATCH_MESSAGES = 1024  # ...and this many messages
 
-# KEYS: the hash and the stream. ARGV: the epoch and offset this instance delivered up to,
-# a fresh epoch, the hash's ttl. A hash behind what was delivered lost messages (Redis
-# restarted from an older copy, or failed over to a replica that lagged): its offsets
-# would be used again for other messages, so the channel gets a new epoch, and its
-# offsets go on from where they were.
-CHECK = """
-local e = redis.call('HGET', KEYS[1], 'e')
-local o = tonumber(redis.call('HGET', KEYS[1], 'o') or '0')
-if e == ARGV[1] and o < tonumber(ARGV[2]) then
-  redis.call('HSET', KEYS[1], 'e', ARGV[3], 'o', ARGV[2])
-  redis.call('EXPIRE', KEYS[1], ARGV[4])
-  redis.call('DEL', KEYS[2])
-  return 1
-end
-return 0
-"""
-SCRIPTS = (APPEND, READ, CHECK)
-APPEND_SHA, READ_SHA, CHECK_SHA = (hashlib.sha1(s.encode()).hexdigest() for s in SCRIPTS)
 CHUNK = 256  # entries read at a time while a channel is repaired
 ANY_HISTORY = History(1, 1.0)  # Redis trims its streams itself: recover() needs no policy
 
-CONNECTING, CONNECTED = "connecting", "connected"
+CONNECTING, CONNECTED, FAILING_OVER = "connecting", "connected", "failing over"
 UNREACHABLE, UNRESPONSIVE, CLOSED = "unreachable", "unresponsive", "closed"
+
+# Answers that say this node no longer takes our writes (demoted, failing over, slots
+# moved, scripts flushed): the session ends and the next one finds where Redis is now.
+MOVED_ON = (
+    ReadOnlyError, BusyLoadingError, MovedError, AskError, TryAgainError, ClusterDownError,
+    MasterDownError, NoScriptError,
+)  # fmt: skip
+MOVED_WORDS = ("NOREPLICAS", "READONLY", "MASTERDOWN", "CLUSTERDOWN", "MOVED", "NOSCRIPT")
 
 
 # What the outbox holds: a command, its size, and the future of a message with history.
 Queued = tuple[tuple[Any, ...], int, "asyncio.Future[Position | None] | None"]
 # A message with history held while its channel is repaired: payload, text, where, origin.
 Held = tuple[bytes, bool, Position, int]
-
-
-def channel_key(channel: str) -> str:
-    """A channel's Redis channel, and the prefix of its keys (``:m``, ``:h``)."""
-    return f"{PREFIX}{{{channel}}}"
+Read = tuple[tuple[Any, ...], "asyncio.Future[Any]"]
 
 
 def _answered(
@@ -180,6 +151,10 @@ def _answered(
     return future
 
 
+def _moved(exc: ResponseError) -> bool:
+    return isinstance(exc, MOVED_ON) or any(word in str(exc) for word in MOVED_WORDS)
+
+
 class _Down(Exception):
     """The session with Redis is over: the state it leaves the broker in, and why."""
 
@@ -188,37 +163,59 @@ class _Down(Exception):
         self.state, self.error, self.kind = state, error, kind
 
 
+class _Shard:
+    """One primary's part of a session: what waits for its publisher and its reader, and
+    its subscriber's pings. One server and Sentinel have one; a Cluster one per primary."""
+
+    def __init__(self, node: Node) -> None:
+        self.node = node
+        self.outbox: deque[Queued] = deque()
+        self.mail = asyncio.Event()  # the outbox is not empty
+        self.changed = asyncio.Event()  # channels here changed
+        self.reads: asyncio.Queue[Read] = asyncio.Queue()
+        self.pong = asyncio.Event()
+        self.ping_seq = self.ponged = 0
+        self.unsubscribing: dict[bytes, int] = {}  # SUNSUBSCRIBEs sent, not yet answered
+
+
 class RedisBroker:
-    def __init__(self, url: str, *, presence_interval: float = 10.0) -> None:
+    def __init__(
+        self,
+        url: str,
+        *,
+        topology: Topology | None = None,
+        presence_interval: float = 10.0,
+    ) -> None:
         self.url = url
-        self.shown = redact_url(url)  # the only form of the URL that reaches a log
+        self.topology = topology or Single(url)
+        self.shown = self.topology.describe()  # the only form of the URL that reaches a log
         password = urllib.parse.urlsplit(url).password
         self._secret = urllib.parse.unquote(password) if password else None
         self.id = os.urandom(ID_SIZE)
-        self.presence = RedisPresence(url, self.id.hex(), presence_interval)
+        self.presence = RedisPresence(self.topology, self.id.hex(), presence_interval)
         self.channels: set[str] = set()
         self.state = CONNECTING
         self.counts = dict.fromkeys(
-            ("published", "delivered", "lost", "unconfirmed", "failed", "malformed", "reconnects"),
+            (
+                "published", "delivered", "lost", "unconfirmed", "failed", "malformed",
+                "reconnects", "switches",
+            ),
             0,
-        )
+        )  # fmt: skip
         self._warn = RateLimitedLog(log)
         self._deliver: Deliver | None = None
         self._task: asyncio.Task[None] | None = None
         self._outcome: asyncio.Future[None] | None = None  # the first attempt's
-        self._outbox: deque[Queued] = deque()
-        self._reads: asyncio.Queue[tuple[tuple[Any, ...], asyncio.Future[Any]]] | None = None
+        self._shards: list[_Shard] = []  # the session's, while it is up
+        self._by_slot: list[_Shard] = []  # a Cluster's: the shard of each hash slot
+        self._primaries: list[str] = []  # the addresses of the last session's primaries
         self._last: dict[str, Position] = {}  # per channel with history: delivered up to
         self._repairs: dict[str, list[Held]] = {}
         self._repair_bytes: dict[str, int] = {}
         self._repairing: set[asyncio.Task[None]] = set()
-        self._queued = 0  # bytes in the outbox and in flight
+        self._queued = 0  # bytes in the outboxes and in flight
         self._paused = False  # above HIGH_WATER, not yet back under LOW_WATER
         self._waiters: list[Callable[[], None]] = []
-        self._mail = asyncio.Event()  # the outbox is not empty
-        self._changed = asyncio.Event()  # local channels changed
-        self._pong = asyncio.Event()
-        self._ping_seq = self._ponged = 0
         self._logged: tuple[str, str] | None = None  # the failure last logged
         self._down_since: float | None = None
         self._lost_before = 0  # counts["lost"] when the outage began
@@ -235,16 +232,26 @@ class RedisBroker:
         self._outcome = asyncio.get_running_loop().create_future()
         self._task = asyncio.create_task(self._run(), name="redis broker")
         self.presence.start(snapshot)
-        await asyncio.wait([self._outcome], timeout=2 * CONNECT_TIMEOUT + PING_TIMEOUT + 1)
+        await asyncio.wait([self._outcome], timeout=3 * CONNECT_TIMEOUT + PING_TIMEOUT + 1)
 
     def subscribe(self, channel: str) -> None:
         self.channels.add(channel)
-        self._changed.set()
+        self._changed(channel)
 
     def unsubscribe(self, channel: str) -> None:
         self.channels.discard(channel)
         self._last.pop(channel, None)
-        self._changed.set()
+        self._changed(channel)
+
+    def _changed(self, channel: str) -> None:
+        if (shard := self._shard_of(channel)) is not None:
+            shard.changed.set()
+
+    def _shard_of(self, channel: str) -> _Shard | None:
+        """The shard a channel lives on (None: no session)."""
+        if self._by_slot:
+            return self._by_slot[key_slot(channel_key(channel).encode())]
+        return self._shards[0] if self._shards else None
 
     def publish(
         self,
@@ -258,7 +265,8 @@ class RedisBroker:
         stored: asyncio.Future[Position | None] | None = None
         if history is not None:
             stored = asyncio.get_running_loop().create_future()
-        if self.state != CONNECTED:
+        shard = self._shard_of(channel) if self.state == CONNECTED else None
+        if shard is None:
             self.counts["lost"] += 1
             if self.state != CLOSED:
                 lost = self.counts["lost"]
@@ -267,14 +275,16 @@ class RedisBroker:
         kind = TEXT if text else BINARY
         head = b"".join((MAGIC, self.id, kind, origin.to_bytes(ORIGIN_SIZE, "big")))
         name = channel_key(channel)
+        sharded = self.topology.sharded
         command: tuple[Any, ...]
         if history is None:
-            command = ("PUBLISH", name, head + UNNUMBERED + payload)
+            command = ("SPUBLISH" if sharded else "PUBLISH", name, head + UNNUMBERED + payload)
         else:
             ttl = max(1, math.ceil(history.ttl))
             command = (
-                "EVALSHA", APPEND_SHA, 2, name + ":m", name + ":h",
-                name, kind + payload, history.size, ttl, max(ttl, META_TTL), new_epoch(), head,
+                "EVALSHA", APPEND_SHA, 2, *history_keys(channel), name, kind + payload,
+                history.size, ttl, max(ttl, META_TTL), new_epoch(), head,
+                "SPUBLISH" if sharded else "PUBLISH",
             )  # fmt: skip
         size = len(payload) + 2 * len(name) + len(head) + OVERHEAD
         if self._queued + size > OUTBOX_LIMIT:
@@ -282,44 +292,34 @@ class RedisBroker:
             lost = self.counts["lost"]
             self._warn.warning("broker outbox full: message dropped", limit=OUTBOX_LIMIT, lost=lost)
             return _answered(stored, None)
-        self._outbox.append((command, size, stored))
+        shard.outbox.append((command, size, stored))
         self._queued += size
         if self._queued > HIGH_WATER:
             self._paused = True
-        self._mail.set()
+        shard.mail.set()
         return stored
 
     async def recover(
         self, channel: str, since: Position | None, limit: int, history: History
     ) -> Recovery:
         """Read by the session's reader (ConnectionError while there is none)."""
-        name = channel_key(channel)
         after = "" if since is None else str(since.offset)
         command = (
-            "EVALSHA",
-            READ_SHA,
-            2,
-            name + ":m",
-            name + ":h",
-            new_epoch(),
-            META_TTL,
-            after,
-            limit,
-        )
-        reply = await self._read_now(command)
-        epoch, top, found = reply
+            "EVALSHA", READ_SHA, 2, *history_keys(channel), new_epoch(), META_TTL, after, limit,
+        )  # fmt: skip
+        epoch, top, found = await self._read_now(channel, command)
         entries = [
             Stored(int(entry_id.split(b"-")[0]), fields[1][1:], fields[1][:1] == TEXT)
             for entry_id, fields in found
         ]
         return continued(since, Position(int(top), epoch.decode()), entries)
 
-    async def _read_now(self, command: tuple[Any, ...]) -> Any:
-        reads = self._reads
-        if reads is None or self.state != CONNECTED:
+    async def _read_now(self, channel: str, command: tuple[Any, ...]) -> Any:
+        shard = self._shard_of(channel) if self.state == CONNECTED else None
+        if shard is None:
             raise ConnectionError(f"broker {self.state}")
         answer: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        reads.put_nowait((command, answer))
+        shard.reads.put_nowait((command, answer))
         return await answer
 
     def writable(self) -> bool:
@@ -339,7 +339,7 @@ class RedisBroker:
         lost: never sent (Redis down, outbox full, or queued when the session failed);
         unconfirmed: sent, but the session failed before Redis answered (maybe relayed);
         failed: refused by Redis (an error reply); malformed: not ours to read;
-        reconnects: sessions after the first."""
+        reconnects: sessions after the first; switches: sessions with other primaries."""
         return dict(self.counts)
 
     def presence_changed(self) -> None:
@@ -388,23 +388,37 @@ class RedisBroker:
             backoff = min(backoff * 2, BACKOFF_MAX)
 
     async def _session(self) -> None:
-        """Connect, then read, ping and publish until something fails (raises ``_Down``)."""
+        """Find the primaries, connect to each, then read, ping and publish until
+        something fails or the primaries change (raises ``_Down``)."""
         conns: list[AbstractConnection] = []
         tasks: list[asyncio.Task[None]] = []
         try:
-            for _ in range(3):
-                conns.append(await self._open())
-            subscriber, publisher, reader = conns
-            await self._load_scripts(reader)
+            try:
+                nodes = await self.topology.locate()
+            except NotLocated as exc:
+                raise _Down(UNREACHABLE, self._scrub(str(exc)), "locate") from None
+            shards: list[tuple[_Shard, list[AbstractConnection]]] = []
+            for node in nodes:
+                opened: list[AbstractConnection] = []
+                for _ in range(3):
+                    opened.append(await self._open(node))
+                    conns.append(opened[-1])
+                await self._prepare(opened[2])
+                shards.append((_Shard(node), opened))
             for channel in self._last:  # hold its live messages until it is repaired
                 self._repairs.setdefault(channel, [])
-            self._reads = asyncio.Queue()
-            tasks = [
-                asyncio.create_task(self._read(subscriber)),
-                asyncio.create_task(self._keepalive(subscriber)),
-                asyncio.create_task(self._send(publisher)),
-                asyncio.create_task(self._serve_reads(reader, self._reads)),
-            ]
+            self._shards = [shard for shard, _ in shards]
+            self._by_slot = self._slot_table() if self.topology.sharded else []
+            for shard, (subscriber, publisher, reader) in shards:
+                tasks += [
+                    asyncio.create_task(self._read(shard, subscriber)),
+                    asyncio.create_task(
+                        self._keepalive(shard, subscriber, first=shard is self._shards[0])
+                    ),
+                    asyncio.create_task(self._send(shard, publisher)),
+                    asyncio.create_task(self._serve_reads(shard, reader)),
+                ]
+            tasks.append(asyncio.create_task(self._watch()))
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
             for task in done:
                 task.result()
@@ -422,55 +436,63 @@ class RedisBroker:
                 with contextlib.suppress(Exception):
                     await conn.disconnect(nowait=True)
 
-    async def _open(self) -> AbstractConnection:
-        """A connection that has answered a PING, within CONNECT_TIMEOUT. No retries and no
-        timeouts inside redis-py: a retried PUBLISH can be delivered twice, and our own
-        deadlines cover every wait."""
+    def _slot_table(self) -> list[_Shard]:
+        table: list[_Shard | None] = [None] * 16_384
+        for shard in self._shards:
+            for first, last in shard.node.slots:
+                table[first : last + 1] = [shard] * (last - first + 1)
+        assert all(table), "locate() returns a full layout"
+        return [shard for shard in table if shard is not None]
+
+    async def _open(self, node: Node) -> AbstractConnection:
+        """A connection to ``node`` that has answered a PING, within CONNECT_TIMEOUT. No
+        retries inside redis-py: a retried PUBLISH can be delivered twice."""
         try:
-            pool = ConnectionPool.from_url(
-                self.url,
-                socket_timeout=None,
-                socket_connect_timeout=CONNECT_TIMEOUT,
-                retry=Retry(NoBackoff(), 0),
-                health_check_interval=0,
-                protocol=2,  # pub/sub replies as plain replies (RESP3 hands them to a hook)
-            )
+            return await connect(node.url)
         except (ValueError, TypeError) as exc:
             raise _Down(UNREACHABLE, self._scrub(f"invalid broker URL: {exc}"), "url") from None
-        conn: AbstractConnection | None = None
-        try:
-            async with asyncio.timeout(CONNECT_TIMEOUT):
-                conn = await pool.get_connection()  # type: ignore[no-untyped-call]
-                await conn.send_command("PING", check_health=False)
-                await conn.read_response()
-        except BaseException as exc:  # cancelled too: never leave a socket behind
-            with contextlib.suppress(Exception):
-                await pool.disconnect()
-            if isinstance(exc, RedisError | OSError):
-                raise self._failure(exc, CONNECT_TIMEOUT) from None
-            raise
-        return conn
+        except (RedisError, OSError, TimeoutError) as exc:
+            raise self._failure(exc, CONNECT_TIMEOUT) from None
 
-    async def _load_scripts(self, conn: AbstractConnection) -> None:
-        """The scripts, by their SHA-1 from then on (a restarted Redis has none)."""
+    async def _prepare(self, conn: AbstractConnection) -> None:
+        """That the node is one to write to (a primary), and the scripts, by their SHA-1
+        from then on (a restarted Redis has none)."""
         try:
             async with asyncio.timeout(CONNECT_TIMEOUT):
+                await self.topology.check(conn)
                 for script in SCRIPTS:
                     await conn.send_command("SCRIPT", "LOAD", script, check_health=False)
                     await conn.read_response()
+        except NotLocated as exc:
+            raise _Down(UNREACHABLE, str(exc), "role") from None
         except TimeoutError:
             raise _Down(UNRESPONSIVE, "no answer to SCRIPT LOAD", "timeout") from None
         except (RedisError, OSError) as exc:
             raise self._failure(exc, CONNECT_TIMEOUT) from None
 
-    async def _serve_reads(
-        self,
-        conn: AbstractConnection,
-        reads: "asyncio.Queue[tuple[tuple[Any, ...], asyncio.Future[Any]]]",
-    ) -> None:
-        """History reads, one at a time, each answered within PUBLISH_TIMEOUT."""
+    async def _watch(self) -> None:
+        """End the session when the topology says the primaries changed."""
+        why = await self.topology.watch()
+        raise _Down(FAILING_OVER, why, "switch")
+
+    async def _serve_reads(self, shard: _Shard, conn: AbstractConnection) -> None:
+        """History reads, one at a time, each answered within PUBLISH_TIMEOUT; while idle,
+        every PING_INTERVAL, that the node is still a primary (a demoted one answers
+        READONLY only when Sentinel reconfigures it, seconds later)."""
         while True:
-            command, answer = await reads.get()
+            try:
+                async with asyncio.timeout(PING_INTERVAL):
+                    command, answer = await shard.reads.get()
+            except TimeoutError:
+                try:
+                    await self.topology.check(conn)
+                except NotLocated as exc:
+                    raise _Down(FAILING_OVER, str(exc), "role") from None
+                except TimeoutError:
+                    raise _Down(UNRESPONSIVE, "no answer to a check", "timeout") from None
+                except (RedisError, OSError) as exc:
+                    raise self._failure(exc, PUBLISH_TIMEOUT) from None
+                continue
             try:
                 async with asyncio.timeout(PUBLISH_TIMEOUT):
                     await conn.send_command(*command, check_health=False)
@@ -481,8 +503,10 @@ class RedisBroker:
                     UNRESPONSIVE, f"no answer to a read within {PUBLISH_TIMEOUT:g} s", "timeout"
                 ) from None
             except ResponseError as exc:  # e.g. an ACL without EVALSHA
-                self._warn.warning("broker refused a history read", error=str(exc))
                 answer.set_exception(ConnectionError(f"history read refused: {exc}"))
+                if _moved(exc):
+                    raise _Down(FAILING_OVER, f"history read: {exc}", "moved") from None
+                self._warn.warning("broker refused a history read", error=str(exc))
                 continue
             except (RedisError, OSError) as exc:
                 answer.set_exception(ConnectionError(f"history read failed: {exc}"))
@@ -492,11 +516,11 @@ class RedisBroker:
 
     def _end_reads(self) -> None:
         """Reads still waiting fail: the session is over."""
-        reads, self._reads = self._reads, None
-        while reads is not None and not reads.empty():
-            _, answer = reads.get_nowait()
-            if not answer.done():
-                answer.set_exception(ConnectionError("broker session ended"))
+        for shard in self._shards:
+            while not shard.reads.empty():
+                _, answer = shard.reads.get_nowait()
+                if not answer.done():
+                    answer.set_exception(ConnectionError("broker session ended"))
         self._repairs.clear()
         self._repair_bytes.clear()
 
@@ -512,7 +536,7 @@ class RedisBroker:
         """No password in a log line, even if an error message quotes one."""
         return text if not self._secret else text.replace(self._secret, "***")
 
-    async def _read(self, conn: AbstractConnection) -> None:
+    async def _read(self, shard: _Shard, conn: AbstractConnection) -> None:
         """The subscriber's replies: messages, and the answers to our pings. No deadline
         here: the pings are what notices a Redis that has gone quiet."""
         while True:
@@ -522,73 +546,93 @@ class RedisBroker:
                 raise self._failure(exc, PING_TIMEOUT) from None
             if not isinstance(reply, list) or len(reply) < 2:
                 continue
-            if reply[0] == b"message" and len(reply) == 3:
+            kind = reply[0]
+            if kind in (b"message", b"smessage") and len(reply) == 3:
                 self._received(reply[1], reply[2])
-            elif reply[0] == b"pong":
+            elif kind == b"pong":
                 with contextlib.suppress(ValueError):
-                    self._ponged = max(self._ponged, int(reply[1]))
-                    self._pong.set()
+                    shard.ponged = max(shard.ponged, int(reply[1]))
+                    shard.pong.set()
+            elif kind == b"sunsubscribe":
+                name = reply[1]
+                if shard.unsubscribing.get(name, 0) > 0:
+                    shard.unsubscribing[name] -= 1
+                    if not shard.unsubscribing[name]:
+                        del shard.unsubscribing[name]
+                else:  # Redis's own: the channel's slot has moved to another shard
+                    raise _Down(FAILING_OVER, f"slot of {name.decode()} moved", "moved")
 
-    async def _keepalive(self, conn: AbstractConnection) -> None:
+    async def _keepalive(self, shard: _Shard, conn: AbstractConnection, *, first: bool) -> None:
         """Follow local joins and leaves, and ping; each round ends with a PING, whose
-        answer also confirms the (un)subscriptions sent before it."""
+        answer also confirms the (un)subscriptions sent before it. The ``first`` shard's
+        round says when the session is up."""
         loop = asyncio.get_running_loop()
         subscribed: set[str] | None = None  # None: not even CONTROL yet
         while True:
             began = loop.time()
-            self._changed.clear()
-            wanted = set(self.channels)
+            shard.changed.clear()
+            wanted = {c for c in self.channels if self._shard_of(c) is shard}
             commands: list[tuple[Any, ...]] = []
-            added = wanted - (subscribed or set())
-            if subscribed is None or added:
-                extra = [CONTROL] if subscribed is None else []
-                commands.append(("SUBSCRIBE", *extra, *(channel_key(c) for c in sorted(added))))
-            if removed := (subscribed or set()) - wanted:
-                commands.append(("UNSUBSCRIBE", *(channel_key(c) for c in sorted(removed))))
-            self._ping_seq += 1
-            commands.append(("PING", str(self._ping_seq)))
-            await self._round_trip(conn, commands, self._ping_seq)
             if subscribed is None:
+                commands.append(("SUBSCRIBE", CONTROL))
+            added = sorted(wanted - (subscribed or set()))
+            removed = sorted((subscribed or set()) - wanted)
+            if self.topology.sharded:  # one slot per SSUBSCRIBE: one channel each
+                commands += [("SSUBSCRIBE", channel_key(c)) for c in added]
+                for c in removed:
+                    commands.append(("SUNSUBSCRIBE", key := channel_key(c)))
+                    shard.unsubscribing[key.encode()] = shard.unsubscribing.get(key.encode(), 0) + 1
+            else:
+                if added:
+                    commands.append(("SUBSCRIBE", *(channel_key(c) for c in added)))
+                if removed:
+                    commands.append(("UNSUBSCRIBE", *(channel_key(c) for c in removed)))
+            shard.ping_seq += 1
+            commands.append(("PING", str(shard.ping_seq)))
+            await self._round_trip(shard, conn, commands)
+            if subscribed is None and first:
                 self._up()
             if wanted != subscribed:
-                log.debug("broker subscriptions", channels=sorted(wanted))
+                log.debug("broker subscriptions", node=shard.node.address, channels=sorted(wanted))
             subscribed = wanted
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(max(0.0, began + PING_INTERVAL - loop.time())):
-                    await self._changed.wait()
+                    await shard.changed.wait()
 
     async def _round_trip(
-        self, conn: AbstractConnection, commands: list[tuple[Any, ...]], seq: int
+        self, shard: _Shard, conn: AbstractConnection, commands: list[tuple[Any, ...]]
     ) -> None:
+        seq = shard.ping_seq
         try:
             async with asyncio.timeout(PING_TIMEOUT):
                 await conn.send_packed_command(conn.pack_commands(commands), check_health=False)
-                while self._ponged < seq:
-                    self._pong.clear()
-                    await self._pong.wait()
+                while shard.ponged < seq:
+                    shard.pong.clear()
+                    await shard.pong.wait()
         except TimeoutError:
             await asyncio.sleep(GRACE)  # the answer may be waiting behind a stalled loop
-            if self._ponged < seq:
+            if shard.ponged < seq:
                 raise _Down(
                     UNRESPONSIVE, f"no answer to PING within {PING_TIMEOUT:g} s", "timeout"
                 ) from None
         except (RedisError, OSError) as exc:
             raise self._failure(exc, PING_TIMEOUT) from None
 
-    async def _send(self, conn: AbstractConnection) -> None:
+    async def _send(self, shard: _Shard, conn: AbstractConnection) -> None:
         """Publish the outbox in pipelined batches, in order, each within PUBLISH_TIMEOUT."""
+        outbox = shard.outbox
         while True:
-            while not self._outbox:
-                self._mail.clear()
+            while not outbox:
+                shard.mail.clear()
                 try:
                     async with asyncio.timeout(PING_INTERVAL):
-                        await self._mail.wait()
+                        await shard.mail.wait()
                 except TimeoutError:
                     await self._idle_ping(conn)
             batch: list[Queued] = []
             size = 0
-            while self._outbox and len(batch) < BATCH_MESSAGES and size < BATCH_BYTES:
-                batch.append(self._outbox.popleft())
+            while outbox and len(batch) < BATCH_MESSAGES and size < BATCH_BYTES:
+                batch.append(outbox.popleft())
                 size += batch[-1][1]
             answered = 0
             try:
@@ -596,15 +640,7 @@ class RedisBroker:
                     packed = conn.pack_commands([command for command, _, _ in batch])
                     await conn.send_packed_command(packed, check_health=False)
                     for _, _, stored in batch:
-                        try:
-                            reply = await conn.read_response()
-                            self.counts["published"] += 1
-                            if stored is not None:
-                                _answered(stored, Position(int(reply[0]), reply[1].decode()))
-                        except ResponseError as exc:  # e.g. an ACL without PUBLISH rights
-                            self.counts["failed"] += 1
-                            self._warn.warning("broker refused a message", error=str(exc))
-                            _answered(stored, None)
+                        await self._answer(conn, stored)
                         answered += 1
             except TimeoutError:
                 raise _Down(
@@ -620,6 +656,25 @@ class RedisBroker:
                 if self._paused and self._queued <= LOW_WATER:
                     self._paused = False
                     self._wake()
+
+    async def _answer(
+        self, conn: AbstractConnection, stored: "asyncio.Future[Position | None] | None"
+    ) -> None:
+        """Read the answer to one message. An error answer: this node no longer takes it
+        (the session ends), or it is refused (e.g. an ACL without PUBLISH rights: counted,
+        the rest goes on)."""
+        try:
+            reply = await conn.read_response()
+        except ResponseError as exc:
+            if _moved(exc):
+                raise _Down(FAILING_OVER, self._scrub(str(exc)), "moved") from None
+            self.counts["failed"] += 1
+            self._warn.warning("broker refused a message", error=str(exc))
+            _answered(stored, None)
+            return
+        self.counts["published"] += 1
+        if stored is not None:
+            _answered(stored, Position(int(reply[0]), reply[1].decode()))
 
     async def _idle_ping(self, conn: AbstractConnection) -> None:
         """An idle publisher connection is pinged too: Redis's ``timeout`` would close it,
@@ -648,7 +703,7 @@ class RedisBroker:
             at = Position(int(offset), epoch) if offset != "0" else None
             if kind == TEXT:
                 body.decode()  # a text frame must be UTF-8: check it once, here
-            name = channel.decode()[len(PREFIX) + 1 : -1]
+            name = channel_of(channel)
         except ValueError as exc:  # UnicodeDecodeError too: someone else's message
             self.counts["malformed"] += 1
             self._warn.warning("malformed message from redis dropped", error=str(exc))
@@ -712,9 +767,8 @@ class RedisBroker:
                 break
             try:
                 if not checked:  # has Redis lost what this instance delivered?
-                    keys = (channel_key(name) + ":m", channel_key(name) + ":h")
-                    check = (*keys, last.epoch, last.offset, new_epoch(), META_TTL)
-                    await self._read_now(("EVALSHA", CHECK_SHA, 2, *check))
+                    check = (*history_keys(name), last.epoch, last.offset, new_epoch(), META_TTL)
+                    await self._read_now(name, ("EVALSHA", CHECK_SHA, 2, *check))
                     checked = True
                 found = await self.recover(name, last, CHUNK, ANY_HISTORY)
             except ConnectionError:
@@ -755,7 +809,15 @@ class RedisBroker:
             fields["lost"] = self.counts["lost"] - self._lost_before
             self._down_since = None
         self._ever_connected = True
-        log.info("broker connected", **fields)
+        primaries = [shard.node.address for shard in self._shards]
+        fields["primaries"] = ",".join(primaries)
+        if self._primaries and primaries != self._primaries:
+            fields["was"] = ",".join(self._primaries)
+            self.counts["switches"] += 1
+            log.warning("broker primary switched", **fields)
+        else:
+            log.info("broker connected", **fields)
+        self._primaries = primaries
         for name in list(self._repairs):  # subscribed again: read what was missed
             self._start_repair(name)
         self._settle()
@@ -780,12 +842,16 @@ class RedisBroker:
         self._settle()
 
     def _discard(self) -> int:
-        """Empty the outbox (Redis is gone), counting its messages as lost."""
-        discarded = len(self._outbox)
-        self._queued -= sum(size for _, size, _ in self._outbox)
-        for _, _, stored in self._outbox:
-            _answered(stored, None)
-        self._outbox.clear()
+        """Drop the session's shards and empty their outboxes (Redis is gone), counting
+        their messages as lost."""
+        shards, self._shards, self._by_slot = self._shards, [], []
+        discarded = 0
+        for shard in shards:
+            discarded += len(shard.outbox)
+            self._queued -= sum(size for _, size, _ in shard.outbox)
+            for _, _, stored in shard.outbox:
+                _answered(stored, None)
+            shard.outbox.clear()
         self.counts["lost"] += discarded
         self._paused = False
         return discarded

@@ -248,6 +248,10 @@ def application(settings: Settings) -> tuple[Application, brokers.Broker | None]
         settings.broker,
         presence_interval=settings.presence_interval,
         history_memory=settings.history_memory,
+        sentinels=settings.redis_sentinels,
+        sentinel_service=settings.redis_sentinel_service,
+        sentinel_password=settings.redis_sentinel_password,
+        cluster=settings.redis_cluster,
     )
     return Relay(broker, **relay_options(settings)), broker
 

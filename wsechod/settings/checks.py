@@ -3,6 +3,7 @@ relay workers need a shared broker, the broker needs its package), and the notic
 that are accepted but most likely not what the operator meant."""
 
 import importlib
+import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -142,6 +143,37 @@ def check_broker_package(settings: Settings, sources: Mapping[str, str]) -> None
             f"invalid broker {values.redact_url(settings.broker)!r} (from {sources['broker']}): "
             "the Redis broker needs the redis package: pip install 'wsechod[redis]'"
         ) from None
+
+
+def check_redis(settings: Settings, sources: Mapping[str, str]) -> None:
+    """Sentinel and Cluster are ways to reach Redis: they need a Redis broker URL (over
+    TCP: the nodes' addresses come from Redis), and they exclude each other."""
+    if settings.redis_sentinels:
+        key, value = "redis_sentinels", ",".join(settings.redis_sentinels)
+    elif settings.redis_cluster:
+        key, value = "redis_cluster", "true"
+    elif settings.redis_sentinel_service:
+        key, value = "redis_sentinel_service", settings.redis_sentinel_service
+        raise SettingsError(
+            f"invalid {key} {value!r} (from {sources[key]}): set redis_sentinels too"
+        )
+    else:
+        return
+    why = ""
+    if settings.broker == "memory" or settings.broker.startswith("unix:"):
+        why = "needs a redis:// or rediss:// broker URL (its credentials and database)"
+    elif settings.redis_sentinels and settings.redis_cluster:
+        why = "Sentinel and Cluster exclude each other: set one"
+    elif settings.redis_sentinels and not settings.redis_sentinel_service:
+        why = "needs redis_sentinel_service, the name the sentinels monitor"
+    elif settings.redis_cluster and urllib.parse.urlsplit(settings.broker).path not in (
+        "",
+        "/",
+        "/0",
+    ):
+        why = "a Redis Cluster has database 0 only: use a broker URL without /db"
+    if why:
+        raise SettingsError(f"invalid {key} {value!r} (from {sources[key]}): {why}")
 
 
 def check_history(settings: Settings, sources: Mapping[str, str]) -> None:

@@ -589,6 +589,43 @@ class Settings:
             "Redis."
         ),
     )
+    redis_sentinels: tuple[str, ...] = _opt(
+        (),
+        "relay: Redis Sentinel addresses (host:port); the broker URL then gives the "
+        "credentials and database, and the sentinels the primary",
+        item=values.sentinel_address,
+        restart=True,
+        section=RELAY,
+        note=(
+            "relay with Redis Sentinel: the sentinels to ask for the primary of "
+            "redis_sentinel_service (host:port each); the broker URL then gives the scheme, "
+            "credentials and database, and its host is not used. On a failover the "
+            "instance follows the new primary (see the History page for what is kept). "
+            "redis_sentinel_password: the sentinels' own password, if they have one "
+            "(WSECHOD_REDIS_SENTINEL_PASSWORD; never printed). redis_cluster = true: the "
+            "broker URL names a node of a Redis Cluster (7.0 or later), and channels spread "
+            "over its shards with sharded pub/sub."
+        ),
+    )
+    redis_sentinel_service: str = _opt(
+        "",
+        "relay: the service name the sentinels monitor (their sentinel monitor line)",
+        restart=True,
+        section=RELAY,
+    )
+    redis_sentinel_password: str = _opt(
+        "",
+        "relay: the sentinels' password, from the environment or the file; never printed",
+        secret=True,
+        restart=True,
+        section=RELAY,
+    )
+    redis_cluster: bool = _opt(
+        False,
+        "relay: the broker URL names a node of a Redis Cluster; sharded pub/sub",
+        restart=True,
+        section=RELAY,
+    )
     presence_interval: float = _opt(
         10.0,
         "relay: seconds between writes of this instance's presence to Redis",

@@ -178,6 +178,17 @@ def host_port(hostport: str) -> tuple[str, str | None]:
     return host, port if colon else None
 
 
+def sentinel_address(entry: str) -> str:
+    """A sentinel's ``host:port`` (``[v6]:port``): the port is not optional (sentinels
+    usually listen on 26379, not Redis's 6379)."""
+    host, port = host_port(entry.strip())
+    if not host:
+        raise ValueError(f"{entry!r}: expected host:port")
+    if port is None or not (re.fullmatch(r"[0-9]{1,5}", port) and 1 <= int(port) <= 65535):
+        raise ValueError(f"{entry!r}: expected host:port, the port between 1 and 65535")
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def check_database(db: str | None) -> None:
     if db is not None and not re.fullmatch(r"[0-9]{1,9}", db):
         raise ValueError(f"database {db!r} must be a number")
