@@ -76,9 +76,7 @@ from wsechod.brokers.base import Deliver, Members, PresenceUnavailable, Snapshot
 from wsechod.brokers.format import (
     APPEND_SHA,
     BINARY,
-    CHECK_SHA,
     CONTROL,
-    HEAD,
     ID_SIZE,
     MAGIC,
     META_TTL,
@@ -88,9 +86,9 @@ from wsechod.brokers.format import (
     TEXT,
     UNNUMBERED,
     channel_key,
-    channel_of,
     history_keys,
 )
+from wsechod.brokers.inbound import OVERHEAD, Inbound
 from wsechod.brokers.presence import RedisPresence, Unavailable
 from wsechod.brokers.topology import Node, NotLocated, Single, Topology, connect
 from wsechod.history import History, Position, Recovery, Stored, continued, new_epoch
@@ -98,8 +96,6 @@ from wsechod.log import get_logger
 from wsechod.ratelimit import RateLimitedLog
 
 log = get_logger("wsechod.broker")
-
-REPAIR_BACKLOG = 4 * 2**20  # bytes of live messages held per channel while it is repaired
 
 # Deadlines, in seconds. Redis answers a PING in well under a millisecond; a second and a
 # half without an answer is a hang, not load. Detection takes at most about
@@ -117,12 +113,8 @@ CLOSE_TIMEOUT = 1.0
 HIGH_WATER = 2**20  # above it (Redis healthy), publishers are paced...
 LOW_WATER = 256 * 2**10  # ...until the outbox is back under this
 OUTBOX_LIMIT = 16 * 2**20  # beyond it messages are dropped (callers that ignore writable())
-OVERHEAD = 64
 BATCH_BYTES = 256 * 2**10  # one pipelined round trip carries at most this...
 BATCH_MESSAGES = 1024  # ...and this many messages
-
-CHUNK = 256  # entries read at a time while a channel is repaired
-ANY_HISTORY = History(1, 1.0)  # Redis trims its streams itself: recover() needs no policy
 
 CONNECTING, CONNECTED, FAILING_OVER = "connecting", "connected", "failing over"
 UNREACHABLE, UNRESPONSIVE, CLOSED = "unreachable", "unresponsive", "closed"
@@ -138,8 +130,6 @@ MOVED_WORDS = ("NOREPLICAS", "READONLY", "MASTERDOWN", "CLUSTERDOWN", "MOVED", "
 
 # What the outbox holds: a command, its size, and the future of a message with history.
 Queued = tuple[tuple[Any, ...], int, "asyncio.Future[Position | None] | None"]
-# A message with history held while its channel is repaired: payload, text, where, origin.
-Held = tuple[bytes, bool, Position, int]
 Read = tuple[tuple[Any, ...], "asyncio.Future[Any]"]
 
 
@@ -203,16 +193,15 @@ class RedisBroker:
             0,
         )  # fmt: skip
         self._warn = RateLimitedLog(log)
-        self._deliver: Deliver | None = None
         self._task: asyncio.Task[None] | None = None
         self._outcome: asyncio.Future[None] | None = None  # the first attempt's
         self._shards: list[_Shard] = []  # the session's, while it is up
         self._by_slot: list[_Shard] = []  # a Cluster's: the shard of each hash slot
         self._primaries: list[str] = []  # the addresses of the last session's primaries
-        self._last: dict[str, Position] = {}  # per channel with history: delivered up to
-        self._repairs: dict[str, list[Held]] = {}
-        self._repair_bytes: dict[str, int] = {}
-        self._repairing: set[asyncio.Task[None]] = set()
+        self.inbound = Inbound(
+            self.id, self.counts, self._warn,
+            subscribed=self.channels.__contains__, read=self._read_now, recover=self.recover,
+        )  # fmt: skip
         self._queued = 0  # bytes in the outboxes and in flight
         self._paused = False  # above HIGH_WATER, not yet back under LOW_WATER
         self._waiters: list[Callable[[], None]] = []
@@ -228,7 +217,7 @@ class RedisBroker:
         """Start connecting; return once the first attempt succeeded or failed (bounded),
         so that a normal start is not reported degraded and a bad URL, port or password
         is logged before ``listening``."""
-        self._deliver = deliver
+        self.inbound.deliver = deliver
         self._outcome = asyncio.get_running_loop().create_future()
         self._task = asyncio.create_task(self._run(), name="redis broker")
         self.presence.start(snapshot)
@@ -240,7 +229,7 @@ class RedisBroker:
 
     def unsubscribe(self, channel: str) -> None:
         self.channels.discard(channel)
-        self._last.pop(channel, None)
+        self.inbound.left(channel)
         self._changed(channel)
 
     def _changed(self, channel: str) -> None:
@@ -405,8 +394,7 @@ class RedisBroker:
                     conns.append(opened[-1])
                 await self._prepare(opened[2])
                 shards.append((_Shard(node), opened))
-            for channel in self._last:  # hold its live messages until it is repaired
-                self._repairs.setdefault(channel, [])
+            self.inbound.session_started()
             self._shards = [shard for shard, _ in shards]
             self._by_slot = self._slot_table() if self.topology.sharded else []
             for shard, (subscriber, publisher, reader) in shards:
@@ -425,7 +413,8 @@ class RedisBroker:
             raise _Down(UNREACHABLE, "session ended", "bug")  # the tasks never return
         finally:
             self._end_reads()
-            for task in [*tasks, *self._repairing]:
+            self.inbound.session_ended()
+            for task in tasks:
                 task.cancel()
             if tasks:
                 await asyncio.wait(tasks, timeout=CLOSE_TIMEOUT)
@@ -521,8 +510,6 @@ class RedisBroker:
                 _, answer = shard.reads.get_nowait()
                 if not answer.done():
                     answer.set_exception(ConnectionError("broker session ended"))
-        self._repairs.clear()
-        self._repair_bytes.clear()
 
     def _failure(self, exc: BaseException, deadline: float) -> _Down:
         if isinstance(exc, TimeoutError | RedisTimeoutError):  # ours, or the TCP connect's
@@ -548,7 +535,7 @@ class RedisBroker:
                 continue
             kind = reply[0]
             if kind in (b"message", b"smessage") and len(reply) == 3:
-                self._received(reply[1], reply[2])
+                self.inbound.received(reply[1], reply[2])
             elif kind == b"pong":
                 with contextlib.suppress(ValueError):
                     shard.ponged = max(shard.ponged, int(reply[1]))
@@ -686,115 +673,6 @@ class RedisBroker:
         except (RedisError, OSError) as exc:
             raise self._failure(exc, PUBLISH_TIMEOUT) from None
 
-    def _received(self, channel: object, payload: object) -> None:
-        if not isinstance(payload, bytes) or not isinstance(channel, bytes):
-            return
-        if channel == CONTROL.encode():
-            return  # ours to stay in pub/sub mode, not a channel's
-        own = payload[len(MAGIC) : len(MAGIC) + ID_SIZE] == self.id
-        kind = payload[len(MAGIC) + ID_SIZE : len(MAGIC) + ID_SIZE + 1]
-        line, newline, body = payload[HEAD:].partition(b"\n")
-        try:
-            if not payload.startswith(MAGIC) or not newline:
-                raise ValueError("not a wsechod envelope")
-            if kind not in (TEXT, BINARY):
-                raise ValueError(f"unknown frame type {kind!r}")
-            offset, _, epoch = line.decode("ascii").partition(" ")
-            at = Position(int(offset), epoch) if offset != "0" else None
-            if kind == TEXT:
-                body.decode()  # a text frame must be UTF-8: check it once, here
-            name = channel_of(channel)
-        except ValueError as exc:  # UnicodeDecodeError too: someone else's message
-            self.counts["malformed"] += 1
-            self._warn.warning("malformed message from redis dropped", error=str(exc))
-            return
-        if at is None:
-            if not own:  # our own came back: already delivered here
-                self._hand(name, body, kind == TEXT, None, 0)
-            return
-        origin = int.from_bytes(payload[HEAD - ORIGIN_SIZE : HEAD], "big") if own else 0
-        self._numbered(name, body, kind == TEXT, at, origin)
-
-    def _numbered(self, name: str, body: bytes, text: bool, at: Position, origin: int) -> None:
-        """A message with history, in offset order: once (not again after a repair), and
-        a gap in its channel is repaired from history first."""
-        held = self._repairs.get(name)
-        if held is not None:  # being repaired: it waits for that
-            self._hold(name, held, (body, text, at, origin))
-            return
-        last = self._last.get(name)
-        if last is not None and last.epoch == at.epoch:
-            if at.offset <= last.offset:
-                return  # had it already (from history, during a repair)
-            if at.offset > last.offset + 1:  # a gap: messages this session never saw
-                held = self._repairs[name] = []
-                self._hold(name, held, (body, text, at, origin))
-                self._start_repair(name)
-                return
-        if name in self.channels:
-            self._last[name] = at
-        self._hand(name, body, text, at, origin)
-
-    def _hold(self, name: str, held: list[Held], message: Held) -> None:
-        size = self._repair_bytes.get(name, 0) + len(message[0]) + OVERHEAD
-        if size > REPAIR_BACKLOG:  # too much: what is held is read from history again
-            held.clear()
-            size = 0
-        else:
-            held.append(message)
-        self._repair_bytes[name] = size
-
-    def _hand(self, name: str, body: bytes, text: bool, at: Position | None, origin: int) -> None:
-        assert self._deliver is not None
-        try:
-            if self._deliver(name, body, text, at, origin) and not origin:
-                self.counts["delivered"] += 1
-        except Exception as exc:  # a relay bug must not end cross-instance relay
-            self._warn.warning("broker delivery failed", error=repr(exc))
-
-    def _start_repair(self, name: str) -> None:
-        task = asyncio.create_task(self._repair(name))
-        self._repairing.add(task)
-        task.add_done_callback(self._repairing.discard)
-
-    async def _repair(self, name: str) -> None:
-        """Deliver what history holds after the last message delivered in ``name``, then
-        what was held meanwhile; what history no longer holds is lost, and said so."""
-        checked = False
-        while (held := self._repairs.get(name)) is not None:
-            last = self._last.get(name)
-            if last is None or name not in self.channels:
-                break
-            try:
-                if not checked:  # has Redis lost what this instance delivered?
-                    check = (*history_keys(name), last.epoch, last.offset, new_epoch(), META_TTL)
-                    await self._read_now(name, ("EVALSHA", CHECK_SHA, 2, *check))
-                    checked = True
-                found = await self.recover(name, last, CHUNK, ANY_HISTORY)
-            except ConnectionError:
-                return  # the session is over; the next one repairs again
-            if found.entries is None:
-                self.counts["lost"] += (
-                    found.top.offset - last.offset if (found.top.epoch == last.epoch) else 0
-                )
-                self._warn.warning(
-                    "history could not fill a gap", channel=name, since=last.offset,
-                    top=found.top.offset, epoch_changed=found.top.epoch != last.epoch,
-                )  # fmt: skip
-                self._last[name] = found.top
-            else:
-                for entry in found.entries:
-                    at = Position(entry.offset, found.top.epoch)
-                    self._last[name] = at
-                    self._hand(name, entry.payload, entry.text, at, 0)
-                if len(found.entries) == CHUNK:
-                    continue
-            del self._repairs[name]
-            self._repair_bytes.pop(name, None)
-            for body, text, at, origin in held:  # may find a gap again, and hold anew
-                self._numbered(name, body, text, at, origin)
-            return
-
     # --- state ----------------------------------------------------------------------------
 
     def _up(self) -> None:
@@ -818,8 +696,7 @@ class RedisBroker:
         else:
             log.info("broker connected", **fields)
         self._primaries = primaries
-        for name in list(self._repairs):  # subscribed again: read what was missed
-            self._start_repair(name)
+        self.inbound.session_up()
         self._settle()
 
     def _went_down(self, down: _Down) -> None:
