@@ -105,9 +105,9 @@ def test_systemds_socket_served_with_tls_gets_the_backlog(
         os.close(fd)
         assert daemon.port == port
         assert tcp(port) == [GIVEN]
-        with connect(f"wss://127.0.0.1:{port}/", ssl=trusting(files.ca), open_timeout=10) as ws:
+        with connect(f"wss://127.0.0.1:{port}/", ssl=trusting(files.ca), open_timeout=30) as ws:
             ws.send("over tls")
-            assert ws.recv(timeout=10) == "over tls"
+            assert ws.recv(timeout=30) == "over tls"
 
 
 def test_max_is_the_kernels_maximum() -> None:
