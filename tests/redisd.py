@@ -168,6 +168,7 @@ class ClusterGroup:
     """A Redis Cluster of three primaries (no replicas), every slot served."""
 
     def __init__(self, make: Callable[..., RedisServer]) -> None:
+        self._make = make
         self.nodes = [
             make(
                 bus_port(), None, "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf"
@@ -183,6 +184,25 @@ class ClusterGroup:
         while not all(self._ok(n) for n in self.nodes):
             assert time.monotonic() < deadline, "the cluster never became ok"
             time.sleep(0.1)
+
+    def add_replica(self, primary: RedisServer) -> RedisServer:
+        """A new node, a replica of ``primary``, once in sync."""
+        node = self._make(
+            bus_port(), None, "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf"
+        )
+        primary_id = command(primary.port, "CLUSTER", "MYID").decode()
+        subprocess.run(
+            [shutil.which("redis-cli") or "redis-cli", "--cluster", "add-node",
+             f"127.0.0.1:{node.port}", f"127.0.0.1:{primary.port}", "--cluster-slave",
+             "--cluster-master-id", primary_id],
+            check=True, stdout=subprocess.DEVNULL, timeout=30,
+        )  # fmt: skip
+        deadline = time.monotonic() + 30
+        while command(node.port, "INFO", "replication").get("master_link_status") != "up":
+            assert time.monotonic() < deadline, "the replica never synced"
+            time.sleep(0.1)
+        self.nodes.append(node)
+        return node
 
     @staticmethod
     def _ok(node: RedisServer) -> bool:

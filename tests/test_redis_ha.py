@@ -15,7 +15,7 @@ from websockets.asyncio.client import ClientConnection, connect
 
 from tests.conftest import Daemon, run_cli
 from tests.credentials import KEY
-from tests.redisd import SERVICE, ClusterGroup, SentinelGroup, command
+from tests.redisd import SERVICE, ClusterGroup, RedisServer, SentinelGroup, command
 from tests.test_api import post
 from tests.test_echo import http_get
 from tests.test_history import V1, envelope, joined, published, redis_relays
@@ -39,6 +39,22 @@ async def drain(member: ClientConnection, until_payload: str) -> list[tuple[str,
         assert isinstance(payload, str)
         got.append((kind, offset, epoch, payload))
     return got
+
+
+def watching(group: SentinelGroup, instances: int, timeout: float = 20) -> None:
+    """Wait until ``instances`` connections subscribed to a sentinel have pinged it (a
+    watcher that has been through its keepalive is still subscribed)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        clients = [
+            line
+            for i in range(3)
+            for line in group.ask("CLIENT", "LIST", sentinel=i).decode().splitlines()
+        ]
+        if sum(" sub=1 " in c and " cmd=ping " in c for c in clients) >= instances:
+            return
+        assert time.monotonic() < deadline, "\n".join(clients)
+        time.sleep(0.1)
 
 
 def until_metric(daemon: Daemon, line: str, timeout: float = 10) -> None:
@@ -69,6 +85,7 @@ def test_a_sentinel_failover_under_a_publisher_is_followed_in_order(
     old = f"127.0.0.1:{group.primary.port}"
     for daemon in (one, two):
         daemon.wait_for("broker connected", 20, lambda e: e["primaries"] == old)
+    watching(group, 2)  # the failover comes after the watchers' first keepalive
 
     async def main() -> list[tuple[str, int, str, str]]:
         member, _, _ = await joined(f"{two.url}/feed")
@@ -151,6 +168,46 @@ def test_a_killed_primary_shows_in_healthz_and_a_resume_crosses_the_failover(
             assert envelope(await asyncio.wait_for(ws.recv(), 10)) == ("m", 6, epoch, "6")
 
     asyncio.run(main())
+
+
+@pytest.mark.timeout(90)
+def test_a_primary_short_of_replicas_refuses_writes_and_the_session_goes_on(
+    start: Callable[..., Daemon], make_redis: Callable[..., RedisServer], key_file: Path
+) -> None:
+    """With min-replicas-to-write, a primary whose replica is gone answers NOREPLICAS: the
+    message is refused (503 from the API for a channel with history, counted as failed),
+    the primary is still the primary, and the session with it goes on."""
+    primary = make_redis(0, None, "--min-replicas-to-write", "1", "--min-replicas-max-lag", "1")
+    replica = make_redis(0, None, "--replicaof", "127.0.0.1", str(primary.port))
+    deadline = time.monotonic() + 20
+    while command(primary.port, "INFO", "replication")["connected_slaves"] != 1:
+        assert time.monotonic() < deadline, "the replica never connected"
+        time.sleep(0.05)
+    one, two = redis_relays(start, primary.url, "--api-key-file", str(key_file))
+    headers = {"X-API-Key": KEY, "Content-Type": "text/plain"}
+    deadline = time.monotonic() + 20
+    while post(one.port, "/publish/h", b"kept", headers)[0] != 202:  # the replica's first ACK
+        assert time.monotonic() < deadline, "the primary never took a write"
+        time.sleep(0.1)
+    replica.kill()
+    deadline = time.monotonic() + 20
+    while (status := post(one.port, "/publish/h", b"refused", headers)[0]) == 202:
+        assert time.monotonic() < deadline, "the primary never refused a write"
+        time.sleep(0.1)
+    assert status == 503
+    assert post(one.port, "/publish/h", b"refused again", headers)[0] == 503
+    assert http_get(one.port, "/healthz")[1] == "ok\n"
+    warned = one.wait_for("broker refused a message")
+    assert "NOREPLICAS" in warned["error"]
+    make_redis(0, None, "--replicaof", "127.0.0.1", str(primary.port))  # a replica again
+    deadline = time.monotonic() + 20
+    while post(one.port, "/publish/h", b"kept again", headers)[0] != 202:
+        assert time.monotonic() < deadline, "the primary never took a write again"
+        time.sleep(0.1)
+    for daemon in (one, two):
+        events = {e["event"] for e in daemon.events}
+        assert not events & {"broker failing over", "broker unreachable"}, daemon.log
+        assert sum(e["event"] == "broker connected" for e in daemon.events) == 1
 
 
 def test_sentinel_and_cluster_settings_are_checked() -> None:
@@ -250,3 +307,39 @@ def test_a_cluster_spreads_channels_over_its_shards_with_history_and_presence(
     asyncio.run(main())
     for daemon in (one, two):
         assert http_get(daemon.port, "/healthz")[1] == "ok\n"
+
+
+@pytest.mark.timeout(120)
+def test_a_failover_inside_the_cluster_is_followed(
+    start: Callable[..., Daemon], cluster_group: ClusterGroup
+) -> None:
+    """A replica of one shard takes over (CLUSTER FAILOVER): the demoted primary keeps its
+    connections open, so the instances notice by ROLE, read the layout again, and what is
+    published afterwards on that shard's channel crosses, none of it lost."""
+    group = cluster_group
+    name = one_channel_per_node(group)[0]
+    old = group.node_of(f"wsechod:{{{name}}}")
+    replica = group.add_replica(old)
+    one, two = redis_relays(start, group.url, "--redis-cluster")
+
+    async def main() -> None:
+        member, _, _ = await joined(f"{two.url}{name}")
+        async with member:
+            await asyncio.to_thread(subscribed, two, name, 0)
+            await published(f"{one.url}{name}", "before")
+            assert envelope(await asyncio.wait_for(member.recv(), 10))[3] == "before"
+            command(replica.port, "CLUSTER", "FAILOVER")
+            for daemon in (one, two):
+                switched = await asyncio.to_thread(daemon.wait_for, "broker primary switched", 30)
+                assert f"127.0.0.1:{replica.port}" in switched["primaries"]
+            ended = max(i for i, e in enumerate(two.events) if e["event"] == "broker failing over")
+            await asyncio.to_thread(subscribed, two, name, ended)
+            await published(f"{one.url}{name}", *(str(n) for n in range(10)))
+            got = [envelope(await asyncio.wait_for(member.recv(), 10))[3] for _ in range(10)]
+            assert got == [str(n) for n in range(10)]
+        # one has no member there, so nothing subscribed on that shard: its check saw it
+        assert "now a replica" in one.wait_for("broker failing over")["error"]
+        warned = two.wait_for("broker failing over")  # or Redis unsubscribed it first
+        assert "now a replica" in warned["error"] or "moved" in warned["error"], warned
+
+    asyncio.run(main())

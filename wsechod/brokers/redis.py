@@ -125,7 +125,7 @@ MOVED_ON = (
     ReadOnlyError, BusyLoadingError, MovedError, AskError, TryAgainError, ClusterDownError,
     MasterDownError, NoScriptError,
 )  # fmt: skip
-MOVED_WORDS = ("NOREPLICAS", "READONLY", "MASTERDOWN", "CLUSTERDOWN", "MOVED", "NOSCRIPT")
+MOVED_WORDS = ("READONLY", "MASTERDOWN", "CLUSTERDOWN", "MOVED", "NOSCRIPT")
 
 
 # What the outbox holds: a command, its size, and the future of a message with history.
@@ -141,8 +141,13 @@ def _answered(
     return future
 
 
-def _moved(exc: ResponseError) -> bool:
-    return isinstance(exc, MOVED_ON) or any(word in str(exc) for word in MOVED_WORDS)
+def _moved(exc: ResponseError) -> str | None:
+    """Why this answer says the node no longer takes our writes, or None. (A primary that
+    refuses writes for want of replicas, NOREPLICAS, is still the primary: the message
+    is refused, counted, and the session goes on.)"""
+    if isinstance(exc, MOVED_ON) or any(word in str(exc) for word in MOVED_WORDS):
+        return f"{type(exc).__name__}: {exc}"
+    return None
 
 
 class _Down(Exception):
@@ -166,6 +171,7 @@ class _Shard:
         self.pong = asyncio.Event()
         self.ping_seq = self.ponged = 0
         self.unsubscribing: dict[bytes, int] = {}  # SUNSUBSCRIBEs sent, not yet answered
+        self.over = False  # its session has ended: no more reads are taken
 
 
 class RedisBroker:
@@ -305,7 +311,7 @@ class RedisBroker:
 
     async def _read_now(self, channel: str, command: tuple[Any, ...]) -> Any:
         shard = self._shard_of(channel) if self.state == CONNECTED else None
-        if shard is None:
+        if shard is None or shard.over:
             raise ConnectionError(f"broker {self.state}")
         answer: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         shard.reads.put_nowait((command, answer))
@@ -465,22 +471,19 @@ class RedisBroker:
         raise _Down(FAILING_OVER, why, "switch")
 
     async def _serve_reads(self, shard: _Shard, conn: AbstractConnection) -> None:
-        """History reads, one at a time, each answered within PUBLISH_TIMEOUT; while idle,
-        every PING_INTERVAL, that the node is still a primary (a demoted one answers
-        READONLY only when Sentinel reconfigures it, seconds later)."""
+        """History reads, one at a time, each answered within PUBLISH_TIMEOUT; and every
+        PING_INTERVAL, reads or not, the topology's check that the node is still a
+        primary (a Cluster demotes one at once and leaves its connections open)."""
+        loop = asyncio.get_running_loop()
+        check_at = loop.time() + PING_INTERVAL
         while True:
+            if loop.time() >= check_at:
+                await self._check(conn)
+                check_at = loop.time() + PING_INTERVAL
             try:
-                async with asyncio.timeout(PING_INTERVAL):
+                async with asyncio.timeout(max(0.0, check_at - loop.time())):
                     command, answer = await shard.reads.get()
             except TimeoutError:
-                try:
-                    await self.topology.check(conn)
-                except NotLocated as exc:
-                    raise _Down(FAILING_OVER, str(exc), "role") from None
-                except TimeoutError:
-                    raise _Down(UNRESPONSIVE, "no answer to a check", "timeout") from None
-                except (RedisError, OSError) as exc:
-                    raise self._failure(exc, PUBLISH_TIMEOUT) from None
                 continue
             try:
                 async with asyncio.timeout(PUBLISH_TIMEOUT):
@@ -493,8 +496,8 @@ class RedisBroker:
                 ) from None
             except ResponseError as exc:  # e.g. an ACL without EVALSHA
                 answer.set_exception(ConnectionError(f"history read refused: {exc}"))
-                if _moved(exc):
-                    raise _Down(FAILING_OVER, f"history read: {exc}", "moved") from None
+                if (why := _moved(exc)) is not None:
+                    raise _Down(FAILING_OVER, f"history read: {why}", "moved") from None
                 self._warn.warning("broker refused a history read", error=str(exc))
                 continue
             except (RedisError, OSError) as exc:
@@ -503,9 +506,20 @@ class RedisBroker:
             if not answer.done():
                 answer.set_result(reply)
 
+    async def _check(self, conn: AbstractConnection) -> None:
+        try:
+            await self.topology.check(conn)
+        except NotLocated as exc:
+            raise _Down(FAILING_OVER, str(exc), "role") from None
+        except TimeoutError:
+            raise _Down(UNRESPONSIVE, "no answer to a check", "timeout") from None
+        except (RedisError, OSError) as exc:
+            raise self._failure(exc, PUBLISH_TIMEOUT) from None
+
     def _end_reads(self) -> None:
         """Reads still waiting fail: the session is over."""
         for shard in self._shards:
+            shard.over = True
             while not shard.reads.empty():
                 _, answer = shard.reads.get_nowait()
                 if not answer.done():
@@ -653,8 +667,8 @@ class RedisBroker:
         try:
             reply = await conn.read_response()
         except ResponseError as exc:
-            if _moved(exc):
-                raise _Down(FAILING_OVER, self._scrub(str(exc)), "moved") from None
+            if (why := _moved(exc)) is not None:
+                raise _Down(FAILING_OVER, self._scrub(why), "moved") from None
             self.counts["failed"] += 1
             self._warn.warning("broker refused a message", error=str(exc))
             _answered(stored, None)

@@ -167,7 +167,7 @@ class Sentinel:
                 conn = await self._sentinel(address)
                 found = await ask(conn, "SENTINEL", "GET-MASTER-ADDR-BY-NAME", self.service)
             except (RedisError, OSError, TimeoutError) as exc:
-                errors.append(f"{address}: {exc or type(exc).__name__}")
+                errors.append(f"{address}: {str(exc) or type(exc).__name__}")
                 continue
             finally:
                 if conn is not None:
@@ -218,28 +218,45 @@ class Sentinel:
             await asyncio.sleep(WATCH_RETRY)
 
     async def _listen(self, address: str) -> str:
+        """Subscribe to one sentinel's announcements until one is about our service. Its
+        replies are read without a deadline (cancelling a read would leave redis-py to
+        reconnect unsubscribed); a PING every WATCH_TIMEOUT, answered within TIMEOUT,
+        says whether the sentinel is still there."""
         conn = await self._sentinel(address)
-        try:
-            await conn.send_command("SUBSCRIBE", "+switch-master", check_health=False)
-            quiet = 0
+        pong = asyncio.Event()
+
+        async def announced() -> str:
             while True:
-                try:
-                    async with asyncio.timeout(WATCH_TIMEOUT):
-                        reply = await conn.read_response()
-                except TimeoutError:
-                    quiet += 1
-                    if quiet > 1:
-                        raise
-                    await conn.send_command("PING", check_health=False)
+                reply = await conn.read_response()
+                if not isinstance(reply, list) or not reply:
                     continue
-                quiet = 0
-                if isinstance(reply, list) and reply[:1] == [b"message"] and len(reply) == 3:
+                if reply[0] == b"pong":
+                    pong.set()
+                elif reply[0] == b"message" and len(reply) == 3:
                     # "<service> <old-ip> <old-port> <new-ip> <new-port>"
                     words = reply[2].decode().split()
                     if len(words) == 5 and words[0] == self.service:
                         old, new = f"{words[1]}:{words[2]}", f"{words[3]}:{words[4]}"
                         return f"primary switched from {old} to {new}"
+
+        async def pinged() -> str:
+            while True:
+                await asyncio.sleep(WATCH_TIMEOUT)
+                pong.clear()
+                await conn.send_command("PING", check_health=False)
+                async with asyncio.timeout(TIMEOUT):
+                    await pong.wait()
+
+        tasks: list[asyncio.Task[str]] = []
+        try:
+            await conn.send_command("SUBSCRIBE", "+switch-master", check_health=False)
+            tasks = [asyncio.create_task(announced()), asyncio.create_task(pinged())]
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            return done.pop().result()  # a reason, or the failure (TimeoutError...)
         finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
             with contextlib.suppress(Exception):
                 await conn.disconnect(nowait=True)
 
@@ -270,7 +287,7 @@ class Cluster:
                 conn = await connect(at_address(self.url, host.strip("[]"), int(port)))
                 shards = await ask(conn, "CLUSTER", "SHARDS")
             except (RedisError, OSError, TimeoutError) as exc:
-                errors.append(f"{seed}: {exc or type(exc).__name__}")
+                errors.append(f"{seed}: {str(exc) or type(exc).__name__}")
                 continue
             finally:
                 if conn is not None:
@@ -305,8 +322,11 @@ class Cluster:
         return nodes
 
     async def check(self, conn: AbstractConnection) -> None:
-        """That the node answers (a PING): the layout named primaries."""
-        await ask(conn, "PING")
+        """That the node is still a primary (ROLE): a failover in the cluster demotes it
+        at once, and its connections stay open."""
+        role = await ask(conn, "ROLE")
+        if not role or role[0] != b"master":
+            raise NotLocated("a primary of the layout is now a replica (a failover)")
 
     def client(self) -> tuple[RedisCluster, Clients | None]:
         """A redis-py Cluster client (presence)."""
