@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 from websockets.frames import Frame, Opcode
 
 from tests.test_engine_units import Transport
-from wsechod.engine import Connection, Engine, Family, Figures, Options
+from wsechod.engine import Connection, Engine, Family, Figures, Options, Request
 from wsechod.engine.connection import WebSocket
 from wsechod.engine.frames import valid_peer_code
 
@@ -39,7 +39,7 @@ class Recorder:
     def __init__(self) -> None:
         self.frames: list[tuple[bytes, bool, bool, bool]] = []
 
-    def admit(self, path: str) -> None:
+    def admit(self, request: Request) -> None:
         return None
 
     def opened(self, conn: Connection) -> None:

@@ -4,11 +4,11 @@ Frames are echoed one by one, so a message of any number of fragments costs one 
 memory; the engine stops reading from a client whose echoes it does not read.
 """
 
-from wsechod.engine.interface import Connection, Family, Figures, Reply
+from wsechod.engine.interface import Connection, Family, Figures, Reply, Request
 
 
 class Echo:
-    def admit(self, path: str) -> Reply | None:
+    def admit(self, request: Request) -> Reply | None:
         return None
 
     def opened(self, conn: Connection) -> None:

@@ -45,7 +45,7 @@ from typing import Any
 from wsechod import channels, history, ratelimit
 from wsechod.brokers.base import Broker, Members
 from wsechod.channels import Policies, Policy, Rule
-from wsechod.engine import Connection, Family, Figures, Prepared, Reply, prepare
+from wsechod.engine import Connection, Family, Figures, Prepared, Reply, Request, prepare
 from wsechod.engine.frames import CloseCode
 from wsechod.history import NOWHERE, History, Position, Published
 from wsechod.log import get_logger
@@ -260,9 +260,9 @@ class Relay:
 
     # --- admission -------------------------------------------------------------------
 
-    def admit(self, path: str) -> Reply | None:
+    def admit(self, request: Request) -> Reply | None:
         """Refuse, before the handshake, a channel name or a member over the limits."""
-        written = path.partition("?")[0]
+        written = request.route
         if len(written) > self.max_path_length:
             status, text = http.HTTPStatus.REQUEST_URI_TOO_LONG, "channel name too long\n"
             return Reply(status, text, refused="max_path_length")

@@ -16,6 +16,9 @@ from __future__ import annotations
 
 import asyncio
 import codecs
+import contextlib
+import socket
+import struct
 import time
 from typing import Any, Protocol
 
@@ -58,6 +61,7 @@ _VIEW_FROM = 4096
 _Decoder = codecs.getincrementaldecoder("utf-8")
 _TEXT, _BINARY = HEADERS[0x80 | OP_TEXT], HEADERS[0x80 | OP_BINARY]
 _PONG, _PING, _CLOSE = HEADERS[0x80 | OP_PONG], HEADERS[0x80 | OP_PING], HEADERS[0x80 | OP_CLOSE]
+LINGER_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() resets the connection
 APP_FAILED = Failure(CloseCode.INTERNAL_ERROR, "internal error")
 KEEPALIVE_TIMEOUT = Failure(CloseCode.INTERNAL_ERROR, "keepalive ping timeout")
 SHORT_OF_MEMORY = "server is short of memory"
@@ -110,6 +114,8 @@ class WebSocket(asyncio.Protocol):
         "_timer",
         "_transport",
         "_utf8",
+        "answer_close",
+        "answer_pings",
         "app_data",
         "app_held",
         "binary_in",
@@ -169,6 +175,7 @@ class WebSocket(asyncio.Protocol):
         self.member = False  # the application was told it opened (and will be, that it closed)
         self._expiry: asyncio.TimerHandle | None = None  # its token's
         self.app_data: Any = None
+        self.answer_pings = self.answer_close = True  # the test peer may turn them off
         self.app_held = 0  # bytes the application keeps for it (``hold``)
         self.blocked = False
         # Whole messages, by type: counted apart rather than a total and the text ones, so
@@ -639,6 +646,8 @@ class WebSocket(asyncio.Protocol):
 
     def _control(self, opcode: int, payload: bytes) -> None:
         if opcode == OP_PING:
+            if not self.answer_pings:
+                return
             n = len(payload)
             if self._deflate is not None:
                 self._flush_held()
@@ -655,6 +664,7 @@ class WebSocket(asyncio.Protocol):
 
     def _close_received(self, payload: bytes) -> None:
         code: int | None = None
+        reason = ""
         if payload:
             if len(payload) == 1:
                 self._fail(frames.CLOSE_TOO_SHORT)
@@ -664,15 +674,21 @@ class WebSocket(asyncio.Protocol):
                 self._fail(Failure(CloseCode.PROTOCOL_ERROR, f"invalid close code {code}"))
                 return
             try:
-                payload[2:].decode()
+                reason = payload[2:].decode()
             except UnicodeDecodeError:
                 self._fail(frames.INVALID_CLOSE_REASON)
                 return
         self.code_received = _NO_STATUS if code is None else code
+        if not self.answer_close:  # the test peer's no_close_reply: the client times out
+            self._state = CLOSED
+            self._set_buf(None)
+            self._close_later()
+            return
         if self._state == OPEN:
-            # 5.5.1: answer with a close frame, echoing the code. A close between the
-            # fragments of a message is a normal close too: the message is abandoned.
-            self._write_close(code)
+            # 5.5.1: answer with a close frame, echoing the code and its reason. A close
+            # between the fragments of a message is a normal close too: the message is
+            # abandoned.
+            self._write_close(code, reason)
         self._state = CLOSED
         self._close_later()
         self._transport.close()  # 7.1.1: the server closes the TCP connection first
@@ -719,6 +735,34 @@ class WebSocket(asyncio.Protocol):
         """Drop the TCP connection now (deadlines: close, keepalive, drain)."""
         self._state = CLOSED
         self._transport.abort()
+
+    def drop(self, *, reset: bool) -> None:
+        self._state = CLOSED
+        self._set_buf(None)
+        if reset:  # SO_LINGER 0: closing sends an RST, not a FIN
+            sock = self._transport.get_extra_info("socket")
+            if sock is not None:
+                with contextlib.suppress(OSError):
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RESET)
+            self._transport.abort()
+        else:
+            self._transport.close()
+
+    def ping(self, payload: bytes) -> None:
+        if self._state != OPEN:
+            return
+        if self._deflate is not None:
+            self._flush_held()
+        self._transport.write(_PING[len(payload)] + payload)
+
+    def send_raw(self, data: bytes) -> None:
+        if self._deflate is not None:
+            self._flush_held()
+        self._transport.write(data)
+
+    @property
+    def extensions(self) -> str:
+        return "" if self._deflate is None else self._deflate.header
 
     # --- flow control ----------------------------------------------------------------
 

@@ -217,6 +217,20 @@ class Deflate:
         self._budget = budget
         self.pause = 0.0  # after inflate: seconds to stop reading (the budget is spent)
 
+    @property
+    def header(self) -> str:
+        """What was negotiated, as a Sec-WebSocket-Extensions value."""
+        params = ["permessage-deflate"]
+        if self._out_reset:
+            params.append("server_no_context_takeover")
+        if self._in_reset:
+            params.append("client_no_context_takeover")
+        if self._out_bits != 15:
+            params.append(f"server_max_window_bits={self._out_bits}")
+        if self._in_bits != 15:
+            params.append(f"client_max_window_bits={self._in_bits}")
+        return "; ".join(params)
+
     # --- inflating -------------------------------------------------------------------
 
     def inflate(self, data: bytes, first: bool, last: bool, room: int) -> bytes:  # noqa: PLR0912

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
+import functools
 import http
 import inspect
 import re
@@ -185,7 +186,7 @@ class Handshake(asyncio.Protocol):
         # being made (an awaitable admission returned).
         self._body: tuple[bodies.BodyReader, Callable[[bytes], Reply | Awaitable[Reply]]] | None
         self._body = None
-        self._task: asyncio.Future[Reply] | None = None
+        self._task: asyncio.Future[Any] | None = None  # a reply, or the test peer's delay
         self._answered = False  # an HTTP reply was written: what else comes is discarded
         self.peer = ""
         self.group = ""  # the client's address group (proxy.group), once known
@@ -402,6 +403,29 @@ class Handshake(asyncio.Protocol):
         if reply is not None:
             chosen = reply.subprotocol
             self._subprotocol = None if chosen is None else Subprotocol(chosen)
+            if not reply.compress:  # the same request, read without extensions to offer
+                protocol = ServerProtocol(
+                    max_size=engine.options.max_size,
+                    select_subprotocol=lambda _protocol, _offered: self._subprotocol,
+                )
+                raw = self._parse(protocol, head)
+                if raw is None:
+                    return
+            if reply.delay > 0:  # the test peer's accept_delay (the open deadline runs)
+                upgrade = functools.partial(self._upgrade, protocol, raw, reply, rest)
+                self._task = asyncio.ensure_future(asyncio.sleep(reply.delay))
+                self._task.add_done_callback(lambda task: task.cancelled() or upgrade())
+                return
+        self._upgrade(protocol, raw, reply, rest)
+
+    def _upgrade(
+        self, protocol: ServerProtocol, raw: WsRequest, reply: Admitted | None, rest: bytes
+    ) -> None:
+        """Answer the upgrade: 101 and the WebSocket opens, or the error websockets finds."""
+        self._task = None
+        engine = self._engine
+        if self._transport is None or self._transport.is_closing():
+            return  # gone while the test peer delayed its answer
         if raw.protocol != "HTTP/1.1":
             # RFC 6455 4.1: the opening handshake is an HTTP/1.1 request (websockets would
             # answer 505, but HTTP/1.0 is the same major version: this request is wrong).

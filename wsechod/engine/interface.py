@@ -96,11 +96,16 @@ class Admitted:
     """Admission's yes, and what the connection takes from it: the subprotocol to select
     among those the client offered, who it is, and, to refuse a browser in a way its
     script can read (it sees no HTTP status), a close to send at once after the 101
-    (code and reason) instead of opening it to the application."""
+    (code and reason) instead of opening it to the application. The test peer's terms:
+    ``compress`` False refuses permessage-deflate, ``delay`` seconds pass before the 101
+    is sent, ``app_data`` becomes the connection's."""
 
     subprotocol: str | None = None
     identity: Identity | None = None
     close: tuple[int, str] | None = None
+    compress: bool = True
+    delay: float = 0.0
+    app_data: Any = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,6 +147,8 @@ class Connection(Protocol):
     dropped: int  # messages an application chose not to send (relay slow consumers)
     app_held: int  # bytes the application said it keeps for this connection (``hold``)
     app_data: Any  # free for the application's per-connection state
+    answer_pings: bool  # False: pings go unanswered (the test peer's no_pong)
+    answer_close: bool  # False: the client's close frame is not answered (no_close_reply)
 
     @property
     def open(self) -> bool:
@@ -175,6 +182,21 @@ class Connection(Protocol):
         own in 3000-4999); the connection goes away when it completes or after
         ``close_timeout``."""
 
+    def ping(self, payload: bytes) -> None:
+        """Send a ping (at most 125 bytes), besides the keepalive's own."""
+
+    def drop(self, *, reset: bool) -> None:
+        """End the TCP connection without a close frame: at once with a reset (RST), or
+        with a FIN once what is buffered is written. (The test peer's ``drop``.)"""
+
+    def send_raw(self, data: bytes) -> None:
+        """Write ``data`` as it is, framed by the caller: the test peer's protocol
+        violations, nothing else."""
+
+    @property
+    def extensions(self) -> str:
+        """The extensions the handshake negotiated, as the 101 said them ("": none)."""
+
     def pause_reading(self) -> None:
         """Stop reading from this client (it is sending faster than others can take)."""
 
@@ -190,8 +212,9 @@ class Connection(Protocol):
 class Application(Protocol):
     """The callbacks the engine makes. They run on the event loop and must not block."""
 
-    def admit(self, path: str) -> Reply | None:
-        """Before the upgrade: refuse the request with a reply, or None to accept."""
+    def admit(self, request: Request) -> Reply | Admitted | None:
+        """Before the upgrade: refuse the request with a reply, accept it (None), or
+        accept it on terms (the test peer's: a subprotocol, no compression, a delay)."""
 
     def opened(self, conn: Connection) -> None: ...
 

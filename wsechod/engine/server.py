@@ -327,6 +327,7 @@ class Engine:
         if admitted is not None:
             ws.identity = identity = admitted.identity
             ws.subprotocol = admitted.subprotocol
+            ws.app_data = admitted.app_data
             if admitted.close is not None:
                 ws.close(*admitted.close)
                 return

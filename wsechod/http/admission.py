@@ -9,6 +9,7 @@ the 101, so that a client over a limit gets a definite HTTP status rather than a
 that closes at once.
 """
 
+import dataclasses
 import http
 from collections.abc import Awaitable, Callable, Sized
 from typing import Protocol
@@ -119,10 +120,14 @@ def admission(
                 closing = current.auth_refusal == "close"
                 return (closing and auth.refusal_to_close(checked, chosen)) or checked
             identity = checked
-        refused = app.admit(request.path)
-        if refused is not None or (identity is None and chosen is None):
-            return refused
-        return Admitted(chosen, identity)
+        answer = app.admit(request)
+        if isinstance(answer, Reply):
+            return answer
+        if isinstance(answer, Admitted):  # on the application's terms (the test peer's)
+            return dataclasses.replace(
+                answer, subprotocol=answer.subprotocol or chosen, identity=identity
+            )
+        return None if identity is None and chosen is None else Admitted(chosen, identity)
 
     return admit
 

@@ -25,6 +25,7 @@ from typing import Any, Protocol
 
 from wsechod import brokers, ratelimit
 from wsechod.apps.echo import Echo
+from wsechod.apps.peer import TestPeer
 from wsechod.apps.relay import Relay
 from wsechod.engine import Admission, Application, Engine, Listener, Options, Reply
 from wsechod.engine.frames import CloseCode
@@ -243,7 +244,7 @@ def tls_context(settings: Settings) -> ssl.SSLContext | None:
 
 def application(settings: Settings) -> tuple[Application, brokers.Broker | None]:
     if settings.mode != "relay":
-        return Echo(), None
+        return (TestPeer(settings.max_size) if settings.controls else Echo()), None
     broker = brokers.create(
         settings.broker,
         presence_interval=settings.presence_interval,

@@ -570,6 +570,20 @@ class Settings:
             "path form a channel, and what one sends goes to the others."
         ),
     )
+    controls: bool = _opt(
+        False,
+        "echo: the test peer's controls in the query string (close=, delay=, drop=...)",
+        restart=True,
+        section=RELAY,
+        note=(
+            "echo: obey the test peer's controls in each upgrade request's query string "
+            "(status=, accept_delay=, subprotocol=, delay=, fragment=, close=, drop=, "
+            "violate=, no_close_reply=, ping=, no_pong=, send=, throttle=, headers=, "
+            "compress=; see the Test peer page): a client's test suite can then make the "
+            "server misbehave on purpose. Off by default: a public echo must not let "
+            "strangers make it stall. Echo mode only in this release."
+        ),
+    )
     relay_echo: bool = _opt(
         False,
         "relay: also send each message back to its sender",

@@ -1,0 +1,286 @@
+"""The test peer's controls (echo mode, ``--controls``): each control through a raw socket
+where a client library would hide the frames, or websockets' client where it shows what a
+client sees; bad controls get 400 naming them; without ``--controls`` the query string is
+ignored."""
+
+import asyncio
+import http.client
+import json
+import signal
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed
+from websockets.typing import Subprotocol
+
+from tests import rawws
+from tests.conftest import Daemon
+from wsechod.apps.peer import VIOLATIONS
+
+
+@pytest.fixture
+def peer(start: Callable[..., Daemon]) -> Daemon:
+    return start("--controls", "--close-timeout", "1")
+
+
+def upgrade(port: int, path: str, *extra: str) -> tuple[int, dict[str, str], str]:
+    """An upgrade request's answer when it is not a 101: status, headers, body."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        headers = {"Upgrade": "websocket", "Connection": "Upgrade", "Sec-WebSocket-Version": "13",
+                   "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ=="}  # fmt: skip
+        for line in extra:
+            name, _, value = line.partition(": ")
+            headers[name] = value
+        conn.request("GET", path, headers=headers)
+        response = conn.getresponse()
+        return response.status, dict(response.getheaders()), response.read().decode()
+    finally:
+        conn.close()
+
+
+def test_without_controls_the_query_string_is_ignored(start: Callable[..., Daemon]) -> None:
+    daemon = start()
+
+    async def main() -> str:
+        async with connect(f"{daemon.url}/?close=4000&delay=oops&status=503") as ws:
+            await ws.send("plain")
+            return str(await ws.recv())
+
+    assert asyncio.run(main()) == "plain"
+
+
+@pytest.mark.parametrize(
+    ("query", "why"),
+    [
+        ("close=999", "control close='999': out of range"),
+        ("close=1005", "control close='1005': not a code an endpoint may send"),
+        ("close=1000&reason=" + "%C3%A9" * 62, "control reason="),
+        ("reason=x", "control reason='x': goes with close="),
+        ("after=2", "control after='2': goes with close= or violate="),
+        ("close=4000&drop=1", "control drop='1': one ending at a time"),
+        ("delay=60001", "control delay='60001': out of range: 0 to 60000"),
+        ("delay=1.5", "control delay='1.5': expected a whole number"),
+        ("delay=1&delay=2", "control delay='2': given twice"),
+        ("ping=0.05", "control ping='0.05': out of range: 0.1 to 60"),
+        ("throttle=100", "control throttle='100': out of range"),
+        ("status=200", "control status='200': out of range: 300 to 599"),
+        ("status=599", "control status='599': not a registered HTTP status"),
+        ("status=302&location=javascript:x", "control location="),
+        ("status=401&www_authenticate=a%0d%0ab", "control www_authenticate="),
+        ("violate=everything", "control violate='everything': expected one of utf8"),
+        ("drop=1&how=slow", "control how='slow': expected rst or fin"),
+        ("send=10&size=2000000", "control size='2000000': out of range"),
+        ("send=100000&size=1000", "control send='100000': send x size over"),
+        ("send=1&rate=20000", "control rate='20000': out of range"),
+        ("send=1&type=json", "control type='json': expected text or binary"),
+        ("no_pong=0", "control no_pong='0': expected 1"),
+        ("compress=2", "control compress='2': expected 0 or 1"),
+        ("subprotocol=a%20b", "control subprotocol='a b': expected a token"),
+        ("subprotocol=chat", "control subprotocol='chat': not offered"),
+    ],
+)
+def test_a_bad_control_is_a_400_naming_it(peer: Daemon, query: str, why: str) -> None:
+    status, _, body = upgrade(peer.port, f"/?{query}")
+    assert (status, body.startswith(f"bad request: {why}")) == (400, True), body
+    assert len(body.splitlines()) == 1
+
+
+def test_status_refuses_the_handshake_with_its_headers(peer: Daemon) -> None:
+    status, headers, body = upgrade(peer.port, "/?status=503&retry_after=7&cache=busted")
+    assert (status, headers["Retry-After"]) == (503, "7")
+    assert body == "503 Service Unavailable: as the status control asked\n"
+    status, headers, _ = upgrade(peer.port, "/?status=307&location=wss://other.example/x")
+    assert (status, headers["Location"]) == (307, "wss://other.example/x")
+    status, headers, _ = upgrade(peer.port, '/?status=401&www_authenticate=Bearer%20realm="t"')
+    assert (status, headers["WWW-Authenticate"]) == (401, 'Bearer realm="t"')
+
+
+def test_accept_delay_and_delay_hold_the_answers_back_in_order(peer: Daemon) -> None:
+    async def main() -> tuple[float, float, list[str]]:
+        began = time.monotonic()
+        async with connect(f"{peer.url}/?accept_delay=300&delay=200") as ws:
+            opened = time.monotonic()
+            for word in ("one", "two", "three"):
+                await ws.send(word)
+            sent = time.monotonic()
+            got = [str(await ws.recv()) for _ in range(3)]
+            return opened - began, time.monotonic() - sent, got
+
+    accepted, echoed, got = asyncio.run(main())
+    assert accepted >= 0.3 and echoed >= 0.2 - 0.01
+    assert got == ["one", "two", "three"]
+
+
+def test_subprotocol_selects_what_the_client_offered(peer: Daemon) -> None:
+    async def main() -> str | None:
+        offers = [Subprotocol("soap"), Subprotocol("chat")]
+        async with connect(f"{peer.url}/?subprotocol=chat", subprotocols=offers) as ws:
+            return ws.subprotocol
+
+    assert asyncio.run(main()) == "chat"
+
+
+def test_fragment_cuts_each_echo_into_continuation_frames(peer: Daemon) -> None:
+    with rawws.connect(peer.port, "/?fragment=4") as sock:
+        rawws.send_frame(sock, rawws.OP_TEXT, b"0123456789")
+        got = [rawws.read_frame_fin(sock) for _ in range(3)]
+    assert got == [
+        (rawws.OP_TEXT, False, b"0123"),
+        (rawws.OP_CONT, False, b"4567"),
+        (rawws.OP_CONT, True, b"89"),
+    ]
+
+
+def test_close_after_n_messages_with_a_code_and_reason(peer: Daemon) -> None:
+    async def main() -> tuple[list[str], int, str]:
+        async with connect(f"{peer.url}/?close=4000&reason=bye&after=2") as ws:
+            await ws.send("a")
+            await ws.send("b")
+            got = [str(await ws.recv()) for _ in range(2)]
+            with pytest.raises(ConnectionClosed) as closed:
+                await ws.recv()
+            assert closed.value.rcvd is not None
+            return got, closed.value.rcvd.code, closed.value.rcvd.reason
+
+    assert asyncio.run(main()) == (["a", "b"], 4000, "bye")
+    with rawws.connect(peer.port, "/?close=1011") as sock:  # after=0: at once
+        assert rawws.read_close(sock) == (1011, "")
+
+
+def test_drop_ends_tcp_with_a_reset_or_a_fin_and_no_close_frame(peer: Daemon) -> None:
+    with rawws.connect(peer.port, "/?drop=1&how=rst") as sock:
+        rawws.send_frame(sock, rawws.OP_TEXT, b"last")
+        assert rawws.read_frame(sock) == (rawws.OP_TEXT, b"last")
+        with pytest.raises(ConnectionResetError):
+            while sock.recv(65536):
+                pass
+    with rawws.connect(peer.port, "/?drop=1&how=fin") as sock:
+        rawws.send_frame(sock, rawws.OP_TEXT, b"last")
+        assert rawws.read_frame(sock) == (rawws.OP_TEXT, b"last")
+        assert rawws.until_eof(sock) == b""  # a FIN, nothing before it
+
+
+@pytest.mark.parametrize("kind", sorted(VIOLATIONS))
+def test_violate_sends_exactly_that_violation(peer: Daemon, kind: str) -> None:
+    with rawws.connect(peer.port, f"/?violate={kind}&after=1") as sock:
+        rawws.send_frame(sock, rawws.OP_TEXT, b"ok")
+        assert rawws.read_frame(sock) == (rawws.OP_TEXT, b"ok")
+        wanted = VIOLATIONS[kind]
+        got = b""
+        while len(got) < len(wanted):
+            got += sock.recv(len(wanted) - len(got))
+        assert got == wanted
+
+
+@pytest.mark.parametrize(("kind", "code"), [("utf8", 1007), ("opcode", 1002), ("masked", 1002)])
+def test_a_client_library_fails_the_connection_on_a_violation(
+    peer: Daemon, kind: str, code: int
+) -> None:
+    async def main() -> int:
+        async with connect(f"{peer.url}/?violate={kind}") as ws:
+            with pytest.raises(ConnectionClosed) as closed:
+                await ws.recv()
+            assert closed.value.sent is not None
+            return closed.value.sent.code
+
+    assert asyncio.run(main()) == code
+
+
+def test_no_close_reply_leaves_the_clients_close_unanswered(peer: Daemon) -> None:
+    with rawws.connect(peer.port, "/?no_close_reply=1") as sock:
+        rawws.send_frame(sock, rawws.OP_CLOSE, rawws.close_payload(1000))
+        began = time.monotonic()
+        assert rawws.until_eof(sock) == b""  # no close frame: dropped at close_timeout (1 s)
+        assert time.monotonic() - began >= 0.9
+
+
+def test_the_server_pings_with_a_counter_and_no_pong_answers_none(peer: Daemon) -> None:
+    with rawws.connect(peer.port, "/?ping=0.1") as sock:
+        assert rawws.read_frame(sock) == (rawws.OP_PING, b"1")
+        assert rawws.read_frame(sock) == (rawws.OP_PING, b"2")
+    with rawws.connect(peer.port, "/?no_pong=1") as sock:
+        sock.sendall(rawws.frame(rawws.OP_PING, b"hi") + rawws.frame(rawws.OP_TEXT, b"after"))
+        assert rawws.read_frame(sock) == (rawws.OP_TEXT, b"after")  # no pong before it
+
+
+def test_send_streams_numbered_messages_of_a_size_and_type(peer: Daemon) -> None:
+    with rawws.connect(peer.port, "/?send=3&size=6&type=binary") as sock:
+        got = [rawws.read_frame(sock) for _ in range(3)]
+    assert got == [(rawws.OP_BINARY, b"1 \0\0\0\0"), (rawws.OP_BINARY, b"2 \0\0\0\0"),
+                   (rawws.OP_BINARY, b"3 \0\0\0\0")]  # fmt: skip
+
+    async def main() -> float:
+        async with connect(f"{peer.url}/?send=20&rate=100") as ws:
+            began = time.monotonic()
+            got = [str(await ws.recv()) for _ in range(20)]
+            assert got == [f"{n} " + "x" * (15 - len(str(n))) for n in range(1, 21)]  # 16 B
+            return time.monotonic() - began
+
+    assert asyncio.run(main()) >= 0.15  # 20 at 100 a second: 0.19 s after the first
+
+
+def test_throttle_paces_the_echo_in_small_frames(peer: Daemon) -> None:
+    with rawws.connect(peer.port, "/?throttle=10240") as sock:
+        began = time.monotonic()
+        rawws.send_frame(sock, rawws.OP_BINARY, b"z" * 16384)
+        frames: list[tuple[int, bool, bytes]] = []
+        while not frames or not frames[-1][1]:
+            frames.append(rawws.read_frame_fin(sock))
+        took = time.monotonic() - began
+    assert b"".join(payload for _, _, payload in frames) == b"z" * 16384
+    assert max(len(payload) for _, _, payload in frames) <= 1024
+    assert took >= 1.4  # 16 KiB at 10 KiB/s, the first 1 KiB at once
+
+
+def test_headers_sends_the_request_first_and_compress_0_refuses_deflate(
+    start: Callable[..., Daemon],
+) -> None:
+    daemon = start("--controls", "--compression", "deflate")
+
+    async def main() -> tuple[dict[str, Any], str | None]:
+        async with connect(f"{daemon.url}/x?headers=1&compress=0", user_agent_header="t/1") as ws:
+            first = json.loads(await ws.recv())
+            assert ws.response is not None
+            return first, ws.response.headers.get("Sec-WebSocket-Extensions")
+
+    first, negotiated = asyncio.run(main())
+    assert negotiated is None
+    assert first["request"] == "GET /x?headers=1&compress=0 HTTP/1.1"
+    assert ["User-Agent", "t/1"] in first["headers"]
+    assert first["extensions"] == "" and first["subprotocol"] is None
+    assert str(first["peer"]).startswith("127.0.0.1:")
+
+    async def deflated() -> dict[str, object]:
+        async with connect(f"{daemon.url}/?headers=1") as ws:
+            return dict(json.loads(await ws.recv()))
+
+    assert str(asyncio.run(deflated())["extensions"]).startswith("permessage-deflate")
+
+
+def test_the_clients_close_reason_is_echoed(start: Callable[..., Daemon]) -> None:
+    daemon = start()  # in every mode: RFC 6455 5.5.1
+    with rawws.connect(daemon.port) as sock:
+        rawws.send_frame(sock, rawws.OP_CLOSE, rawws.close_payload(4001, b"why"))
+        assert rawws.read_close(sock) == (4001, "why")
+
+
+def test_a_drain_drops_delayed_echoes_and_closes_at_once(peer: Daemon) -> None:
+    async def main() -> list[int]:
+        conns = [await connect(f"{peer.url}/?delay=60000") for _ in range(20)]
+        for ws in conns:
+            await ws.send("later")
+        peer.signal(signal.SIGTERM)
+        codes = []
+        for ws in conns:
+            with pytest.raises(ConnectionClosed) as closed:
+                await asyncio.wait_for(ws.recv(), 10)
+            assert closed.value.rcvd is not None
+            codes.append(closed.value.rcvd.code)
+        return codes
+
+    assert asyncio.run(main()) == [1001] * 20
+    assert peer.wait(10) == 0
