@@ -72,3 +72,28 @@ def test_node_ws_client_gets_1001_on_sigterm(start: Callable[..., Daemon]) -> No
     # The server took in all the client sent, and all it echoed reached the client.
     server = daemon.wait_for("connection closed")
     assert (server["received"], server["sent"]) == (closed["sent"], closed["echoed"])
+
+
+@pytest.mark.parametrize(
+    ("query", "sent", "expected"),
+    [
+        ("close=4000&reason=bye&after=2", 3, {"code": 4000, "reason": "bye", "got": ["m1", "m2"]}),
+        ("fragment=1&close=1000&after=1", 1, {"code": 1000, "got": ["m1"]}),
+        ("drop=1", 2, {"code": 1006, "got": ["m1"]}),
+        ("ping=0.1", 0, {"code": 1000, "pings": ["1", "2"]}),
+        ("violate=utf8", 0, {"code": 1006}),
+    ],
+)
+def test_node_ws_meets_the_test_peers_controls(
+    start: Callable[..., Daemon], query: str, sent: int, expected: dict[str, Any]
+) -> None:
+    """A second client implementation sees what the controls promise: the close code and
+    reason after N messages, fragments put together, a dropped connection (1006), the
+    server's numbered pings, and an invalid UTF-8 message it must fail on."""
+    daemon = start("--controls")
+    client = node_client(f"{daemon.url}/?{query}", "peer", str(sent))
+    out, err = client.communicate(timeout=30)
+    summary = json.loads(out.splitlines()[-1])
+    assert {k: summary[k] for k in expected} == expected, (summary, err)
+    if query.startswith("violate"):
+        assert any("UTF-8" in e for e in summary["errors"]), summary

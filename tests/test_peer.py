@@ -4,9 +4,11 @@ client sees; bad controls get 400 naming them; without ``--controls`` the query 
 ignored."""
 
 import asyncio
+import contextlib
 import http.client
 import json
 import signal
+import socket
 import time
 from collections.abc import Callable
 from typing import Any
@@ -17,7 +19,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.typing import Subprotocol
 
 from tests import rawws
-from tests.conftest import Daemon
+from tests.conftest import Daemon, rss_kib
 from wsechod.apps.peer import VIOLATIONS
 
 
@@ -284,3 +286,52 @@ def test_a_drain_drops_delayed_echoes_and_closes_at_once(peer: Daemon) -> None:
 
     assert asyncio.run(main()) == [1001] * 20
     assert peer.wait(10) == 0
+
+
+def flood(sock: socket.socket, data: bytes) -> int:
+    """Send what the kernel takes at once, without blocking: the bytes sent."""
+    sock.setblocking(False)
+    sent = 0
+    with contextlib.suppress(BlockingIOError):
+        while sent < len(data):
+            sent += sock.send(data[sent:])
+    return sent
+
+
+@pytest.mark.timeout(120)
+def test_delayed_echoes_and_unread_streams_stay_within_their_bound(peer: Daemon) -> None:
+    """200 clients each sending 1 MiB to be echoed a minute later, then 200 that never
+    read a stream of 1,000 messages of 64 KiB: the server holds at most 64 KiB plus a frame
+    of delayed echoes per connection (it stops reading the rest, beyond its one read of
+    256 KiB), and a stream goes no further than what the client reads (write_limit)."""
+    assert peer.proc is not None
+    before = rss_kib(peer.proc.pid)
+    frames = rawws.frame(rawws.OP_BINARY, b"d" * 16384) * 64  # 1 MiB in 16 KiB frames
+    delayed = [rawws.connect(peer.port, "/?delay=60000") for _ in range(200)]
+    streams: list[socket.socket] = []
+    try:
+        for sock in delayed:
+            flood(sock, frames)
+        streams = [rawws.connect(peer.port, "/?send=1000&size=65536") for _ in range(200)]
+        for sock in streams:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        grown = wait_settled(peer.proc.pid) - before
+        # Without the bounds: 200 x 1 MiB held and 200 x 64 MiB made (200 MiB and up).
+        held = 200 * (64 + 16 + 256)  # KiB: waiting echoes, a frame, one read
+        bound = held + 200 * (32 + 64 + 64)  # and write_limit, a message being made
+        assert grown < bound, (grown, bound)
+    finally:
+        for sock in delayed + streams:
+            sock.close()
+
+
+def wait_settled(pid: int, timeout: float = 20) -> int:
+    """RSS (KiB) once it stops growing (two readings 0.5 s apart within 1%)."""
+    deadline = time.monotonic() + timeout
+    last = rss_kib(pid)
+    while True:
+        time.sleep(0.5)
+        now = rss_kib(pid)
+        if abs(now - last) <= last // 100 or time.monotonic() > deadline:
+            return now
+        last = now

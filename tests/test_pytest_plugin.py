@@ -37,7 +37,7 @@ def test_the_docs_example_passes(tmp_path: Path) -> None:
     (tmp_path / "test_client.py").write_text(readme_example())
     run = pytest_run(tmp_path)
     assert run.returncode == 0, run.stdout + run.stderr
-    assert "3 passed" in run.stdout
+    assert "4 passed" in run.stdout
     # The fixtures are the plugin's: without it, they do not exist.
     without = pytest_run(tmp_path, "-p", "no:wsechod")
     assert without.returncode == 1 and "fixture 'wsechod_server' not found" in without.stdout

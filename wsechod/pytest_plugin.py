@@ -2,7 +2,9 @@
 
 Installed with wsechod (entry point ``pytest11``), so a test only names a fixture:
 
-- ``wsechod_server``: an echo server;
+- ``wsechod_server``: an echo server, with the test peer's controls on
+  (``wsechod_server.url(close=4000, after=2)``: the URL of a connection that is closed
+  with 4000 after two messages; see the Test peer page);
 - ``wsechod_relay``: a relay server (channels by path, in-process broker);
 - ``wsechod_factory``: ``wsechod_factory(**settings)`` starts one with any settings
   (keys of the config file), as many as the test likes.
@@ -37,7 +39,8 @@ def wsechod_factory() -> Iterator[Callable[..., ThreadedServer]]:
     servers: list[ThreadedServer] = []
 
     def start(**settings: Any) -> ThreadedServer:
-        server = serve_in_thread(**(DEFAULTS | settings))
+        echo = settings.get("mode", "echo") == "echo"  # the test peer's controls: echo's
+        server = serve_in_thread(**(DEFAULTS | {"controls": echo} | settings))
         servers.append(server)
         return server
 

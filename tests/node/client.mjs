@@ -1,11 +1,14 @@
 // Node's ws as an independent client: `node client.mjs URL echo|chatter [MAXSIZE] [deflate]`.
 // echo: send text and binary messages of many sizes, check every echo, print a JSON summary.
 // chatter: ping-pong numbered messages until the server closes, then print what happened.
+// peer: send MAXSIZE messages (m1, m2...) to a test peer URL, keep what comes (messages,
+// pings, errors) and print it when the connection closes.
 import WebSocket from "ws";
 
 const [url, mode, maxSize = "65536", compression = "none"] = process.argv.slice(2);
 const ws = new WebSocket(url, { perMessageDeflate: compression === "deflate", maxPayload: 0 });
 const print = (obj) => process.stdout.write(JSON.stringify(obj) + "\n");
+const errors = [];
 
 function messages() {
   const out = [];
@@ -50,11 +53,24 @@ if (mode === "echo") {
     const prefix = echoed.every((m, k) => m === `n${k}`);
     print({ event: "closed", code, reason: reason.toString(), sent, echoed: echoed.length, prefix });
   });
+} else if (mode === "peer") {
+  const got = [];
+  const pings = [];
+  ws.on("open", () => {
+    for (let i = 1; i <= Number(maxSize); i++) ws.send(`m${i}`);
+  });
+  ws.on("message", (data) => got.push(data.toString()));
+  ws.on("ping", (data) => {
+    pings.push(data.toString());
+    if (pings.length === 2) ws.close(1000);
+  });
+  ws.on("close", (code, reason) => print({ code, reason: reason.toString(), got, pings, errors }));
 } else {
   console.error(`unknown mode ${mode}`);
   process.exit(2);
 }
 ws.on("error", (err) => {
+  if (mode === "peer") return void errors.push(String(err));
   print({ ok: false, error: String(err) });
   process.exit(1);
 });

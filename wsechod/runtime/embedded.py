@@ -16,6 +16,7 @@ import contextlib
 import os
 import socket
 import threading
+import urllib.parse
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from types import TracebackType
 from typing import Any
@@ -105,6 +106,17 @@ def _release(bound: listeners.Bound) -> None:
 # --- the handles -------------------------------------------------------------------------
 
 
+class URL(str):
+    """A server's URL, a plain string; called, the URL of ``path`` with the test peer's
+    controls in its query string (``controls = true``, as in the pytest fixtures):
+    ``url(close=4000, after=2)``, ``url("/room", delay=100)``; True is 1, False 0."""
+
+    def __call__(self, path: str = "/", **controls: object) -> str:
+        values = {k: int(v) if isinstance(v, bool) else v for k, v in controls.items()}
+        query = urllib.parse.urlencode(values)
+        return f"{self}{path}" + (f"?{query}" if query else "")
+
+
 class Server:
     """A listening embedded server: where it listens, and a way to stop it."""
 
@@ -134,12 +146,13 @@ class Server:
         return int(self._first_tcp()[1])
 
     @property
-    def url(self) -> str:
+    def url(self) -> URL:
         """``ws://host:port`` (``wss://`` with TLS) to connect to the first TCP listener;
-        a wildcard address is replaced with the loopback one."""
+        a wildcard address is replaced with the loopback one. Called, a path's URL with
+        the test peer's controls: ``server.url(close=4000, after=2)``."""
         host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(self.host, self.host)
         scheme = "wss" if self.settings.tls_cert else "ws"
-        return f"{scheme}://{format_address((host, self.port))}"
+        return URL(f"{scheme}://{format_address((host, self.port))}")
 
     def _first_tcp(self) -> tuple[str, int]:
         if not self._tcp:
