@@ -335,3 +335,27 @@ def wait_settled(pid: int, timeout: float = 20) -> int:
         if abs(now - last) <= last // 100 or time.monotonic() > deadline:
             return now
         last = now
+
+
+def test_require_subprotocol_refuses_only_offers_that_are_none_of_ours(
+    start: Callable[..., Daemon],
+) -> None:
+    daemon = start("--subprotocols", "chat", "--require-subprotocol")
+    offered = "Sec-WebSocket-Protocol: soap, mqtt"
+    status, _, body = upgrade(daemon.port, "/", offered)
+    assert (status, body) == (
+        400,
+        "bad request: no subprotocol offered is served here (soap, mqtt)\n",
+    )
+
+    async def main() -> list[str | None]:
+        chosen = []
+        async with connect(
+            daemon.url, subprotocols=[Subprotocol("mqtt"), Subprotocol("chat")]
+        ) as ws:
+            chosen.append(ws.subprotocol)
+        async with connect(daemon.url) as ws:  # none offered: none chosen, served
+            chosen.append(ws.subprotocol)
+        return chosen
+
+    assert asyncio.run(main()) == ["chat", None]

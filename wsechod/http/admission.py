@@ -106,13 +106,8 @@ def admission(
         the subprotocol it gets."""
         offers = subprotocols.offered(request)
         chosen = subprotocols.select(offers, current.subprotocols, v1=current.mode == "relay")
-        try:
-            since = history.resume_of(request.path)
-        except history.InvalidResume as exc:
-            return Reply(http.HTTPStatus.BAD_REQUEST, f"bad request: {exc}\n", refused="query")
-        if since is not None and chosen != history.V1:
-            text = "bad request: since and epoch need the wsechod.v1 subprotocol (relay mode)\n"
-            return Reply(http.HTTPStatus.BAD_REQUEST, text, refused="query")
+        if (refused := query_refused(request, offers, chosen, current)) is not None:
+            return refused
         identity = None
         if current.auth == "jwt":
             checked = gate.admit(request, current)
@@ -130,6 +125,24 @@ def admission(
         return None if identity is None and chosen is None else Admitted(chosen, identity)
 
     return admit
+
+
+def query_refused(
+    request: Request, offers: list[str], chosen: str | None, settings: Settings
+) -> Reply | None:
+    """400 for a resume that cannot be (a bad since or epoch, or no wsechod.v1), or, with
+    ``require_subprotocol``, for subprotocols offered that are none of ours."""
+    if chosen is None and settings.require_subprotocol and (named := subprotocols.named(offers)):
+        text = f"bad request: no subprotocol offered is served here ({', '.join(named)[:200]})\n"
+        return Reply(http.HTTPStatus.BAD_REQUEST, text, refused="subprotocol")
+    try:
+        since = history.resume_of(request.path)
+    except history.InvalidResume as exc:
+        return Reply(http.HTTPStatus.BAD_REQUEST, f"bad request: {exc}\n", refused="query")
+    if since is not None and chosen != history.V1:
+        text = "bad request: since and epoch need the wsechod.v1 subprotocol (relay mode)\n"
+        return Reply(http.HTTPStatus.BAD_REQUEST, text, refused="query")
+    return None
 
 
 def origin_refused(request: Request, settings: Settings) -> Reply | None:

@@ -34,3 +34,8 @@ def select(offers: Sequence[str], configured: Sequence[str], *, v1: bool = False
     if AUTH_MARKER in offers:
         return AUTH_MARKER
     return None
+
+
+def named(offers: Sequence[str]) -> list[str]:
+    """The offers that name a subprotocol (a ``bearer.`` entry carries a token instead)."""
+    return [entry for entry in offers if not entry.startswith(BEARER)]

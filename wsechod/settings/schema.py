@@ -355,8 +355,15 @@ class Settings:
         note=(
             "Subprotocols the server selects when a client offers them (the first it "
             "offers that is listed here); a client that offers none of them is served "
-            "without one."
+            "without one, unless require_subprotocol is true: then a client that offers "
+            "subprotocols, none of them listed, is refused with 400 (one that offers none "
+            "is served without one)."
         ),
+    )
+    require_subprotocol: bool = _opt(
+        False,
+        "refuse (400) a client whose offered subprotocols are all unlisted",
+        section=ADMISSION,
     )
     require_origin: bool = _opt(
         False,
