@@ -348,7 +348,7 @@ def test_require_subprotocol_refuses_only_offers_that_are_none_of_ours(
         "bad request: no subprotocol offered is served here (soap, mqtt)\n",
     )
 
-    async def main() -> list[str | None]:
+    async def main() -> list[Subprotocol | None]:
         chosen = []
         async with connect(
             daemon.url, subprotocols=[Subprotocol("mqtt"), Subprotocol("chat")]

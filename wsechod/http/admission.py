@@ -16,7 +16,7 @@ from typing import Protocol
 
 from wsechod import history, ratelimit
 from wsechod.engine import Admission, Admitted, Application, ReadBody, Reply, Request
-from wsechod.http import api, auth, origins, subprotocols
+from wsechod.http import api, auth, console, origins, subprotocols
 from wsechod.settings import Settings
 
 warn = ratelimit.logger("wsechod.http.admission")
@@ -59,7 +59,7 @@ def admission(
     gate = auth.Gate()
     routes = api.Api(gate, publisher, lambda: state.draining)
 
-    def admit(  # noqa: PLR0911 - one answer per rule
+    def admit(  # noqa: PLR0911, PLR0912 - one answer per rule
         request: Request,
     ) -> Reply | Awaitable[Reply] | ReadBody | Admitted | None:
         if api.is_api(request):  # counted for its address like any connection
@@ -80,10 +80,12 @@ def admission(
         if "public" not in request.roles:
             text = "not found: this listener serves no WebSocket clients\n"
             return Reply(http.HTTPStatus.NOT_FOUND, text, refused="listener")
+        if route == console.ROUTE and not is_upgrade(request):
+            return console.page() if settings().console else console.NOT_SERVED
         if state.draining:
             text = "server is shutting down\n"
             return Reply(http.HTTPStatus.SERVICE_UNAVAILABLE, text, refused="draining")
-        if "websocket" not in ",".join(request.headers.get_all("Upgrade")).lower():
+        if not is_upgrade(request):
             text = "this is a WebSocket server; connect with a WebSocket client\n"
             status, upgrade = http.HTTPStatus.UPGRADE_REQUIRED, {"Upgrade": "websocket"}
             return Reply(status, text, upgrade, refused="not_websocket")
@@ -125,6 +127,10 @@ def admission(
         return None if identity is None and chosen is None else Admitted(chosen, identity)
 
     return admit
+
+
+def is_upgrade(request: Request) -> bool:
+    return "websocket" in ",".join(request.headers.get_all("Upgrade")).lower()
 
 
 def query_refused(

@@ -591,6 +591,17 @@ class Settings:
             "strangers make it stall. Echo mode only in this release."
         ),
     )
+    console: bool = _opt(
+        False,
+        "serve a page at /console to try the server from a browser",
+        section=LISTENING,
+        note=(
+            "Serve a self-contained page at /console (on listeners with the public role) "
+            "to try the server from a browser: connect to any path with test peer "
+            "controls, send text or binary, see every message and close, close with a "
+            "code. Off: /console answers 404."
+        ),
+    )
     relay_echo: bool = _opt(
         False,
         "relay: also send each message back to its sender",
