@@ -4,11 +4,13 @@ client sees; bad controls get 400 naming them; without ``--controls`` the query 
 ignored."""
 
 import asyncio
+import concurrent.futures
 import contextlib
 import http.client
 import json
 import signal
 import socket
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -20,6 +22,7 @@ from websockets.typing import Subprotocol
 
 from tests import rawws
 from tests.conftest import Daemon, rss_kib
+from tests.test_echo import http_get
 from wsechod.apps.peer import VIOLATIONS
 
 
@@ -72,6 +75,9 @@ def test_without_controls_the_query_string_is_ignored(start: Callable[..., Daemo
         ("status=200", "control status='200': out of range: 300 to 599"),
         ("status=599", "control status='599': not a registered HTTP status"),
         ("status=302&location=javascript:x", "control location="),
+        ("status=302&location=http://a%20b/", "control location='http://a b/'"),
+        ("fragment=1", "control fragment='1': out of range: 16 to 1048576"),
+        ("send=1000001", "control send='1000001': out of range: 1 to 1000000"),
         ("status=401&www_authenticate=a%0d%0ab", "control www_authenticate="),
         ("violate=everything", "control violate='everything': expected one of utf8"),
         ("drop=1&how=slow", "control how='slow': expected rst or fin"),
@@ -99,6 +105,10 @@ def test_status_refuses_the_handshake_with_its_headers(peer: Daemon) -> None:
     assert (status, headers["Location"]) == (307, "wss://other.example/x")
     status, headers, _ = upgrade(peer.port, '/?status=401&www_authenticate=Bearer%20realm="t"')
     assert (status, headers["WWW-Authenticate"]) == (401, 'Bearer realm="t"')
+    status, headers, _ = upgrade(peer.port, "/?status=401")  # what a 401 requires
+    assert (status, headers["WWW-Authenticate"]) == (401, 'Bearer realm="wsechod"')
+    status, _, body = upgrade(peer.port, "/?status=304")
+    assert (status, body) == (304, "")
 
 
 def test_accept_delay_and_delay_hold_the_answers_back_in_order(peer: Daemon) -> None:
@@ -127,13 +137,13 @@ def test_subprotocol_selects_what_the_client_offered(peer: Daemon) -> None:
 
 
 def test_fragment_cuts_each_echo_into_continuation_frames(peer: Daemon) -> None:
-    with rawws.connect(peer.port, "/?fragment=4") as sock:
-        rawws.send_frame(sock, rawws.OP_TEXT, b"0123456789")
+    with rawws.connect(peer.port, "/?fragment=16") as sock:
+        rawws.send_frame(sock, rawws.OP_TEXT, b"0123456789" * 4)
         got = [rawws.read_frame_fin(sock) for _ in range(3)]
     assert got == [
-        (rawws.OP_TEXT, False, b"0123"),
-        (rawws.OP_CONT, False, b"4567"),
-        (rawws.OP_CONT, True, b"89"),
+        (rawws.OP_TEXT, False, b"0123456789012345"),
+        (rawws.OP_CONT, False, b"6789012345678901"),
+        (rawws.OP_CONT, True, b"23456789"),
     ]
 
 
@@ -156,10 +166,11 @@ def test_close_after_n_messages_with_a_code_and_reason(peer: Daemon) -> None:
 def test_drop_ends_tcp_with_a_reset_or_a_fin_and_no_close_frame(peer: Daemon) -> None:
     with rawws.connect(peer.port, "/?drop=1&how=rst") as sock:
         rawws.send_frame(sock, rawws.OP_TEXT, b"last")
-        assert rawws.read_frame(sock) == (rawws.OP_TEXT, b"last")
-        with pytest.raises(ConnectionResetError):
-            while sock.recv(65536):
-                pass
+        got = b""
+        with pytest.raises(ConnectionResetError):  # the reset may discard the echo unread
+            while chunk := sock.recv(65536):
+                got += chunk
+        assert rawws.frame(rawws.OP_TEXT, b"last", masked=False).startswith(got)
     with rawws.connect(peer.port, "/?drop=1&how=fin") as sock:
         rawws.send_frame(sock, rawws.OP_TEXT, b"last")
         assert rawws.read_frame(sock) == (rawws.OP_TEXT, b"last")
@@ -359,3 +370,117 @@ def test_require_subprotocol_refuses_only_offers_that_are_none_of_ours(
         return chosen
 
     assert asyncio.run(main()) == ["chat", None]
+
+
+def test_empty_messages_waiting_out_a_delay_are_bounded_too(peer: Daemon) -> None:
+    """Each waiting echo counts its own cost, not only its payload: a flood of empty
+    messages to a delayed echo pauses the client like a flood of big ones."""
+    assert peer.proc is not None
+    before = rss_kib(peer.proc.pid)
+    with rawws.connect(peer.port, "/?delay=60000") as sock:
+        empty = rawws.frame(rawws.OP_BINARY, b"") * 65536  # 384 KiB, 65,536 messages
+        for _ in range(8):
+            flood(sock, empty)
+        grown = wait_settled(peer.proc.pid) - before
+    assert grown < 16 * 1024, grown  # KiB; unbounded, 500,000 waiting echoes: 50 MiB
+
+
+def test_a_fast_stream_lets_the_server_serve_others(peer: Daemon) -> None:
+    """A send stream to a client that keeps up goes in batches: another client's echo is
+    answered long before the stream ends."""
+    total = 300_000
+    received = 0
+    done = threading.Event()
+
+    def reader(sock: socket.socket) -> None:
+        nonlocal received
+        while received < total:
+            opcode, _ = rawws.read_frame(sock)
+            received += opcode == rawws.OP_TEXT
+        done.set()
+
+    with rawws.connect(peer.port, f"/?send={total}&size=0", timeout=60) as streamed:
+        thread = threading.Thread(target=reader, args=(streamed,), daemon=True)
+        thread.start()
+        with rawws.connect(peer.port) as other:
+            rawws.send_frame(other, rawws.OP_TEXT, b"me too")
+            assert rawws.read_frame(other) == (rawws.OP_TEXT, b"me too")
+            at_echo = received
+        assert done.wait(60)
+    assert at_echo < total // 2, at_echo
+
+
+def test_accept_delay_counts_in_max_connections_and_the_drain_answers_503(
+    start: Callable[..., Daemon],
+) -> None:
+    daemon = start("--controls", "--max-connections", "3")
+
+    def attempt() -> int:
+        try:
+            with rawws.connect(daemon.port, "/?accept_delay=1500"):
+                return 101
+        except ConnectionError as exc:
+            return 503 if " 503 " in str(exc) else 0
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        statuses = sorted(pool.map(lambda _: attempt(), range(8)))
+    assert statuses == [101] * 3 + [503] * 5, statuses
+
+    waiting = [socket.create_connection(("127.0.0.1", daemon.port)) for _ in range(3)]
+    for sock in waiting:
+        rawws.send_handshake(sock, daemon.port, "/?accept_delay=60000")
+    until_upgrading(daemon, 3)
+    daemon.signal(signal.SIGTERM)
+    for sock in waiting:
+        with sock:
+            sock.settimeout(10)
+            assert rawws.until_eof(sock).startswith(b"HTTP/1.1 503 Service Unavailable\r\n")
+    assert daemon.wait(10) == 0
+
+
+def until_upgrading(daemon: Daemon, count: int, timeout: float = 10) -> None:
+    """Wait until ``count`` handshakes are open on the server (its metrics say so, the
+    request for them one more)."""
+    deadline = time.monotonic() + timeout
+    line = f"wsechod_handshakes_pending {count + 1}.0"
+    while line not in http_get(daemon.port, "/metrics")[1]:
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+
+
+def test_clients_that_answer_the_drains_close_let_no_close_reply_go_at_once(
+    start: Callable[..., Daemon],
+) -> None:
+    """no_close_reply leaves the client's own close unanswered; the client's answer to the
+    server's close completes the closing handshake like any other."""
+    daemon = start("--controls", "--close-timeout", "30", "--drain-timeout", "8")
+
+    async def main() -> list[int]:
+        conns = [await connect(f"{daemon.url}/?no_close_reply=1") for _ in range(5)]
+        daemon.signal(signal.SIGTERM)
+        codes = []
+        for ws in conns:
+            with pytest.raises(ConnectionClosed) as closed:
+                await asyncio.wait_for(ws.recv(), 10)
+            assert closed.value.rcvd is not None
+            codes.append(closed.value.rcvd.code)
+        return codes
+
+    assert asyncio.run(main()) == [1001] * 5
+    assert daemon.wait(10) == 0
+    assert daemon.wait_for("drained")["force_closed"] == 0
+
+
+def test_a_drop_with_a_fin_to_a_client_that_does_not_read_ends_at_close_timeout(
+    peer: Daemon,
+) -> None:
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", peer.port))
+    with sock:
+        rawws.send_handshake(sock, peer.port, "/?send=8&size=1048576&drop=0&how=fin")
+        rawws.read_handshake(sock)
+        deadline = time.monotonic() + 15  # close_timeout is 1 s here
+        while "wsechod_connections_open 0.0" not in http_get(peer.port, "/metrics")[1]:
+            assert time.monotonic() < deadline, "the dropped connection stayed"
+            time.sleep(0.2)

@@ -17,7 +17,9 @@ from wsechod.engine.frames import valid_peer_code
 
 MAX_MS = 60_000  # delays, at most a minute
 MIN_PING, MAX_PING = 0.1, 60.0  # seconds between the test peer's pings
-MAX_SEND_BYTES = 64 * 2**20  # what one connection's send stream carries in all
+MAX_SEND_BYTES = 64 * 2**20  # what one connection's send stream carries in all...
+MAX_SEND_MESSAGES = 1_000_000  # ...in at most this many messages
+MAX_FRAMES = 65_536  # frames one message is cut into, at most (fragment, throttle)
 MAX_SEND_RATE = 10_000  # messages a second
 MIN_THROTTLE, MAX_THROTTLE = 1024, 2**30  # bytes a second
 MAX_REASON = 123  # bytes of UTF-8 in a close frame's reason (RFC 6455 5.5: 125 - the code)
@@ -34,6 +36,7 @@ VIOLATIONS = {
 }
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]{1,128}")  # RFC 9110 5.6.2
 _HEADER_TEXT = re.compile(r"[\x20-\x7e]{1,512}")  # printable ASCII: nothing to inject
+_URL_TEXT = re.compile(r"[\x21-\x7e]{1,2048}")  # and no space in a URL
 OURS = frozenset(
     {
         "status", "retry_after", "location", "www_authenticate", "accept_delay", "subprotocol",
@@ -100,10 +103,10 @@ class _Reader:
         pattern = r"[0-9]{1,10}" if whole else r"[0-9]{1,10}(\.[0-9]{1,6})?"
         if not re.fullmatch(pattern, value):
             kind = "a whole number" if whole else "a number"
-            raise InvalidControl(name, value, f"expected {kind} from {low:g} to {high:g}")
+            raise InvalidControl(name, value, f"expected {kind} from {_n(low)} to {_n(high)}")
         number = float(value)
         if not low <= number <= high:
-            raise InvalidControl(name, value, f"out of range: {low:g} to {high:g}")
+            raise InvalidControl(name, value, f"out of range: {_n(low)} to {_n(high)}")
         return number
 
     def flag(self, name: str, *, off: bool = False) -> bool | None:
@@ -118,6 +121,11 @@ class _Reader:
         if name in self.given and not any(owner in self.given for owner in owners):
             owner = " or ".join(f"{o}=" for o in owners)
             raise InvalidControl(name, self.given[name], f"goes with {owner}")
+
+
+def _n(number: float) -> str:
+    """A bound as written: 67108864, not 6.71089e+07; 0.1 stays 0.1."""
+    return str(int(number)) if number == int(number) else f"{number:g}"
 
 
 def parse(path: str, max_size: int) -> Controls | None:
@@ -163,7 +171,7 @@ def _status(read: _Reader, fields: dict[str, object]) -> None:
         fields["retry_after"] = int(after)
     if (location := read.given.get("location")) is not None:
         parts = urllib.parse.urlsplit(location)
-        if not (_HEADER_TEXT.fullmatch(location) and parts.scheme in ("http", "https", "ws", "wss")
+        if not (_URL_TEXT.fullmatch(location) and parts.scheme in ("http", "https", "ws", "wss")
                 and parts.netloc):  # fmt: skip
             why = "expected an absolute http(s) or ws(s) URL"
             raise InvalidControl("location", location, why)
@@ -183,11 +191,13 @@ def _timing(read: _Reader, fields: dict[str, object], max_size: int) -> None:
         if not _TOKEN.fullmatch(subprotocol):
             raise InvalidControl("subprotocol", subprotocol, "expected a token (RFC 9110 5.6.2)")
         fields["subprotocol"] = subprotocol
-    if (fragment := read.number("fragment", 1, max_size)) is not None:
+    smallest = max(1, -(-max_size // MAX_FRAMES))  # a message is at most MAX_FRAMES frames
+    if (fragment := read.number("fragment", smallest, max(smallest, max_size))) is not None:
         fields["fragment"] = int(fragment)
     if (ping := read.number("ping", MIN_PING, MAX_PING, whole=False)) is not None:
         fields["ping"] = ping
-    if (throttle := read.number("throttle", MIN_THROTTLE, MAX_THROTTLE)) is not None:
+    slowest = max(MIN_THROTTLE, 10 * smallest)  # its frames are a tenth of it
+    if (throttle := read.number("throttle", slowest, MAX_THROTTLE)) is not None:
         fields["throttle"] = int(throttle)
     for name in ("no_pong", "no_close_reply", "headers"):
         if read.flag(name):
@@ -223,7 +233,7 @@ def _endings(read: _Reader, fields: dict[str, object]) -> None:
 
 
 def _stream(read: _Reader, fields: dict[str, object], max_size: int) -> None:
-    count = read.number("send", 1, MAX_SEND_BYTES)
+    count = read.number("send", 1, MAX_SEND_MESSAGES)
     if count is None:
         return
     size = read.number("size", 0, max_size)

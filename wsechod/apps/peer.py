@@ -19,9 +19,12 @@ from dataclasses import dataclass, field
 
 from wsechod.apps.controls import Controls, InvalidControl, parse
 from wsechod.apps.echo import Echo
+from wsechod.engine.frames import OP_BINARY, OP_CONT, OP_TEXT, frame
 from wsechod.engine.interface import Admitted, Connection, Reply, Request
 
 HELD_LIMIT = 64 * 2**10  # bytes of waiting echoes a connection may hold before it is paused
+ITEM_OVERHEAD = 96  # bytes a waiting echo costs besides its payload (tuple, deque slot)
+STREAM_BATCH = 64  # messages a send stream makes before it lets the loop serve others
 TICK = 0.01  # seconds: how often a rated stream sends its next messages
 # The frames that break the protocol (RFC 6455 5.2), written as they are.
 VIOLATIONS = {
@@ -53,7 +56,8 @@ class Session:
     ended: bool = False
     allowance: float = 0.0  # throttle: bytes that may be written now
     refilled: float = 0.0  # throttle: when the allowance was last topped up
-    timers: list[asyncio.TimerHandle] = field(default_factory=list)
+    ping_timer: asyncio.TimerHandle | None = None
+    stream_timer: asyncio.TimerHandle | None = None
     pings: int = 0
     streamed: int = 0  # send: messages made so far
     pump: asyncio.TimerHandle | None = None
@@ -111,7 +115,7 @@ class TestPeer:
             session.greeting |= {"subprotocol": conn.subprotocol, "extensions": conn.extensions}
             conn.send(json.dumps(session.greeting).encode(), text=True)
         if controls.ping:
-            session.timers.append(loop.call_later(controls.ping, self._ping, conn, session))
+            session.ping_timer = loop.call_later(controls.ping, self._ping, conn, session)
         session.refilled = loop.time()
         if controls.send:
             self._stream(conn, session)
@@ -128,8 +132,13 @@ class TestPeer:
         controls = session.controls
         due = asyncio.get_running_loop().time() + controls.delay
         size = min(controls.fragment or len(payload), chunk(controls.throttle) or len(payload))
-        for piece, begins, ends in split(payload, size or 1):
-            self._enqueue(conn, session, (due, piece, text, first and begins, last and ends))
+        pieces = split(payload, size or 1)
+        if controls.fragment and not (session.queue or controls.delay or controls.throttle):
+            frames = (wire(p, text=text, first=first and b, last=last and e) for p, b, e in pieces)
+            conn.send_raw(b"".join(frames))  # one write for the message's frames
+        else:
+            for piece, begins, ends in pieces:
+                self._enqueue(conn, session, (due, piece, text, first and begins, last and ends))
         if last:
             session.received += 1
             if session.received == self._ends_after(session):
@@ -137,17 +146,16 @@ class TestPeer:
 
     def unblocked(self, conn: Connection) -> None:
         session: Session | None = conn.app_data
-        if session is not None and session.controls.send and not session.controls.rate:
-            self._stream(conn, session)
+        if session is not None and session.controls.send and session.stream_timer is None:
+            self._stream(conn, session)  # it stopped while the client was behind
 
     def closed(self, conn: Connection) -> None:
         session: Session | None = conn.app_data
         if session is None:
             return
-        for timer in session.timers:
-            timer.cancel()
-        if session.pump is not None:
-            session.pump.cancel()
+        for timer in (session.ping_timer, session.stream_timer, session.pump):
+            if timer is not None:
+                timer.cancel()
         session.queue.clear()
         conn.hold(-session.held)
         session.held = 0
@@ -167,7 +175,7 @@ class TestPeer:
             self._write(conn, session, item)  # nothing to wait for: at once
             return
         session.queue.append(item)
-        size = len(item[1] or b"")
+        size = len(item[1] or b"") + ITEM_OVERHEAD
         session.held += size
         conn.hold(size)
         if session.held > HELD_LIMIT and not session.paused:
@@ -199,8 +207,8 @@ class TestPeer:
                     return
                 session.allowance -= size
             queue.popleft()
-            session.held -= size
-            conn.hold(-size)
+            session.held -= size + ITEM_OVERHEAD
+            conn.hold(-size - ITEM_OVERHEAD)
             self._write(conn, session, item)
         if session.paused:
             session.paused = False
@@ -209,7 +217,10 @@ class TestPeer:
     def _write(self, conn: Connection, session: Session, item: Item) -> None:
         _, payload, text, first, last = item
         if payload is not None:
-            conn.send(payload, text=text, first=first, last=last)
+            if session.controls.fragment:  # framed here: compression would merge them
+                conn.send_raw(wire(payload, text=text, first=first, last=last))
+            else:
+                conn.send(payload, text=text, first=first, last=last)
             return
         session.ended = True
         controls = session.controls
@@ -228,23 +239,31 @@ class TestPeer:
         session.pings += 1
         conn.ping(str(session.pings).encode())
         loop = asyncio.get_running_loop()
-        session.timers = [loop.call_later(session.controls.ping, self._ping, conn, session)]
+        session.ping_timer = loop.call_later(session.controls.ping, self._ping, conn, session)
 
     def _stream(self, conn: Connection, session: Session) -> None:
         """``send``: the next messages, as fast as the client reads (rate 0) or at the
-        rate asked, never while the client is behind (``blocked``)."""
+        rate asked, never while the client is behind (``blocked``: ``unblocked`` goes
+        on), and at most STREAM_BATCH at a time, so that the loop serves the others."""
+        session.stream_timer = None
         controls = session.controls
-        batch = controls.send if not controls.rate else max(1, round(controls.rate * TICK))
+        batch = STREAM_BATCH if not controls.rate else max(1, round(controls.rate * TICK))
         for _ in range(batch):
             if session.streamed >= controls.send or not conn.open or conn.blocked:
-                break
+                return
             session.streamed += 1
             payload = message(session.streamed, controls.size, text=controls.text)
             conn.send(payload, text=controls.text)
-        if controls.rate and session.streamed < controls.send and conn.open:
-            delay = batch / controls.rate
+        if session.streamed < controls.send and conn.open:
+            delay = batch / controls.rate if controls.rate else 0.0
             loop = asyncio.get_running_loop()
-            session.timers.append(loop.call_later(delay, self._stream, conn, session))
+            session.stream_timer = loop.call_later(delay, self._stream, conn, session)
+
+
+def wire(payload: bytes, *, text: bool, first: bool, last: bool) -> bytes:
+    """One frame of a message, unmasked and uncompressed (RFC 6455 5.2)."""
+    opcode = (OP_TEXT if text else OP_BINARY) if first else OP_CONT
+    return frame(opcode, payload, fin=last)
 
 
 def chunk(throttle: int) -> int:
@@ -277,8 +296,18 @@ def offered(request: Request) -> list[str]:
     ]
 
 
+# Headers a status requires (RFC 9110), sent unless the control gives its own.
+REQUIRED = {
+    http.HTTPStatus.UNAUTHORIZED: ("WWW-Authenticate", 'Bearer realm="wsechod"'),
+    http.HTTPStatus.PROXY_AUTHENTICATION_REQUIRED: ("Proxy-Authenticate", 'Basic realm="wsechod"'),
+    http.HTTPStatus.METHOD_NOT_ALLOWED: ("Allow", "GET"),
+    http.HTTPStatus.UPGRADE_REQUIRED: ("Upgrade", "websocket"),
+}
+
+
 def refusal(controls: Controls) -> Reply:
-    """``status=``: the handshake refused with that status and its headers."""
+    """``status=``: the handshake refused with that status, its headers, and the headers
+    the status requires; a 304 has no body."""
     status = controls.status
     assert status is not None
     headers: dict[str, str] = {}
@@ -288,5 +317,7 @@ def refusal(controls: Controls) -> Reply:
         headers["Location"] = controls.location
     if controls.www_authenticate:
         headers["WWW-Authenticate"] = controls.www_authenticate
+    if (required := REQUIRED.get(status)) is not None:
+        headers.setdefault(*required)
     text = f"{status.value} {status.phrase}: as the status control asked\n"
-    return Reply(status, text, headers)
+    return Reply(status, "" if status == http.HTTPStatus.NOT_MODIFIED else text, headers)

@@ -679,7 +679,7 @@ class WebSocket(asyncio.Protocol):
                 self._fail(frames.INVALID_CLOSE_REASON)
                 return
         self.code_received = _NO_STATUS if code is None else code
-        if not self.answer_close:  # the test peer's no_close_reply: the client times out
+        if not self.answer_close and self._state == OPEN:  # no_close_reply: it times out
             self._state = CLOSED
             self._set_buf(None)
             self._close_later()
@@ -746,7 +746,8 @@ class WebSocket(asyncio.Protocol):
                     sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RESET)
             self._transport.abort()
         else:
-            self._transport.close()
+            self._transport.close()  # once what is buffered is written...
+            self._close_later()  # ...or at close_timeout, if the client does not read
 
     def ping(self, payload: bytes) -> None:
         if self._state != OPEN:
@@ -756,6 +757,8 @@ class WebSocket(asyncio.Protocol):
         self._transport.write(_PING[len(payload)] + payload)
 
     def send_raw(self, data: bytes) -> None:
+        if self._state != OPEN:
+            return
         if self._deflate is not None:
             self._flush_held()
         self._transport.write(data)

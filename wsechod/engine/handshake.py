@@ -73,6 +73,9 @@ def serialize(reply: Reply, head_only: bool = False) -> bytes:
 _REQUEST_LINE = re.compile(rb"\S+ \S+ \S+\r?")  # method, target, version; websockets checks more
 # Another method, in HTTP/1.x: h11 reads it (websockets' parser reads GET only).
 _BODY_REQUEST_LINE = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+ \S+ HTTP/1\.[01]\r\n")
+DRAINING = Reply(
+    http.HTTPStatus.SERVICE_UNAVAILABLE, "server is shutting down\n", refused="draining"
+)
 SHORT_OF_MEMORY = Reply(
     http.HTTPStatus.SERVICE_UNAVAILABLE,
     "server is short of memory: try again\n",
@@ -144,6 +147,11 @@ class Gatekeeper(Host, Protocol):
     def lost(self) -> None:
         """A connection that never became a WebSocket is gone, and its descriptor."""
 
+    @property
+    def draining(self) -> bool: ...
+
+    upgrading: int  # handshakes admitted and waiting out the test peer's accept_delay
+
 
 class Handshake(asyncio.Protocol):
     __slots__ = (
@@ -151,6 +159,7 @@ class Handshake(asyncio.Protocol):
         "_answered",
         "_body",
         "_cut",
+        "_delayed",
         "_engine",
         "_gone",
         "_head",
@@ -188,6 +197,7 @@ class Handshake(asyncio.Protocol):
         self._body = None
         self._task: asyncio.Future[Any] | None = None  # a reply, or the test peer's delay
         self._answered = False  # an HTTP reply was written: what else comes is discarded
+        self._delayed = False  # admitted, waiting out accept_delay: counted in upgrading
         self.peer = ""
         self.group = ""  # the client's address group (proxy.group), once known
 
@@ -345,10 +355,26 @@ class Handshake(asyncio.Protocol):
         if data:
             self.data_received(data)
 
+    def _undelay(self) -> bool:
+        """No longer waiting out accept_delay (uncounted); whether it was."""
+        delayed, self._delayed = self._delayed, False
+        if delayed:
+            self._engine.upgrading -= 1
+        return delayed
+
+    def refuse_if_delayed(self) -> None:
+        """The server stops: a handshake waiting out accept_delay is answered 503 now."""
+        if self._delayed and self._task is not None:
+            self._task.cancel()
+            self._task = None
+            self._undelay()
+            self._answer(DRAINING)
+
     def abort(self) -> None:
         """The client did not complete the handshake in time, the server stops, or it is
         cut to make room for others."""
         self._cut = True  # a TLS task ending meanwhile must not go on with it
+        self._undelay()
         if self._task is not None:
             self._task.cancel()
         if self._tls is not None:
@@ -413,6 +439,8 @@ class Handshake(asyncio.Protocol):
                     return
             if reply.delay > 0:  # the test peer's accept_delay (the open deadline runs)
                 upgrade = functools.partial(self._upgrade, protocol, raw, reply, rest)
+                self._delayed = True
+                engine.upgrading += 1
                 self._task = asyncio.ensure_future(asyncio.sleep(reply.delay))
                 self._task.add_done_callback(lambda task: task.cancelled() or upgrade())
                 return
@@ -424,6 +452,9 @@ class Handshake(asyncio.Protocol):
         """Answer the upgrade: 101 and the WebSocket opens, or the error websockets finds."""
         self._task = None
         engine = self._engine
+        if self._undelay() and engine.draining:  # the stop came while it waited
+            self._answer(DRAINING)
+            return
         if self._transport is None or self._transport.is_closing():
             return  # gone while the test peer delayed its answer
         if raw.protocol != "HTTP/1.1":

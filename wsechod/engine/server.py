@@ -103,6 +103,7 @@ class Engine:
         self.handshakes: dict[Handshake, None] = {}
         self.pending: dict[str, dict[Handshake, None]] = {}
         self.draining = False
+        self.upgrading = 0  # handshakes admitted, waiting out the test peer's accept_delay
         self.stats: Counter[str] = Counter()  # plain counts, summed up in the "drained" line
         # Closed connections by who sent the first close frame, the code sent and the code
         # received (code_label): counted at close, never per message.
@@ -423,7 +424,10 @@ class Engine:
     # --- stopping --------------------------------------------------------------------
 
     def close_all(self, code: int, reason: str) -> int:
-        """Send every open connection a close frame at once; returns how many."""
+        """Send every open connection a close frame at once (and a 503 to handshakes
+        that wait out accept_delay); returns how many connections."""
+        for handshake in list(self.handshakes):
+            handshake.refuse_if_delayed()
         connections = list(self.connections)
         for ws in connections:
             ws.close(code, reason)

@@ -35,6 +35,9 @@ class State(Protocol):
     @property
     def connections(self) -> Sized: ...
 
+    @property
+    def upgrading(self) -> int: ...
+
     def connections_from(self, group: str) -> int: ...
 
 
@@ -97,7 +100,7 @@ def admission(
         if refused is not None:
             return refused
         max_connections = current.max_connections
-        if max_connections and len(state.connections) >= max_connections:
+        if max_connections and len(state.connections) + state.upgrading >= max_connections:
             warn.warning("connection refused", reason="max_connections", limit=max_connections)
             text = "too many connections\n"
             return Reply(http.HTTPStatus.SERVICE_UNAVAILABLE, text, refused="max_connections")
