@@ -282,21 +282,25 @@ def test_the_clients_close_reason_is_echoed(start: Callable[..., Daemon]) -> Non
 
 
 def test_a_drain_drops_delayed_echoes_and_closes_at_once(peer: Daemon) -> None:
-    async def main() -> list[int]:
-        conns = [await connect(f"{peer.url}/?delay=60000") for _ in range(20)]
-        for ws in conns:
-            await ws.send("later")
-        peer.signal(signal.SIGTERM)
-        codes = []
-        for ws in conns:
-            with pytest.raises(ConnectionClosed) as closed:
-                await asyncio.wait_for(ws.recv(), 10)
-            assert closed.value.rcvd is not None
-            codes.append(closed.value.rcvd.code)
-        return codes
-
-    assert asyncio.run(main()) == [1001] * 20
+    assert asyncio.run(stopped(peer, "/?delay=60000", 20, send="later")) == [1001] * 20
     assert peer.wait(10) == 0
+
+
+async def stopped(daemon: Daemon, path: str, count: int, send: str = "") -> list[int]:
+    """Open ``count`` clients on ``path`` (each sending ``send``), SIGTERM the server:
+    the close code each then gets."""
+    conns = [await connect(f"{daemon.url}{path}") for _ in range(count)]
+    for ws in conns:
+        if send:
+            await ws.send(send)
+    daemon.signal(signal.SIGTERM)
+    codes = []
+    for ws in conns:
+        with pytest.raises(ConnectionClosed) as closed:
+            await asyncio.wait_for(ws.recv(), 10)
+        assert closed.value.rcvd is not None
+        codes.append(closed.value.rcvd.code)
+    return codes
 
 
 def flood(sock: socket.socket, data: bytes) -> int:
@@ -455,18 +459,7 @@ def test_clients_that_answer_the_drains_close_let_no_close_reply_go_at_once(
     server's close completes the closing handshake like any other."""
     daemon = start("--controls", "--close-timeout", "30", "--drain-timeout", "8")
 
-    async def main() -> list[int]:
-        conns = [await connect(f"{daemon.url}/?no_close_reply=1") for _ in range(5)]
-        daemon.signal(signal.SIGTERM)
-        codes = []
-        for ws in conns:
-            with pytest.raises(ConnectionClosed) as closed:
-                await asyncio.wait_for(ws.recv(), 10)
-            assert closed.value.rcvd is not None
-            codes.append(closed.value.rcvd.code)
-        return codes
-
-    assert asyncio.run(main()) == [1001] * 5
+    assert asyncio.run(stopped(daemon, "/?no_close_reply=1", 5)) == [1001] * 5
     assert daemon.wait(10) == 0
     assert daemon.wait_for("drained")["force_closed"] == 0
 

@@ -41,7 +41,7 @@ async def drain(member: ClientConnection, until_payload: str) -> list[tuple[str,
     return got
 
 
-def watching(group: SentinelGroup, instances: int, timeout: float = 20) -> None:
+def watching(group: SentinelGroup, instances: int, timeout: float = 40) -> None:
     """Wait until ``instances`` connections subscribed to a sentinel have pinged it (a
     watcher that has been through its keepalive is still subscribed)."""
     deadline = time.monotonic() + timeout

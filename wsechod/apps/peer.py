@@ -86,7 +86,7 @@ class TestPeer:
             return None
         if controls.status:
             return refusal(controls)
-        if controls.subprotocol and controls.subprotocol not in offered(request):
+        if controls.subprotocol and controls.subprotocol not in request.subprotocols:
             text = f"bad request: control subprotocol={controls.subprotocol!r}: not offered\n"
             return Reply(http.HTTPStatus.BAD_REQUEST, text, refused="control")
         session = Session(controls)
@@ -285,15 +285,6 @@ def split(payload: bytes, size: int) -> list[tuple[bytes, bool, bool]]:
         return [(payload, True, True)]
     pieces = range(0, len(payload), size)
     return [(payload[i : i + size], i == 0, i + size >= len(payload)) for i in pieces]
-
-
-def offered(request: Request) -> list[str]:
-    return [
-        entry.strip()
-        for value in request.headers.get_all("Sec-WebSocket-Protocol")
-        for entry in value.split(",")
-        if entry.strip()
-    ]
 
 
 # Headers a status requires (RFC 9110), sent unless the control gives its own.

@@ -10,7 +10,7 @@ Connections are redis-py's asyncio connections, used through public calls only
 import asyncio
 import contextlib
 import urllib.parse
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -94,6 +94,22 @@ async def ask(conn: AbstractConnection, *command: Any) -> Any:
         return await conn.read_response()
 
 
+async def ask_once(opened: Awaitable[AbstractConnection], *command: Any) -> Any:
+    """One command on a connection of its own (being ``opened``), closed after."""
+    conn: AbstractConnection | None = None
+    try:
+        conn = await opened
+        return await ask(conn, *command)
+    finally:
+        if conn is not None:
+            with contextlib.suppress(Exception):
+                await conn.disconnect(nowait=True)
+
+
+def _why(exc: BaseException) -> str:
+    return str(exc) or type(exc).__name__  # a timeout says nothing of itself
+
+
 def at_address(url: str, host: str, port: int) -> str:
     """``url`` (credentials, database, options kept) pointing at ``host:port``."""
     parts = urllib.parse.urlsplit(url)
@@ -162,17 +178,12 @@ class Sentinel:
     async def locate(self) -> list[Node]:
         errors: list[str] = []
         for i, address in enumerate(self.sentinels):
-            conn: AbstractConnection | None = None
             try:
-                conn = await self._sentinel(address)
-                found = await ask(conn, "SENTINEL", "GET-MASTER-ADDR-BY-NAME", self.service)
+                opened = self._sentinel(address)
+                found = await ask_once(opened, "SENTINEL", "GET-MASTER-ADDR-BY-NAME", self.service)
             except (RedisError, OSError, TimeoutError) as exc:
-                errors.append(f"{address}: {str(exc) or type(exc).__name__}")
+                errors.append(f"{address}: {_why(exc)}")
                 continue
-            finally:
-                if conn is not None:
-                    with contextlib.suppress(Exception):
-                        await conn.disconnect(nowait=True)
             if not found:
                 errors.append(f"{address}: no primary for {self.service}")
                 continue
@@ -282,17 +293,12 @@ class Cluster:
         errors: list[str] = []
         for seed in list(self.seeds):
             host, _, port = seed.rpartition(":")
-            conn: AbstractConnection | None = None
             try:
-                conn = await connect(at_address(self.url, host.strip("[]"), int(port)))
-                shards = await ask(conn, "CLUSTER", "SHARDS")
+                opened = connect(at_address(self.url, host.strip("[]"), int(port)))
+                shards = await ask_once(opened, "CLUSTER", "SHARDS")
             except (RedisError, OSError, TimeoutError) as exc:
-                errors.append(f"{seed}: {str(exc) or type(exc).__name__}")
+                errors.append(f"{seed}: {_why(exc)}")
                 continue
-            finally:
-                if conn is not None:
-                    with contextlib.suppress(Exception):
-                        await conn.disconnect(nowait=True)
             nodes = self._primaries(shards)
             covered = sum(end - start + 1 for node in nodes for start, end in node.slots)
             if covered != SLOTS:

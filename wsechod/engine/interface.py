@@ -73,6 +73,16 @@ class Request:
         """The path without the query string."""
         return self.path.partition("?")[0]
 
+    @property
+    def subprotocols(self) -> list[str]:
+        """The entries of every ``Sec-WebSocket-Protocol`` header, in order."""
+        return [
+            entry.strip()
+            for value in self.headers.get_all("Sec-WebSocket-Protocol")
+            for entry in value.split(",")
+            if entry.strip()
+        ]
+
 
 # The close a connection gets when its token expires (4401, as for a missing or invalid
 # token: the client must authenticate again).

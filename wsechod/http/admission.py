@@ -109,7 +109,7 @@ def admission(
     def websocket_terms(request: Request, current: Settings) -> Reply | Admitted | None:
         """The WebSocket's own terms: its token, if asked for, the application's limits,
         the subprotocol it gets."""
-        offers = subprotocols.offered(request)
+        offers = request.subprotocols
         chosen = subprotocols.select(offers, current.subprotocols, v1=current.mode == "relay")
         if (refused := query_refused(request, offers, chosen, current)) is not None:
             return refused

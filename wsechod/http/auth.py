@@ -47,7 +47,7 @@ def find_token(request: Request) -> str | None:
         if scheme.lower() != "bearer" or not token.strip():
             raise BadRequest("Authorization is not 'Bearer <token>'")
         return _sized(token.strip())
-    bearers = [e for e in subprotocols.offered(request) if e.startswith(subprotocols.BEARER)]
+    bearers = [e for e in request.subprotocols if e.startswith(subprotocols.BEARER)]
     if len(bearers) > 1:
         raise BadRequest("more than one bearer. entry in Sec-WebSocket-Protocol")
     if bearers:

@@ -7,21 +7,10 @@ it offered. A ``bearer.`` entry is never selected (it would echo the token back)
 
 from collections.abc import Sequence
 
-from wsechod.engine import Request
 from wsechod.history import V1
 
 AUTH_MARKER = "wsechod.auth"
 BEARER = "bearer."
-
-
-def offered(request: Request) -> list[str]:
-    """The entries of every ``Sec-WebSocket-Protocol`` header, in order."""
-    return [
-        entry.strip()
-        for value in request.headers.get_all("Sec-WebSocket-Protocol")
-        for entry in value.split(",")
-        if entry.strip()
-    ]
 
 
 def select(offers: Sequence[str], configured: Sequence[str], *, v1: bool = False) -> str | None:
