@@ -31,15 +31,16 @@ def test_the_console_connects_sends_and_closes_with_a_code(start: Callable[..., 
     async def main(tab: str) -> None:
         async with chromium.page(tab, f"http://127.0.0.1:{daemon.port}/console") as page:
             await page.wait_for("h1", "wsechod console")
-            await fill(page, path="/room", controls="fragment=2")
+            await fill(page, path="/room", controls="fragment=16")
             await click(page, "connect")
             await page.wait_for(
-                "#log", f"connecting to ws://127.0.0.1:{daemon.port}/room?fragment=2"
+                "#log", f"connecting to ws://127.0.0.1:{daemon.port}/room?fragment=16"
             )
             await page.wait_for("#log", " open")
-            await fill(page, message="hello console")
+            await fill(page, message="hello console, in frames of sixteen bytes")
             await click(page, "send-text")
-            await page.wait_for("#log", "\u2190 text: hello console")  # put back together
+            # the echo in three frames, put back together by the browser
+            await page.wait_for("#log", "\u2190 text: hello console, in frames of sixteen bytes")
             await fill(page, message="ff 00 7f")
             await click(page, "send-binary")
             await page.wait_for("#log", "\u2190 binary (3 bytes): ff 00 7f")
