@@ -236,17 +236,33 @@ def test_send_streams_numbered_messages_of_a_size_and_type(peer: Daemon) -> None
     assert asyncio.run(main()) >= 0.15  # 20 at 100 a second: 0.19 s after the first
 
 
-def test_throttle_paces_the_echo_in_small_frames(peer: Daemon) -> None:
+def test_throttle_paces_the_echos_bytes(peer: Daemon) -> None:
     with rawws.connect(peer.port, "/?throttle=10240") as sock:
         began = time.monotonic()
         rawws.send_frame(sock, rawws.OP_BINARY, b"z" * 16384)
-        frames: list[tuple[int, bool, bytes]] = []
-        while not frames or not frames[-1][1]:
-            frames.append(rawws.read_frame_fin(sock))
+        assert rawws.read_frame_fin(sock) == (rawws.OP_BINARY, True, b"z" * 16384)  # one frame
         took = time.monotonic() - began
-    assert b"".join(payload for _, _, payload in frames) == b"z" * 16384
-    assert max(len(payload) for _, _, payload in frames) <= 1024
     assert took >= 1.4  # 16 KiB at 10 KiB/s, the first 1 KiB at once
+
+
+@pytest.mark.timeout(120)
+def test_a_throttled_echo_stops_reading_past_write_limit(peer: Daemon) -> None:
+    """100 clients send 1 MiB each to be echoed at 1 KiB/s and read nothing: the server
+    holds write_limit and a frame per connection, not their megabyte."""
+    assert peer.proc is not None
+    before = rss_kib(peer.proc.pid)
+    frames = rawws.frame(rawws.OP_BINARY, b"t" * 16384) * 64
+    socks = [rawws.connect(peer.port, "/?throttle=1024") for _ in range(100)]
+    try:
+        for sock in socks:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            flood(sock, frames)
+        grown = wait_settled(peer.proc.pid) - before
+        bound = 100 * (32 + 16 + 256)  # KiB: write_limit, a frame, one read
+        assert grown < bound, (grown, bound)  # without it: 100 MiB
+    finally:
+        for sock in socks:
+            sock.close()
 
 
 def test_headers_sends_the_request_first_and_compress_0_refuses_deflate(

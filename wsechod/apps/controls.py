@@ -19,7 +19,7 @@ MAX_MS = 60_000  # delays, at most a minute
 MIN_PING, MAX_PING = 0.1, 60.0  # seconds between the test peer's pings
 MAX_SEND_BYTES = 64 * 2**20  # what one connection's send stream carries in all...
 MAX_SEND_MESSAGES = 1_000_000  # ...in at most this many messages
-MAX_FRAMES = 65_536  # frames one message is cut into, at most (fragment, throttle)
+MAX_FRAMES = 65_536  # frames one message is cut into, at most (fragment)
 MAX_SEND_RATE = 10_000  # messages a second
 MIN_THROTTLE, MAX_THROTTLE = 1024, 2**30  # bytes a second
 MAX_REASON = 123  # bytes of UTF-8 in a close frame's reason (RFC 6455 5.5: 125 - the code)
@@ -34,6 +34,7 @@ VIOLATIONS = {
     "close_code": "a close frame with code 1005 (never sent on the wire)",
     "continuation": "a continuation frame that continues nothing",
 }
+ECHO_ONLY = ("delay", "fragment", "send")  # the others act on any connection, the relay's too
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]{1,128}")  # RFC 9110 5.6.2
 _HEADER_TEXT = re.compile(r"[\x20-\x7e]{1,512}")  # printable ASCII: nothing to inject
 _URL_TEXT = re.compile(r"[\x21-\x7e]{1,2048}")  # and no space in a URL
@@ -128,9 +129,10 @@ def _n(number: float) -> str:
     return str(int(number)) if number == int(number) else f"{number:g}"
 
 
-def parse(path: str, max_size: int) -> Controls | None:
+def parse(path: str, max_size: int, *, echo: bool) -> Controls | None:
     """The controls of a request target (None: it asks for none). ``max_size``: the
-    largest message the connection may carry (``send``'s size, ``fragment``)."""
+    largest message the connection may carry (``send``'s size, ``fragment``). ``echo``
+    False (the relay): the controls that act on echoes (``ECHO_ONLY``) are refused."""
     query = path.partition("?")[2]
     if not query:
         return None
@@ -144,6 +146,8 @@ def parse(path: str, max_size: int) -> Controls | None:
         ("size", ("send",)), ("rate", ("send",)), ("type", ("send",)),
     ):  # fmt: skip
         read.needs(name, *owners)
+    if not echo and (echoing := next((n for n in ECHO_ONLY if n in read.given), None)):
+        raise InvalidControl(echoing, read.given[echoing], "acts on echoes: echo mode only")
     endings = [name for name in ("close", "drop", "violate") if name in read.given]
     if len(endings) > 1:
         second = endings[1]
@@ -196,8 +200,7 @@ def _timing(read: _Reader, fields: dict[str, object], max_size: int) -> None:
         fields["fragment"] = int(fragment)
     if (ping := read.number("ping", MIN_PING, MAX_PING, whole=False)) is not None:
         fields["ping"] = ping
-    slowest = max(MIN_THROTTLE, 10 * smallest)  # its frames are a tenth of it
-    if (throttle := read.number("throttle", slowest, MAX_THROTTLE)) is not None:
+    if (throttle := read.number("throttle", MIN_THROTTLE, MAX_THROTTLE)) is not None:
         fields["throttle"] = int(throttle)
     for name in ("no_pong", "no_close_reply", "headers"):
         if read.flag(name):

@@ -4,11 +4,16 @@ one, delayed or fragmented or throttled echoes, a close with a chosen code, a dr
 connection, a protocol violation, unanswered pings or closes, pings of its own, a stream
 of messages. Without controls, a connection is echoed exactly as by ``Echo``.
 
-What a connection holds is bounded: echoes waiting for their time (``delay``, ``throttle``)
-are counted in the memory budget (``hold``) and, past ``HELD_LIMIT`` bytes, the client is
-not read until they drain; a ``send`` stream makes its next message only while the client
-keeps up (``blocked``). On a drain, echoes not sent yet are dropped: the close (1001) goes
-at once.
+What a connection holds is bounded: echoes waiting for their time (``delay``) are counted
+in the memory budget (``hold``) and, past ``HELD_LIMIT`` bytes, the client is not read until
+they drain; a ``send`` stream makes its next message only while the client keeps up
+(``blocked``); ``throttle`` is the engine's (``engine.throttle``), under ``write_limit``
+like any connection's writes. On a drain, echoes not sent yet are dropped: the close
+(1001) goes at once.
+
+The controls that act on the connection rather than on the echo (the handshake, pings,
+headers, the ending after N messages, throttle) are functions here that the relay calls
+too (``admit``, ``start``, ``count``, ``stop``).
 """
 
 import asyncio
@@ -54,8 +59,6 @@ class Session:
     held: int = 0  # bytes in the queue
     paused: bool = False
     ended: bool = False
-    allowance: float = 0.0  # throttle: bytes that may be written now
-    refilled: float = 0.0  # throttle: when the allowance was last topped up
     ping_timer: asyncio.TimerHandle | None = None
     stream_timer: asyncio.TimerHandle | None = None
     pings: int = 0
@@ -77,50 +80,18 @@ class TestPeer:
         pass
 
     def admit(self, request: Request) -> Reply | Admitted | None:
-        try:
-            controls = parse(request.path, self.max_size)
-        except InvalidControl as exc:
-            text = f"bad request: {exc}\n"
-            return Reply(http.HTTPStatus.BAD_REQUEST, text, refused="control")
-        if controls is None:
-            return None
-        if controls.status:
-            return refusal(controls)
-        if controls.subprotocol and controls.subprotocol not in request.subprotocols:
-            text = f"bad request: control subprotocol={controls.subprotocol!r}: not offered\n"
-            return Reply(http.HTTPStatus.BAD_REQUEST, text, refused="control")
-        session = Session(controls)
-        if controls.headers:
-            session.greeting = {
-                "request": f"{request.method} {request.path} HTTP/1.1",
-                "headers": [[name, value] for name, value in request.headers.raw_items()],
-                "peer": request.peer,
-            }
-        return Admitted(
-            subprotocol=controls.subprotocol or None,
-            compress=controls.compress,
-            delay=controls.accept_delay,
-            app_data=session,
-        )
+        return admit(request, self.max_size, echo=True)
 
     def opened(self, conn: Connection) -> None:
         session: Session | None = conn.app_data
         if session is None:
             return
-        controls = session.controls
-        conn.answer_pings = not controls.no_pong
-        conn.answer_close = not controls.no_close_reply
-        loop = asyncio.get_running_loop()
-        if session.greeting is not None:
-            session.greeting |= {"subprotocol": conn.subprotocol, "extensions": conn.extensions}
-            conn.send(json.dumps(session.greeting).encode(), text=True)
-        if controls.ping:
-            session.ping_timer = loop.call_later(controls.ping, self._ping, conn, session)
-        session.refilled = loop.time()
-        if controls.send:
+        start(conn, session)
+        if session.controls.send:
             self._stream(conn, session)
-        if self._ends_after(session) == 0:  # at once
-            self._enqueue(conn, session, (loop.time(), None, False, True, True))
+        if ends_after(session) == 0:  # at once
+            now = asyncio.get_running_loop().time()
+            self._enqueue(conn, session, (now, None, False, True, True))
 
     def data(self, conn: Connection, payload: bytes, text: bool, first: bool, last: bool) -> None:
         session: Session | None = conn.app_data
@@ -131,9 +102,8 @@ class TestPeer:
             return
         controls = session.controls
         due = asyncio.get_running_loop().time() + controls.delay
-        size = min(controls.fragment or len(payload), chunk(controls.throttle) or len(payload))
-        pieces = split(payload, size or 1)
-        if controls.fragment and not (session.queue or controls.delay or controls.throttle):
+        pieces = split(payload, controls.fragment or len(payload) or 1)
+        if controls.fragment and not (session.queue or controls.delay):
             frames = (wire(p, text=text, first=first and b, last=last and e) for p, b, e in pieces)
             conn.send_raw(b"".join(frames))  # one write for the message's frames
         else:
@@ -141,7 +111,7 @@ class TestPeer:
                 self._enqueue(conn, session, (due, piece, text, first and begins, last and ends))
         if last:
             session.received += 1
-            if session.received == self._ends_after(session):
+            if session.received == ends_after(session):
                 self._enqueue(conn, session, (due, None, False, True, True))
 
     def unblocked(self, conn: Connection) -> None:
@@ -153,25 +123,16 @@ class TestPeer:
         session: Session | None = conn.app_data
         if session is None:
             return
-        for timer in (session.ping_timer, session.stream_timer, session.pump):
-            if timer is not None:
-                timer.cancel()
+        stop(session)
         session.queue.clear()
         conn.hold(-session.held)
         session.held = 0
 
     # --- the queue of echoes and the ending ----------------------------------------------
 
-    @staticmethod
-    def _ends_after(session: Session) -> int | None:
-        controls = session.controls
-        if controls.close or controls.violate:
-            return controls.after
-        return controls.drop
-
     def _enqueue(self, conn: Connection, session: Session, item: Item) -> None:
         controls = session.controls
-        if not session.queue and not controls.delay and not controls.throttle:
+        if not session.queue and not controls.delay:
             self._write(conn, session, item)  # nothing to wait for: at once
             return
         session.queue.append(item)
@@ -185,10 +146,9 @@ class TestPeer:
             self._drain(conn, session)
 
     def _drain(self, conn: Connection, session: Session) -> None:
-        """Write what is due, as fast as the throttle allows; come back when more is."""
+        """Write what is due; come back when more is."""
         session.pump = None
         loop = asyncio.get_running_loop()
-        throttle = session.controls.throttle
         queue = session.queue
         while queue:
             item = queue[0]
@@ -197,15 +157,6 @@ class TestPeer:
                 session.pump = loop.call_later(item[0] - now, self._drain, conn, session)
                 return
             size = len(item[1] or b"")
-            if throttle:  # a token bucket: at most a chunk's worth at once
-                gained = (now - session.refilled) * throttle
-                session.allowance = min(chunk(throttle), session.allowance + gained)
-                session.refilled = now
-                if size > session.allowance:
-                    wait = (size - session.allowance) / throttle
-                    session.pump = loop.call_later(wait, self._drain, conn, session)
-                    return
-                session.allowance -= size
             queue.popleft()
             session.held -= size + ITEM_OVERHEAD
             conn.hold(-size - ITEM_OVERHEAD)
@@ -222,24 +173,9 @@ class TestPeer:
             else:
                 conn.send(payload, text=text, first=first, last=last)
             return
-        session.ended = True
-        controls = session.controls
-        if controls.close:
-            conn.close(controls.close, controls.reason)
-        elif controls.violate:
-            conn.send_raw(VIOLATIONS[controls.violate])
-        else:
-            conn.drop(reset=controls.reset)
+        end(conn, session)
 
     # --- what the server sends on its own ------------------------------------------------
-
-    def _ping(self, conn: Connection, session: Session) -> None:
-        if not conn.open:
-            return
-        session.pings += 1
-        conn.ping(str(session.pings).encode())
-        loop = asyncio.get_running_loop()
-        session.ping_timer = loop.call_later(session.controls.ping, self._ping, conn, session)
 
     def _stream(self, conn: Connection, session: Session) -> None:
         """``send``: the next messages, as fast as the client reads (rate 0) or at the
@@ -260,15 +196,100 @@ class TestPeer:
             session.stream_timer = loop.call_later(delay, self._stream, conn, session)
 
 
+# --- the controls that act on the connection: the test peer's and the relay's ----------
+
+
+def admit(request: Request, max_size: int, *, echo: bool) -> Reply | Admitted | None:
+    """The handshake on the controls' terms: refused (a bad control, ``status``, a
+    ``subprotocol`` not offered), or admitted with the connection's ``Session``."""
+    try:
+        controls = parse(request.path, max_size, echo=echo)
+    except InvalidControl as exc:
+        return Reply(http.HTTPStatus.BAD_REQUEST, f"bad request: {exc}\n", refused="control")
+    if controls is None:
+        return None
+    if controls.status:
+        return refusal(controls)
+    if controls.subprotocol and controls.subprotocol not in request.subprotocols:
+        text = f"bad request: control subprotocol={controls.subprotocol!r}: not offered\n"
+        return Reply(http.HTTPStatus.BAD_REQUEST, text, refused="control")
+    session = Session(controls)
+    if controls.headers:
+        session.greeting = {
+            "request": f"{request.method} {request.path} HTTP/1.1",
+            "headers": [[name, value] for name, value in request.headers.raw_items()],
+            "peer": request.peer,
+        }
+    return Admitted(
+        subprotocol=controls.subprotocol or None,
+        compress=controls.compress,
+        delay=controls.accept_delay,
+        throttle=controls.throttle,
+        app_data=session,
+    )
+
+
+def start(conn: Connection, session: Session) -> None:
+    """The connection opened: pings and closes answered or not, the request sent back
+    (``headers``), the server's own pings."""
+    controls = session.controls
+    conn.answer_pings = not controls.no_pong
+    conn.answer_close = not controls.no_close_reply
+    if session.greeting is not None:
+        session.greeting |= {"subprotocol": conn.subprotocol, "extensions": conn.extensions}
+        conn.send(json.dumps(session.greeting).encode(), text=True)
+    if controls.ping:
+        loop = asyncio.get_running_loop()
+        session.ping_timer = loop.call_later(controls.ping, _ping, conn, session)
+
+
+def ends_after(session: Session) -> int | None:
+    """After how many of the client's messages the connection ends (None: it does not)."""
+    controls = session.controls
+    if controls.close or controls.violate:
+        return controls.after
+    return controls.drop
+
+
+def count(conn: Connection, session: Session) -> None:
+    """The relay: one more whole message from the client; the ending, if it is due."""
+    session.received += 1
+    if session.received == ends_after(session) and not session.ended:
+        end(conn, session)
+
+
+def end(conn: Connection, session: Session) -> None:
+    """close, violate or drop."""
+    session.ended = True
+    controls = session.controls
+    if controls.close:
+        conn.close(controls.close, controls.reason)
+    elif controls.violate:
+        conn.send_raw(VIOLATIONS[controls.violate])
+    else:
+        conn.drop(reset=controls.reset)
+
+
+def stop(session: Session) -> None:
+    """The connection closed: its timers go."""
+    for timer in (session.ping_timer, session.stream_timer, session.pump):
+        if timer is not None:
+            timer.cancel()
+
+
+def _ping(conn: Connection, session: Session) -> None:
+    if not conn.open:
+        return
+    session.pings += 1
+    conn.ping(str(session.pings).encode())
+    loop = asyncio.get_running_loop()
+    session.ping_timer = loop.call_later(session.controls.ping, _ping, conn, session)
+
+
 def wire(payload: bytes, *, text: bool, first: bool, last: bool) -> bytes:
     """One frame of a message, unmasked and uncompressed (RFC 6455 5.2)."""
     opcode = (OP_TEXT if text else OP_BINARY) if first else OP_CONT
     return frame(opcode, payload, fin=last)
-
-
-def chunk(throttle: int) -> int:
-    """A throttled connection's largest frame: a tenth of a second's worth (0: none)."""
-    return throttle // 10
 
 
 def message(number: int, size: int, *, text: bool) -> bytes:

@@ -43,9 +43,19 @@ from collections.abc import Callable
 from typing import Any
 
 from wsechod import channels, history, ratelimit
+from wsechod.apps import peer
 from wsechod.brokers.base import Broker, Members
 from wsechod.channels import Policies, Policy, Rule
-from wsechod.engine import Connection, Family, Figures, Prepared, Reply, Request, prepare
+from wsechod.engine import (
+    Admitted,
+    Connection,
+    Family,
+    Figures,
+    Prepared,
+    Reply,
+    Request,
+    prepare,
+)
 from wsechod.engine.frames import CloseCode
 from wsechod.history import NOWHERE, History, Position, Published
 from wsechod.log import get_logger
@@ -136,6 +146,7 @@ class Member:
         "read_only",
         "room",
         "serial",
+        "session",
         "slow",
         "text",
         "timer",
@@ -170,6 +181,7 @@ class Member:
         self.timer: asyncio.TimerHandle | None = None
         self.debt = 0.0  # seconds it alone held the channel, leaking at LEAK per second
         self.debt_at = 0.0
+        self.session: peer.Session | None = None  # its test peer controls (``controls``)
 
 
 class Channel:
@@ -207,6 +219,7 @@ class Relay:
         self.cap = 0  # a receiver's buffer never grows past this
         self.max_channels = self.max_path_length = 0
         self.publish_rate = 0.0
+        self.controls = False
         self.channels: dict[str, Channel] = {}
         self._serials = itertools.count(1)
         self._api_waiting: dict[int, asyncio.Future[int]] = {}  # origin: members reached
@@ -236,6 +249,7 @@ class Relay:
         history_size: int = 0,
         history_ttl: float = 0.0,
         channel_rules: tuple[Rule, ...] = (),
+        controls: bool = False,
     ) -> None:
         """At start, and on a reload: the limits and the policies apply from now on, to
         the channels open already too (publish rights: to members that join from now)."""
@@ -254,14 +268,16 @@ class Relay:
         self.max_channels = max_channels
         self.max_path_length = max_path_length
         self.publish_rate = publish_rate
+        self.controls = controls
         for channel in self.channels.values():
             channel.policy = self.policies.of(channel.name)
             channel.history = history_of(channel.policy)
 
     # --- admission -------------------------------------------------------------------
 
-    def admit(self, request: Request) -> Reply | None:
-        """Refuse, before the handshake, a channel name or a member over the limits."""
+    def admit(self, request: Request) -> Reply | Admitted | None:
+        """Refuse, before the handshake, a channel name or a member over the limits; with
+        ``controls``, the test peer's that act on any connection."""
         written = request.route
         if len(written) > self.max_path_length:
             status, text = http.HTTPStatus.REQUEST_URI_TOO_LONG, "channel name too long\n"
@@ -281,7 +297,7 @@ class Relay:
             warn.warning("connection refused", reason="max_channel_members", limit=limit)
             text = "channel is full\n"
             return Reply(http.HTTPStatus.SERVICE_UNAVAILABLE, text, refused="max_channel_members")
-        return None
+        return peer.admit(request, self.max_size, echo=False) if self.controls else None
 
     def degraded(self) -> str | None:
         return self.broker.degraded()
@@ -321,6 +337,7 @@ class Relay:
             channel = self.channels[name] = Channel(name, self.policies.of(name))
             self.broker.subscribe(name)
         member = Member(conn, channel, next(self._serials))
+        member.session = conn.app_data  # admission's: the controls, if any
         channel.members[conn] = member
         conn.app_data = member
         self.broker.presence_changed()
@@ -332,6 +349,10 @@ class Relay:
             else:
                 member.backlog = []
                 member.catching_up = asyncio.create_task(self._catch_up(member, since))
+        if member.session is not None:
+            peer.start(conn, member.session)
+            if peer.ends_after(member.session) == 0:
+                peer.end(conn, member.session)
 
     def closed(self, conn: Connection) -> None:
         member: Member = conn.app_data
@@ -343,6 +364,8 @@ class Relay:
             member.backlog = None
         if member.timer is not None:
             member.timer.cancel()
+        if member.session is not None:
+            peer.stop(member.session)
         if member.slow and conn.dropped:
             warn.info("slow consumer left", peer=conn.peer, dropped=conn.dropped)
         if member in channel.behind:
@@ -379,8 +402,10 @@ class Relay:
             conn.pause_reading()
             channel.waiting.append(member)
             self._wait_for_broker(channel)
-            return
-        self._publish(channel, payload, text, member)
+        else:
+            self._publish(channel, payload, text, member)
+        if member.session is not None:  # after this message, the controls' ending
+            peer.count(conn, member.session)
 
     def _publish(self, channel: Channel, payload: bytes, text: bool, sender: Member) -> None:
         """A member's message: to the others here at once and through the broker to every

@@ -40,6 +40,7 @@ from wsechod.engine import bodies, deflate, proxy
 from wsechod.engine.addresses import format_address
 from wsechod.engine.connection import Host, WebSocket, failures
 from wsechod.engine.interface import Admitted, ReadBody, Reply, Request
+from wsechod.engine.throttle import Throttled
 
 SERVER = f"wsechod/{__version__}"
 # Longest request head read before answering 431; websockets allows 8 KiB a line and 128
@@ -478,6 +479,8 @@ class Handshake(asyncio.Protocol):
         assert transport is not None
         for chunk in protocol.data_to_send():
             transport.write(chunk)
+        if reply is not None and reply.throttle:  # the test peer's slow network
+            transport = Throttled(transport, reply.throttle)
         self._finish(upgraded=True)  # still counted for its address, as a WebSocket now
         compression = deflate.negotiated(protocol.extensions, engine.options.inflate_rate)
         ws = WebSocket(engine, transport, raw.path, self.peer, compression)

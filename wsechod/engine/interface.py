@@ -108,13 +108,15 @@ class Admitted:
     script can read (it sees no HTTP status), a close to send at once after the 101
     (code and reason) instead of opening it to the application. The test peer's terms:
     ``compress`` False refuses permessage-deflate, ``delay`` seconds pass before the 101
-    is sent, ``app_data`` becomes the connection's."""
+    is sent, ``throttle`` bytes a second at most are written to it, ``app_data`` becomes
+    the connection's."""
 
     subprotocol: str | None = None
     identity: Identity | None = None
     close: tuple[int, str] | None = None
     compress: bool = True
     delay: float = 0.0
+    throttle: int = 0
     app_data: Any = None
 
 

@@ -271,6 +271,7 @@ def relay_options(settings: Settings) -> dict[str, Any]:
         "history_size": settings.history_size,
         "history_ttl": settings.history_ttl,
         "channel_rules": settings.channel,
+        "controls": settings.controls,
     }
 
 

@@ -145,15 +145,6 @@ def check_broker_package(settings: Settings, sources: Mapping[str, str]) -> None
         ) from None
 
 
-def check_controls(settings: Settings, sources: Mapping[str, str]) -> None:
-    """The test peer's controls are an echo's, for now."""
-    if settings.controls and settings.mode != "echo":
-        raise SettingsError(
-            f"invalid controls true (from {sources['controls']}): the test peer's controls "
-            "work in echo mode only in this release"
-        )
-
-
 def check_redis(settings: Settings, sources: Mapping[str, str]) -> None:
     """Sentinel and Cluster are ways to reach Redis: they need a Redis broker URL (over
     TCP: the nodes' addresses come from Redis), and they exclude each other."""

@@ -583,12 +583,13 @@ class Settings:
         restart=True,
         section=RELAY,
         note=(
-            "echo: obey the test peer's controls in each upgrade request's query string "
+            "Obey the test peer's controls in each upgrade request's query string "
             "(status=, accept_delay=, subprotocol=, delay=, fragment=, close=, drop=, "
             "violate=, no_close_reply=, ping=, no_pong=, send=, throttle=, headers=, "
             "compress=; see the Test peer page): a client's test suite can then make the "
             "server misbehave on purpose. Off by default: a public echo must not let "
-            "strangers make it stall. Echo mode only in this release."
+            "strangers make it stall. In relay mode those that act on the connection "
+            "(not delay=, fragment=, send=)."
         ),
     )
     console: bool = _opt(

@@ -112,7 +112,6 @@ def load(
     checks.check_workers(settings, sources)
     checks.check_broker_package(settings, sources)
     checks.check_redis(settings, sources)
-    checks.check_controls(settings, sources)
     checks.check_tls(settings, sources)
     checks.check_auth(settings, sources)
     checks.check_history(settings, sources)
