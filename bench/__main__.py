@@ -57,6 +57,7 @@ SATURATED = 0.90  # client CPU / wall time from which the client is the bottlene
 # The deflate cases' messages, made once for every server and repeat.
 DEFLATE_MESSAGES: dict[deflate.Case, list[bytes]] = {}
 SCRAPE_INTERVAL = 1.0  # seconds between GET /metrics with --scrape, as a busy Prometheus
+PIPELINE_CONNECTIONS = 50  # the pipelined echo case's
 SCENARIOS = ("echo", "idle", "fanout", "deflate", "handshake", "resume", "redis")
 # Each kind's columns are compared with this peer's (and with Node's ws, where it runs).
 BASES = {
@@ -104,11 +105,20 @@ class Results:
         return min(values) if worst else statistics.median(values), 2 * sum(flags) > len(flags)
 
 
-def echo_cases(args: argparse.Namespace) -> list[tuple[str, int, int]]:
-    cases = [(f"echo {n}x{args.size}", n, args.size) for n in args.connections]
+def echo_cases(args: argparse.Namespace) -> list[tuple[str, int, int, int]]:
+    """(key, connections, size, messages in flight per connection)."""
+    cases = [(f"echo {n}x{args.size}", n, args.size, 1) for n in args.connections]
     if args.big_size:
-        cases.append((f"echo {args.big_connections}x{args.big_size}", *args.big_case))
+        cases.append((f"echo {args.big_connections}x{args.big_size}", *args.big_case, 1))
+    if args.pipeline > 1:
+        n, depth = PIPELINE_CONNECTIONS, args.pipeline
+        cases.append((f"echo {n}x{args.size} d{depth}", n, args.size, depth))
     return cases
+
+
+def fan_cases(args: argparse.Namespace) -> list[tuple[str, int]]:
+    """(key, publishers)."""
+    return [("fan", 1)] + ([(f"fan{args.publishers}", args.publishers)] * (args.publishers > 1))
 
 
 def deflate_cases(args: argparse.Namespace) -> list[deflate.Case]:
@@ -125,10 +135,9 @@ def describe_size(size: int) -> str:
 def figures(args: argparse.Namespace) -> list[Figure]:
     out: list[Figure] = []
     if "echo" in args.scenarios:
-        for key, n, size in echo_cases(args):
-            section = (
-                f"echo, {n} connection{'s' * (n > 1)}, {describe_size(size)} messages, ping-pong"
-            )
+        for key, n, size, depth in echo_cases(args):
+            way = "ping-pong" if depth == 1 else f"{depth} in flight per connection"
+            section = f"echo, {n} connection{'s' * (n > 1)}, {describe_size(size)} messages, {way}"
             out += [
                 Figure(f"{key} rt/s", "round trips/s", section, floor=True),
                 Figure(f"{key} p50", "p50 latency µs", section),
@@ -159,17 +168,17 @@ def figures(args: argparse.Namespace) -> list[Figure]:
                 "closed 1001", f"closed 1001 (of {args.idle}), worst", section, False, worst=True
             ),
         ]
-    if "fanout" in args.scenarios:
+    for key, publishers in fan_cases(args) if "fanout" in args.scenarios else ():
         section = (
-            f"fan-out, 1 publisher to {args.subscribers} subscribers on one channel, "
-            f"{describe_size(args.size)} messages"
+            f"fan-out, {publishers} publisher{'s' * (publishers > 1)} to {args.subscribers} "
+            f"subscribers on one channel, {describe_size(args.size)} messages"
         )
         out += [
-            Figure("fan rate", "deliveries/s", section, floor=True, kind="relay"),
-            Figure("fan p99", "p99 batch latency µs", section, kind="relay"),
-            Figure("fan cpu", "server CPU µs/delivery", section, digits=2, kind="relay"),
-            Figure("fan server%", "server core busy %", section, ratios=False, kind="relay"),
-            Figure("fan client%", "client core busy %", section, ratios=False, kind="relay"),
+            Figure(f"{key} rate", "deliveries/s", section, floor=True, kind="relay"),
+            Figure(f"{key} p99", "p99 batch latency µs", section, kind="relay"),
+            Figure(f"{key} cpu", "server CPU µs/delivery", section, digits=2, kind="relay"),
+            Figure(f"{key} server%", "server core busy %", section, ratios=False, kind="relay"),
+            Figure(f"{key} client%", "client core busy %", section, ratios=False, kind="relay"),
         ]
     if "handshake" in args.scenarios:
         section = (
@@ -230,9 +239,11 @@ async def guarded(results: Results, what: str, step: Callable[[], Awaitable[None
 async def measure_echo(
     args: argparse.Namespace, results: Results, peer: Peer, repeat: int, server: Server
 ) -> None:
-    for key, n, size in echo_cases(args):
+    for key, n, size, depth in echo_cases(args):
         what = f"{peer.label} {key} (repeat {repeat})"
-        step = functools.partial(echo_case, args, results, peer, repeat, server, key, n, size)
+        step = functools.partial(
+            echo_case, args, results, peer, repeat, server, key, n, size, depth
+        )
         if not await guarded(results, what, step) and server.proc.poll() is not None:
             raise PeerError(f"{peer.label} exited with status {server.proc.returncode}")
 
@@ -246,11 +257,13 @@ async def echo_case(  # noqa: PLR0917
     key: str,
     n: int,
     size: int,
+    depth: int,
 ) -> None:
     r = await client.echo(
         server.port,
         connections=n,
         size=size,
+        depth=depth,
         warmup=args.warmup,
         seconds=args.seconds,
         server_cpu=server.cpu_seconds,
@@ -266,7 +279,8 @@ async def echo_case(  # noqa: PLR0917
     results.add(peer, f"{key} client%", 100 * w.client_cpu / w.seconds, sat)
     results.runs.append(
         {"repeat": repeat, "peer": peer.name, "kind": peer.kind, "case": key}
-        | {"connections": n, "size": size, "seconds": w.seconds, "round_trips": w.events}
+        | {"connections": n, "size": size, "in_flight": depth}
+        | {"seconds": w.seconds, "round_trips": w.events}
         | {"server_cpu_s": w.server_cpu, "client_cpu_s": w.client_cpu}
         | {"p50_us": r.p50 * 1e6, "p99_us": r.p99 * 1e6}
     )
@@ -348,6 +362,20 @@ async def deflate_case(  # noqa: PLR0917
 async def measure_fanout(
     args: argparse.Namespace, results: Results, peer: Peer, repeat: int, server: Server
 ) -> None:
+    for key, publishers in fan_cases(args):
+        step = functools.partial(fanout_case, args, results, peer, repeat, server, key, publishers)
+        await guarded(results, f"{peer.label} {key} (repeat {repeat})", step)
+
+
+async def fanout_case(  # noqa: PLR0917
+    args: argparse.Namespace,
+    results: Results,
+    peer: Peer,
+    repeat: int,
+    server: Server,
+    key: str,
+    publishers: int,
+) -> None:
     w, p99 = await client.fan_out(
         server.port,
         subscribers=args.subscribers,
@@ -355,22 +383,24 @@ async def measure_fanout(
         warmup=args.warmup,
         seconds=args.seconds,
         server_cpu=server.cpu_seconds,
-        tokens=made_tokens(peer, args.subscribers + 1),
+        tokens=made_tokens(peer, args.subscribers + publishers),
         deflate=peer.deflate,
+        publishers=publishers,
     )
     sat = w.client_cpu / w.seconds >= SATURATED
-    results.add(peer, "fan p99", p99 * 1e6, sat)
-    results.add(peer, "fan rate", w.events / w.seconds, sat)
-    results.add(peer, "fan cpu", w.server_cpu / w.events * 1e6)
-    results.add(peer, "fan server%", 100 * w.server_cpu / w.seconds)
-    results.add(peer, "fan client%", 100 * w.client_cpu / w.seconds, sat)
+    results.add(peer, f"{key} p99", p99 * 1e6, sat)
+    results.add(peer, f"{key} rate", w.events / w.seconds, sat)
+    results.add(peer, f"{key} cpu", w.server_cpu / w.events * 1e6)
+    results.add(peer, f"{key} server%", 100 * w.server_cpu / w.seconds)
+    results.add(peer, f"{key} client%", 100 * w.client_cpu / w.seconds, sat)
     results.runs.append(
-        {"repeat": repeat, "peer": peer.name, "kind": peer.kind, "case": "fanout"}
-        | {"subscribers": args.subscribers, "size": args.size, "seconds": w.seconds}
-        | {"deliveries": w.events, "server_cpu_s": w.server_cpu, "client_cpu_s": w.client_cpu}
+        {"repeat": repeat, "peer": peer.name, "kind": peer.kind, "case": key}
+        | {"subscribers": args.subscribers, "publishers": publishers, "size": args.size}
+        | {"seconds": w.seconds, "deliveries": w.events}
+        | {"server_cpu_s": w.server_cpu, "client_cpu_s": w.client_cpu}
     )
     note(
-        f"  {peer.label:<12} {'fan-out':<14} {w.events / w.seconds:>9.0f} deliveries/s  "
+        f"  {peer.label:<12} {key:<14} {w.events / w.seconds:>9.0f} deliveries/s  "
         f"server {w.server_cpu / w.events * 1e6:>6.2f} µs/delivery  "
         f"client {100 * w.client_cpu / w.seconds:>3.0f}%"
     )
@@ -657,6 +687,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--big-connections", type=int, default=50, help="connections for large messages")
     add("--idle", type=int, help="idle connections for memory and drain (10000; quick 1000)")
     add("--subscribers", type=int, help="fan-out subscribers (default 1000; quick 100)")
+    add("--publishers", type=int, default=10, help="fan-out publishers, 1 to skip (10)")
+    add("--pipeline", type=int, default=8, help="echo messages in flight, 1 to skip (8)")
     add("--handshakes", type=int, help="connections opened per handshake run (2000; quick 300)")
     add("--resume", type=int, help="messages a resuming client catches up with (10000; quick 1000)")
     add("--only", help="peers, comma-separated: " + ",".join(sorted(peer_names())))
@@ -705,7 +737,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if unknown := args.scenarios - set(SCENARIOS):
         parser.error(f"--scenarios: unknown {', '.join(sorted(unknown))}")
     counts = [args.repeat, args.idle, args.subscribers, args.handshakes, args.resume]
-    counts += [args.big_connections]
+    counts += [args.big_connections, args.publishers, args.pipeline]
     counts += args.connections
     if min(counts) < 1 or args.seconds <= 0 or args.warmup < 0 or args.size < 1:
         parser.error("counts, sizes and --seconds must be positive")

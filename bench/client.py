@@ -13,6 +13,7 @@ import resource
 import signal
 import subprocess
 import time
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import TypeVar, cast
@@ -162,7 +163,7 @@ class EchoClient(Client):
     def __init__(self, run: EchoRun) -> None:
         super().__init__()
         self.run = run
-        self.sent_at = 0.0
+        self.sent_at: deque[float] = deque()  # of the messages in flight, in order
 
     def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
         if frame.msg_type in DATA:
@@ -171,10 +172,13 @@ class EchoClient(Client):
             now = time.perf_counter()
             run = self.run
             run.count += 1
+            sent_at = self.sent_at
             if run.recording:
-                run.samples.append(now - self.sent_at)
+                run.samples.append(now - sent_at.popleft())
+            else:
+                sent_at.popleft()
             if run.running:
-                self.sent_at = now
+                sent_at.append(now)
                 transport.send(WSMsgType.BINARY, run.payload)
             else:
                 run.in_flight -= 1
@@ -183,11 +187,13 @@ class EchoClient(Client):
         elif frame.msg_type == WSMsgType.CLOSE:
             self.on_close(transport, frame)
 
-    def start(self) -> None:
+    def start(self, depth: int) -> None:
+        """``depth`` messages in flight from now on (1: ping-pong; more: pipelining)."""
         assert self.transport is not None
-        self.run.in_flight += 1
-        self.sent_at = time.perf_counter()
-        self.transport.send(WSMsgType.BINARY, self.run.payload)
+        for _ in range(depth):
+            self.run.in_flight += 1
+            self.sent_at.append(time.perf_counter())
+            self.transport.send(WSMsgType.BINARY, self.run.payload)
 
 
 @dataclass
@@ -222,13 +228,15 @@ async def echo(
     seconds: float,
     server_cpu: Callable[[], float],
     tokens: Iterator[str] | None = None,
+    depth: int = 1,
 ) -> EchoResult:
+    """Round trips with ``depth`` messages in flight per connection."""
     run = EchoRun(os.urandom(size))
     clients = await connect_many(port, connections, lambda: EchoClient(run), "/", tokens)
     try:
         run.running = True
         for c in clients:
-            c.start()
+            c.start(depth)
         await asyncio.sleep(warmup)
         t0, n0, s0, c0 = time.perf_counter(), run.count, server_cpu(), client_cpu()
         run.recording = True
@@ -334,7 +342,7 @@ class FanRun:
     subscribers: int
     batch: int
     window_batches: int
-    publisher: WSTransport | None = None
+    publishers: list[WSTransport] = field(default_factory=list)
     running: bool = False
     deliveries: int = 0
     sent_batches: int = 0
@@ -346,12 +354,13 @@ class FanRun:
     recording: bool = False
 
     def publish(self) -> None:
-        """Keep at most ``window_batches`` batches ahead of the slowest subscriber."""
-        assert self.publisher is not None
+        """Keep at most ``window_batches`` batches ahead of the slowest subscriber; a
+        batch's messages from the publishers in turn."""
+        publishers = self.publishers
         while self.running and self.sent_batches - self.done_batches < self.window_batches:
             self.sent_at[self.sent_batches + 1] = time.perf_counter()
-            for _ in range(self.batch):
-                self.publisher.send(WSMsgType.BINARY, self.payload)
+            for i in range(self.batch):
+                publishers[i % len(publishers)].send(WSMsgType.BINARY, self.payload)
             self.sent_batches += 1
 
     def batch_received(self, index: int) -> None:
@@ -414,12 +423,15 @@ async def fan_out(
     tokens: Iterator[str] | None = None,
     publisher_port: int | None = None,
     deflate: bool = False,
+    publishers: int = 1,
 ) -> tuple[Window, float]:
     """Deliveries and the 99th percentile of a batch's latency (from its first message
     sent to its last received by every subscriber); the publisher on ``publisher_port``
     (another instance) if given. With ``deflate`` the subscribers offer permessage-deflate
     and count the compressed messages without inflating them (the server's cost is the
-    figure), and the payload is text that deflate shrinks, not random bytes."""
+    figure), and the payload is text that deflate shrinks, not random bytes. With several
+    ``publishers``, each batch's messages come from them in turn (a subscriber then gets
+    messages from several connections in one turn of the server's loop)."""
     payload = text_payload(size) if deflate else os.urandom(size)
     run = FanRun(payload, subscribers, batch, max(1, window // batch))
     offer = {"Sec-WebSocket-Extensions": "permessage-deflate"} if deflate else None
@@ -428,10 +440,9 @@ async def fan_out(
     )
     clients: list[Client] = list(subs)
     try:
-        clients += await connect_many(publisher_port or port, 1, Client, "/bench", tokens)
-        publisher = clients[-1].transport
-        assert publisher is not None
-        run.publisher = publisher
+        clients += await connect_many(publisher_port or port, publishers, Client, "/bench", tokens)
+        run.publishers = [c.transport for c in clients[-publishers:] if c.transport is not None]
+        publisher = run.publishers[0]
         # Joining may finish after the handshake: probe until every subscriber hears.
         deadline = time.monotonic() + 15
         while any(s.count == 0 for s in subs):

@@ -85,6 +85,7 @@ ENGINE_ORDER = (
     "proxy",
     "options",
     "deflate",
+    "throttle",
     "budget",
     "connection",
     "handshake",
