@@ -443,7 +443,7 @@ async def measure_redis(
     args: argparse.Namespace, results: Results, peer: Peer, repeat: int, server: Server
 ) -> None:
     """Subscribers on ``server``, the publisher on a second instance of the same peer."""
-    publisher = Server(peer, args.server_core, args.subscribers)
+    publisher = Server(peer, args.server_core, args.subscribers + 1)
     try:
         w, p99 = await client.fan_out(
             server.port,
@@ -533,6 +533,7 @@ def make_plan(args: argparse.Namespace) -> list[tuple[Peer, str]]:
     plan: list[tuple[Peer, str]] = []
     for peer in selected("echo", args):
         variant = peer.scrape or peer.name == WORKERS or peer.auth is not None
+        variant = variant or "--controls" in peer.argv
         for scenario in ("echo", "idle"):
             if scenario in args.scenarios and not (variant and scenario == "idle"):
                 plan.append((peer, scenario))
@@ -565,7 +566,7 @@ async def run_all(args: argparse.Namespace, results: Results) -> None:
             if (peer.kind, peer.name, scenario == "deflate") in broken:
                 continue
             try:
-                server = Server(peer, args.server_core, args.subscribers)
+                server = Server(peer, args.server_core, args.subscribers + args.publishers)
             except PeerError as exc:
                 broken[(peer.kind, peer.name, scenario == "deflate")] = str(exc)
                 results.errors.append(f"{peer.label} ({peer.kind}) not measured: {exc}")

@@ -68,15 +68,16 @@ class Peer:
     auth: str | None = None  # wsechod with auth = "jwt": the tokens' algorithm
     deflate: bool = False  # relay: the subscribers offer permessage-deflate
 
-    def command(self, subscribers: int) -> list[str]:
+    def command(self, members: int) -> list[str]:
+        """Its command line; ``members``: a relay channel's, at most (publishers too)."""
         how, *args = self.argv
         if self.kind == "redis":  # through the Redis the bench started
             if not REDIS_URL:
                 raise PeerError("no redis-server (make redis installs it)")
-            args += ["--broker", REDIS_URL[0], "--max-channel-members", str(subscribers + 1)]
+            args += ["--broker", REDIS_URL[0], "--max-channel-members", str(members)]
         if how == "wsechod":
-            if self.kind == "relay":  # 1 publisher + subscribers on one channel
-                args += ["--max-channel-members", str(subscribers + 1)]
+            if self.kind == "relay":
+                args += ["--max-channel-members", str(members)]
             if self.auth is not None:
                 args += tokens.server_args(self.auth)
             return wsechod(*args)
@@ -91,6 +92,7 @@ ECHO_PEERS = (
     Peer("example-asyncio", "ex-asyncio", "echo", ("python", "bench.baseline")),
     Peer("wsechod", "wsechod", "echo", ("wsechod",)),
     Peer("wsechod-jwt", "+jwt HS256", "echo", ("wsechod",), auth="HS256"),
+    Peer("wsechod-controls", "+controls", "echo", ("wsechod", "--controls")),
     Peer("ws", "ws", "echo", ("node", "echo.mjs")),
     Peer("picows", "picows", "echo", ("python", "bench.picows_echo")),
 )
@@ -203,14 +205,14 @@ LIVE: set["Server"] = set()
 class Server:
     """One peer process: started on port 0, the port read from its output."""
 
-    def __init__(self, peer: Peer, core: int | None, subscribers: int = 0) -> None:
+    def __init__(self, peer: Peer, core: int | None, members: int = 1) -> None:
         self.peer = peer
         self.tail: collections.deque[str] = collections.deque(maxlen=20)
         try:
             self.proc = subprocess.Popen(
                 [
                     *pin(([core] if core is not None else None) if peer.pinned else ALL_CORES),
-                    *peer.command(subscribers),
+                    *peer.command(members),
                 ],
                 cwd=ROOT,
                 stdin=subprocess.DEVNULL,

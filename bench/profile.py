@@ -105,7 +105,7 @@ def main() -> None:
     if scenario == "deflate":
         peer = deflate_peer(peer) or peer
     cores = sorted(os.sched_getaffinity(0))
-    server = Server(peer, cores[0], SUBSCRIBERS)
+    server = Server(peer, cores[0], SUBSCRIBERS + 1)
     if len(cores) > 1:
         os.sched_setaffinity(0, {cores[1]})
     try:

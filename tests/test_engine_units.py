@@ -93,6 +93,13 @@ def connect(engine: Engine, path: str = "/room") -> tuple[WebSocket, Transport]:
     return ws, t
 
 
+def turn(engine: Engine, ws: WebSocket, data: bytes) -> None:
+    """One read in one turn of the loop; at its end, what the turn wrote goes out (the
+    engine corks writes until then)."""
+    ws.data_received(data)
+    engine.uncork()
+
+
 def make_engine(loop: asyncio.AbstractEventLoop, app: Application, **options: float) -> Engine:
     async def build() -> Engine:
         return Engine(Options(**options), app)  # type: ignore[arg-type]
@@ -112,14 +119,14 @@ def test_reading_stays_paused_when_a_release_refills_the_buffer(
         engine = Engine(Options(write_limit=1000, max_size=10_000, ping_interval=0), relay)
         receiver, rt = connect(engine)
         publisher, _ = connect(engine)
-        publisher.data_received(frame(OP_BINARY, bytes(1500)))  # receiver now behind
-        publisher.data_received(frame(OP_BINARY, bytes(1500)))  # held with its publisher
+        turn(engine, publisher, frame(OP_BINARY, bytes(1500)))  # receiver now behind
+        turn(engine, publisher, frame(OP_BINARY, bytes(1500)))  # held with its publisher
         assert receiver.blocked and not rt.reading
         rt.drain()  # the held message is written to it at once: full again
         assert receiver.blocked
         assert not rt.reading
         for _ in range(1000):  # a client that sends pings and never reads
-            receiver.data_received(frame(OP_PING, b"p" * 125))
+            turn(engine, receiver, frame(OP_PING, b"p" * 125))
         assert rt.size < 1000 + 10_000 + 1500 + 127 * 2
 
     loop.run_until_complete(main())
@@ -178,7 +185,7 @@ def test_the_last_member_leaving_while_behind_forgets_its_channel_once(
         engine = Engine(Options(write_limit=1000, max_size=10_000, ping_interval=0), relay)
         receiver, _ = connect(engine)
         publisher, _ = connect(engine)
-        publisher.data_received(frame(OP_BINARY, bytes(1500)))  # the receiver is behind
+        turn(engine, publisher, frame(OP_BINARY, bytes(1500)))  # the receiver is behind
         assert receiver.blocked
         publisher.connection_lost(None)
         receiver.connection_lost(None)  # the last member, still behind
@@ -260,7 +267,7 @@ def test_the_memory_budget_never_leaves_connections_paused_for_good(
         pairs = [connect(engine, "/") for _ in range(4)]
         engine.budget.start()
         for ws, _ in pairs:
-            ws.data_received(frame(OP_BINARY, bytes(60_000))[:30_014])
+            turn(engine, ws, frame(OP_BINARY, bytes(60_000))[:30_014])
         for _ in range(100):  # the budget's own timer: a check, then a grace, then closes
             await asyncio.sleep(0.05)
             if not engine.budget.paused and engine.budget.closed:
@@ -300,7 +307,7 @@ def test_a_relayed_message_is_compressed_once_for_every_compressing_member(
             t.protocol = ws
             engine.opened(ws)
         publisher, _ = connect(engine)
-        publisher.data_received(frame(OP_BINARY, bytes(1000)))
+        turn(engine, publisher, frame(OP_BINARY, bytes(1000)))
 
     loop.run_until_complete(main())
     assert sorted(calls) == [10, 15]  # once per window size

@@ -121,6 +121,7 @@ def feed(data: bytes, cuts: list[int]) -> tuple[Recorder, Wire]:
         for cut in [*sorted(set(cuts)), len(data)]:
             if cut > at:
                 ws.data_received(data[at:cut])
+                engine.uncork()  # the turn's end: its corked writes go out
                 at = cut
 
     LOOP.run_until_complete(main())

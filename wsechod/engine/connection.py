@@ -6,10 +6,19 @@ frame causes (the echo, the pong, the close) is written before the next frame is
 so answers leave in the order their causes arrived, and a protocol violation is answered
 after everything that came before it.
 
+Writes are corked (as uWebSockets does): what a connection is given to send during one
+turn of the loop waits in a list and goes to its transport in one write (a ``writev``)
+once the loop has handled every read of that turn (``flush``, called by the engine's
+``uncork``): a pipelining client's echoes, or a subscriber's messages from several
+publishers, cost one system call, and one message alone waits for nothing but the end of
+the turn. Anything that needs the transport's true state (closing it, its buffer size)
+flushes first.
+
 Memory per connection is bounded whatever the client sends: one frame being assembled
-(at most ``max_size``), the transport's buffer (reading stops once it holds more than
-``write_limit``; one frame may overshoot it), and what was read but not yet parsed while
-reading is paused (at most one read, 256 KiB with uvloop).
+(at most ``max_size``), the transport's buffer and the turn's corked writes (reading
+stops once they hold more than ``write_limit``; one frame may overshoot it), and what
+was read but not yet parsed while reading is paused (at most one read, 256 KiB with
+uvloop).
 """
 
 from __future__ import annotations
@@ -79,8 +88,13 @@ class Host(Protocol):
     loop: asyncio.AbstractEventLoop
     budget: Budget
 
+    corked: list[WebSocket]  # connections with corked writes, flushed by uncork
+
     def next_ping(self) -> bytes:
         """A keepalive ping's payload, unique among the pings in flight."""
+
+    def uncork(self) -> None:
+        """Flush every corked connection (once a turn of the loop, when there are some)."""
 
     def closed(self, ws: WebSocket) -> None:
         """``ws`` is gone, and its file descriptor with it."""
@@ -106,6 +120,9 @@ class WebSocket(asyncio.Protocol):
         "_msg_size",
         "_need",
         "_options",
+        "_out",
+        "_out_limit",
+        "_out_size",
         "_parsing",
         "_paused",
         "_ping",
@@ -164,6 +181,9 @@ class WebSocket(asyncio.Protocol):
         self._parsing = False
         self._state = OPEN
         self._timer: asyncio.TimerHandle | None = None
+        self._out: list[bytes] | None = None  # corked writes, flushed at the turn's end
+        self._out_size = 0
+        self._out_limit = options.write_limit
         self._ping: bytes | None = None  # keepalive ping awaiting its pong
         self._ping_at = engine.loop.time()
         self._checked = 0  # bytes of the text frame still arriving already checked
@@ -200,6 +220,7 @@ class WebSocket(asyncio.Protocol):
 
     @property
     def buffered(self) -> int:
+        self.flush()
         return self._transport.get_write_buffer_size()
 
     @property
@@ -218,11 +239,16 @@ class WebSocket(asyncio.Protocol):
         n = len(payload)
         if n < 126 and first and last and self._deflate is None:  # the common case, inline
             if text:
-                self._transport.write(_TEXT[n] + payload)
+                data = _TEXT[n] + payload
                 self.text_out += 1
             else:
-                self._transport.write(_BINARY[n] + payload)
+                data = _BINARY[n] + payload
                 self.binary_out += 1
+            out = self._out
+            if out is None:
+                self._cork(data)
+            else:  # uncounted in _out_size: small frames, at most what the turn read
+                out.append(data)
             self.bytes_out += n
             return
         deflate = self._deflate
@@ -236,19 +262,56 @@ class WebSocket(asyncio.Protocol):
             return
         n = len(payload)
         if n < 126:
-            self._transport.write(
+            self._write(
                 HEADERS[(0x80 if last else 0) | (0x40 if rsv1 else 0) | opcode][n] + payload
             )
         elif n < _VIEW_FROM:
-            self._transport.write(frames.header(opcode, n, last, rsv1) + payload)
+            self._write(frames.header(opcode, n, last, rsv1) + payload)
         else:  # no copy of a big payload: the transport keeps both parts
-            self._transport.writelines((frames.header(opcode, n, last, rsv1), payload))
+            self._writelines((frames.header(opcode, n, last, rsv1), payload))
         self.bytes_out += n
         if last:
             if text:
                 self.text_out += 1
             else:
                 self.binary_out += 1
+
+    def _write(self, data: bytes) -> None:
+        """Corked: into this turn's list, the engine told to flush at the turn's end; past
+        ``write_limit`` at once (the transport's flow control then sees it as usual)."""
+        out = self._out
+        if out is None:
+            self._cork(data)
+            return
+        out.append(data)
+        self._out_size += len(data)
+        if self._out_size > self._out_limit:
+            self.flush()
+
+    def _cork(self, data: bytes) -> None:
+        """The turn's first write: a list for it, and the engine told."""
+        self._out = [data]
+        self._out_size = len(data)
+        engine = self._engine
+        corked = engine.corked
+        if not corked:
+            engine.loop.call_soon(engine.uncork)
+        corked.append(self)
+
+    def _writelines(self, parts: tuple[bytes, ...] | list[bytes]) -> None:
+        for part in parts:
+            self._write(part)
+
+    def flush(self) -> None:
+        """What this turn corked, to the transport: one write (a writev with uvloop)."""
+        out = self._out
+        if out is None:
+            return
+        self._out = None
+        if len(out) == 1:
+            self._transport.write(out[0])
+        else:
+            self._transport.writelines(out)
 
     def _flush_held(self) -> None:
         """The compressed fragments ``send`` held go out as one frame: once the loop has
@@ -257,7 +320,7 @@ class WebSocket(asyncio.Protocol):
             return
         frame = self._deflate.flush()
         if frame is not None:
-            self._transport.writelines(frame)
+            self._writelines(frame)
             self.bytes_out += len(frame[1])
 
     def send_prepared(self, message: Prepared) -> None:
@@ -270,11 +333,11 @@ class WebSocket(asyncio.Protocol):
             if payload is None:
                 payload = message.deflated[bits] = compress_whole(message.payload, bits)
             opcode = OP_TEXT if message.text else OP_BINARY
-            self._transport.writelines((frames.header(opcode, len(payload), rsv1=True), payload))
+            self._writelines((frames.header(opcode, len(payload), rsv1=True), payload))
             deflate.sent_whole()
             self.bytes_out += len(payload)
         else:
-            self._transport.write(message.frame)
+            self._write(message.frame)
             self.bytes_out += len(message.payload)
         if message.text:
             self.text_out += 1
@@ -320,7 +383,7 @@ class WebSocket(asyncio.Protocol):
         """What closing it would let go of."""
         buf = self._buf
         held = (0 if buf is None else len(buf)) + self.app_held
-        return held + self._transport.get_write_buffer_size() if self.blocked else held
+        return held + self.buffered if self.blocked else held
 
     def memory_pause(self) -> None:
         self._pause_for(PAUSED_MEMORY)
@@ -387,13 +450,15 @@ class WebSocket(asyncio.Protocol):
         self.blocked = False
         self._engine.budget.blocked.discard(self)
         self._app.unblocked(self)
-        if self.blocked:  # what the application wrote meanwhile filled it again
+        self.flush()  # what the application wrote meanwhile goes out: it may fill it again
+        if self.blocked:
             return
         self._resume_for(PAUSED_WRITE)
 
     def connection_lost(self, exc: Exception | None) -> None:
         engine = self._engine
         self._state = CLOSED
+        self._out = None
         self._set_buf(None)
         if self._deflate is not None:  # zlib's state (about 50 KiB) goes now
             self._deflate.close()
@@ -651,7 +716,7 @@ class WebSocket(asyncio.Protocol):
             n = len(payload)
             if self._deflate is not None:
                 self._flush_held()
-            self._transport.write(_PONG[n] + payload)
+            self._write(_PONG[n] + payload)
         elif opcode == OP_PONG:
             if payload == self._ping:
                 self._ping = None
@@ -691,6 +756,7 @@ class WebSocket(asyncio.Protocol):
             self._write_close(code, reason)
         self._state = CLOSED
         self._close_later()
+        self.flush()
         self._transport.close()  # 7.1.1: the server closes the TCP connection first
 
     # --- closing ---------------------------------------------------------------------
@@ -699,7 +765,7 @@ class WebSocket(asyncio.Protocol):
         if self._deflate is not None:
             self._flush_held()
         payload = frames.close_payload(code, reason)
-        self._transport.write(_CLOSE[len(payload)] + payload)
+        self._write(_CLOSE[len(payload)] + payload)
         self.code_sent = _NO_STATUS if code is None else int(code)  # a number in logs
         if self.closed_by is None:  # the client's close came first if we are answering it
             self.closed_by = "server" if self.code_received is None else "client"
@@ -717,6 +783,7 @@ class WebSocket(asyncio.Protocol):
         self._set_buf(None)  # nothing more is parsed: what is buffered is let go of now
         self._engine.failed(self, failure)
         self._close_later()
+        self.flush()
         if self._transport.can_write_eof():
             self._transport.write_eof()
         else:
@@ -734,11 +801,13 @@ class WebSocket(asyncio.Protocol):
     def abort(self) -> None:
         """Drop the TCP connection now (deadlines: close, keepalive, drain)."""
         self._state = CLOSED
+        self._out = None
         self._transport.abort()
 
     def drop(self, *, reset: bool) -> None:
         self._state = CLOSED
         self._set_buf(None)
+        self.flush()  # what was sent before goes to the kernel (a reset may discard it)
         if reset:  # SO_LINGER 0: closing sends an RST, not a FIN
             sock = self._transport.get_extra_info("socket")
             if sock is not None:
@@ -754,14 +823,14 @@ class WebSocket(asyncio.Protocol):
             return
         if self._deflate is not None:
             self._flush_held()
-        self._transport.write(_PING[len(payload)] + payload)
+        self._write(_PING[len(payload)] + payload)
 
     def send_raw(self, data: bytes) -> None:
         if self._state != OPEN:
             return
         if self._deflate is not None:
             self._flush_held()
-        self._transport.write(data)
+        self._write(data)
 
     @property
     def extensions(self) -> str:
@@ -826,7 +895,7 @@ class WebSocket(asyncio.Protocol):
         if self._ping is None:
             self._ping_at = now
             self._ping = self._engine.next_ping()
-            self._transport.write(_PING[len(self._ping)] + self._ping)
+            self._write(_PING[len(self._ping)] + self._ping)
             self._keepalive_later(options.ping_timeout or options.ping_interval)
         elif not options.ping_timeout or (self._paused and not self._paused & PAUSED_WRITE):
             self._keepalive_later(options.ping_interval)  # the pong re-arms the interval

@@ -98,6 +98,7 @@ class Engine:
         self.options = options  # replaced by a reload; each connection keeps its own
         self.app = app
         self.loop = asyncio.get_running_loop()
+        self.corked: list[WebSocket] = []  # connections whose writes wait for the turn's end
         self.connections: set[WebSocket] = set()  # the table of open connections
         # Accepted, not upgraded yet, oldest first; and the same per address group.
         self.handshakes: dict[Handshake, None] = {}
@@ -417,6 +418,11 @@ class Engine:
             reason = exc.reason if isinstance(exc, ssl.SSLError) and exc.reason else None
             error = reason or str(exc) or type(exc).__name__
             log.debug("tls handshake failed", peer=peer, error=error)
+
+    def uncork(self) -> None:
+        corked, self.corked = self.corked, []
+        for ws in corked:
+            ws.flush()
 
     def next_ping(self) -> bytes:
         return (next(self._pings) & 0xFFFFFFFF).to_bytes(4, "big")
