@@ -33,7 +33,7 @@ from typing import Any
 
 import uvloop
 
-from bench import client, deflate, tokens
+from bench import client, deflate, tls, tokens
 from bench.peers import (
     ECHO_PEERS,
     HANDSHAKE_PEERS,
@@ -268,6 +268,7 @@ async def echo_case(  # noqa: PLR0917
         seconds=args.seconds,
         server_cpu=server.cpu_seconds,
         tokens=made_tokens(peer, n),
+        tls=tls.client_context() if peer.tls else None,
     )
     w = r.window
     sat = w.client_cpu / w.seconds >= SATURATED
@@ -384,6 +385,7 @@ async def fanout_case(  # noqa: PLR0917
         seconds=args.seconds,
         server_cpu=server.cpu_seconds,
         tokens=made_tokens(peer, args.subscribers + publishers),
+        tls=tls.client_context() if peer.tls else None,
         deflate=peer.deflate,
         publishers=publishers,
     )
@@ -533,7 +535,7 @@ def make_plan(args: argparse.Namespace) -> list[tuple[Peer, str]]:
     plan: list[tuple[Peer, str]] = []
     for peer in selected("echo", args):
         variant = peer.scrape or peer.name == WORKERS or peer.auth is not None
-        variant = variant or "--controls" in peer.argv
+        variant = variant or "--controls" in peer.argv or peer.tls
         for scenario in ("echo", "idle"):
             if scenario in args.scenarios and not (variant and scenario == "idle"):
                 plan.append((peer, scenario))

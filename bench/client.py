@@ -11,6 +11,7 @@ import contextlib
 import os
 import resource
 import signal
+import ssl
 import subprocess
 import time
 from collections import deque
@@ -67,11 +68,12 @@ async def connect_many(
     tokens: Iterator[str] | None = None,
     *,
     headers: dict[str, str] | None = None,
+    tls: ssl.SSLContext | None = None,
 ) -> list[C]:
     """Open ``n`` connections, keeping a bounded number of handshakes in flight; with
     ``tokens``, each with the next one (the ``token`` query parameter); with ``headers``
-    in each request."""
-    base = f"ws://127.0.0.1:{port}{path}"
+    in each request; over TLS with ``tls``."""
+    base = f"{'wss' if tls else 'ws'}://127.0.0.1:{port}{path}"
     clients: list[C] = []
     failures: list[BaseException] = []
     slots = asyncio.Semaphore(HANDSHAKES_IN_FLIGHT)
@@ -85,6 +87,7 @@ async def connect_many(
                 read_buffer_init_size=1024,
                 use_aiofastnet=False,  # uvloop's own transports: cheaper here (measured)
                 extra_headers=headers,
+                ssl_context=tls,
             )
             clients.append(cast(C, listener))
         except Exception as exc:
@@ -229,10 +232,11 @@ async def echo(
     server_cpu: Callable[[], float],
     tokens: Iterator[str] | None = None,
     depth: int = 1,
+    tls: ssl.SSLContext | None = None,
 ) -> EchoResult:
     """Round trips with ``depth`` messages in flight per connection."""
     run = EchoRun(os.urandom(size))
-    clients = await connect_many(port, connections, lambda: EchoClient(run), "/", tokens)
+    clients = await connect_many(port, connections, lambda: EchoClient(run), "/", tokens, tls=tls)
     try:
         run.running = True
         for c in clients:
@@ -424,6 +428,7 @@ async def fan_out(
     publisher_port: int | None = None,
     deflate: bool = False,
     publishers: int = 1,
+    tls: ssl.SSLContext | None = None,
 ) -> tuple[Window, float]:
     """Deliveries and the 99th percentile of a batch's latency (from its first message
     sent to its last received by every subscriber); the publisher on ``publisher_port``
@@ -436,11 +441,13 @@ async def fan_out(
     run = FanRun(payload, subscribers, batch, max(1, window // batch))
     offer = {"Sec-WebSocket-Extensions": "permessage-deflate"} if deflate else None
     subs = await connect_many(
-        port, subscribers, lambda: Subscriber(run), "/bench", tokens, headers=offer
+        port, subscribers, lambda: Subscriber(run), "/bench", tokens, headers=offer, tls=tls
     )
     clients: list[Client] = list(subs)
     try:
-        clients += await connect_many(publisher_port or port, publishers, Client, "/bench", tokens)
+        clients += await connect_many(
+            publisher_port or port, publishers, Client, "/bench", tokens, tls=tls
+        )
         run.publishers = [c.transport for c in clients[-publishers:] if c.transport is not None]
         publisher = run.publishers[0]
         # Joining may finish after the handshake: probe until every subscriber hears.

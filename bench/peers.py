@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from bench import tokens
+from bench import tls, tokens
 
 ROOT = Path(__file__).resolve().parents[1]
 NODE_DIR = ROOT / "bench" / "node"
@@ -67,6 +67,7 @@ class Peer:
     pinned: bool = True  # on the server core; else on every core (several workers)
     auth: str | None = None  # wsechod with auth = "jwt": the tokens' algorithm
     deflate: bool = False  # relay: the subscribers offer permessage-deflate
+    tls: bool = False  # served over TLS (the bench's certificate, ``tls.py``)
 
     def command(self, members: int) -> list[str]:
         """Its command line; ``members``: a relay channel's, at most (publishers too)."""
@@ -95,6 +96,9 @@ ECHO_PEERS = (
     Peer("wsechod-controls", "+controls", "echo", ("wsechod", "--controls")),
     Peer("ws", "ws", "echo", ("node", "echo.mjs")),
     Peer("picows", "picows", "echo", ("python", "bench.picows_echo")),
+    Peer("wsechod-tls", "wsechod TLS", "echo", ("wsechod",), tls=True),
+    Peer("ws-tls", "ws TLS", "echo", ("node", "echo.mjs"), tls=True),
+    Peer("picows-tls", "picows TLS", "echo", ("python", "bench.picows_echo"), tls=True),
 )
 RELAY_PEERS = (
     Peer("broadcast", "broadcast()", "relay", ("python", "bench.broadcast_relay")),
@@ -109,6 +113,8 @@ RELAY_PEERS = (
         deflate=True,
     ),
     Peer("ws", "ws", "relay", ("node", "broadcast.mjs")),
+    Peer("wsechod-tls", "wsechod TLS", "relay", ("wsechod", "--mode", "relay"), tls=True),
+    Peer("ws-tls", "ws TLS", "relay", ("node", "broadcast.mjs"), tls=True),
 )
 # Fan-out between two instances through Redis: plain pub/sub, and with history.
 REDIS_PEERS = (
@@ -215,6 +221,7 @@ class Server:
                     *peer.command(members),
                 ],
                 cwd=ROOT,
+                env=os.environ | tls.environ() if peer.tls else None,
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT,

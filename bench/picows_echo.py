@@ -3,7 +3,9 @@ connection) on uvloop, with a SIGTERM drain like wsechod's: close 1001 to every 
 when all have answered or after 10 s."""
 
 import asyncio
+import os
 import signal
+import ssl
 import sys
 
 import uvloop
@@ -32,7 +34,11 @@ async def main(port: int) -> None:
     loop = asyncio.get_running_loop()
     stop = loop.create_future()
     loop.add_signal_handler(signal.SIGTERM, stop.set_result, None)
-    server = await ws_create_server(lambda _request: Echo(), "127.0.0.1", port)
+    context = None
+    if cert := os.environ.get("BENCH_TLS_CERT"):  # the bench's TLS columns
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(cert, os.environ["BENCH_TLS_KEY"])
+    server = await ws_create_server(lambda _request: Echo(), "127.0.0.1", port, ssl=context)
     print(f"listening 127.0.0.1:{server.sockets[0].getsockname()[1]}", flush=True)
     await stop
     server.close()

@@ -1,8 +1,9 @@
-"""``python -m bench.profile [echo|fanout|deflate [random|text]]``: where wsechod's server CPU
-goes, sampled with py-spy (``pip install py-spy``; not a dependency) while the bench's load
-client runs: the fan-out to 1,000 subscribers (default), echo at 50 connections, 32 B
-messages, or compressed echo (``bench.deflate``) of 32-128 KiB messages (random bytes by
-default, or text) in 256-byte fragments. Prints the lines that use the most time (their own
+"""``python -m bench.profile [echo|fanout [tls]|deflate [random|text]]``: where wsechod's
+server CPU goes, sampled with py-spy (``pip install py-spy``; not a dependency) while the
+bench's load client runs: the fan-out to 1,000 subscribers (default), echo at 50
+connections, 32 B messages (either over TLS with ``tls``), or compressed echo
+(``bench.deflate``) of 32-128 KiB messages (random bytes by default, or text) in 256-byte
+fragments. Prints the lines that use the most time (their own
 samples) and the calls that contain the most.
 
 A figure that misses its target gets read here before anyone optimizes: when most samples
@@ -21,7 +22,7 @@ from pathlib import Path
 
 import uvloop
 
-from bench import client, deflate
+from bench import client, deflate, tls
 from bench.peers import ECHO_PEERS, RELAY_PEERS, Server, deflate_peer
 
 SUBSCRIBERS, CONNECTIONS, SIZE = 1000, 50, 32
@@ -78,6 +79,7 @@ async def load(scenario: str, server: Server, spy: list[str], payload: str) -> s
             warmup=WARMUP,
             seconds=SECONDS,
             server_cpu=server.cpu_seconds,
+            tls=tls.client_context() if server.peer.tls else None,
         )
         figure = f"{w.server_cpu / w.events * 1e6:.2f} µs of server CPU per delivery"
     else:
@@ -88,6 +90,7 @@ async def load(scenario: str, server: Server, spy: list[str], payload: str) -> s
             warmup=WARMUP,
             seconds=SECONDS,
             server_cpu=server.cpu_seconds,
+            tls=tls.client_context() if server.peer.tls else None,
         )
         w = r.window
         figure = f"{w.server_cpu / w.events * 1e6:.2f} µs of server CPU per round trip"
@@ -97,11 +100,16 @@ async def load(scenario: str, server: Server, spy: list[str], payload: str) -> s
 
 def main() -> None:
     scenario = sys.argv[1] if len(sys.argv) > 1 else "fanout"
-    payload = sys.argv[2] if len(sys.argv) > 2 else "random"
-    if scenario not in ("echo", "fanout", "deflate") or payload not in ("random", "text"):
-        raise SystemExit("usage: python -m bench.profile [echo|fanout|deflate [random|text]]")
+    variant = sys.argv[2] if len(sys.argv) > 2 else ""
+    payload = variant or "random"
+    if (scenario, variant) not in {
+        *((s, v) for s in ("echo", "fanout") for v in ("", "tls")),
+        *(("deflate", v) for v in ("", "random", "text")),
+    }:
+        raise SystemExit("usage: python -m bench.profile [echo|fanout [tls]|deflate [random|text]]")
     peers = RELAY_PEERS if scenario == "fanout" else ECHO_PEERS
-    peer = next(p for p in peers if p.name == "wsechod")
+    name = "wsechod-tls" if variant == "tls" else "wsechod"
+    peer = next(p for p in peers if p.name == name)
     if scenario == "deflate":
         peer = deflate_peer(peer) or peer
     cores = sorted(os.sched_getaffinity(0))

@@ -86,6 +86,7 @@ ENGINE_ORDER = (
     "options",
     "deflate",
     "throttle",
+    "readbuffer",
     "budget",
     "connection",
     "handshake",

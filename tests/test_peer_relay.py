@@ -4,7 +4,9 @@ client's Nth message, throttle) work on a member; those that act on echoes are a
 
 import asyncio
 import contextlib
+import json
 import threading
+import time
 from collections.abc import Callable
 
 import pytest
@@ -135,3 +137,59 @@ def test_a_throttled_member_is_a_slow_consumer(start: Callable[..., Daemon]) -> 
     reading.join(20)
     assert not reading.is_alive()  # its connection ended (close_timeout after the close)
     throttled.close()
+
+
+def test_headers_come_before_the_wsechod_v1_position_line(relay: Daemon) -> None:
+    async def main() -> tuple[dict[str, object], str]:
+        offers = [Subprotocol("wsechod.v1")]
+        async with connect(f"{relay.url}/room?headers=1", subprotocols=offers) as ws:
+            return json.loads(await ws.recv()), str(await ws.recv())
+
+    greeting, position = asyncio.run(main())
+    assert greeting["subprotocol"] == "wsechod.v1"
+    assert position.startswith("p ")
+
+
+def test_a_resume_for_a_member_given_another_subprotocol_is_a_400(relay: Daemon) -> None:
+    """Offered wsechod.v1 and chat, resuming, with subprotocol=chat: the resume would be
+    lost silently (chat gets no envelopes)."""
+    status, _, body = upgrade(
+        relay.port, "/room?since=0&epoch=-&subprotocol=chat",
+        "Sec-WebSocket-Protocol: wsechod.v1, chat",
+    )  # fmt: skip
+    assert (status, body) == (
+        400, "bad request: since and epoch need the wsechod.v1 subprotocol (relay mode)\n"
+    )  # fmt: skip
+
+
+@pytest.mark.timeout(60)
+def test_the_ending_waits_for_the_members_held_message(start: Callable[..., Daemon]) -> None:
+    """The Nth message is held while a throttled member is behind: it is relayed when the
+    channel moves (here: the slow member closed after 1 s), and only then the ending."""
+    daemon = start(
+        "--mode", "relay", "--controls", "--slow-consumer", "close",
+        "--slow-consumer-timeout", "1", "--close-timeout", "1",
+    )  # fmt: skip
+    slow = rawws.connect(daemon.port, "/room?throttle=1024")  # reads nothing: slower still
+
+    async def main() -> tuple[float, int, str]:
+        async with (
+            connect(f"{daemon.url}/room") as listener,
+            connect(f"{daemon.url}/room") as publisher,
+            connect(f"{daemon.url}/room?close=4000&after=1") as member,
+        ):
+            await publisher.send(bytes(40 * 2**10))  # past write_limit for the slow one
+            assert await listener.recv() == bytes(40 * 2**10)
+            sent = time.monotonic()
+            await member.send("held")
+            with pytest.raises(ConnectionClosed) as closed:
+                while True:
+                    await member.recv()
+            waited = time.monotonic() - sent
+            assert closed.value.rcvd is not None
+            return waited, closed.value.rcvd.code, str(await listener.recv())
+
+    waited, code, relayed = asyncio.run(main())
+    assert (code, relayed) == (4000, "held")
+    assert waited >= 0.5  # not at once: after the channel moved (slow_consumer_timeout)
+    slow.close()

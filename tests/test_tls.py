@@ -101,6 +101,31 @@ def test_a_client_that_trusts_the_ca_is_served_wss_and_https(
     quiet(daemon)
 
 
+def test_tls_clients_at_once_each_get_exactly_their_own_echoes(
+    start: Callable[..., Daemon], tmp_path: Path
+) -> None:
+    """TLS reads are decrypted into one buffer the engine lends (``readbuffer.py``): 20
+    clients sending at once, messages of every size up to 300 KiB (more than the buffer
+    holds), each gets back its own bytes, in order."""
+    files = issue(tmp_path)
+    daemon = tls_daemon(start, files)
+
+    async def client(n: int) -> None:
+        sizes = [1, 125, 126, 16_000, 70_000, 300_000, 33]
+        messages = [os.urandom(size) for size in sizes] * 2
+        async with connect(wss(daemon), ssl=trusting(files.ca), max_size=None) as ws:
+            for message in messages:
+                await ws.send(message)  # all sent before any is read: the reads pile up
+            for message in messages:
+                assert await ws.recv() == message, n
+
+    async def main() -> None:
+        await asyncio.gather(*(client(n) for n in range(20)))
+
+    asyncio.run(main())
+    quiet(daemon)
+
+
 def test_clients_that_do_not_trust_us_or_do_not_speak_tls_fail_quietly(
     start: Callable[..., Daemon], tmp_path: Path
 ) -> None:

@@ -254,7 +254,7 @@ def ends_after(session: Session) -> int | None:
 def count(conn: Connection, session: Session) -> None:
     """The relay: one more whole message from the client; the ending, if it is due."""
     session.received += 1
-    if session.received == ends_after(session) and not session.ended:
+    if session.received == ends_after(session) and not session.ended and conn.open:
         end(conn, session)
 
 

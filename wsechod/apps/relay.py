@@ -341,6 +341,8 @@ class Relay:
         channel.members[conn] = member
         conn.app_data = member
         self.broker.presence_changed()
+        if member.session is not None:  # its greeting (headers) before anything else
+            peer.start(conn, member.session)
         if member.v1:
             since = history.resume_of(conn.path)  # admission has checked it
             if channel.history is None:  # nothing kept: nothing to catch up with
@@ -349,10 +351,8 @@ class Relay:
             else:
                 member.backlog = []
                 member.catching_up = asyncio.create_task(self._catch_up(member, since))
-        if member.session is not None:
-            peer.start(conn, member.session)
-            if peer.ends_after(member.session) == 0:
-                peer.end(conn, member.session)
+        if member.session is not None and peer.ends_after(member.session) == 0:
+            peer.end(conn, member.session)
 
     def closed(self, conn: Connection) -> None:
         member: Member = conn.app_data
@@ -402,8 +402,8 @@ class Relay:
             conn.pause_reading()
             channel.waiting.append(member)
             self._wait_for_broker(channel)
-        else:
-            self._publish(channel, payload, text, member)
+            return  # counted once it is published (``_release``)
+        self._publish(channel, payload, text, member)
         if member.session is not None:  # after this message, the controls' ending
             peer.count(conn, member.session)
 
@@ -659,6 +659,8 @@ class Relay:
             member.pending = None
             member.conn.hold(-len(payload))
             self._publish(channel, payload, text, member)
+            if member.session is not None:  # the controls' ending, after this message
+                peer.count(member.conn, member.session)
             if member.conn in channel.members and not member.paced:
                 member.conn.resume_reading()
         self._forget_if_empty(channel)

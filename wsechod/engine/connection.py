@@ -115,6 +115,7 @@ class WebSocket(asyncio.Protocol):
         "_deflate",
         "_engine",
         "_expiry",
+        "_join",
         "_max_size",
         "_msg",
         "_msg_size",
@@ -162,6 +163,8 @@ class WebSocket(asyncio.Protocol):
         path: str,
         peer: str,
         deflate: Deflate | None,
+        *,
+        tls: bool = False,
     ) -> None:
         self._engine = engine
         self._app: Application = engine.app
@@ -184,6 +187,7 @@ class WebSocket(asyncio.Protocol):
         self._out: list[bytes] | None = None  # corked writes, flushed at the turn's end
         self._out_size = 0
         self._out_limit = options.write_limit
+        self._join = tls  # a flush is one TLS record, not one per frame
         self._ping: bytes | None = None  # keepalive ping awaiting its pong
         self._ping_at = engine.loop.time()
         self._checked = 0  # bytes of the text frame still arriving already checked
@@ -303,13 +307,16 @@ class WebSocket(asyncio.Protocol):
             self._write(part)
 
     def flush(self) -> None:
-        """What this turn corked, to the transport: one write (a writev with uvloop)."""
+        """What this turn corked, to the transport: one write (a writev with uvloop; over
+        TLS joined first, so that it is one record, not one per frame)."""
         out = self._out
         if out is None:
             return
         self._out = None
         if len(out) == 1:
             self._transport.write(out[0])
+        elif self._join:
+            self._transport.write(b"".join(out))
         else:
             self._transport.writelines(out)
 

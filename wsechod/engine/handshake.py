@@ -40,6 +40,7 @@ from wsechod.engine import bodies, deflate, proxy
 from wsechod.engine.addresses import format_address
 from wsechod.engine.connection import Host, WebSocket, failures
 from wsechod.engine.interface import Admitted, ReadBody, Reply, Request
+from wsechod.engine.readbuffer import Lender
 from wsechod.engine.throttle import Throttled
 
 SERVER = f"wsechod/{__version__}"
@@ -483,9 +484,10 @@ class Handshake(asyncio.Protocol):
             transport = Throttled(transport, reply.throttle)
         self._finish(upgraded=True)  # still counted for its address, as a WebSocket now
         compression = deflate.negotiated(protocol.extensions, engine.options.inflate_rate)
-        ws = WebSocket(engine, transport, raw.path, self.peer, compression)
+        tls = transport.get_extra_info("ssl_object") is not None
+        ws = WebSocket(engine, transport, raw.path, self.peer, compression, tls=tls)
         ws.group = self.group
-        transport.set_protocol(ws)
+        transport.set_protocol(Lender(ws) if tls else ws)  # TLS reads into a lent buffer
         self._transport = None
         engine.opened(ws, reply)
         if rest:

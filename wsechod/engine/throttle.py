@@ -12,6 +12,7 @@ bytes only once it has written the previous ones, so it never fills up on its ow
 import asyncio
 from typing import Any
 
+NEVER = 2**31 - 1  # bytes: the real transport's own limit (uvloop takes an int), never reached
 STEP = 0.1  # seconds: the largest write is a tenth of a second's worth
 MIN_WAIT = 0.05  # seconds between writes at least: 20 wake-ups a second per connection
 
@@ -34,9 +35,12 @@ class Throttled(asyncio.Transport):
         self._paused = False
         self._closing = False  # close() or write_eof(): once the buffer is written
         self._eof = False
-        # One step never fills the real transport past its own limit (it is written to
-        # only when empty), so it never pauses the connection behind our back.
-        transport.set_write_buffer_limits(high=self._step, low=0)
+        self._pumping = False
+        # The real transport is given a step only when it has written the last one, so
+        # its buffer stays within a step (and TLS's overhead): its own flow control is
+        # off, or it would pause and resume the connection behind our back (a TLS
+        # transport resumed it while we held more than write_limit).
+        transport.set_write_buffer_limits(high=NEVER)
 
     # --- asyncio.WriteTransport ------------------------------------------------------
 
@@ -44,7 +48,7 @@ class Throttled(asyncio.Transport):
         if self._closing or self._real.is_closing():
             return
         self._buf += data
-        if self._timer is None:
+        if self._timer is None and not self._pumping:
             self._pump()
         self._check_limits()
 
@@ -68,7 +72,7 @@ class Throttled(asyncio.Transport):
 
     def close(self) -> None:
         self._closing = True
-        if self._timer is None:
+        if self._timer is None and not self._pumping:
             self._pump()
 
     def abort(self) -> None:
@@ -100,8 +104,16 @@ class Throttled(asyncio.Transport):
     # --- pacing ----------------------------------------------------------------------
 
     def _pump(self) -> None:
-        """Write what the rate allows now; come back when more is allowed."""
+        """Write what the rate allows now; come back when more is allowed. (A resume
+        inside it may write more: that waits for this pump, one timer at a time.)"""
         self._timer = None
+        self._pumping = True
+        try:
+            self._step_once()
+        finally:
+            self._pumping = False
+
+    def _step_once(self) -> None:
         real = self._real
         if real.is_closing():
             self._stop()
@@ -116,18 +128,23 @@ class Throttled(asyncio.Transport):
                 real.write(bytes(self._buf[:size]))
                 del self._buf[:size]
                 self._allowance -= size
-                self._check_limits()
+        self._check_limits()  # also when only the real transport has written meanwhile
         if self._buf:  # the rate's next step, or the real transport's turn to write
             due = (min(len(self._buf), self._step) - self._allowance) / self._rate
-            wait = STEP if real.get_write_buffer_size() else max(MIN_WAIT, due)
-            self._timer = self._loop.call_later(wait, self._pump)
+            self._arm(STEP if real.get_write_buffer_size() else max(MIN_WAIT, due))
         elif self._closing:
             if self._eof:
                 real.write_eof()
             else:
                 real.close()
         elif self._paused:  # until the real transport has written enough to resume
-            self._timer = self._loop.call_later(STEP, self._pump)
+            self._arm(STEP)
+
+    def _arm(self, wait: float) -> None:
+        """The next pump: one timer at a time."""
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = self._loop.call_later(wait, self._pump)
 
     def _check_limits(self) -> None:
         size = self.get_write_buffer_size()

@@ -124,9 +124,12 @@ def admission(
         if isinstance(answer, Reply):
             return answer
         if isinstance(answer, Admitted):  # on the application's terms (the test peer's)
-            return dataclasses.replace(
-                answer, subprotocol=answer.subprotocol or chosen, identity=identity
-            )
+            subprotocol = answer.subprotocol or chosen
+            if subprotocol != chosen and (
+                refused := query_refused(request, offers, subprotocol, current)
+            ):
+                return refused  # a resume, and the control's subprotocol is not wsechod.v1
+            return dataclasses.replace(answer, subprotocol=subprotocol, identity=identity)
         return None if identity is None and chosen is None else Admitted(chosen, identity)
 
     return admit

@@ -579,7 +579,7 @@ class Settings:
     )
     controls: bool = _opt(
         False,
-        "echo: the test peer's controls in the query string (close=, delay=, drop=...)",
+        "the test peer's controls in the query string (close=, delay=, drop=...)",
         restart=True,
         section=RELAY,
         note=(
