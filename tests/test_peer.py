@@ -297,8 +297,11 @@ def test_the_clients_close_reason_is_echoed(start: Callable[..., Daemon]) -> Non
         assert rawws.read_close(sock) == (4001, "why")
 
 
+@pytest.mark.timeout(60)
 def test_a_drain_drops_delayed_echoes_and_closes_at_once(peer: Daemon) -> None:
-    assert asyncio.run(stopped(peer, "/?delay=60000", 20, send="later")) == [1001] * 20
+    """1,000 clients with an echo a minute away: every one gets 1001 at once, and the
+    process exits well within drain_timeout (10 s)."""
+    assert asyncio.run(stopped(peer, "/?delay=60000", 1000, send="later")) == [1001] * 1000
     assert peer.wait(10) == 0
 
 
@@ -331,25 +334,26 @@ def flood(sock: socket.socket, data: bytes) -> int:
 
 @pytest.mark.timeout(120)
 def test_delayed_echoes_and_unread_streams_stay_within_their_bound(peer: Daemon) -> None:
-    """200 clients each sending 1 MiB to be echoed a minute later, then 200 that never
-    read a stream of 1,000 messages of 64 KiB: the server holds at most 64 KiB plus a frame
-    of delayed echoes per connection (it stops reading the rest, beyond its one read of
-    256 KiB), and a stream goes no further than what the client reads (write_limit)."""
+    """1,000 connections: 500 clients each sending 1 MiB to be echoed a minute later, then
+    500 that never read a stream of 1,000 messages of 64 KiB: the server holds at most 64
+    KiB plus a frame of delayed echoes per connection (it stops reading the rest, beyond
+    its one read of 256 KiB), and a stream goes no further than what the client reads
+    (write_limit)."""
     assert peer.proc is not None
     before = rss_kib(peer.proc.pid)
     frames = rawws.frame(rawws.OP_BINARY, b"d" * 16384) * 64  # 1 MiB in 16 KiB frames
-    delayed = [rawws.connect(peer.port, "/?delay=60000") for _ in range(200)]
+    delayed = [rawws.connect(peer.port, "/?delay=60000") for _ in range(500)]
     streams: list[socket.socket] = []
     try:
         for sock in delayed:
             flood(sock, frames)
-        streams = [rawws.connect(peer.port, "/?send=1000&size=65536") for _ in range(200)]
+        streams = [rawws.connect(peer.port, "/?send=1000&size=65536") for _ in range(500)]
         for sock in streams:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         grown = wait_settled(peer.proc.pid) - before
-        # Without the bounds: 200 x 1 MiB held and 200 x 64 MiB made (200 MiB and up).
-        held = 200 * (64 + 16 + 256)  # KiB: waiting echoes, a frame, one read
-        bound = held + 200 * (32 + 64 + 64)  # and write_limit, a message being made
+        # Without the bounds: 500 x 1 MiB held and 500 x 64 MiB made (500 MiB and up).
+        held = 500 * (64 + 16 + 256)  # KiB: waiting echoes, a frame, one read
+        bound = held + 500 * (32 + 64 + 64)  # and write_limit, a message being made
         assert grown < bound, (grown, bound)
     finally:
         for sock in delayed + streams:
