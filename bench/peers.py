@@ -164,6 +164,8 @@ HANDSHAKE_PEERS = (
     Peer("wsechod", "no token", "handshake", ("wsechod",)),
     Peer("wsechod-jwt", "HS256", "handshake", ("wsechod",), auth="HS256"),
     Peer("wsechod-es256", "ES256", "handshake", ("wsechod",), auth="ES256"),
+    Peer("ws", "ws", "handshake", ("node", "echo.mjs")),
+    Peer("picows", "picows", "handshake", ("python", "bench.picows_echo")),
 )
 # With --scrape, right after wsechod: the same server, with a Prometheus-like scraper.
 SCRAPED = "wsechod-scraped"

@@ -1,10 +1,10 @@
-"""``python -m bench.profile [echo|fanout [tls]|deflate [random|text]]``: where wsechod's
-server CPU goes, sampled with py-spy (``pip install py-spy``; not a dependency) while the
-bench's load client runs: the fan-out to 1,000 subscribers (default), echo at 50
-connections, 32 B messages (either over TLS with ``tls``), or compressed echo
+"""``python -m bench.profile [echo|fanout [tls]|deflate [random|text]|handshake]``: where
+wsechod's server CPU goes, sampled with py-spy (``pip install py-spy``; not a dependency)
+while the bench's load client runs: the fan-out to 1,000 subscribers (default), echo at 50
+connections, 32 B messages (either over TLS with ``tls``), compressed echo
 (``bench.deflate``) of 32-128 KiB messages (random bytes by default, or text) in 256-byte
-fragments. Prints the lines that use the most time (their own
-samples) and the calls that contain the most.
+fragments, or opening handshakes (1,000 at a time, closed, again). Prints the lines that
+use the most time (their own samples) and the calls that contain the most.
 
 A figure that misses its target gets read here before anyone optimizes: when most samples
 sit in ``transport.write`` (the send system call, which py-spy sees as the line calling
@@ -71,6 +71,15 @@ async def load(scenario: str, server: Server, spy: list[str], payload: str) -> s
         )
         w = d.window
         figure = f"{w.server_cpu / w.events * 1e3:.2f} ms of server CPU per message"
+    elif scenario == "handshake":
+        opened, cpu, end = 0, 0.0, asyncio.get_running_loop().time() + WARMUP + SECONDS
+        while asyncio.get_running_loop().time() < end:
+            w = await client.handshakes(
+                server.port, connections=1000, server_cpu=server.cpu_seconds
+            )
+            opened, cpu = opened + w.events, cpu + w.server_cpu
+        await sampling
+        return f"{cpu / opened * 1e6:.1f} µs of server CPU per handshake"
     elif scenario == "fanout":
         w, _ = await client.fan_out(
             server.port,
@@ -105,8 +114,11 @@ def main() -> None:
     if (scenario, variant) not in {
         *((s, v) for s in ("echo", "fanout") for v in ("", "tls")),
         *(("deflate", v) for v in ("", "random", "text")),
+        ("handshake", ""),
     }:
-        raise SystemExit("usage: python -m bench.profile [echo|fanout [tls]|deflate [random|text]]")
+        raise SystemExit(
+            "usage: python -m bench.profile [echo|fanout [tls]|deflate [random|text]|handshake]"
+        )
     peers = RELAY_PEERS if scenario == "fanout" else ECHO_PEERS
     name = "wsechod-tls" if variant == "tls" else "wsechod"
     peer = next(p for p in peers if p.name == name)
