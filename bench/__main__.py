@@ -33,7 +33,7 @@ from typing import Any
 
 import uvloop
 
-from bench import client, deflate, tls, tokens
+from bench import client, deflate, storm, tls, tokens
 from bench.peers import (
     ECHO_PEERS,
     HANDSHAKE_PEERS,
@@ -191,6 +191,17 @@ def figures(args: argparse.Namespace) -> list[Figure]:
             Figure("hs server%", "server core busy %", section, ratios=False, kind="handshake"),
             Figure("hs client%", "client core busy %", section, ratios=False, kind="handshake"),
         ]
+        for key, offer in (("storm", ""), ("storm deflate", ", permessage-deflate offered")):
+            section = (
+                f"connections opened and closed (TCP, TLS where served, upgrade{offer}, close "
+                f"handshake), {storm.IN_FLIGHT} at a time, {args.handshakes} a run"
+            )
+            out += [
+                Figure(f"{key} rate", "connections/s", section, floor=True, kind="handshake"),
+                Figure(
+                    f"{key} cpu", "server CPU µs/connection", section, digits=1, kind="handshake"
+                ),
+            ]
     if "redis" in args.scenarios:
         section = (
             f"fan-out through Redis: 1 publisher on one instance, {args.subscribers} "
@@ -417,12 +428,14 @@ async def measure_handshake(
     args: argparse.Namespace, results: Results, peer: Peer, repeat: int, server: Server
 ) -> None:
     await client.handshakes(server.port, connections=50, server_cpu=server.cpu_seconds,
-                            tokens=made_tokens(peer, 50))  # fmt: skip
+                            tokens=made_tokens(peer, 50),
+                            tls=tls.client_context() if peer.tls else None)  # fmt: skip
     w = await client.handshakes(
         server.port,
         connections=args.handshakes,
         server_cpu=server.cpu_seconds,
         tokens=made_tokens(peer, args.handshakes),
+        tls=tls.client_context() if peer.tls else None,
     )
     sat = w.client_cpu / w.seconds >= SATURATED
     results.add(peer, "hs rate", w.events / w.seconds, sat)
@@ -437,6 +450,41 @@ async def measure_handshake(
     note(
         f"  {peer.label:<12} {'handshakes':<14} {w.events / w.seconds:>9.0f} /s  "
         f"server {w.server_cpu / w.events * 1e6:>6.1f} µs/handshake  "
+        f"client {100 * w.client_cpu / w.seconds:>3.0f}%"
+    )
+    if peer.auth is None:
+        for key, offer in (("storm", False), ("storm deflate", True)):
+            await measure_storm(args, results, peer, repeat, server, key=key, deflate=offer)
+
+
+async def measure_storm(
+    args: argparse.Namespace,
+    results: Results,
+    peer: Peer,
+    repeat: int,
+    server: Server,
+    *,
+    key: str,
+    deflate: bool,
+) -> None:
+    """Connections opened and closed as fast as the client can (``bench.storm``)."""
+    context = tls.client_context() if peer.tls else None
+    run = functools.partial(
+        storm.storm, server.port, server_cpu=server.cpu_seconds, tls=context, deflate=deflate
+    )
+    await run(cycles=max(args.handshakes // 10, storm.IN_FLIGHT))  # warm-up (Node's JIT)
+    w = await run(cycles=args.handshakes)
+    sat = w.client_cpu / w.seconds >= SATURATED
+    results.add(peer, f"{key} rate", w.events / w.seconds, sat)
+    results.add(peer, f"{key} cpu", w.server_cpu / w.events * 1e6)
+    results.runs.append(
+        {"repeat": repeat, "peer": peer.name, "kind": peer.kind, "case": key}
+        | {"connections": w.events, "seconds": w.seconds}
+        | {"server_cpu_s": w.server_cpu, "client_cpu_s": w.client_cpu}
+    )
+    note(
+        f"  {peer.label:<12} {key:<14} {w.events / w.seconds:>9.0f} /s  "
+        f"server {w.server_cpu / w.events * 1e6:>6.1f} µs/connection  "
         f"client {100 * w.client_cpu / w.seconds:>3.0f}%"
     )
 

@@ -496,10 +496,11 @@ async def handshakes(
     connections: int,
     server_cpu: Callable[[], float],
     tokens: Iterator[str] | None = None,
+    tls: ssl.SSLContext | None = None,
 ) -> Window:
     """Open ``connections`` (HANDSHAKES_IN_FLIGHT at a time), measured, then close them."""
     t0, s0, c0 = time.perf_counter(), server_cpu(), client_cpu()
-    clients = await connect_many(port, connections, Client, "/", tokens)
+    clients = await connect_many(port, connections, Client, "/", tokens, tls=tls)
     t1, s1, c1 = time.perf_counter(), server_cpu(), client_cpu()
     await close_all(clients)
     return Window(t1 - t0, len(clients), s1 - s0, c1 - c0)

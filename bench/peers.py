@@ -166,6 +166,9 @@ HANDSHAKE_PEERS = (
     Peer("wsechod-es256", "ES256", "handshake", ("wsechod",), auth="ES256"),
     Peer("ws", "ws", "handshake", ("node", "echo.mjs")),
     Peer("picows", "picows", "handshake", ("python", "bench.picows_echo")),
+    Peer("wsechod-tls", "wsechod TLS", "handshake", ("wsechod",), tls=True),
+    Peer("ws-tls", "ws TLS", "handshake", ("node", "echo.mjs"), tls=True),
+    Peer("picows-tls", "picows TLS", "handshake", ("python", "bench.picows_echo"), tls=True),
 )
 # With --scrape, right after wsechod: the same server, with a Prometheus-like scraper.
 SCRAPED = "wsechod-scraped"

@@ -1,9 +1,10 @@
-"""``python -m bench.profile [echo|fanout [tls]|deflate [random|text]|handshake]``: where
+"""``python -m bench.profile [echo|fanout|storm [tls]|deflate [random|text]|handshake]``: where
 wsechod's server CPU goes, sampled with py-spy (``pip install py-spy``; not a dependency)
 while the bench's load client runs: the fan-out to 1,000 subscribers (default), echo at 50
 connections, 32 B messages (either over TLS with ``tls``), compressed echo
 (``bench.deflate``) of 32-128 KiB messages (random bytes by default, or text) in 256-byte
-fragments, or opening handshakes (1,000 at a time, closed, again). Prints the lines that
+fragments, opening handshakes (1,000 at a time, closed, again), or connections opened and
+closed one after the other (``bench.storm``, 50 at a time). Prints the lines that
 use the most time (their own samples) and the calls that contain the most.
 
 A figure that misses its target gets read here before anyone optimizes: when most samples
@@ -22,7 +23,7 @@ from pathlib import Path
 
 import uvloop
 
-from bench import client, deflate, tls
+from bench import client, deflate, storm, tls
 from bench.peers import ECHO_PEERS, RELAY_PEERS, Server, deflate_peer
 
 SUBSCRIBERS, CONNECTIONS, SIZE = 1000, 50, 32
@@ -71,6 +72,16 @@ async def load(scenario: str, server: Server, spy: list[str], payload: str) -> s
         )
         w = d.window
         figure = f"{w.server_cpu / w.events * 1e3:.2f} ms of server CPU per message"
+    elif scenario == "storm":
+        cycles, cpu, end = 0, 0.0, asyncio.get_running_loop().time() + WARMUP + SECONDS
+        context = tls.client_context() if server.peer.tls else None
+        while asyncio.get_running_loop().time() < end:
+            w = await storm.storm(
+                server.port, cycles=1000, server_cpu=server.cpu_seconds, tls=context
+            )
+            cycles, cpu = cycles + w.events, cpu + w.server_cpu
+        await sampling
+        return f"{cpu / cycles * 1e6:.1f} µs of server CPU per connection opened and closed"
     elif scenario == "handshake":
         opened, cpu, end = 0, 0.0, asyncio.get_running_loop().time() + WARMUP + SECONDS
         while asyncio.get_running_loop().time() < end:
@@ -112,12 +123,13 @@ def main() -> None:
     variant = sys.argv[2] if len(sys.argv) > 2 else ""
     payload = variant or "random"
     if (scenario, variant) not in {
-        *((s, v) for s in ("echo", "fanout") for v in ("", "tls")),
+        *((s, v) for s in ("echo", "fanout", "storm") for v in ("", "tls")),
         *(("deflate", v) for v in ("", "random", "text")),
         ("handshake", ""),
     }:
         raise SystemExit(
-            "usage: python -m bench.profile [echo|fanout [tls]|deflate [random|text]|handshake]"
+            "usage: python -m bench.profile "
+            "[echo|fanout|storm [tls]|deflate [random|text]|handshake]"
         )
     peers = RELAY_PEERS if scenario == "fanout" else ECHO_PEERS
     name = "wsechod-tls" if variant == "tls" else "wsechod"

@@ -1,8 +1,8 @@
 """The opening handshake: an ``asyncio.Protocol`` for a connection's first bytes.
 
-It reads the HTTP request head, lets websockets' Sans-I/O ``ServerProtocol`` parse it,
-asks admission whether to answer it with plain HTTP (health checks, refusals), and if
-not, has ``ServerProtocol.accept`` check the upgrade and negotiate extensions. On a 101
+It reads the HTTP request head, parses it whole (``request.py``), asks admission whether
+to answer it with plain HTTP (health checks, refusals), and if not, checks the upgrade and
+negotiates extensions (``upgrade.py``, every check websockets makes). On a 101
 it hands the transport to a ``WebSocket`` with ``set_protocol`` and is dropped: nothing
 of the handshake stays in memory for the life of the connection. Bytes the client sent
 after the request head, before the 101, are the first bytes of the WebSocket stream.
@@ -19,7 +19,6 @@ proxy without TLS, a PROXY protocol header may come first.
 from __future__ import annotations
 
 import asyncio
-import email.utils
 import functools
 import http
 import inspect
@@ -31,16 +30,14 @@ from typing import Any, Protocol, cast
 
 from websockets.datastructures import Headers
 from websockets.extensions import ServerExtensionFactory
-from websockets.http11 import Request as WsRequest
-from websockets.server import ServerProtocol
-from websockets.typing import Subprotocol
 
 from wsechod._version import __version__
-from wsechod.engine import bodies, deflate, proxy
+from wsechod.engine import bodies, deflate, proxy, upgrade
 from wsechod.engine.addresses import format_address
 from wsechod.engine.connection import Host, WebSocket, failures
 from wsechod.engine.interface import Admitted, ReadBody, Reply, Request
 from wsechod.engine.readbuffer import Lender
+from wsechod.engine.request import BadRequest, Head, parse
 from wsechod.engine.throttle import Throttled
 
 SERVER = f"wsechod/{__version__}"
@@ -62,7 +59,7 @@ def serialize(reply: Reply, head_only: bool = False) -> bytes:
     body = reply.body.encode()
     lines = [
         f"HTTP/1.1 {reply.status.value} {reply.status.phrase}",
-        f"Date: {email.utils.formatdate(usegmt=True)}",
+        f"Date: {upgrade.http_date()}",
         f"Server: {SERVER}",
         f"Content-Type: {reply.content_type}",
         f"Content-Length: {len(body)}",
@@ -72,7 +69,7 @@ def serialize(reply: Reply, head_only: bool = False) -> bytes:
     return ("\r\n".join(lines) + "\r\n\r\n").encode() + (b"" if head_only else body)
 
 
-_REQUEST_LINE = re.compile(rb"\S+ \S+ \S+\r?")  # method, target, version; websockets checks more
+_REQUEST_LINE = re.compile(rb"\S+ \S+ \S+\r?")  # method, target, version; parse checks more
 # Another method, in HTTP/1.x: h11 reads it (websockets' parser reads GET only).
 _BODY_REQUEST_LINE = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+ \S+ HTTP/1\.[01]\r\n")
 DRAINING = Reply(
@@ -167,7 +164,6 @@ class Handshake(asyncio.Protocol):
         "_head",
         "_proxy",
         "_sock",
-        "_subprotocol",
         "_task",
         "_timer",
         "_tls",
@@ -192,7 +188,6 @@ class Handshake(asyncio.Protocol):
         self._proxy = False  # a PROXY protocol header may come first
         self._gone = False  # its connection is over and uncounted
         self._cut = False  # aborted: nothing more is done with it
-        self._subprotocol: Subprotocol | None = None  # admission's choice, for websockets to select
         # A request with a body: its reader and what answers it once read; then the answer
         # being made (an awaitable admission returned).
         self._body: tuple[bodies.BodyReader, Callable[[bytes], Reply | Awaitable[Reply]]] | None
@@ -210,7 +205,9 @@ class Handshake(asyncio.Protocol):
         if self._tls is not None:  # the TLS handshake is done: the request comes now
             return
         info = transport.get_extra_info
-        if not self._accepted(info("peername"), info("sockname"), info("socket").family):
+        peername, sockname = info("peername"), info("sockname")
+        # A unix socket's names are paths (str or b""), an IP socket's tuples.
+        if not self._accepted(peername, sockname, unix=isinstance(sockname, (str, bytes))):
             # No room: its request would be answered 503 anyway; say it now.
             self._answer(Reply(http.HTTPStatus.SERVICE_UNAVAILABLE, "server is at capacity\n"))
 
@@ -223,7 +220,7 @@ class Handshake(asyncio.Protocol):
             peername = sock.getpeername()
         except OSError:  # gone already (reset): it has no name any more
             peername = None
-        if not self._accepted(peername, sock.getsockname(), sock.family):
+        if not self._accepted(peername, sock.getsockname(), unix=sock.family == socket.AF_UNIX):
             sock.close()  # no TLS session to answer in: spare the handshake's CPU
             self._lost()
             return
@@ -236,7 +233,7 @@ class Handshake(asyncio.Protocol):
         )
         self._tls.add_done_callback(self._tls_done)
 
-    def _accepted(self, peername: object, sockname: object, family: int) -> bool:
+    def _accepted(self, peername: object, sockname: object, *, unix: bool) -> bool:
         """Who the peer is, its open deadline, its place in the engine's table; False if
         there are not file descriptors enough for it."""
         engine = self._engine
@@ -246,7 +243,7 @@ class Handshake(asyncio.Protocol):
         self.peer = format_address(name) if name else "unix"
         self._addr = proxy.peer_address(peername)
         self._trusted = proxy.trusted(
-            self._addr, options.trusted_proxies, family == socket.AF_UNIX and options.trust_unix
+            self._addr, options.trusted_proxies, unix and options.trust_unix
         )
         self._proxy = self._trusted and options.tls is None
         if not self._trusted:  # a trusted proxy speaks for others: counted once named
@@ -410,48 +407,29 @@ class Handshake(asyncio.Protocol):
         if not head.startswith((b"GET ", b"HEAD ")) and _BODY_REQUEST_LINE.match(head):
             self._with_body(head + rest)
             return
-        engine = self._engine
-        protocol = ServerProtocol(
-            extensions=engine.extensions,
-            max_size=engine.options.max_size,
-            select_subprotocol=lambda _protocol, _offered: self._subprotocol,
-        )
-        raw = self._parse(protocol, head)
+        raw = self._parse(head)
         if raw is None:
             return
         if self._trusted:
             self._client(raw.headers)
-        request = Request(raw.method, raw.path, raw.headers, self.peer, self.group, self.roles)
+        request = Request(raw.method, raw.target, raw.headers, self.peer, self.group, self.roles)
         reply = self._admit(request)
         if isinstance(reply, ReadBody):  # a GET has no body to read
             reply = Reply(http.HTTPStatus.METHOD_NOT_ALLOWED, "use POST\n", {"Allow": "POST"})
         if isinstance(reply, Reply) or inspect.isawaitable(reply):
             self._answer_when(reply, head_only=raw.method == "HEAD")
             return
-        if reply is not None:
-            chosen = reply.subprotocol
-            self._subprotocol = None if chosen is None else Subprotocol(chosen)
-            if not reply.compress:  # the same request, read without extensions to offer
-                protocol = ServerProtocol(
-                    max_size=engine.options.max_size,
-                    select_subprotocol=lambda _protocol, _offered: self._subprotocol,
-                )
-                raw = self._parse(protocol, head)
-                if raw is None:
-                    return
-            if reply.delay > 0:  # the test peer's accept_delay (the open deadline runs)
-                upgrade = functools.partial(self._upgrade, protocol, raw, reply, rest)
-                self._delayed = True
-                engine.upgrading += 1
-                self._task = asyncio.ensure_future(asyncio.sleep(reply.delay))
-                self._task.add_done_callback(lambda task: task.cancelled() or upgrade())
-                return
-        self._upgrade(protocol, raw, reply, rest)
+        if reply is not None and reply.delay > 0:  # the test peer's accept_delay
+            later = functools.partial(self._upgrade, raw, reply, rest)
+            self._delayed = True  # (the open deadline runs meanwhile)
+            self._engine.upgrading += 1
+            self._task = asyncio.ensure_future(asyncio.sleep(reply.delay))
+            self._task.add_done_callback(lambda task: task.cancelled() or later())
+            return
+        self._upgrade(raw, reply, rest)
 
-    def _upgrade(
-        self, protocol: ServerProtocol, raw: WsRequest, reply: Admitted | None, rest: bytes
-    ) -> None:
-        """Answer the upgrade: 101 and the WebSocket opens, or the error websockets finds."""
+    def _upgrade(self, raw: Head, reply: Admitted | None, rest: bytes) -> None:
+        """Answer the upgrade: 101 and the WebSocket opens, or why not."""
         self._task = None
         engine = self._engine
         if self._undelay() and engine.draining:  # the stop came while it waited
@@ -459,33 +437,28 @@ class Handshake(asyncio.Protocol):
             return
         if self._transport is None or self._transport.is_closing():
             return  # gone while the test peer delayed its answer
-        if raw.protocol != "HTTP/1.1":
+        if raw.version != "HTTP/1.1":
             # RFC 6455 4.1: the opening handshake is an HTTP/1.1 request (websockets would
             # answer 505, but HTTP/1.0 is the same major version: this request is wrong).
-            self._refuse(f"a WebSocket upgrade needs HTTP/1.1, not {_quoted(raw.protocol)}")
+            self._refuse(f"a WebSocket upgrade needs HTTP/1.1, not {_quoted(raw.version)}")
             return
-        response = protocol.accept(raw)
-        if response.status_code != 101:
-            body = (response.body or b"").decode(errors="replace").splitlines()
-            text = (body[0] if body else response.reason_phrase) + "\n"
-            engine.refused("bad handshake", self.peer, text.strip())
-            status = http.HTTPStatus(response.status_code)
-            extra = {k: v for k, v in response.headers.raw_items() if k in ("Allow", "Upgrade")}
-            extra["Sec-WebSocket-Version"] = "13"  # 4.4: the version we speak
-            self._answer(Reply(status, text, extra))
+        offer = engine.extensions if reply is None or reply.compress else None
+        chosen = None if reply is None else reply.subprotocol
+        answer = upgrade.accept(raw, offer, chosen, SERVER)
+        if isinstance(answer, upgrade.Refusal):
+            engine.refused("bad handshake", self.peer, answer.text)
+            extra = {**answer.headers, "Sec-WebSocket-Version": "13"}  # 4.4: what we speak
+            self._answer(Reply(answer.status, answer.text + "\n", extra))
             return
-        response.headers["Server"] = SERVER
-        protocol.send_response(response)
         transport = self._transport
         assert transport is not None
-        for chunk in protocol.data_to_send():
-            transport.write(chunk)
+        transport.write(answer.response)
         if reply is not None and reply.throttle:  # the test peer's slow network
             transport = Throttled(transport, reply.throttle)
         self._finish(upgraded=True)  # still counted for its address, as a WebSocket now
-        compression = deflate.negotiated(protocol.extensions, engine.options.inflate_rate)
+        compression = deflate.negotiated(answer.extensions, engine.options.inflate_rate)
         tls = transport.get_extra_info("ssl_object") is not None
-        ws = WebSocket(engine, transport, raw.path, self.peer, compression, tls=tls)
+        ws = WebSocket(engine, transport, raw.target, self.peer, compression, tls=tls)
         ws.group = self.group
         transport.set_protocol(Lender(ws) if tls else ws)  # TLS reads into a lent buffer
         self._transport = None
@@ -587,25 +560,18 @@ class Handshake(asyncio.Protocol):
 
         task.add_done_callback(done)
 
-    def _parse(self, protocol: ServerProtocol, head: bytes) -> WsRequest | None:
+    def _parse(self, head: bytes) -> Head | None:
         """The request, or None once it has been answered 400 saying what is wrong."""
-        protocol.receive_data(head)
-        events = protocol.events_received()
-        if not events or not isinstance(events[0], WsRequest):
-            why = protocol.handshake_exc
-            cause = why.__cause__ if why is not None and why.__cause__ else why
-            if isinstance(cause, UnicodeDecodeError):  # Python's words would say little
-                byte = cause.object[cause.start]
-                self._refuse(f"a byte that is not ASCII in the request head (0x{byte:02x})")
-            else:
-                self._refuse(_quoted(cause))
+        try:
+            raw = parse(head)
+        except BadRequest as exc:
+            self._refuse(_quoted(exc))
             return None
-        raw = events[0]
-        if _UNPRINTABLE.search(raw.path):
-            self._refuse(f"control character in the request target: {_quoted(raw.path)}")
+        if _UNPRINTABLE.search(raw.target):
+            self._refuse(f"control character in the request target: {_quoted(raw.target)}")
             return None
         hosts = len(raw.headers.get_all("Host"))
-        if hosts != 1 and raw.protocol == "HTTP/1.1":
+        if hosts != 1 and raw.version == "HTTP/1.1":
             # RFC 9112 3.2 (and RFC 6455 4.2.1): exactly one Host, or 400.
             self._refuse("missing Host header" if not hosts else "more than one Host header")
             return None
