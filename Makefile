@@ -11,7 +11,7 @@ BENCH_NODE_DEPS := bench/node/node_modules/.package-lock.json
 
 .PHONY: setup python-version node-deps bench-node-deps systemd-tools redis browser run test \
         check lint typecheck docs docs-serve pytest unit \
-        bench clean install install-units install-systemd
+        bench bench-scale clean install install-units install-systemd
 
 # An interpreter's version and installation ("3.11.7 /usr"); a venv's python gives its base's.
 PY_ID := import os, sys; print("%d.%d.%d" % sys.version_info[:3], os.path.realpath(sys.base_prefix))
@@ -121,6 +121,12 @@ docs-serve: setup
 ## wsechod against the websockets example, Node's ws and others, in one run (docs/benchmarks.md).
 bench: setup bench-node-deps redis
 	$(BIN)/python -m bench $(BENCH_ARGS)
+
+## 100,000 idle connections to one daemon with 6 workers, a drain, a restart and a recycle
+## with every client reconnecting, then one process at its open-files limit (docs/scale.md;
+## about 7 minutes, 2 GiB of memory).
+bench-scale: setup
+	$(BIN)/python -m bench.scale $(SCALE_ARGS)
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache *.egg-info tests/node/node_modules \

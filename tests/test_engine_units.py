@@ -161,6 +161,26 @@ def test_keepalive_wakes_up_once_per_ping_while_it_waits_for_the_pong(
     assert calls <= 0.3 / interval + 2
 
 
+def test_idle_connections_are_pinged_together(loop: asyncio.AbstractEventLoop) -> None:
+    """Keepalive deadlines are rounded up to a multiple of KEEPALIVE_TICK: 50 connections
+    opened one after the other are pinged in a pass of the loop per tick, not one each."""
+
+    async def main() -> tuple[set[float], float]:
+        engine = Engine(Options(ping_interval=20, ping_timeout=20), Echo())
+        opened, began = [], loop.time()
+        for _ in range(50):
+            opened.append(connect(engine, "/")[0])
+            await asyncio.sleep(0.01)
+        timers = [ws._timer for ws in opened]
+        return {t.when() for t in timers if isinstance(t, asyncio.TimerHandle)}, loop.time() - began
+
+    deadlines, took = loop.run_until_complete(main())
+    tick = connection.KEEPALIVE_TICK
+    assert len(deadlines) <= took / tick + 2, (sorted(deadlines), took)
+    for due in deadlines:
+        assert abs(due / tick - round(due / tick)) < 1e-6, due
+
+
 def test_close_reason_is_cut_at_a_character_boundary() -> None:
     payload = frames.close_payload(1001, "é" * 100)  # 200 bytes of UTF-8: too long
     assert len(payload) <= 125

@@ -32,6 +32,7 @@ from tests.test_systemd import (
     run_harness,
 )
 from wsechod.process.runner import EXTEND_BY, EXTEND_INTERVAL, drain_on_schedule
+from wsechod.runtime import metrics
 from wsechod.runtime.metrics import RENDER_INTERVAL, SelfProcessCollector
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -467,3 +468,23 @@ def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return int(probe.getsockname()[1])
+
+
+@pytest.mark.unit
+def test_open_descriptors_are_counted_without_listing_them(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """process_open_fds at 3,000 descriptors: from the size of /proc/self/fd (Linux 6.2+),
+    not by listing it (90 to 390 ms at 15,000, for every scrape and every render)."""
+    opened = [os.open(os.devnull, os.O_RDONLY) for _ in range(3000)]
+    try:
+        listed = len(os.listdir("/proc/self/fd")) - 1  # not the listing's own descriptor
+        if os.stat("/proc/self/fd").st_size == 0:
+            pytest.skip("this kernel reports no count in the size of /proc/PID/fd")
+        monkeypatch.setattr(os, "listdir", lambda path: pytest.fail(f"listed {path}"))
+        assert metrics.open_fds() == listed
+        figures = metrics.process_figures()
+        assert figures is not None and figures.open_fds == listed
+    finally:
+        for fd in opened:
+            os.close(fd)

@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import codecs
 import contextlib
+import math
 import socket
 import struct
 import time
@@ -72,6 +73,7 @@ _TEXT, _BINARY = HEADERS[0x80 | OP_TEXT], HEADERS[0x80 | OP_BINARY]
 _PONG, _PING, _CLOSE = HEADERS[0x80 | OP_PONG], HEADERS[0x80 | OP_PING], HEADERS[0x80 | OP_CLOSE]
 LINGER_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() resets the connection
 APP_FAILED = Failure(CloseCode.INTERNAL_ERROR, "internal error")
+KEEPALIVE_TICK = 0.25  # seconds: keepalive deadlines are rounded up to a multiple of it
 KEEPALIVE_TIMEOUT = Failure(CloseCode.INTERNAL_ERROR, "keepalive ping timeout")
 SHORT_OF_MEMORY = "server is short of memory"
 _NO_STATUS = int(CloseCode.NO_STATUS_RCVD)
@@ -884,8 +886,18 @@ class WebSocket(asyncio.Protocol):
 
     def _keepalive_later(self, delay: float) -> None:
         """The next keepalive step in ``delay`` seconds (0: at the next loop pass; a pong
-        that came late is followed by the next ping at once, never by none)."""
-        self._timer = self._engine.loop.call_later(delay, self._keepalive)
+        that came late is followed by the next ping at once, never by none).
+
+        The deadline is rounded up to a multiple of a tick (KEEPALIVE_TICK, or a sixteenth
+        of the delay if that is shorter): the connections due within one tick are pinged
+        in one pass of the loop and their pongs come back together, so that a process
+        wakes once a tick for its idle connections rather than twice per ping."""
+        loop = self._engine.loop
+        tick = min(KEEPALIVE_TICK, delay / 16)
+        if tick <= 0:
+            self._timer = loop.call_later(0, self._keepalive)
+            return
+        self._timer = loop.call_at(math.ceil((loop.time() + delay) / tick) * tick, self._keepalive)
 
     def _keepalive(self) -> None:
         """Ping every ``ping_interval``; no pong within ``ping_timeout``: fail with 1011.

@@ -279,12 +279,21 @@ _TICKS = os.sysconf("SC_CLK_TCK")
 _PAGE = resource.getpagesize()
 
 
+def open_fds(pid: int | str = "self") -> int:
+    """How many descriptors the process has open. Since Linux 6.2 the size of its
+    /proc/PID/fd is that count, read in microseconds; listing the directory (the only way
+    before) took 90 to 390 ms at 15,000 descriptors, holding the loop for every scrape,
+    and the main process twice a second for each worker (its totals)."""
+    counted = os.stat(f"/proc/{pid}/fd").st_size
+    return counted if counted > 0 else len(os.listdir(f"/proc/{pid}/fd"))
+
+
 def process_figures(pid: int | str = "self") -> ProcessFigures | None:
     """None if the process is gone (or hidden from us)."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             parts = f.read().rsplit(b")", 1)[-1].split()
-        fds = len(os.listdir(f"/proc/{pid}/fd"))
+        fds = open_fds(pid)
     except OSError:
         return None
     booted = round(time.time() - time.clock_gettime(time.CLOCK_BOOTTIME))  # /proc/stat's
