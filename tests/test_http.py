@@ -146,3 +146,53 @@ def test_http_1_0_health_checks_are_answered(daemon: Daemon) -> None:
         sock.sendall(b"GET /healthz HTTP/1.0\r\n\r\n")
         answer = read_answer(sock)
     assert answer.startswith(b"HTTP/1.1 200 OK\r\n") and answer.endswith(b"\r\n\r\nok\n")
+
+
+@pytest.mark.parametrize(
+    ("request_head", "status"),
+    [
+        (b"GET /" + b"a" * 8200 + b" HTTP/1.1\r\nHost: x\r\n" + UPGRADE + b"\r\n", 414),
+        (b"GET / HTTP/1.1\r\nHost: x\r\nX-A: " + b"a" * 8190 + b"\r\n" + UPGRADE + b"\r\n", 431),
+        (
+            b"GET / HTTP/1.1\r\nHost: x\r\n"
+            + b"".join(b"X-%d: v\r\n" % i for i in range(130))
+            + UPGRADE
+            + b"\r\n",
+            431,
+        ),
+    ],
+)
+def test_limits_of_the_head_get_their_status(
+    daemon: Daemon, request_head: bytes, status: int
+) -> None:
+    """A request line beyond 8 KiB is 414 (RFC 9110 15.5.15); a header line beyond it, or
+    more than 128 headers, 431 (RFC 6585 5): each with its one-line reason."""
+    with socket.create_connection(("127.0.0.1", daemon.port), timeout=10) as sock:
+        sock.sendall(request_head)
+        answer = read_answer(sock)
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 %d " % status), answer[:200]
+    assert body.endswith(b"\n") and body.count(b"\n") == 1 and len(body) < 300, body
+
+
+@pytest.mark.parametrize(
+    ("was", "now"),
+    [
+        (b"Sec-WebSocket-Version: 13", b"Sec-WebSocket-Version: " + b"9" * 8000),
+        (b"Upgrade: websocket", b"Upgrade: websocket, webso\x85ket"),
+    ],
+)
+def test_upgrade_refusals_quote_the_clients_values_on_one_short_line(
+    daemon: Daemon, was: bytes, now: bytes
+) -> None:
+    """The client's header values in a refused upgrade's reason are quoted as elsewhere:
+    cut at 200 characters, and controls escaped (0x85 is NEL once read as ISO-8859-1: a
+    line break to Python's splitlines, and to some clients)."""
+    request = b"GET / HTTP/1.1\r\nHost: x\r\n" + UPGRADE.replace(was, now) + b"\r\n"
+    with socket.create_connection(("127.0.0.1", daemon.port), timeout=10) as sock:
+        sock.sendall(request)
+        answer = read_answer(sock)
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400 "), answer[:200]
+    text = body.decode("latin-1")
+    assert len(text.splitlines()) == 1 and text.endswith("\n") and len(text) < 300, text

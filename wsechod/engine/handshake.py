@@ -47,7 +47,8 @@ MAX_HEAD = 16 * 1024
 TOO_LARGE = "head_too_large"  # why a 431 refuses, in /metrics
 
 
-_UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f]")
+# C0 and C1 controls: U+0085 (NEL, obs-text byte 0x85 read as ISO-8859-1) ends a line too.
+_UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 CAUSE_MAX = 200  # characters of the client's own text quoted back in a 400
 # Seconds a connection accepted beyond its address's max_connections_per_ip has to send
 # its request and hear 503 (rather than the whole open_timeout, holding a descriptor).
@@ -446,9 +447,10 @@ class Handshake(asyncio.Protocol):
         chosen = None if reply is None else reply.subprotocol
         answer = upgrade.accept(raw, offer, chosen, SERVER)
         if isinstance(answer, upgrade.Refusal):
-            engine.refused("bad handshake", self.peer, answer.text)
+            text = _quoted(answer.text)  # it quotes the client's header values
+            engine.refused("bad handshake", self.peer, text)
             extra = {**answer.headers, "Sec-WebSocket-Version": "13"}  # 4.4: what we speak
-            self._answer(Reply(answer.status, answer.text + "\n", extra))
+            self._answer(Reply(answer.status, text + "\n", extra))
             return
         transport = self._transport
         assert transport is not None
@@ -565,7 +567,10 @@ class Handshake(asyncio.Protocol):
         try:
             raw = parse(head)
         except BadRequest as exc:
-            self._refuse(_quoted(exc))
+            if exc.status == http.HTTPStatus.BAD_REQUEST:
+                self._refuse(_quoted(exc))
+            else:  # a limit
+                self._answer(Reply(exc.status, f"{_quoted(exc)}\n", refused=TOO_LARGE))
             return None
         if _UNPRINTABLE.search(raw.target):
             self._refuse(f"control character in the request target: {_quoted(raw.target)}")
