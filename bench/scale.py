@@ -28,6 +28,7 @@ import os
 import resource
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -167,11 +168,12 @@ def note(text: str) -> None:
     print(text, flush=True)
 
 
-async def healthy(port: int, within: float = 60.0) -> None:
+async def healthy(port: int, within: float = 60.0, context: ssl.SSLContext | None = None) -> None:
+    """Until ``/healthz`` answers 200 (over TLS with ``context``)."""
     deadline = time.monotonic() + within
     while time.monotonic() < deadline:
         with contextlib.suppress(OSError):
-            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=context)
             writer.write(b"GET /healthz HTTP/1.1\r\nHost: bench\r\n\r\n")
             answer = await reader.read()
             writer.close()
@@ -362,7 +364,7 @@ async def one_process(args: argparse.Namespace) -> Figures:
         server = daemon(port, 0, *extra, tls_on=tls_on)
         fleets = Fleets(port, 1, tls_on=tls_on)
         try:
-            await healthy(port) if not tls_on else await asyncio.sleep(1)
+            await healthy(port, context=tls.client_context() if tls_on else None)
             rss0 = rss(server)
             if case == "relay":  # 19 channels
                 for i, k in enumerate(shares(n, 19)):

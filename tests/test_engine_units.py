@@ -11,7 +11,7 @@ import pytest
 import uvloop
 from websockets.extensions.permessage_deflate import PerMessageDeflate
 
-from tests.rawws import OP_BINARY, OP_PING, frame
+from tests.rawws import OP_BINARY, OP_PING, OP_PONG, frame
 from wsechod.apps.echo import Echo
 from wsechod.apps.relay import Relay
 from wsechod.brokers.memory import MemoryBroker
@@ -179,6 +179,39 @@ def test_idle_connections_are_pinged_together(loop: asyncio.AbstractEventLoop) -
     assert len(deadlines) <= took / tick + 2, (sorted(deadlines), took)
     for due in deadlines:
         assert abs(due / tick - round(due / tick)) < 1e-6, due
+
+
+def test_the_next_ping_is_due_an_interval_after_the_last_was_due(
+    loop: asyncio.AbstractEventLoop,
+) -> None:
+    """Not an interval after the ping ran: that is always a little after its tick, so
+    rounding up would make every interval a tick longer (a ping every 0.85 s here)."""
+
+    pinged = asyncio.Event()
+    original = WebSocket._keepalive
+
+    def keepalive(self: WebSocket) -> None:
+        original(self)
+        pinged.set()
+
+    async def main() -> tuple[float, float]:
+        engine = Engine(Options(ping_interval=0.8, ping_timeout=0.8), Echo())  # tick: 0.05 s
+        ws, _ = connect(engine, "/")
+        timer = ws._timer
+        assert timer is not None
+        due = timer.when()
+        await pinged.wait()  # the timer ran, a moment after it was due
+        assert ws._ping is not None
+        turn(engine, ws, frame(OP_PONG, ws._ping))
+        assert ws._timer is not None
+        return due, ws._timer.when()
+
+    WebSocket._keepalive = keepalive  # type: ignore[method-assign]
+    try:
+        due, next_due = loop.run_until_complete(main())
+    finally:
+        WebSocket._keepalive = original  # type: ignore[method-assign]
+    assert next_due == pytest.approx(due + 0.8, abs=1e-6)
 
 
 def test_close_reason_is_cut_at_a_character_boundary() -> None:

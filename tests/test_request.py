@@ -212,14 +212,19 @@ def test_the_date_is_an_http_date() -> None:
 
 
 def test_offers_are_remembered_within_a_bound() -> None:
-    """The same offer is negotiated once; a client making a thousand different offers
-    leaves at most OFFERS_KEPT of them in memory."""
+    """The same offer is negotiated once (each connection gets an extension of its own
+    with the same parameters); a client making a thousand different offers leaves at most
+    OFFERS_KEPT of them in memory."""
     upgrade._offers.clear()
     first = upgrade.accept(request.parse(UPGRADES["deflate"]), FACTORIES, None, "x")
     again = upgrade.accept(request.parse(UPGRADES["deflate"]), FACTORIES, None, "x")
     assert isinstance(first, upgrade.Upgrade) and isinstance(again, upgrade.Upgrade)
     assert first.response.split(b"\r\n")[2:] == again.response.split(b"\r\n")[2:]
-    assert again.extensions[0] is first.extensions[0]
+    assert list(map(terms, again.extensions)) == list(map(terms, first.extensions))
+    assert again.extensions[0] is not first.extensions[0]  # each its own
+    # What is kept is parameters and the header, not extensions (with their zlib objects).
+    kept = list(upgrade._offers.values())
+    assert len(kept) == 1 and all(isinstance(t, tuple) for t in kept[0][0])
     for i in range(1000):
         offer = f"permessage-deflate; client_max_window_bits={8 + i % 8}, x-{i}"
         raw = head(("Sec-WebSocket-Extensions", offer))

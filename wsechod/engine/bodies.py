@@ -1,6 +1,6 @@
 """Requests with a body (the HTTP API's ``POST``): parsed by h11, a maintained HTTP/1.1
-parser, not by hand (request smuggling lives in hand-written length rules). websockets'
-parser, which the opening handshake uses, refuses bodies.
+parser, not by hand (request smuggling lives in hand-written length rules). The opening
+handshake's parser (``request.py``) refuses bodies.
 
 One request per connection: the answer says ``Connection: close``. A body has a length
 (``Content-Length``) or comes in chunks; a request that says both is refused (RFC 9112
@@ -10,24 +10,14 @@ read, and before ``100 Continue`` is sent to a client that waits for it (curl do
 """
 
 import http
-from dataclasses import dataclass
 
 import h11
 from websockets.datastructures import Headers
 
 from wsechod.engine.interface import Reply
+from wsechod.engine.request import Head
 
 MAX_HEAD = 16 * 1024
-
-
-@dataclass(frozen=True, slots=True)
-class Head:
-    """A request line and headers, as h11 read them."""
-
-    method: str
-    target: str
-    headers: Headers
-    version: str
 
 
 def bad(text: str) -> Reply:
@@ -81,10 +71,10 @@ class BodyReader:
             (name.decode("latin-1"), value.decode("latin-1")) for name, value in event.headers
         )
         return Head(
-            event.method.decode("ascii"),
-            event.target.decode("ascii", "replace"),
-            headers,
-            "HTTP/" + event.http_version.decode("ascii"),
+            method=event.method.decode("ascii"),
+            target=event.target.decode("ascii", "replace"),
+            version="HTTP/" + event.http_version.decode("ascii"),
+            headers=headers,
         )
 
     @property

@@ -74,6 +74,7 @@ _PONG, _PING, _CLOSE = HEADERS[0x80 | OP_PONG], HEADERS[0x80 | OP_PING], HEADERS
 LINGER_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() resets the connection
 APP_FAILED = Failure(CloseCode.INTERNAL_ERROR, "internal error")
 KEEPALIVE_TICK = 0.25  # seconds: keepalive deadlines are rounded up to a multiple of it
+MIN_TICK = 0.001  # below it (a ping_interval under 16 ms), deadlines are not rounded
 KEEPALIVE_TIMEOUT = Failure(CloseCode.INTERNAL_ERROR, "keepalive ping timeout")
 SHORT_OF_MEMORY = "server is short of memory"
 _NO_STATUS = int(CloseCode.NO_STATUS_RCVD)
@@ -731,8 +732,11 @@ class WebSocket(asyncio.Protocol):
                 self._ping = None
                 if self._timer is not None and self._state == OPEN:
                     self._timer.cancel()
-                    delay = self._ping_at + self._options.ping_interval
-                    self._keepalive_later(max(delay - self._engine.loop.time(), 0.0))
+                    due = self._ping_at + self._options.ping_interval
+                    if due > self._engine.loop.time():
+                        self._keepalive_at(due)
+                    else:
+                        self._keepalive_later(0)
         else:
             self._close_received(payload)
 
@@ -889,15 +893,27 @@ class WebSocket(asyncio.Protocol):
         that came late is followed by the next ping at once, never by none).
 
         The deadline is rounded up to a multiple of a tick (KEEPALIVE_TICK, or a sixteenth
-        of the delay if that is shorter): the connections due within one tick are pinged
-        in one pass of the loop and their pongs come back together, so that a process
-        wakes once a tick for its idle connections rather than twice per ping."""
+        of ``ping_interval`` if that is shorter; one grid for every deadline, so that one
+        on it stays on it): the connections due within one tick are pinged in one pass of
+        the loop and their pongs come back together, so that a process wakes once a tick
+        for its idle connections rather than twice per ping."""
         loop = self._engine.loop
-        tick = min(KEEPALIVE_TICK, delay / 16)
-        if tick <= 0:
+        if delay <= 0:
             self._timer = loop.call_later(0, self._keepalive)
-            return
-        self._timer = loop.call_at(math.ceil((loop.time() + delay) / tick) * tick, self._keepalive)
+        else:
+            self._keepalive_at(loop.time() + delay)
+
+    def _keepalive_at(self, when: float) -> None:
+        """The next keepalive step at ``when`` (the loop's time), rounded up to its tick."""
+        tick = self._tick()
+        if tick:
+            when = math.ceil(when / tick - 1e-9) * tick  # a deadline on the grid stays on it
+        self._timer = self._engine.loop.call_at(when, self._keepalive)
+
+    def _tick(self) -> float:
+        """The keepalive's grid: 0 for an interval too short to round."""
+        tick = min(KEEPALIVE_TICK, self._options.ping_interval / 16)
+        return tick if tick >= MIN_TICK else 0.0
 
     def _keepalive(self) -> None:
         """Ping every ``ping_interval``; no pong within ``ping_timeout``: fail with 1011.
@@ -910,9 +926,12 @@ class WebSocket(asyncio.Protocol):
         if self._state != OPEN:
             return
         options = self._options
-        now = self._engine.loop.time()
         if self._ping is None:
-            self._ping_at = now
+            # On the grid (when it was due, if it ran within a tick of that), so that the
+            # next one is due an interval after, on the grid too; from the time it ran,
+            # rounding up would make each interval a tick longer.
+            now, tick = self._engine.loop.time(), self._tick()
+            self._ping_at = math.floor(now / tick + 1e-9) * tick if tick else now
             self._ping = self._engine.next_ping()
             self._write(_PING[len(self._ping)] + self._ping)
             self._keepalive_later(options.ping_timeout or options.ping_interval)

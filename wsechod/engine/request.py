@@ -4,8 +4,9 @@ The handshake has the whole head before it parses (it found the empty line that 
 so there is nothing to gain from a streaming parser: websockets' ``Request.parse`` is a
 generator reading a line at a time, and it and its protocol object were a third of a
 handshake's server CPU. This parser keeps every check websockets makes (the same limits,
-the same grammar, the same words in a refusal) and does it with one match per line in the
-common case; the detailed checks run only to say what is wrong with a line that fails it.
+the same grammar, the same words in a 400; a limit is 414 or 431, in our words) and does
+it with one match per line in the common case; the detailed checks run only to say what
+is wrong with a line that fails it.
 
 Requests with a body (other methods) are h11's (``bodies.py``); this reads GET and HEAD.
 """
@@ -49,6 +50,8 @@ class BadRequest(ValueError):
 
 @dataclass(frozen=True, slots=True)
 class Head:
+    """A request line and headers, as this parser or h11 (``bodies.py``) read them."""
+
     method: str
     target: str  # the path with its query string; not decoded
     version: str  # "HTTP/1.1" or "HTTP/1.0"
@@ -90,7 +93,7 @@ def parse(head: bytes) -> Head:
         if found is None:
             raise BadRequest(_field_error(line))
         name, value = found.groups()
-        headers.set_insecure(name.decode(), value.rstrip(_BLANK).decode("iso-8859-1"))
+        headers[name.decode()] = value.rstrip(_BLANK).decode("iso-8859-1")
     # RFC 9112 6.3: no body on an upgrade; some clients send Content-Length: 0.
     if "Transfer-Encoding" in headers:
         raise BadRequest("transfer codings aren't supported")

@@ -20,6 +20,7 @@ import http
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from websockets.datastructures import Headers, MultipleValuesError
 from websockets.exceptions import (
@@ -31,6 +32,7 @@ from websockets.exceptions import (
     NegotiationError,
 )
 from websockets.extensions import Extension, ServerExtensionFactory
+from websockets.extensions.permessage_deflate import PerMessageDeflate
 from websockets.headers import (
     build_extension,
     parse_connection,
@@ -155,13 +157,15 @@ def _checked(head: Head) -> str:
 
 
 # Offers negotiated before, with what they got: browsers make one of a few offers, and
-# negotiating one (the header's grammar, the parameters, a new extension) cost as much as
-# the rest of the upgrade. The extensions are shared by every connection that made the same
-# offer: the engine reads only their parameters (deflate.negotiated). A client can make any
-# number of different offers: past OFFERS_KEPT the cache starts again.
+# negotiating one (the header's grammar, the parameters) cost as much as the rest of the
+# upgrade. Kept: the response header and each permessage-deflate's parameters (not the
+# extension websockets made, which holds zlib objects the engine never uses: its own codec
+# reads the parameters, deflate.negotiated), keyed by the factories themselves. A client
+# can make any number of different offers: past OFFERS_KEPT the cache starts again.
 OFFERS_KEPT = 64
-_Offer = tuple[tuple[int, ...], tuple[str, ...]]
-_offers: dict[_Offer, tuple[list[Extension], str | None]] = {}
+_Terms = tuple[bool, bool, int, int, dict[str, Any]]
+_Offer = tuple[tuple[ServerExtensionFactory, ...], tuple[str, ...]]
+_offers: dict[_Offer, tuple[list[_Terms], str | None]] = {}
 
 
 def _negotiate(
@@ -171,13 +175,27 @@ def _negotiate(
     values = headers.get_all("Sec-WebSocket-Extensions")
     if not values or not factories:
         return [], None
-    offer = (tuple(map(id, factories)), tuple(values))
+    offer = (tuple(factories), tuple(values))
     if (known := _offers.get(offer)) is not None:
-        return known
-    if len(_offers) >= OFFERS_KEPT:
-        _offers.clear()
-    known = _offers[offer] = _negotiated(values, factories)
-    return known
+        terms, answer = known
+        return [PerMessageDeflate(*each) for each in terms], answer
+    extensions, answer = _negotiated(values, factories)
+    deflates = [e for e in extensions if isinstance(e, PerMessageDeflate)]
+    if len(deflates) == len(extensions):  # another kind of extension: not kept
+        if len(_offers) >= OFFERS_KEPT:
+            _offers.clear()
+        _offers[offer] = ([_terms(e) for e in deflates], answer)
+    return extensions, answer
+
+
+def _terms(extension: PerMessageDeflate) -> _Terms:
+    return (
+        extension.remote_no_context_takeover,
+        extension.local_no_context_takeover,
+        extension.remote_max_window_bits,
+        extension.local_max_window_bits,
+        extension.compress_settings,
+    )
 
 
 def _negotiated(

@@ -285,7 +285,9 @@ def open_fds(pid: int | str = "self") -> int:
     before) took 90 to 390 ms at 15,000 descriptors, holding the loop for every scrape,
     and the main process twice a second for each worker (its totals)."""
     counted = os.stat(f"/proc/{pid}/fd").st_size
-    return counted if counted > 0 else len(os.listdir(f"/proc/{pid}/fd"))
+    if counted > 0:
+        return counted
+    return len(os.listdir(f"/proc/{pid}/fd")) - (pid == "self")  # not the listing's own
 
 
 def process_figures(pid: int | str = "self") -> ProcessFigures | None:

@@ -538,8 +538,8 @@ class Settings:
         note=(
             "Keepalive: a ping every ping_interval; no pong within ping_timeout closes with "
             "1011. Both deadlines are rounded up to a quarter of a second (a sixteenth of "
-            "the interval if that is shorter), so that connections due together are pinged "
-            "in one pass of the event loop. Each ping costs a system call each way: at "
+            "ping_interval if that is shorter), so that connections due together are "
+            "pinged in one pass of the event loop. Each ping costs a system call each way: at "
             "20 s, 100,000 connections cost about a third of a core (see Many connections)."
         ),
     )
