@@ -124,7 +124,7 @@ bench: setup bench-node-deps redis
 
 ## 100,000 idle connections to one daemon with 6 workers, a drain, a restart and a recycle
 ## with every client reconnecting, then one process at its open-files limit (docs/scale.md;
-## about 7 minutes, 2 GiB of memory).
+## about 12 minutes, 2 GiB of memory).
 bench-scale: setup
 	$(BIN)/python -m bench.scale $(SCALE_ARGS)
 
