@@ -22,7 +22,6 @@ Commands come one per line on stdin, the answers go to stdout as one JSON object
 """
 
 import asyncio
-import base64
 import collections
 import contextlib
 import json
@@ -37,10 +36,11 @@ from collections.abc import Mapping
 
 import uvloop
 
+from bench import storm
+
 IN_FLIGHT = 200  # handshakes under way at once, per client process
 RETRY = 0.1  # seconds between attempts while the server does not listen (with jitter)
 IP_BIND_ADDRESS_NO_PORT = 24  # <linux/in.h>
-KEY = base64.b64encode(b"wsechod-fleet-16").decode()  # any 16 bytes, the same for all
 
 
 class Fleet:
@@ -58,13 +58,6 @@ class Fleet:
         self.refusals: collections.Counter[str] = collections.Counter()  # by status
         self.tasks: set[asyncio.Task[None]] = set()
         self.slots = asyncio.Semaphore(IN_FLIGHT)
-
-    def request(self) -> bytes:
-        return (
-            f"GET {self.path} HTTP/1.1\r\nHost: 127.0.0.1:{self.port}\r\n"
-            "Upgrade: websocket\r\nConnection: Upgrade\r\n"
-            f"Sec-WebSocket-Key: {KEY}\r\nSec-WebSocket-Version: 13\r\n\r\n"
-        ).encode()
 
     async def connect(self, since: float | None = None) -> bool:
         """One connection up to its 101; False if refused (it is not retried here)."""
@@ -145,7 +138,8 @@ class Idle(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
-        transport.write(self.fleet.request())  # type: ignore[attr-defined]
+        fleet = self.fleet
+        transport.write(storm.request(fleet.port, path=fleet.path))  # type: ignore[attr-defined]
 
     def data_received(self, data: bytes) -> None:
         self.buffer += data

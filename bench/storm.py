@@ -76,10 +76,11 @@ class Cycle(asyncio.Protocol):
             self.done.set_exception(StormError(f"closed early: {exc!r}"))
 
 
-def request(port: int, *, deflate: bool) -> bytes:
+def request(port: int, *, deflate: bool = False, path: str = "/") -> bytes:
+    """An upgrade request as a client sends it (a new key each time)."""
     key = base64.b64encode(os.urandom(16)).decode()
     lines = [
-        "GET / HTTP/1.1",
+        f"GET {path} HTTP/1.1",
         f"Host: 127.0.0.1:{port}",
         "Upgrade: websocket",
         "Connection: Upgrade",
