@@ -1,10 +1,13 @@
 """What comes back from Redis on its way to the relay: each envelope checked (what is not
 wsechod's is dropped and counted as malformed), an instance's own messages recognised, and
 for channels with history, offset order kept. A gap in a channel (messages a broken
-session never saw) is repaired from the channel's stream, after checking that Redis has
-not lost what this instance delivered (``CHECK``: a new epoch if it has); live messages
-that arrive meanwhile are held (at most ``REPAIR_BACKLOG`` bytes a channel, beyond which
-they are read from the stream again), then delivered, each once."""
+session never saw) is repaired from the channel's stream, after checking that Redis still
+holds what this instance delivered (``LOOK``, against the channel's ``Trail``): if it lost
+some, or numbered other messages with their offsets, the channel is renumbered in a new
+epoch (``DIVERGE``, or followed where another instance did it) and this instance delivers
+what differs. Live messages that arrive meanwhile are held (at most ``REPAIR_BACKLOG``
+bytes a channel, beyond which they are read from the stream again), then delivered, each
+once."""
 
 import asyncio
 from collections.abc import Awaitable, Callable
@@ -13,10 +16,11 @@ from typing import Any
 from wsechod.brokers.base import Deliver
 from wsechod.brokers.format import (
     BINARY,
-    CHECK_SHA,
     CONTROL,
+    DIVERGE_SHA,
     HEAD,
     ID_SIZE,
+    LOOK_SHA,
     MAGIC,
     META_TTL,
     ORIGIN_SIZE,
@@ -24,6 +28,7 @@ from wsechod.brokers.format import (
     channel_of,
     history_keys,
 )
+from wsechod.brokers.trail import WINDOW, Look, Trail, first_difference, looked
 from wsechod.history import History, Position, Recovery, new_epoch
 from wsechod.ratelimit import RateLimitedLog
 
@@ -59,18 +64,18 @@ class Inbound:
         self._subscribed = subscribed
         self._read = read
         self._recover = recover
-        self._last: dict[str, Position] = {}  # per channel with history: delivered up to
+        self._trails: dict[str, Trail] = {}  # per channel with history: what was delivered
         self._repairs: dict[str, list[Held]] = {}
         self._repair_bytes: dict[str, int] = {}
         self._repairing: set[asyncio.Task[None]] = set()
 
     def left(self, channel: str) -> None:
         """No member here any more: where the channel was is forgotten."""
-        self._last.pop(channel, None)
+        self._trails.pop(channel, None)
 
     def session_started(self) -> None:
         """Every channel delivered before is held until it is repaired."""
-        for channel in self._last:
+        for channel in self._trails:
             self._repairs.setdefault(channel, [])
 
     def session_up(self) -> None:
@@ -121,17 +126,23 @@ class Inbound:
         if held is not None:  # being repaired: it waits for that
             self._hold(name, held, (body, text, at, origin))
             return
-        last = self._last.get(name)
-        if last is not None and last.epoch == at.epoch:
-            if at.offset <= last.offset:
-                return  # had it already (from history, during a repair)
-            if at.offset > last.offset + 1:  # a gap: messages this session never saw
-                held = self._repairs[name] = []
-                self._hold(name, held, (body, text, at, origin))
-                self._start_repair(name)
-                return
+        trail = self._trails.get(name)
+        if trail is not None:
+            last = trail.at
+            if last.epoch == at.epoch:
+                if at.offset <= last.offset:
+                    return  # had it already (from history, during a repair)
+                if at.offset > last.offset + 1:  # a gap: messages this session never saw
+                    held = self._repairs[name] = []
+                    self._hold(name, held, (body, text, at, origin))
+                    self._start_repair(name)
+                    return
+            elif at.epoch == trail.retired:
+                return  # renumbered: it comes from history in the new epoch
         if self._subscribed(name):
-            self._last[name] = at
+            if trail is None:
+                trail = self._trails[name] = Trail(at)
+            trail.delivered(at, body, text)
         self._hand(name, body, text, at, origin)
 
     def _hold(self, name: str, held: list[Held], message: Held) -> None:
@@ -161,14 +172,14 @@ class Inbound:
         what was held meanwhile; what history no longer holds is lost, and said so."""
         checked = False
         while (held := self._repairs.get(name)) is not None:
-            last = self._last.get(name)
-            if last is None or not self._subscribed(name):
+            trail = self._trails.get(name)
+            if trail is None or not self._subscribed(name):
                 break
             try:
-                if not checked:  # has Redis lost what this instance delivered?
-                    check = (*history_keys(name), last.epoch, last.offset, new_epoch(), META_TTL)
-                    await self._read(name, ("EVALSHA", CHECK_SHA, 2, *check))
+                if not checked:  # does Redis still hold what this instance delivered?
+                    await self._check(name, trail)
                     checked = True
+                last = trail.at
                 found = await self._recover(name, last, CHUNK, ANY_HISTORY)
             except ConnectionError:
                 return  # the session is over; the next one repairs again
@@ -180,11 +191,11 @@ class Inbound:
                     "history could not fill a gap", channel=name, since=last.offset,
                     top=found.top.offset, epoch_changed=found.top.epoch != last.epoch,
                 )  # fmt: skip
-                self._last[name] = found.top
+                trail.moved(found.top)
             else:
                 for entry in found.entries:
                     at = Position(entry.offset, found.top.epoch)
-                    self._last[name] = at
+                    trail.delivered(at, entry.payload, entry.text)
                     self._hand(name, entry.payload, entry.text, at, 0)
                 if len(found.entries) == CHUNK:
                     continue
@@ -193,3 +204,51 @@ class Inbound:
             for body, text, at, origin in held:  # may find a gap again, and hold anew
                 self._numbered(name, body, text, at, origin)
             return
+
+    async def _check(self, name: str, trail: Trail) -> None:
+        """Redis lost messages this instance delivered, or holds other ones at their
+        offsets (a failover to a replica that lagged, and another instance published on
+        the new primary before this one looked): the channel is renumbered in a new epoch
+        (by this instance, or by another first) and the trail moves to where what differs
+        starts in it, so the recovery that follows delivers it."""
+        keys = history_keys(name)
+        for _ in range(2):  # one more look if another instance renumbered it meanwhile
+            last, window = trail.at, trail.window()
+            look = looked(
+                await self._read(
+                    name, ("EVALSHA", LOOK_SHA, 2, *keys, last.epoch, window.start, len(window))
+                )
+            )
+            if look is None or look.entries is None:
+                return  # a new channel or an unrelated epoch: the recovery says so
+            differs = first_difference(trail, look)
+            # Every remembered message differs: others before them may have, unknown here.
+            unsure = differs == window.start and len(window) == WINDOW
+            if look.epoch != last.epoch:  # renumbered by another instance
+                self._renumbered(name, trail, look, differs, unsure=unsure)
+                return
+            if differs is None and look.top >= last.offset:
+                return  # Redis holds what was delivered
+            since = last.offset + 1 if differs is None else differs
+            diverge = (last.epoch, last.offset, since, new_epoch(), META_TTL)
+            answer = await self._read(name, ("EVALSHA", DIVERGE_SHA, 2, *keys, *diverge))
+            if answer:
+                epoch, before = answer[0].decode(), int(answer[1])
+                look = Look(epoch, 0, before + 1 - since, since, {})
+                self._renumbered(name, trail, look, since, unsure=unsure)
+                return
+
+    def _renumbered(
+        self, name: str, trail: Trail, look: Look, differs: int | None, *, unsure: bool
+    ) -> None:
+        """The trail follows its epoch's renumbering: on from the first message that
+        differs (or the next), and what the renumbering did not keep is lost here."""
+        since = trail.at.offset + 1 if differs is None else differs
+        lost = max(0, look.kept - since)
+        self.counts["lost"] += lost
+        self._warn.warning(
+            "history in redis differs from what was delivered: renumbered in a new epoch",
+            channel=name, since=since, lost=lost, earlier_unknown=unsure,
+        )  # fmt: skip
+        trail.retired = trail.at.epoch
+        trail.moved(Position(max(since, look.kept) - 1 + look.shift, look.epoch))

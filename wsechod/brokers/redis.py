@@ -19,9 +19,10 @@ History (``history.py``): a channel's messages are numbered, kept and published 
 atomic step (the ``APPEND`` script), so every instance, this one included, delivers them in
 offset order as they come back; a hash that is gone (flushed, expired, a restart without
 persistence) is a new epoch. After a session with Redis starts again, each channel with
-history is checked (``CHECK``: Redis behind what was delivered is a new epoch) and read
-from where this instance was, so its members get what was published meanwhile (live
-messages wait for it), and nothing twice.
+history is checked (``LOOK``: does Redis still hold what was delivered? if not, ``DIVERGE``
+renumbers the channel in a new epoch; ``inbound.py``) and read from where this instance
+was, so its members get what was published meanwhile (live messages wait for it), and
+nothing twice.
 
 A session starts by finding the primaries (``topology.py``: one server, the primary that
 Sentinel names, or a Cluster's) and opens three connections to each, a shard of the
