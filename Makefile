@@ -11,7 +11,8 @@ BENCH_NODE_DEPS := bench/node/node_modules/.package-lock.json
 
 .PHONY: setup python-version node-deps bench-node-deps systemd-tools redis browser run test \
         check lint typecheck docs docs-serve pytest unit \
-        bench bench-scale clean install install-units install-systemd
+        bench bench-scale clean install install-units install-systemd \
+        container-tools wheelhouse image test-image
 
 # An interpreter's version and installation ("3.11.7 /usr"); a venv's python gives its base's.
 PY_ID := import os, sys; print("%d.%d.%d" % sys.version_info[:3], os.path.realpath(sys.base_prefix))
@@ -80,6 +81,49 @@ redis:
 browser:
 	@command -v chromium >/dev/null || { apt-get update && apt-get install -y chromium; }
 
+## podman, runc and debootstrap for make image and the container tests (Debian packages).
+container-tools:
+	@command -v podman >/dev/null && command -v runc >/dev/null && command -v debootstrap >/dev/null \
+	  || { apt-get update && apt-get install -y podman runc debootstrap; }
+
+## The image (Containerfile) as $(IMAGE), from $(IMAGE_BASE): here a Debian root file system
+## made once by debootstrap (container/base.sh), the dependencies' wheels downloaded first
+## into $(WHEELHOUSE) for the image's Python ($(IMAGE_PYTHON)), so the build needs no index
+## (async-timeout: redis-py needs it below Python 3.11.3, Debian 12 has 3.11.2).
+## PODMAN: podman with this project's settings for machines like its own (containers.conf).
+PODMAN       ?= env CONTAINERS_CONF=$(CURDIR)/container/containers.conf podman
+IMAGE        ?= localhost/wsechod:latest
+IMAGE_BASE   ?= localhost/wsechod-base:bookworm
+IMAGE_PYTHON ?= 3.11
+WHEELHOUSE   := build/wheelhouse
+ARCH         := $(shell uname -m)
+VERSION       = $(shell $(BIN)/python -c 'import wsechod; print(wsechod.__version__)')
+
+wheelhouse: $(WHEELHOUSE)/.complete
+
+$(WHEELHOUSE)/.complete: pyproject.toml Makefile | setup
+	rm -rf $(WHEELHOUSE)
+	$(BIN)/python -m pip download -qq --disable-pip-version-check --only-binary=:all: \
+	  --python-version $(IMAGE_PYTHON) --implementation cp \
+	  $(foreach p,manylinux_2_36 manylinux_2_28 manylinux_2_17 manylinux2014,--platform $(p)_$(ARCH)) \
+	  --platform any --dest $(WHEELHOUSE) '.[redis]' pip 'setuptools>=77' async-timeout
+	touch $@
+
+image: container-tools wheelhouse
+	@case "$(IMAGE_BASE)" in localhost/wsechod-base:*) \
+	  PODMAN="$(PODMAN)" container/base.sh $(IMAGE_BASE) $${IMAGE_BASE##*:};; esac
+	$(PODMAN) build --quiet --format docker --build-arg BASE=$(IMAGE_BASE) \
+	  --build-arg VERSION=$(VERSION) --tag $(IMAGE) --file Containerfile . >/dev/null
+	@$(PODMAN) image inspect --format '$(IMAGE): {{.Size}} bytes' $(IMAGE)
+
+## The container tests alone (make test runs them too), against an image of their own: the
+## suites of two checkouts may run at once.
+TEST_IMAGE := localhost/wsechod:test-$(shell printf '%s' '$(CURDIR)' | cksum | cut -d' ' -f1)
+test-image: setup redis
+	$(MAKE) --no-print-directory image IMAGE=$(TEST_IMAGE)
+	WSECHOD_TEST_IMAGE=$(TEST_IMAGE) PODMAN="$(PODMAN)" $(BIN)/pytest tests/test_image.py \
+	  $(PYTEST_ARGS); status=$$?; $(PODMAN) image rm --force $(TEST_IMAGE) >/dev/null; exit $$status
+
 ## Run the daemon in the foreground on $(PORT) (extra flags: make run ARGS="--log-level debug").
 run: setup
 	$(BIN)/wsechod --port $(PORT) $(ARGS)
@@ -99,7 +143,9 @@ typecheck: setup
 	$(BIN)/mypy
 
 pytest: setup node-deps systemd-tools redis browser
-	$(BIN)/pytest $(PYTEST_ARGS)
+	$(MAKE) --no-print-directory image IMAGE=$(TEST_IMAGE)
+	WSECHOD_TEST_IMAGE=$(TEST_IMAGE) PODMAN="$(PODMAN)" $(BIN)/pytest $(PYTEST_ARGS); \
+	  status=$$?; $(PODMAN) image rm --force $(TEST_IMAGE) >/dev/null; exit $$status
 
 ## The tests marked unit, collected from the files that have some (the others are not
 ## even imported: test_node_client.py, say, skips loudly at import without Node).

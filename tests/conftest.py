@@ -63,15 +63,27 @@ class Daemon:
         pass_fds: tuple[int, ...] = (),
     ) -> None:
         argv = [*prefix, WSECHOD, "--config", "", "--port", "0", "--log-format", "json", *args]
+        self._spawn(argv, env if env is not None else clean_env(), pass_fds)
+
+    def _spawn(
+        self,
+        argv: list[str],
+        env: dict[str, str],
+        pass_fds: tuple[int, ...],
+        *,
+        log: str = "stderr",
+    ) -> None:
+        """Start ``argv``, its log (JSON lines on ``log``: stderr or stdout) read on a thread."""
         self.proc = subprocess.Popen(
             argv,
-            env=env if env is not None else clean_env(),
+            env=env,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
             pass_fds=pass_fds,
         )
+        self._log_pipe = self.proc.stderr if log == "stderr" else self.proc.stdout
         self.events: list[dict[str, Any]] = []
         self.raw: list[str] = []
         self._cond = threading.Condition()
@@ -88,8 +100,8 @@ class Daemon:
         return self
 
     def _read(self) -> None:
-        assert self.proc.stderr is not None
-        for line in self.proc.stderr:
+        assert self._log_pipe is not None
+        for line in self._log_pipe:
             with self._cond:
                 self.raw.append(line)
                 with contextlib.suppress(ValueError):  # tracebacks, if any, stay in .raw

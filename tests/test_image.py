@@ -1,0 +1,274 @@
+"""The container image (Containerfile, made by ``make image``), run by podman on the host's
+network, as operators run it: echo through it with two clients, a stop with busy clients
+(1001 each, exit 0 within the grace), SIGINT, workers inside (one killed from outside is
+replaced, none left a zombie), the health check (healthy, then unhealthy while draining),
+a relay pair through a Redis on the host, one configured by a mounted file, a read-only
+root file system, and a process that is not root. ``make test`` builds the image first
+(``WSECHOD_TEST_IMAGE`` names it); run alone, this module says to."""
+
+import asyncio
+import json
+import os
+import shlex
+import signal
+import subprocess
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed
+
+from tests import rawws
+from tests.conftest import Daemon
+from tests.redisd import RedisServer, free_port
+from tests.test_relay import subscribed
+from tests.test_workers import wait_until
+
+ROOT = Path(__file__).resolve().parent.parent
+IMAGE = os.environ.get("WSECHOD_TEST_IMAGE", "localhost/wsechod:latest")
+PODMAN = shlex.split(
+    os.environ.get("PODMAN", f"env CONTAINERS_CONF={ROOT}/container/containers.conf podman")
+)
+UID = 10001  # the image's user
+
+pytestmark = pytest.mark.timeout(90)
+
+
+def podman(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*PODMAN, *args], capture_output=True, text=True, timeout=timeout, check=False
+    )
+
+
+@pytest.fixture(scope="module", autouse=True)
+def image() -> None:
+    if podman("image", "exists", IMAGE).returncode != 0:
+        pytest.fail(f"no image {IMAGE}: make image (or make test-image) builds it")
+
+
+class Container(Daemon):
+    """``podman run`` attached (its exit status is the container's), on the host's network
+    at a free port; the log is read from the container's stdout."""
+
+    def __init__(self, *args: str, options: tuple[str, ...] = ()) -> None:
+        self.name = f"wsechod-test-{uuid.uuid4().hex[:12]}"
+        self.port = free_port()
+        argv = [*PODMAN, "run", "--rm", "--name", self.name, "--network", "host"]
+        argv += ["--env", f"WSECHOD_PORT={self.port}", *options, IMAGE, *args]
+        self._spawn(argv, dict(os.environ), (), log="stdout")
+
+    def ready(self) -> "Container":
+        self.wait_for("listening", 30)
+        self.url = f"ws://127.0.0.1:{self.port}"
+        return self
+
+    def pid(self) -> int:
+        """The container's main process, as the host sees it."""
+        return int(podman("inspect", "--format", "{{.State.Pid}}", self.name).stdout)
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            podman("rm", "--force", "--time", "0", self.name)
+        super().kill()
+
+
+@pytest.fixture
+def run() -> Iterator[type[Container]]:
+    started: list[Container] = []
+
+    class Started(Container):
+        def __init__(self, *args: str, options: tuple[str, ...] = ()) -> None:
+            super().__init__(*args, options=options)
+            started.append(self)
+
+    yield Started
+    for container in started:
+        container.kill()
+
+
+def children(pid: int) -> list[int]:
+    return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
+def state(pid: int) -> str:
+    """A process's state letter (Z: a zombie), from /proc/PID/stat."""
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+
+
+def uid_of(pid: int) -> int:
+    line = next(x for x in Path(f"/proc/{pid}/status").read_text().splitlines() if x[:4] == "Uid:")
+    return int(line.split()[1])
+
+
+def health(container: Container) -> tuple[int, str]:
+    """``podman healthcheck run`` (the image's HEALTHCHECK, once): its exit status, and the
+    container's health after it."""
+    done = podman("healthcheck", "run", container.name)
+    status = podman("inspect", "--format", "{{.State.Health.Status}}", container.name)
+    return done.returncode, status.stdout.strip()
+
+
+def test_echo_through_the_image_with_two_clients_as_a_user_not_root(
+    run: type[Container],
+) -> None:
+    container = run().ready()
+    assert uid_of(container.pid()) == UID
+    started = container.wait_for("starting")
+    assert started["pid"] == 1  # wsechod is the container's init
+
+    async def main() -> None:
+        async with connect(container.url) as ws:
+            await ws.send("hello")
+            assert await ws.recv() == "hello"
+            await ws.send(b"\x00\xff")
+            assert await ws.recv() == b"\x00\xff"
+
+    asyncio.run(main())
+    sock = rawws.connect(container.port)
+    sock.sendall(rawws.frame(rawws.OP_TEXT, b"raw"))
+    assert rawws.read_frame(sock) == (rawws.OP_TEXT, b"raw")
+    sock.close()
+    # Every line the container printed on stdout is a JSON event.
+    assert container.raw and all(json.loads(line) for line in container.raw)
+
+
+async def busy(url: str, stopped: asyncio.Event) -> int | None:
+    """Echo round trips until the server closes; its close code."""
+    async with connect(url) as ws:
+        n = 0
+        try:
+            while True:
+                n += 1
+                await ws.send(str(n))
+                assert await ws.recv() == str(n)
+                if n == 20:
+                    stopped.set()
+        except ConnectionClosed as exc:
+            return exc.rcvd.code if exc.rcvd else None
+
+
+@pytest.mark.parametrize("how", ["stop", "sigint"])
+def test_podman_stop_and_sigint_drain_busy_clients(run: type[Container], how: str) -> None:
+    """``podman stop`` (SIGTERM, the image's STOPSIGNAL) or SIGINT with clients mid-echo:
+    each gets 1001, the container exits 0, well within the grace."""
+    container = run("--drain-timeout", "5").ready()
+
+    async def main() -> list[int | None]:
+        going = [asyncio.Event() for _ in range(4)]
+        clients = [asyncio.create_task(busy(container.url, e)) for e in going]
+        await asyncio.wait_for(asyncio.gather(*(e.wait() for e in going)), 20)
+        sent = time.monotonic()
+        if how == "stop":
+            stop = asyncio.create_task(
+                asyncio.to_thread(podman, "stop", "--time", "30", container.name)
+            )
+        else:
+            assert podman("kill", "--signal", "INT", container.name).returncode == 0
+        codes = await asyncio.wait_for(asyncio.gather(*clients), 20)
+        if how == "stop":
+            assert (await stop).returncode == 0
+        assert time.monotonic() - sent < 10  # the drain, not podman's SIGKILL after 30 s
+        return codes
+
+    assert asyncio.run(main()) == [1001] * 4
+    assert container.wait(20) == 0
+    container.wait_for("stopped")
+
+
+def test_workers_in_the_image_a_killed_one_is_replaced_and_none_left_a_zombie(
+    run: type[Container],
+) -> None:
+    container = run("--workers", "2").ready()
+    main = container.pid()
+    wait_until(lambda: len(children(main)) == 2, 20, "two workers")
+    victim = children(main)[0]
+    os.kill(victim, signal.SIGKILL)  # from outside the container's view of processes
+    container.wait_for("worker exited", 20)
+    # Reaped (a zombie stays listed among its parent's children) and replaced.
+    wait_until(lambda: victim not in children(main) and len(children(main)) == 2, 20, "replaced")
+    assert all(state(c) != "Z" for c in children(main))
+
+    async def main_echo() -> None:
+        async with connect(container.url) as ws:
+            await ws.send("after")
+            assert await ws.recv() == "after"
+
+    asyncio.run(main_echo())
+    assert podman("stop", "--time", "30", container.name).returncode == 0
+    assert container.wait(20) == 0
+    assert not Path(f"/proc/{main}").exists()  # gone, and its workers with it
+    assert not Path(f"/proc/{victim}").exists()
+
+
+def test_the_health_check_is_healthy_then_unhealthy_while_draining(
+    run: type[Container],
+) -> None:
+    """The image's HEALTHCHECK (the image's Python asks /healthz): healthy while serving;
+    while a client that never answers the close holds the drain, unhealthy (503)."""
+    container = run("--drain-timeout", "30", "--close-timeout", "30").ready()
+    assert health(container) == (0, "healthy")
+    sock = rawws.connect(container.port)  # will not answer the close frame
+    assert podman("kill", "--signal", "TERM", container.name).returncode == 0
+    container.wait_for("stop requested")
+    assert health(container)[0] == 1
+    # Unhealthy after 3 failures in a row, once the image's start period (5 s) is over.
+    wait_until(lambda: health(container) == (1, "unhealthy"), 20, "unhealthy")
+    assert rawws.read_frame(sock)[0] == rawws.OP_CLOSE
+    sock.close()
+    assert container.wait(30) == 0
+
+
+def test_a_relay_pair_through_redis_one_configured_by_a_mounted_file_read_only(
+    run: type[Container], redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """Two relay containers with --read-only root file systems share a channel through a
+    Redis on the host: one configured by /etc/wsechod/wsechod.toml mounted in, the other
+    by WSECHOD_* variables."""
+    config = tmp_path / "wsechod.toml"
+    config.write_text(f'mode = "relay"\nbroker = "{redis_server.url}"\n')
+    config.chmod(0o644)
+    one = run(options=("--read-only", "--volume", f"{config}:/etc/wsechod/wsechod.toml:ro,Z"))
+    two = run(
+        "--log-level",
+        "debug",  # says when it has subscribed
+        options=(
+            "--read-only",
+            "--env",
+            "WSECHOD_MODE=relay",
+            "--env",
+            f"WSECHOD_BROKER={redis_server.url}",
+        ),
+    )
+    for container in (one.ready(), two.ready()):
+        assert container.wait_for("listening")["mode"] == "relay"
+
+    async def main() -> None:
+        async with connect(f"{two.url}/room") as member, connect(f"{one.url}/room") as pub:
+            await asyncio.to_thread(subscribed, two, "/room", 0)
+            await pub.send("across")
+            assert await asyncio.wait_for(member.recv(), 10) == "across"
+
+    asyncio.run(main())
+    for container in (one, two):
+        assert podman("stop", "--time", "30", container.name).returncode == 0
+        assert container.wait(20) == 0
+
+
+def test_the_image_says_what_it_is() -> None:
+    """OCI labels, the user, the stop signal, the port and the health check, as built."""
+    found = podman("image", "inspect", IMAGE)
+    assert found.returncode == 0, found.stderr
+    inspected = json.loads(found.stdout)[0]
+    config = inspected["Config"]
+    labels = config["Labels"]
+    assert labels["org.opencontainers.image.title"] == "wsechod"
+    assert labels["org.opencontainers.image.licenses"] == "MIT"
+    assert labels["org.opencontainers.image.version"] not in ("", "0")
+    assert config["User"] == f"{UID}:{UID}"
+    assert config["StopSignal"] == "SIGTERM"
+    assert "8765/tcp" in config["ExposedPorts"]
+    assert inspected["Healthcheck"]["Test"][:2] == ["CMD", "python3"]
+    assert inspected["Healthcheck"]["Retries"] == 3
