@@ -25,6 +25,7 @@ from tests.conftest import Daemon, RssPeak, run_cli
 from tests.redisd import RedisServer, free_port
 from tests.test_echo import http_get
 from wsechod import channels
+from wsechod.brokers.format import MAGIC
 from wsechod.engine import Listener
 from wsechod.runtime import lifecycle
 from wsechod.settings import ROLES, Settings
@@ -462,7 +463,7 @@ def test_malformed_message_in_redis_does_not_stop_the_relay(
             await asyncio.to_thread(subscribed, one, "/room", since[0])
             await asyncio.to_thread(subscribed, two, "/room", since[1])
             poison = redis.Redis(port=redis_server.port)
-            envelope = b"WSE\x0212345678t" + bytes(8) + b"0 -\n"  # not from a live instance
+            envelope = MAGIC + b"12345678t" + bytes(16) + b"0 -\n"  # not from a live instance
             poison.publish("wsechod:{/room}", envelope + b"\xff")  # not UTF-8
             poison.publish("wsechod:{/room}", b"x")  # too short to be anybody's
             poison.publish("wsechod:{/room}", b"12345678tlooks like ours")  # no marker

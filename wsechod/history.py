@@ -48,11 +48,12 @@ class History(NamedTuple):
 
 
 class Stored(NamedTuple):
-    """A message as history keeps it."""
+    """A message as history keeps it (with Redis, with the id it was published with)."""
 
     offset: int
     payload: bytes
     text: bool
+    message_id: int = 0
 
 
 class Recovery(NamedTuple):

@@ -5,30 +5,38 @@ Keys (a channel's keys and its Redis channel share the hash tag ``{<path>}``, so
 on one Cluster shard)::
 
     wsechod:{<path>}      the channel's Redis channel (PUBLISH, or SPUBLISH in a Cluster)
-    wsechod:{<path>}:m    HASH   e: the epoch, o: the last offset given (pe, pd, pn: how
-                                 DIVERGE renumbered the epoch before, if it did)
-    wsechod:{<path>}:h    STREAM the history: entry id <offset>-0, field d: type + payload
+    wsechod:{<path>}:m    HASH   e: the epoch, o: the last offset given, pe: the epochs this
+                                 one replaced (DIVERGE), newest first, each with the first
+                                 offset that differed: "<epoch> <offset> ..."
+    wsechod:{<path>}:h    STREAM the history: entry id <offset>-0, fields d: type + payload,
+                                 i: the message's id
 
 The envelope: ``MAGIC`` (marker and version), the publishing instance's random id, the
-frame type (``t`` or ``b``), the publishing member (``origin``), then ``<offset> <epoch>\\n``
-(``0 -`` without history) and the payload.
+frame type (``t`` or ``b``), the publishing member (``origin``), the message's id (unique:
+the publishing instance's random start plus a count), then ``<offset> <epoch>\\n`` (``0 -``
+without history) and the payload.
 """
 
 import hashlib
 
+from wsechod.history import Position
+
 PREFIX = "wsechod:"
 CONTROL = PREFIX + "\0control"  # always subscribed: keeps a subscriber in pub/sub mode
-MAGIC = b"WSE\x02"  # the envelope's marker and version
+MAGIC = b"WSE\x03"  # the envelope's marker and version
 TEXT, BINARY = b"t", b"b"
 ID_SIZE = 8
 ORIGIN_SIZE = 8
-HEAD = len(MAGIC) + ID_SIZE + 1 + ORIGIN_SIZE  # marker, instance id, frame type, origin
+MESSAGE_ID_SIZE = 8
+MESSAGE_ID_MASK = 2 ** (8 * MESSAGE_ID_SIZE) - 1
+HEAD = len(MAGIC) + ID_SIZE + 1 + ORIGIN_SIZE + MESSAGE_ID_SIZE  # all the above
 UNNUMBERED = b"0 -\n"
 META_TTL = 86_400  # seconds a channel's position outlives its last message, at least
+CHAIN = 8  # epochs a hash remembers having replaced
 
 # KEYS: the channel's hash and stream. ARGV: the Redis channel, the frame type and payload,
-# the stream's length, its ttl, the hash's ttl, a fresh epoch, the envelope's head, and the
-# publishing command (PUBLISH; SPUBLISH in a Cluster).
+# the stream's length, its ttl, the hash's ttl, a fresh epoch, the envelope's head, the
+# publishing command (PUBLISH; SPUBLISH in a Cluster), the message's id.
 APPEND = """
 local e = redis.call('HGET', KEYS[1], 'e')
 if not e then
@@ -37,14 +45,15 @@ if not e then
   redis.call('DEL', KEYS[2])
 end
 local o = redis.call('HINCRBY', KEYS[1], 'o', 1)
-redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], o .. '-0', 'd', ARGV[2])
+redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], o .. '-0', 'd', ARGV[2], 'i', ARGV[9])
 redis.call('EXPIRE', KEYS[2], ARGV[4])
 redis.call('EXPIRE', KEYS[1], ARGV[5])
 redis.call(ARGV[8], ARGV[1], ARGV[7] .. o .. ' ' .. e .. '\\n' .. string.sub(ARGV[2], 2))
 return {o, e}
 """
 # KEYS: the hash and the stream. ARGV: a fresh epoch, the hash's ttl, the offset to read
-# after ("": none), at most how many. Returns the epoch, the top offset, the entries.
+# after ("": none), at most how many. Returns the epoch, the top offset, the entries, and
+# the epochs it replaced ("pe").
 READ = """
 local e = redis.call('HGET', KEYS[1], 'e')
 if not e then
@@ -58,65 +67,89 @@ local found = {}
 if ARGV[3] ~= '' then
   found = redis.call('XRANGE', KEYS[2], '(' .. ARGV[3] .. '-0', '+', 'COUNT', ARGV[4])
 end
-return {e, o, found}
+return {e, o, found, redis.call('HGET', KEYS[1], 'pe') or ''}
 """
-# KEYS: the hash and the stream. ARGV: the epoch an instance delivered in, the first offset
-# of the window it remembers, how many. Returns {} if the hash is gone; the epoch and last
-# offset if the epoch is another (and not one DIVERGE replaced this one with); else those,
-# the shift DIVERGE added to the offsets it kept (0: none), the first offset it kept, and
-# the window's entries where they are now.
+# KEYS: the hash and the stream. ARGV: the epoch an instance delivered in, the last offset
+# it delivered, the first offset it remembers the message id of, and those ids (8 bytes
+# each, in order). Does Redis still hold those messages at their offsets, in that epoch or
+# in one that replaced it? Returns {} if the hash is gone; the epoch and last offset if the
+# epoch is unrelated; else those and the first offset that differs (another message, or
+# none though the counter went past it: lost), the offset after the last delivered if
+# only the counter is behind, or 0. The last delivered is looked at first: a failover
+# loses a tail, so when it is there, so is everything before it.
 LOOK = """
-local h = redis.call('HMGET', KEYS[1], 'e', 'o', 'pe', 'pd', 'pn')
+local h = redis.call('HMGET', KEYS[1], 'e', 'o', 'pe')
 if not h[1] then
   return {}
 end
-local o = h[2] or '0'
-local shift, kept = 0, 0
-if h[1] ~= ARGV[1] then
-  if h[3] ~= ARGV[1] then
-    return {h[1], o}
+local top = tonumber(h[2] or '0')
+local related = h[1] == ARGV[1]
+for epoch in string.gmatch(h[3] or '', '(%S+) %d+') do
+  related = related or epoch == ARGV[1]
+end
+if not related then
+  return {h[1], top}
+end
+local last, first, ids = tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4]
+local function differs(x)
+  local found = redis.call('XRANGE', KEYS[2], x .. '-0', x .. '-0')
+  if #found == 0 then
+    return x > top
   end
-  kept = tonumber(h[4])
-  shift = tonumber(h[5]) + 1 - kept
+  local fields, at = found[1][2], (x - first) * 8
+  for k = 1, #fields, 2 do
+    if fields[k] == 'i' then
+      return fields[k + 1] ~= string.sub(ids, at + 1, at + 8)
+    end
+  end
+  return false
 end
-local found = {}
-if tonumber(ARGV[3]) > 0 then
-  local from = (tonumber(ARGV[2]) + shift) .. '-0'
-  found = redis.call('XRANGE', KEYS[2], from, '+', 'COUNT', ARGV[3])
+local d = 0
+if last >= first and differs(last) then
+  d = last
+  for x = first, last - 1 do
+    if differs(x) then
+      d = x
+      break
+    end
+  end
+elseif top < last then
+  d = last + 1
 end
-return {h[1], o, shift, kept, found}
+return {h[1], top, d}
 """
-# KEYS: the hash and the stream. ARGV: the epoch and offset an instance delivered up to,
-# the first offset where Redis holds other messages than it delivered (or none any more),
-# a fresh epoch, the hash's ttl. Redis lost messages (a restart from an older copy, a
-# failover to a replica that lagged) and perhaps numbered others with their offsets: the
-# channel gets a new epoch, its offsets going on from where they were, and the messages
-# from the first that differs on are kept, renumbered after them (pe, pd, pn record how,
-# for other instances: offset x >= pd of epoch pe is now x + pn + 1 - pd). Returns the new
-# epoch and the offset before the first kept message, or {} if the epoch was no longer
-# the one given (another instance did this first).
+# KEYS: the hash and the stream. ARGV: the epoch an instance delivered in, the first offset
+# where Redis holds other messages than it delivered (or none), a fresh epoch, the hash's
+# ttl. Redis lost messages (a restart from an older copy, a failover to a replica that
+# lagged) and may have numbered others with their offsets: the channel goes on in a new
+# epoch, at the same offsets (clients that resume from the old one before the first that
+# differed continue; from it on, they are told), and the counter is past every entry the
+# stream ever had. Returns 0 if the epoch was no longer the one given (another instance
+# did this first), else 1.
 DIVERGE = """
-local e = redis.call('HGET', KEYS[1], 'e')
-if e ~= ARGV[1] then
-  return {}
+if redis.call('HGET', KEYS[1], 'e') ~= ARGV[1] then
+  return 0
 end
 local o = tonumber(redis.call('HGET', KEYS[1], 'o') or '0')
-local n = math.max(o, tonumber(ARGV[2]))
-local shift = n + 1 - tonumber(ARGV[3])
-local kept = redis.call('XRANGE', KEYS[2], ARGV[3] .. '-0', '+')
-local ttl = redis.call('PTTL', KEYS[2])
-redis.call('DEL', KEYS[2])
-for _, entry in ipairs(kept) do
-  local x = tonumber(string.match(entry[1], '^%d+'))
-  redis.call('XADD', KEYS[2], (x + shift) .. '-0', 'd', entry[2][2])
+if redis.call('EXISTS', KEYS[2]) == 1 then
+  local info = redis.call('XINFO', 'STREAM', KEYS[2])
+  for k = 1, #info, 2 do
+    if info[k] == 'last-generated-id' then
+      o = math.max(o, tonumber(string.match(info[k + 1], '^%d+')))
+    end
+  end
 end
-if ttl > 0 and #kept > 0 then
-  redis.call('PEXPIRE', KEYS[2], ttl)
+local chain, n = ARGV[1] .. ' ' .. ARGV[2], 1
+for pair in string.gmatch(redis.call('HGET', KEYS[1], 'pe') or '', '%S+ %d+') do
+  if n < tonumber(ARGV[5]) then
+    chain, n = chain .. ' ' .. pair, n + 1
+  end
 end
-redis.call('HSET', KEYS[1], 'e', ARGV[4], 'o', math.max(n, o + shift))
-redis.call('HSET', KEYS[1], 'pe', e, 'pd', ARGV[3], 'pn', n)
-redis.call('EXPIRE', KEYS[1], ARGV[5])
-return {ARGV[4], n}
+redis.call('HSET', KEYS[1], 'e', ARGV[3], 'o', o, 'pe', chain)
+if redis.call('TTL', KEYS[1]) < 0 then
+  redis.call('EXPIRE', KEYS[1], ARGV[4])
+end
+return 1
 """
 SCRIPTS = (APPEND, READ, LOOK, DIVERGE)
 APPEND_SHA, READ_SHA, LOOK_SHA, DIVERGE_SHA = (
@@ -138,3 +171,16 @@ def history_keys(channel: str) -> tuple[str, str]:
 def channel_of(name: bytes) -> str:
     """The channel a Redis channel carries (``wsechod:{<path>}``)."""
     return name.decode()[len(PREFIX) + 1 : -1]
+
+
+def went_on(replaced: bytes, since: Position) -> bool:
+    """Whether a position goes on at the same offset in the epoch that replaced its own:
+    its epoch is in the hash's ``pe`` (newest first), and it is before the first offset
+    that differed there and in every replacement since."""
+    words = replaced.split()
+    for epoch, differed in zip(words[::2], words[1::2], strict=True):
+        if since.offset >= int(differed):
+            return False
+        if epoch.decode() == since.epoch:
+            return True
+    return False

@@ -1,13 +1,14 @@
 """What comes back from Redis on its way to the relay: each envelope checked (what is not
 wsechod's is dropped and counted as malformed), an instance's own messages recognised, and
 for channels with history, offset order kept. A gap in a channel (messages a broken
-session never saw) is repaired from the channel's stream, after checking that Redis still
-holds what this instance delivered (``LOOK``, against the channel's ``Trail``): if it lost
-some, or numbered other messages with their offsets, the channel is renumbered in a new
-epoch (``DIVERGE``, or followed where another instance did it) and this instance delivers
-what differs. Live messages that arrive meanwhile are held (at most ``REPAIR_BACKLOG``
-bytes a channel, beyond which they are read from the stream again), then delivered, each
-once."""
+session never saw) is repaired from the channel's stream, after asking Redis whether it
+still holds what this instance delivered (``LOOK``, with the ids its ``Trail`` keeps): if
+it lost some, or numbered other messages with their offsets, the channel goes on in a new
+epoch (``DIVERGE``, or this instance follows where another did it) and this instance
+delivers what differs. Live messages that arrive meanwhile are held (at most
+``REPAIR_BACKLOG`` bytes a channel, beyond which they are read from the stream again), then
+delivered, each once: a message is known by its id, and one of this instance's own keeps
+its publishing member when it comes from history instead."""
 
 import asyncio
 from collections.abc import Awaitable, Callable
@@ -16,19 +17,21 @@ from typing import Any
 from wsechod.brokers.base import Deliver
 from wsechod.brokers.format import (
     BINARY,
+    CHAIN,
     CONTROL,
     DIVERGE_SHA,
     HEAD,
     ID_SIZE,
     LOOK_SHA,
     MAGIC,
+    MESSAGE_ID_SIZE,
     META_TTL,
     ORIGIN_SIZE,
     TEXT,
     channel_of,
     history_keys,
 )
-from wsechod.brokers.trail import WINDOW, Look, Trail, first_difference, looked
+from wsechod.brokers.trail import Trail
 from wsechod.history import History, Position, Recovery, new_epoch
 from wsechod.ratelimit import RateLimitedLog
 
@@ -36,9 +39,11 @@ REPAIR_BACKLOG = 4 * 2**20  # bytes of live messages held per channel while it i
 OVERHEAD = 64  # bytes counted per held message besides its payload (the Python objects)
 CHUNK = 256  # entries read at a time while a channel is repaired
 ANY_HISTORY = History(1, 1.0)  # Redis trims its streams itself: recover() needs no policy
+ORIGIN_AT = HEAD - MESSAGE_ID_SIZE - ORIGIN_SIZE
 
-# A message with history held while its channel is repaired: payload, text, where, origin.
-Held = tuple[bytes, bool, Position, int]
+# A message with history held while its channel is repaired: payload, text, where, origin,
+# its id.
+Held = tuple[bytes, bool, Position, int, int]
 Read = Callable[[str, tuple[Any, ...]], Awaitable[Any]]
 Recover = Callable[[str, Position | None, int, History], Awaitable[Recovery]]
 
@@ -116,16 +121,18 @@ class Inbound:
             if not own:  # our own came back: already delivered here
                 self._hand(name, body, kind == TEXT, None, 0)
             return
-        origin = int.from_bytes(payload[HEAD - ORIGIN_SIZE : HEAD], "big") if own else 0
-        self._numbered(name, body, kind == TEXT, at, origin)
+        origin = int.from_bytes(payload[ORIGIN_AT : HEAD - MESSAGE_ID_SIZE], "big") if own else 0
+        message_id = int.from_bytes(payload[HEAD - MESSAGE_ID_SIZE : HEAD], "big")
+        self._numbered(name, (body, kind == TEXT, at, origin, message_id))
 
-    def _numbered(self, name: str, body: bytes, text: bool, at: Position, origin: int) -> None:
+    def _numbered(self, name: str, message: Held) -> None:
         """A message with history, in offset order: once (not again after a repair), and
         a gap in its channel is repaired from history first."""
         held = self._repairs.get(name)
         if held is not None:  # being repaired: it waits for that
-            self._hold(name, held, (body, text, at, origin))
+            self._hold(name, held, message)
             return
+        body, text, at, origin, message_id = message
         trail = self._trails.get(name)
         if trail is not None:
             last = trail.at
@@ -134,15 +141,15 @@ class Inbound:
                     return  # had it already (from history, during a repair)
                 if at.offset > last.offset + 1:  # a gap: messages this session never saw
                     held = self._repairs[name] = []
-                    self._hold(name, held, (body, text, at, origin))
+                    self._hold(name, held, message)
                     self._start_repair(name)
                     return
             elif at.epoch == trail.retired:
-                return  # renumbered: it comes from history in the new epoch
+                return  # its epoch was replaced: it comes from history in the new one
         if self._subscribed(name):
             if trail is None:
                 trail = self._trails[name] = Trail(at)
-            trail.delivered(at, body, text)
+            trail.delivered(at, message_id)
         self._hand(name, body, text, at, origin)
 
     def _hold(self, name: str, held: list[Held], message: Held) -> None:
@@ -167,22 +174,36 @@ class Inbound:
         self._repairing.add(task)
         task.add_done_callback(self._repairing.discard)
 
+    def _drop_repair(self, name: str) -> list[Held] | None:
+        self._repair_bytes.pop(name, None)
+        return self._repairs.pop(name, None)
+
     async def _repair(self, name: str) -> None:
         """Deliver what history holds after the last message delivered in ``name``, then
         what was held meanwhile; what history no longer holds is lost, and said so."""
-        checked = False
+        looks = 0  # LOOKs made: one first, one more if the epoch changes under the repair
+        known: set[int] = set()  # ids delivered before: not again, whatever their offset
         while (held := self._repairs.get(name)) is not None:
             trail = self._trails.get(name)
             if trail is None or not self._subscribed(name):
-                break
+                self._drop_repair(name)  # nobody here: nothing held for anyone
+                return
             try:
-                if not checked:  # does Redis still hold what this instance delivered?
+                if looks == 0:
+                    known = trail.known()
                     await self._check(name, trail)
-                    checked = True
+                    looks = 1
                 last = trail.at
                 found = await self._recover(name, last, CHUNK, ANY_HISTORY)
             except ConnectionError:
                 return  # the session is over; the next one repairs again
+            if found.entries is None and found.top.epoch != last.epoch and looks == 1:
+                looks = 2  # replaced since the look (another instance), or a new channel
+                try:
+                    await self._check(name, trail)
+                except ConnectionError:
+                    return
+                continue
             if found.entries is None:
                 self.counts["lost"] += (
                     found.top.offset - last.offset if (found.top.epoch == last.epoch) else 0
@@ -193,62 +214,59 @@ class Inbound:
                 )  # fmt: skip
                 trail.moved(found.top)
             else:
-                for entry in found.entries:
-                    at = Position(entry.offset, found.top.epoch)
-                    trail.delivered(at, entry.payload, entry.text)
-                    self._hand(name, entry.payload, entry.text, at, 0)
+                self._from_history(name, trail, found, held, known)
                 if len(found.entries) == CHUNK:
                     continue
-            del self._repairs[name]
-            self._repair_bytes.pop(name, None)
-            for body, text, at, origin in held:  # may find a gap again, and hold anew
-                self._numbered(name, body, text, at, origin)
+            for message in self._drop_repair(name) or ():  # may find a gap, and hold anew
+                self._numbered(name, message)
             return
 
-    async def _check(self, name: str, trail: Trail) -> None:
-        """Redis lost messages this instance delivered, or holds other ones at their
-        offsets (a failover to a replica that lagged, and another instance published on
-        the new primary before this one looked): the channel is renumbered in a new epoch
-        (by this instance, or by another first) and the trail moves to where what differs
-        starts in it, so the recovery that follows delivers it."""
-        keys = history_keys(name)
-        for _ in range(2):  # one more look if another instance renumbered it meanwhile
-            last, window = trail.at, trail.window()
-            look = looked(
-                await self._read(
-                    name, ("EVALSHA", LOOK_SHA, 2, *keys, last.epoch, window.start, len(window))
-                )
-            )
-            if look is None or look.entries is None:
-                return  # a new channel or an unrelated epoch: the recovery says so
-            differs = first_difference(trail, look)
-            # Every remembered message differs: others before them may have, unknown here.
-            unsure = differs == window.start and len(window) == WINDOW
-            if look.epoch != last.epoch:  # renumbered by another instance
-                self._renumbered(name, trail, look, differs, unsure=unsure)
-                return
-            if differs is None and look.top >= last.offset:
-                return  # Redis holds what was delivered
-            since = last.offset + 1 if differs is None else differs
-            diverge = (last.epoch, last.offset, since, new_epoch(), META_TTL)
-            answer = await self._read(name, ("EVALSHA", DIVERGE_SHA, 2, *keys, *diverge))
-            if answer:
-                epoch, before = answer[0].decode(), int(answer[1])
-                look = Look(epoch, 0, before + 1 - since, since, {})
-                self._renumbered(name, trail, look, since, unsure=unsure)
-                return
-
-    def _renumbered(
-        self, name: str, trail: Trail, look: Look, differs: int | None, *, unsure: bool
+    def _from_history(
+        self, name: str, trail: Trail, found: Recovery, held: list[Held], known: set[int]
     ) -> None:
-        """The trail follows its epoch's renumbering: on from the first message that
-        differs (or the next), and what the renumbering did not keep is lost here."""
-        since = trail.at.offset + 1 if differs is None else differs
-        lost = max(0, look.kept - since)
-        self.counts["lost"] += lost
-        self._warn.warning(
-            "history in redis differs from what was delivered: renumbered in a new epoch",
-            channel=name, since=since, lost=lost, earlier_unknown=unsure,
-        )  # fmt: skip
-        trail.retired = trail.at.epoch
-        trail.moved(Position(max(since, look.kept) - 1 + look.shift, look.epoch))
+        """Hand what history held on; those of this instance's own messages that are
+        held too keep their publishing member."""
+        assert found.entries is not None
+        if found.top.epoch != trail.at.epoch:  # READ continued it in the epoch that replaced it
+            trail.retired = trail.at.epoch
+        origins = {message[4]: message[3] for message in held if message[3]}
+        for entry in found.entries:
+            at = Position(entry.offset, found.top.epoch)
+            trail.delivered(at, entry.message_id)
+            if entry.message_id not in known:
+                origin = origins.get(entry.message_id, 0)
+                self._hand(name, entry.payload, entry.text, at, origin)
+
+    async def _check(self, name: str, trail: Trail) -> None:
+        """Does Redis still hold what this instance delivered? If it lost messages, or
+        holds other ones at their offsets (a failover to a replica that lagged, and
+        another instance published on the new primary before this one looked), the
+        channel goes on in a new epoch, started here or by another instance first, and
+        the trail moves to before the first message that differs, for the recovery that
+        follows to deliver it. A channel Redis lost whole is delivered from its start."""
+        keys = history_keys(name)
+        for _ in range(3):  # looks again if another instance replaced the epoch meanwhile
+            epoch, last, first, ids = trail.look()
+            look = await self._read(name, ("EVALSHA", LOOK_SHA, 2, *keys, epoch, last, first, ids))
+            if not look:
+                return  # the hash is gone: the recovery finds a new epoch and looks again
+            now = look[0].decode()
+            if len(look) == 2:  # an unrelated epoch: Redis lost the channel
+                self._warn.warning("history lost by redis: a new epoch", channel=name)
+                trail.moved(Position(0, now))
+                return
+            differs = int(look[2])
+            if now == epoch:
+                if not differs:
+                    return  # Redis holds what was delivered
+                now = new_epoch()
+                diverge = (epoch, differs, now, META_TTL, CHAIN)
+                if not await self._read(name, ("EVALSHA", DIVERGE_SHA, 2, *keys, *diverge)):
+                    continue  # another instance replaced it first: look again
+            if differs:
+                self._warn.warning(
+                    "history in redis differs from what was delivered: a new epoch",
+                    channel=name, since=differs, started_here=now != look[0].decode(),
+                )  # fmt: skip
+            trail.replaced(now, differs or last + 1)
+            return

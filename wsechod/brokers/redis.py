@@ -19,10 +19,10 @@ History (``history.py``): a channel's messages are numbered, kept and published 
 atomic step (the ``APPEND`` script), so every instance, this one included, delivers them in
 offset order as they come back; a hash that is gone (flushed, expired, a restart without
 persistence) is a new epoch. After a session with Redis starts again, each channel with
-history is checked (``LOOK``: does Redis still hold what was delivered? if not, ``DIVERGE``
-renumbers the channel in a new epoch; ``inbound.py``) and read from where this instance
-was, so its members get what was published meanwhile (live messages wait for it), and
-nothing twice.
+history is checked (``LOOK``: does Redis still hold what was delivered? if not, the
+channel goes on in a new epoch, ``DIVERGE``; ``inbound.py``) and read from where this
+instance was, so its members get what was published meanwhile (live messages wait for
+it), and nothing twice.
 
 A session starts by finding the primaries (``topology.py``: one server, the primary that
 Sentinel names, or a Cluster's) and opens three connections to each, a shard of the
@@ -48,6 +48,7 @@ speed) and messages for other instances are dropped and counted.
 
 import asyncio
 import contextlib
+import itertools
 import math
 import os
 import time
@@ -80,6 +81,8 @@ from wsechod.brokers.format import (
     CONTROL,
     ID_SIZE,
     MAGIC,
+    MESSAGE_ID_MASK,
+    MESSAGE_ID_SIZE,
     META_TTL,
     ORIGIN_SIZE,
     READ_SHA,
@@ -88,6 +91,7 @@ from wsechod.brokers.format import (
     UNNUMBERED,
     channel_key,
     history_keys,
+    went_on,
 )
 from wsechod.brokers.inbound import OVERHEAD, Inbound
 from wsechod.brokers.presence import RedisPresence, Unavailable
@@ -189,6 +193,7 @@ class RedisBroker:
         password = urllib.parse.urlsplit(url).password
         self._secret = urllib.parse.unquote(password) if password else None
         self.id = os.urandom(ID_SIZE)
+        self._message_ids = itertools.count(int.from_bytes(os.urandom(MESSAGE_ID_SIZE), "big"))
         self.presence = RedisPresence(self.topology, self.id.hex(), presence_interval)
         self.channels: set[str] = set()
         self.state = CONNECTING
@@ -269,7 +274,8 @@ class RedisBroker:
                 self._warn.warning(f"broker {self.state}: message not sent", lost=lost)
             return _answered(stored, None)
         kind = TEXT if text else BINARY
-        head = b"".join((MAGIC, self.id, kind, origin.to_bytes(ORIGIN_SIZE, "big")))
+        message_id = (next(self._message_ids) & MESSAGE_ID_MASK).to_bytes(MESSAGE_ID_SIZE, "big")
+        head = b"".join((MAGIC, self.id, kind, origin.to_bytes(ORIGIN_SIZE, "big"), message_id))
         name = channel_key(channel)
         sharded = self.topology.sharded
         command: tuple[Any, ...]
@@ -280,7 +286,7 @@ class RedisBroker:
             command = (
                 "EVALSHA", APPEND_SHA, 2, *history_keys(channel), name, kind + payload,
                 history.size, ttl, max(ttl, META_TTL), new_epoch(), head,
-                "SPUBLISH" if sharded else "PUBLISH",
+                "SPUBLISH" if sharded else "PUBLISH", message_id,
             )  # fmt: skip
         size = len(payload) + 2 * len(name) + len(head) + OVERHEAD
         if self._queued + size > OUTBOX_LIMIT:
@@ -303,12 +309,17 @@ class RedisBroker:
         command = (
             "EVALSHA", READ_SHA, 2, *history_keys(channel), new_epoch(), META_TTL, after, limit,
         )  # fmt: skip
-        epoch, top, found = await self._read_now(channel, command)
-        entries = [
-            Stored(int(entry_id.split(b"-")[0]), fields[1][1:], fields[1][:1] == TEXT)
-            for entry_id, fields in found
-        ]
-        return continued(since, Position(int(top), epoch.decode()), entries)
+        epoch, top, found, replaced = await self._read_now(channel, command)
+        entries = []
+        for entry_id, fields in found:
+            values = dict(zip(fields[::2], fields[1::2], strict=True))
+            data, message_id = values[b"d"], int.from_bytes(values.get(b"i", b""), "big")
+            offset = int(entry_id.split(b"-")[0])
+            entries.append(Stored(offset, data[1:], data[:1] == TEXT, message_id))
+        now = Position(int(top), epoch.decode())
+        if since is not None and since.epoch != now.epoch and went_on(replaced, since):
+            since = Position(since.offset, now.epoch)  # the same messages, in its new epoch
+        return continued(since, now, entries)
 
     async def _read_now(self, channel: str, command: tuple[Any, ...]) -> Any:
         shard = self._shard_of(channel) if self.state == CONNECTED else None
