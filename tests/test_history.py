@@ -586,7 +586,16 @@ def test_look_finds_the_first_message_redis_holds_otherwise_and_diverge_replaces
     for n in range(80, 98):
         behind.delivered(Position(n, "E"), 1000 + n)
     assert look(behind) == [b"F", 98, 0]  # all it had is there: it goes on in F
-    assert admin.eval(LOOK, 2, *keys, "X", 5, 1, b"") == [b"F", 98]  # an unrelated epoch
+    assert admin.eval(LOOK, 2, *keys, "X", 5, 1, b"", "") == [b"F", 98]  # an unrelated epoch
+    # Redis went back to before F (a restart from a copy taken in E): an instance in F
+    # that saw E replaced compares with E, rather than taking it for a new channel.
+    admin.hset(meta, mapping={"e": "E", "o": 97})
+    admin.hdel(meta, "pe")
+    moved_on = Trail(Position(0, "E"))
+    for n in range(90, 101):
+        moved_on.delivered(Position(n, "E" if n < 98 else "F"), 1000 + n)
+    moved_on.retire("E")
+    assert look(moved_on) == [b"E", 97, 98]
     assert went_on(b"E 98", Position(97, "E")) and not went_on(b"E 98", Position(98, "E"))
     assert not went_on(b"F 120 E 98", Position(97, "D"))
     assert went_on(b"F 120 E 98", Position(97, "E"))

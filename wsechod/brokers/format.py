@@ -70,20 +70,21 @@ end
 return {e, o, found, redis.call('HGET', KEYS[1], 'pe') or ''}
 """
 # KEYS: the hash and the stream. ARGV: the epoch an instance delivered in, the last offset
-# it delivered, the first offset it remembers the message id of, and those ids (8 bytes
-# each, in order). Does Redis still hold those messages at their offsets, in that epoch or
-# in one that replaced it? Returns {} if the hash is gone; the epoch and last offset if the
-# epoch is unrelated; else those and the first offset that differs (another message, or
-# none though the counter went past it: lost), the offset after the last delivered if
-# only the counter is behind, or 0. The last delivered is looked at first: a failover
-# loses a tail, so when it is there, so is everything before it.
+# it delivered, the first offset it remembers the message id of, those ids (8 bytes each,
+# in order), and the epoch it saw replaced by its own ('': none). Does Redis still hold
+# those messages at their offsets, in that epoch, in one that replaced it, or in the one
+# it replaced (Redis went back to before the replacement)? Returns {} if the hash is gone;
+# the epoch and last offset if the epoch is unrelated; else those and the first offset
+# that differs (another message, or none though the counter went past it: lost), the
+# offset after the last delivered if only the counter is behind, or 0. The last delivered
+# is looked at first: a failover loses a tail, so when it is there, so is all before it.
 LOOK = """
 local h = redis.call('HMGET', KEYS[1], 'e', 'o', 'pe')
 if not h[1] then
   return {}
 end
 local top = tonumber(h[2] or '0')
-local related = h[1] == ARGV[1]
+local related = h[1] == ARGV[1] or h[1] == ARGV[5]
 for epoch in string.gmatch(h[3] or '', '(%S+) %d+') do
   related = related or epoch == ARGV[1]
 end
@@ -118,14 +119,15 @@ elseif top < last then
 end
 return {h[1], top, d}
 """
-# KEYS: the hash and the stream. ARGV: the epoch an instance delivered in, the first offset
-# where Redis holds other messages than it delivered (or none), a fresh epoch, the hash's
-# ttl. Redis lost messages (a restart from an older copy, a failover to a replica that
-# lagged) and may have numbered others with their offsets: the channel goes on in a new
-# epoch, at the same offsets (clients that resume from the old one before the first that
-# differed continue; from it on, they are told), and the counter is past every entry the
-# stream ever had. Returns 0 if the epoch was no longer the one given (another instance
-# did this first), else 1.
+# KEYS: the hash and the stream. ARGV: the channel's epoch as LOOK saw it, the first offset
+# from which a client resuming in it cannot go on (where Redis holds other messages than
+# an instance delivered, or none; 0 if that may be earlier than the instance can tell), a
+# fresh epoch, the hash's ttl, how many replaced epochs to remember. Redis lost messages
+# (a restart from an older copy, a failover to a replica that lagged) and may have
+# numbered others with their offsets: the channel goes on in a new epoch, at the same
+# offsets (clients that resume from the old one before that offset go on; from it on,
+# they are told), and the counter is past every entry the stream ever had. Returns 0 if
+# the epoch was no longer the one given (another instance did this first), else 1.
 DIVERGE = """
 if redis.call('HGET', KEYS[1], 'e') ~= ARGV[1] then
   return 0

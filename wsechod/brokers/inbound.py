@@ -38,7 +38,9 @@ from wsechod.ratelimit import RateLimitedLog
 REPAIR_BACKLOG = 4 * 2**20  # bytes of live messages held per channel while it is repaired
 OVERHEAD = 64  # bytes counted per held message besides its payload (the Python objects)
 CHUNK = 256  # entries read at a time while a channel is repaired
+LOOKS = 4  # times a repair asks whether Redis holds what was delivered (epochs change)
 ANY_HISTORY = History(1, 1.0)  # Redis trims its streams itself: recover() needs no policy
+OWN_KEPT = 65_536  # own messages with history remembered on their way (ids and members)
 ORIGIN_AT = HEAD - MESSAGE_ID_SIZE - ORIGIN_SIZE
 
 # A message with history held while its channel is repaired: payload, text, where, origin,
@@ -73,6 +75,15 @@ class Inbound:
         self._repairs: dict[str, list[Held]] = {}
         self._repair_bytes: dict[str, int] = {}
         self._repairing: set[asyncio.Task[None]] = set()
+        # This instance's messages with history on their way, by id: their publishing
+        # member, for the one that comes from history before its live copy.
+        self._own: dict[int, int] = {}
+
+    def published(self, message_id: int, origin: int) -> None:
+        """A message of this instance's member ``origin``, with history, is on its way."""
+        self._own[message_id] = origin
+        if len(self._own) > OWN_KEPT:  # lost on the way (Redis failed): the oldest go
+            del self._own[next(iter(self._own))]
 
     def left(self, channel: str) -> None:
         """No member here any more: where the channel was is forgotten."""
@@ -144,12 +155,14 @@ class Inbound:
                     self._hold(name, held, message)
                     self._start_repair(name)
                     return
-            elif at.epoch == trail.retired:
+            elif at.epoch in trail.retired:
                 return  # its epoch was replaced: it comes from history in the new one
         if self._subscribed(name):
             if trail is None:
                 trail = self._trails[name] = Trail(at)
             trail.delivered(at, message_id)
+        if origin:
+            self._own.pop(message_id, None)
         self._hand(name, body, text, at, origin)
 
     def _hold(self, name: str, held: list[Held], message: Held) -> None:
@@ -181,12 +194,16 @@ class Inbound:
     async def _repair(self, name: str) -> None:
         """Deliver what history holds after the last message delivered in ``name``, then
         what was held meanwhile; what history no longer holds is lost, and said so."""
-        looks = 0  # LOOKs made: one first, one more if the epoch changes under the repair
+        looks = 0  # LOOKs made: one first, more if the epoch changes under the repair
         known: set[int] = set()  # ids delivered before: not again, whatever their offset
-        while (held := self._repairs.get(name)) is not None:
+        while name in self._repairs:
             trail = self._trails.get(name)
             if trail is None or not self._subscribed(name):
-                self._drop_repair(name)  # nobody here: nothing held for anyone
+                # Nobody here: nothing held for anyone; or somebody new, since the last
+                # left: what is held is theirs, from where they came.
+                for message in self._drop_repair(name) or ():
+                    if self._subscribed(name):
+                        self._numbered(name, message)
                 return
             try:
                 if looks == 0:
@@ -197,8 +214,8 @@ class Inbound:
                 found = await self._recover(name, last, CHUNK, ANY_HISTORY)
             except ConnectionError:
                 return  # the session is over; the next one repairs again
-            if found.entries is None and found.top.epoch != last.epoch and looks == 1:
-                looks = 2  # replaced since the look (another instance), or a new channel
+            if found.entries is None and found.top.epoch != last.epoch and looks < LOOKS:
+                looks += 1  # replaced since the look (another instance), or a new channel
                 try:
                     await self._check(name, trail)
                 except ConnectionError:
@@ -214,27 +231,24 @@ class Inbound:
                 )  # fmt: skip
                 trail.moved(found.top)
             else:
-                self._from_history(name, trail, found, held, known)
+                self._from_history(name, trail, found, known)
                 if len(found.entries) == CHUNK:
                     continue
             for message in self._drop_repair(name) or ():  # may find a gap, and hold anew
                 self._numbered(name, message)
             return
 
-    def _from_history(
-        self, name: str, trail: Trail, found: Recovery, held: list[Held], known: set[int]
-    ) -> None:
-        """Hand what history held on; those of this instance's own messages that are
-        held too keep their publishing member."""
+    def _from_history(self, name: str, trail: Trail, found: Recovery, known: set[int]) -> None:
+        """Hand what history held on; this instance's own messages keep their publishing
+        member."""
         assert found.entries is not None
         if found.top.epoch != trail.at.epoch:  # READ continued it in the epoch that replaced it
-            trail.retired = trail.at.epoch
-        origins = {message[4]: message[3] for message in held if message[3]}
+            trail.retire(trail.at.epoch)
         for entry in found.entries:
             at = Position(entry.offset, found.top.epoch)
             trail.delivered(at, entry.message_id)
             if entry.message_id not in known:
-                origin = origins.get(entry.message_id, 0)
+                origin = self._own.pop(entry.message_id, 0)
                 self._hand(name, entry.payload, entry.text, at, origin)
 
     async def _check(self, name: str, trail: Trail) -> None:
@@ -246,27 +260,32 @@ class Inbound:
         follows to deliver it. A channel Redis lost whole is delivered from its start."""
         keys = history_keys(name)
         for _ in range(3):  # looks again if another instance replaced the epoch meanwhile
-            epoch, last, first, ids = trail.look()
-            look = await self._read(name, ("EVALSHA", LOOK_SHA, 2, *keys, epoch, last, first, ids))
+            epoch, last, first, ids, retired = trail.look()
+            look = await self._read(
+                name, ("EVALSHA", LOOK_SHA, 2, *keys, epoch, last, first, ids, retired)
+            )
             if not look:
                 return  # the hash is gone: the recovery finds a new epoch and looks again
-            now = look[0].decode()
+            now = was = look[0].decode()
             if len(look) == 2:  # an unrelated epoch: Redis lost the channel
                 self._warn.warning("history lost by redis: a new epoch", channel=name)
                 trail.moved(Position(0, now))
                 return
             differs = int(look[2])
-            if now == epoch:
-                if not differs:
-                    return  # Redis holds what was delivered
+            # The first that differs is the first of the window: others may have before.
+            unsure = differs == first and first > 1
+            if differs and now in (epoch, retired):  # ours, or one Redis went back to
                 now = new_epoch()
-                diverge = (epoch, differs, now, META_TTL, CHAIN)
+                diverge = (was, 0 if unsure else differs, now, META_TTL, CHAIN)
                 if not await self._read(name, ("EVALSHA", DIVERGE_SHA, 2, *keys, *diverge)):
                     continue  # another instance replaced it first: look again
+            elif now == epoch:
+                return  # Redis holds what was delivered
             if differs:
                 self._warn.warning(
                     "history in redis differs from what was delivered: a new epoch",
-                    channel=name, since=differs, started_here=now != look[0].decode(),
+                    channel=name, since=differs, started_here=now != was,
+                    earlier_unknown=unsure,
                 )  # fmt: skip
-            trail.replaced(now, differs or last + 1)
+            trail.replaced(now, differs or last + 1, was=was)
             return

@@ -274,7 +274,8 @@ class RedisBroker:
                 self._warn.warning(f"broker {self.state}: message not sent", lost=lost)
             return _answered(stored, None)
         kind = TEXT if text else BINARY
-        message_id = (next(self._message_ids) & MESSAGE_ID_MASK).to_bytes(MESSAGE_ID_SIZE, "big")
+        number = next(self._message_ids) & MESSAGE_ID_MASK
+        message_id = number.to_bytes(MESSAGE_ID_SIZE, "big")
         head = b"".join((MAGIC, self.id, kind, origin.to_bytes(ORIGIN_SIZE, "big"), message_id))
         name = channel_key(channel)
         sharded = self.topology.sharded
@@ -295,6 +296,8 @@ class RedisBroker:
             self._warn.warning("broker outbox full: message dropped", limit=OUTBOX_LIMIT, lost=lost)
             return _answered(stored, None)
         shard.outbox.append((command, size, stored))
+        if history is not None and origin:
+            self.inbound.published(number, origin)
         self._queued += size
         if self._queued > HIGH_WATER:
             self._paused = True

@@ -7,6 +7,7 @@ ids show that they are not the ones delivered here (the counter alone is not beh
 
 from array import array
 
+from wsechod.brokers.format import CHAIN
 from wsechod.history import Position
 
 WINDOW = 64  # messages a channel's trail remembers: a replica that lagged more loses more
@@ -14,8 +15,9 @@ WINDOW = 64  # messages a channel's trail remembers: a replica that lagged more 
 
 class Trail:
     """One channel: the position delivered up to, the ids of the messages up to it since
-    ``start``, and an epoch this instance saw replaced at the same offsets (what still
-    arrives in it comes again from history in the new one, so it is dropped)."""
+    ``start``, and the epochs this instance saw replaced at the same offsets, the newest
+    first (what still arrives in them comes again from history in the new one, so it is
+    dropped)."""
 
     __slots__ = ("at", "ids", "retired", "start")
 
@@ -23,7 +25,7 @@ class Trail:
         self.at = at
         self.start = at.offset + 1  # the first offset with an id
         self.ids = array("Q", bytes(8 * WINDOW))
-        self.retired: str | None = None
+        self.retired: tuple[str, ...] = ()
 
     def delivered(self, at: Position, message_id: int) -> None:
         offset, last = at[0], self.at  # indexing: cheaper than a NamedTuple's attributes
@@ -37,10 +39,16 @@ class Trail:
         self.at = at
         self.start = at.offset + 1
 
-    def replaced(self, epoch: str, before: int) -> None:
-        """The same offsets go on in ``epoch``; from ``before`` on, Redis holds other
-        messages than were delivered here (the ids below it stay good)."""
-        self.retired = self.at.epoch
+    def retire(self, *epochs: str) -> None:
+        self.retired = tuple(dict.fromkeys((*epochs, *self.retired)))[:CHAIN]
+
+    def replaced(self, epoch: str, before: int, *, was: str) -> None:
+        """The same offsets go on in ``epoch``, which replaced ``was`` (the trail's own
+        epoch, or the one Redis went back to); from ``before`` on, Redis holds other
+        messages than were delivered here (the ids below it stay good, those of the
+        window's offsets: a slot past them may hold the id of a later offset)."""
+        self.retire(self.at.epoch, was)
+        self.start = max(self.start, self.at.offset - WINDOW + 1)
         self.at = Position(min(self.at.offset, before - 1), epoch)
 
     def window(self) -> range:
@@ -51,8 +59,9 @@ class Trail:
         """The ids of the messages in the window."""
         return {self.ids[offset % WINDOW] for offset in self.window()} - {0}
 
-    def look(self) -> tuple[str, int, int, bytes]:
-        """LOOK's arguments: the epoch, the last offset, the window's first, its ids."""
+    def look(self) -> tuple[str, int, int, bytes, str]:
+        """LOOK's arguments: the epoch, the last offset, the window's first, its ids, the
+        epoch last replaced."""
         window = self.window()
         ids = b"".join(self.ids[x % WINDOW].to_bytes(8, "big") for x in window)
-        return self.at.epoch, self.at.offset, window.start, ids
+        return self.at.epoch, self.at.offset, window.start, ids, next(iter(self.retired), "")
