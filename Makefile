@@ -113,16 +113,20 @@ image: container-tools wheelhouse
 	@case "$(IMAGE_BASE)" in localhost/wsechod-base:*) \
 	  PODMAN="$(PODMAN)" container/base.sh $(IMAGE_BASE) $${IMAGE_BASE##*:};; esac
 	$(PODMAN) build --quiet --format docker --build-arg BASE=$(IMAGE_BASE) \
-	  --build-arg VERSION=$(VERSION) --tag $(IMAGE) --file Containerfile . >/dev/null
+	  --build-arg PYTHON=$(IMAGE_PYTHON) --build-arg VERSION=$(VERSION) --tag $(IMAGE) \
+	  --file Containerfile . >/dev/null
 	@$(PODMAN) image inspect --format '$(IMAGE): {{.Size}} bytes' $(IMAGE)
 
 ## The container tests alone (make test runs them too), against an image of their own: the
-## suites of two checkouts may run at once.
+## suites of two checkouts may run at once. Afterwards the image goes, and so do the build
+## stages of builds more than an hour old (not one another checkout is building from).
 TEST_IMAGE := localhost/wsechod:test-$(shell printf '%s' '$(CURDIR)' | cksum | cut -d' ' -f1)
+FORGET_IMAGES = $(PODMAN) image rm --force $(TEST_IMAGE) >/dev/null; \
+  $(PODMAN) image prune --force --filter label=org.wsechod.stage=build --filter until=1h >/dev/null
 test-image: setup redis
 	$(MAKE) --no-print-directory image IMAGE=$(TEST_IMAGE)
 	WSECHOD_TEST_IMAGE=$(TEST_IMAGE) PODMAN="$(PODMAN)" $(BIN)/pytest tests/test_image.py \
-	  $(PYTEST_ARGS); status=$$?; $(PODMAN) image rm --force $(TEST_IMAGE) >/dev/null; exit $$status
+	  $(PYTEST_ARGS); status=$$?; $(FORGET_IMAGES); exit $$status
 
 ## Run the daemon in the foreground on $(PORT) (extra flags: make run ARGS="--log-level debug").
 run: setup
@@ -145,7 +149,7 @@ typecheck: setup
 pytest: setup node-deps systemd-tools redis browser
 	$(MAKE) --no-print-directory image IMAGE=$(TEST_IMAGE)
 	WSECHOD_TEST_IMAGE=$(TEST_IMAGE) PODMAN="$(PODMAN)" $(BIN)/pytest $(PYTEST_ARGS); \
-	  status=$$?; $(PODMAN) image rm --force $(TEST_IMAGE) >/dev/null; exit $$status
+	  status=$$?; $(FORGET_IMAGES); exit $$status
 
 ## The tests marked unit, collected from the files that have some (the others are not
 ## even imported: test_node_client.py, say, skips loudly at import without Node).

@@ -11,7 +11,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import pytest
 
@@ -72,14 +72,17 @@ class Daemon:
         pass_fds: tuple[int, ...],
         *,
         log: str = "stderr",
+        other: IO[str] | None = None,
     ) -> None:
-        """Start ``argv``, its log (JSON lines on ``log``: stderr or stdout) read on a thread."""
+        """Start ``argv``, its log (JSON lines on ``log``: stderr or stdout) read on a
+        thread; the other stream into ``other`` if given."""
+        elsewhere = subprocess.PIPE if other is None else other
         self.proc = subprocess.Popen(
             argv,
             env=env,
             stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
+            stdout=subprocess.PIPE if log == "stdout" else elsewhere,
+            stderr=subprocess.PIPE if log == "stderr" else elsewhere,
             text=True,
             pass_fds=pass_fds,
         )

@@ -157,6 +157,9 @@ async def _extend_drain(notifier: systemd.Notifier, life: Lifecycle) -> None:
         await asyncio.sleep(EXTEND_INTERVAL)
 
 
+REAP_INTERVAL = 1.0  # seconds between looks for exited orphans, as a container's init
+
+
 @contextlib.contextmanager
 def _process(
     life: Lifecycle,
@@ -202,6 +205,9 @@ def _process(
             extender = loop.create_task(_extend_drain(notifier, life))
 
     life.stop.add_done_callback(stopping)
+    reaper = None
+    if os.getpid() == 1 and worker is None:  # a container's init, serving alone
+        reaper = loop.create_task(_reap_orphans())
     with capture_signals(life, reload):
         for name in _early_stops:  # sent while we were starting
             life.request_stop(name)
@@ -216,6 +222,19 @@ def _process(
                 if task is not None:
                     task.cancel()
             notifier.close()
+            if reaper is not None:
+                reaper.cancel()
+
+
+async def _reap_orphans() -> None:
+    """As a container's init (PID 1), every orphan of the container is this process's
+    child: one that exits stays a zombie until it is waited for; here within a second.
+    (uvloop keeps SIGCHLD to itself; with workers, the supervisor waits for any child.)"""
+    while True:
+        with contextlib.suppress(ChildProcessError):
+            while os.waitpid(-1, os.WNOHANG)[0]:  # noqa: ASYNC222 - WNOHANG: never waits
+                pass
+        await asyncio.sleep(REAP_INTERVAL)
 
 
 def run(

@@ -74,7 +74,9 @@ def listen_notice(settings: Settings, sources: Mapping[str, str]) -> list[Notice
     """``listen`` replaces host and port, and the unix socket keys apply to its unix
     socket files: setting those to no effect is most likely an oversight."""
     reasons: dict[str, str] = {}
-    if settings.listen:
+    # Redundant rather than ignored when listen has that address (a container image's).
+    listed = {(a.host, a.port) for a in map(values.listen_address, settings.listen)}
+    if settings.listen and (settings.host, settings.port) not in listed:
         reasons |= {k: "listen replaces host and port" for k in ("host", "port")}
     if not any(entry.startswith("unix:/") for entry in settings.listen):
         reasons |= {k: "no unix socket file in listen" for k in UNIX_SOCKET_KEYS}
