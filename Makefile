@@ -12,7 +12,7 @@ BENCH_NODE_DEPS := bench/node/node_modules/.package-lock.json
 .PHONY: setup python-version node-deps bench-node-deps systemd-tools redis browser run test \
         check lint typecheck docs docs-serve pytest unit \
         bench bench-scale clean install install-units install-systemd \
-        container-tools wheelhouse image test-image
+        container-tools wheelhouse image image-base redis-image test-image
 
 # An interpreter's version and installation ("3.11.7 /usr"); a venv's python gives its base's.
 PY_ID := import os, sys; print("%d.%d.%d" % sys.version_info[:3], os.path.realpath(sys.base_prefix))
@@ -109,24 +109,36 @@ $(WHEELHOUSE)/.complete: pyproject.toml Makefile | setup
 	  --platform any --dest $(WHEELHOUSE) '.[redis]' pip 'setuptools>=77' async-timeout
 	touch $@
 
-image: container-tools wheelhouse
-	@case "$(IMAGE_BASE)" in localhost/wsechod-base:*) \
-	  PODMAN="$(PODMAN)" container/base.sh $(IMAGE_BASE) $${IMAGE_BASE##*:};; esac
+image: image-base wheelhouse
 	$(PODMAN) build --quiet --format docker --build-arg BASE=$(IMAGE_BASE) \
 	  --build-arg PYTHON=$(IMAGE_PYTHON) --build-arg VERSION=$(VERSION) --tag $(IMAGE) \
 	  --file Containerfile . >/dev/null
 	@$(PODMAN) image inspect --format '$(IMAGE): {{.Size}} bytes' $(IMAGE)
 
+## The base image, made once where it is the local one (container/base.sh).
+image-base: container-tools
+	@case "$(IMAGE_BASE)" in localhost/wsechod-base:*) \
+	  PODMAN="$(PODMAN)" container/base.sh $(IMAGE_BASE) $${IMAGE_BASE##*:};; esac
+
+## Redis for the compose test, from Debian's packages (the build's apt-get needs the network).
+REDIS_IMAGE := localhost/wsechod-redis:bookworm
+redis-image: image-base
+	@$(PODMAN) image exists $(REDIS_IMAGE) || $(PODMAN) build --quiet --network host \
+	  --build-arg BASE=$(IMAGE_BASE) --tag $(REDIS_IMAGE) --file container/redis.Containerfile \
+	  container >/dev/null
+
 ## The container tests alone (make test runs them too), against an image of their own: the
 ## suites of two checkouts may run at once. Afterwards the image goes, and so do the build
 ## stages of builds more than an hour old (not one another checkout is building from).
 TEST_IMAGE := localhost/wsechod:test-$(shell printf '%s' '$(CURDIR)' | cksum | cut -d' ' -f1)
+TEST_ENV = WSECHOD_TEST_IMAGE=$(TEST_IMAGE) WSECHOD_TEST_REDIS_IMAGE=$(REDIS_IMAGE) \
+  PODMAN="$(PODMAN)"
 FORGET_IMAGES = $(PODMAN) image rm --force $(TEST_IMAGE) >/dev/null; \
   $(PODMAN) image prune --force --filter label=org.wsechod.stage=build --filter until=1h >/dev/null
-test-image: setup redis
+test-image: setup redis redis-image
 	$(MAKE) --no-print-directory image IMAGE=$(TEST_IMAGE)
-	WSECHOD_TEST_IMAGE=$(TEST_IMAGE) PODMAN="$(PODMAN)" $(BIN)/pytest tests/test_image.py \
-	  $(PYTEST_ARGS); status=$$?; $(FORGET_IMAGES); exit $$status
+	$(TEST_ENV) $(BIN)/pytest tests/test_image.py $(PYTEST_ARGS); \
+	  status=$$?; $(FORGET_IMAGES); exit $$status
 
 ## Run the daemon in the foreground on $(PORT) (extra flags: make run ARGS="--log-level debug").
 run: setup
@@ -146,9 +158,9 @@ lint: setup
 typecheck: setup
 	$(BIN)/mypy
 
-pytest: setup node-deps systemd-tools redis browser
+pytest: setup node-deps systemd-tools redis browser redis-image
 	$(MAKE) --no-print-directory image IMAGE=$(TEST_IMAGE)
-	WSECHOD_TEST_IMAGE=$(TEST_IMAGE) PODMAN="$(PODMAN)" $(BIN)/pytest $(PYTEST_ARGS); \
+	$(TEST_ENV) $(BIN)/pytest $(PYTEST_ARGS); \
 	  status=$$?; $(FORGET_IMAGES); exit $$status
 
 ## The tests marked unit, collected from the files that have some (the others are not

@@ -7,6 +7,7 @@ root file system, and a process that is not root. ``make test`` builds the image
 (``WSECHOD_TEST_IMAGE`` names it); run alone, this module says to."""
 
 import asyncio
+import contextlib
 import json
 import os
 import shlex
@@ -22,7 +23,7 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
 from tests import rawws
-from tests.conftest import Daemon
+from tests.conftest import WSECHOD, Daemon
 from tests.redisd import RedisServer, free_port
 from tests.test_echo import http_get
 from tests.test_relay import subscribed
@@ -30,6 +31,7 @@ from tests.test_workers import wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 IMAGE = os.environ.get("WSECHOD_TEST_IMAGE", "localhost/wsechod:latest")
+REDIS_IMAGE = os.environ.get("WSECHOD_TEST_REDIS_IMAGE", "localhost/wsechod-redis:bookworm")
 PODMAN = shlex.split(
     os.environ.get("PODMAN", f"env CONTAINERS_CONF={ROOT}/container/containers.conf podman")
 )
@@ -312,3 +314,72 @@ def test_the_image_says_what_it_is() -> None:
     assert "8765/tcp" in config["ExposedPorts"]
     assert inspected["Healthcheck"]["Test"][:2] == ["CMD", "python3"]
     assert inspected["Healthcheck"]["Retries"] == 3
+
+
+@pytest.mark.timeout(180)
+def test_the_compose_file_runs_a_relay_of_two_instances_sharing_redis() -> None:
+    """compose.yaml under podman-compose, on two free ports, with a Redis image made here
+    from Debian's redis-server (no registry serves the official one): a member on one
+    instance gets what is published on the other, in order; a stop drains both (exit 0).
+    """
+    if podman("image", "exists", REDIS_IMAGE).returncode != 0:
+        pytest.fail(f"no image {REDIS_IMAGE}: make redis-image (or make test-image) builds it")
+    ports = free_port(), free_port()
+    project = f"wsechod-test-{uuid.uuid4().hex[:12]}"
+    conf = [word.partition("=")[2] for word in PODMAN if word.startswith("CONTAINERS_CONF=")]
+    env = dict(os.environ, WSECHOD_IMAGE=IMAGE, REDIS_IMAGE=REDIS_IMAGE)
+    env |= {"WSECHOD_PORT_1": str(ports[0]), "WSECHOD_PORT_2": str(ports[1])}
+    env |= {"CONTAINERS_CONF": conf[0]} if conf else {}
+    compose = [str(Path(WSECHOD).with_name("podman-compose")), "-p", project]
+    compose += ["-f", str(ROOT / "compose.yaml")]
+
+    def run_compose(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [*compose, *args], env=env, capture_output=True, text=True, timeout=120, check=False
+        )
+
+    def exit_codes() -> dict[str, str]:
+        listed = podman(
+            "ps", "--all", "--filter", f"label=io.podman.compose.project={project}",
+            "--format", "{{.Names}} {{.ExitCode}} {{.State}}",
+        )  # fmt: skip
+        return {line.split()[0]: line.split(maxsplit=1)[1] for line in listed.stdout.splitlines()}
+
+    up = run_compose("up", "--detach")
+    try:
+        assert up.returncode == 0, up.stdout + up.stderr
+
+        def serving() -> bool:
+            with contextlib.suppress(OSError):
+                return all(http_get(port, "/healthz")[1] == "ok\n" for port in ports)
+            return False
+
+        wait_until(serving, 60, "both instances connected to Redis")
+
+        async def main() -> list[str | bytes]:
+            member_url, publisher_url = (f"ws://127.0.0.1:{port}/room" for port in ports[::-1])
+            async with connect(member_url) as member, connect(publisher_url) as publisher:
+                # Until the other instance has subscribed: the first probe that arrives.
+                async with asyncio.timeout(20):
+                    while True:
+                        await publisher.send("probe")
+                        with contextlib.suppress(TimeoutError):
+                            if await asyncio.wait_for(member.recv(), 0.5) == "probe":
+                                break
+                for n in range(5):
+                    await publisher.send(f"m{n}")
+                got: list[str | bytes] = []
+                while len(got) < 5:  # late probes aside
+                    if (message := await asyncio.wait_for(member.recv(), 10)) != "probe":
+                        got.append(message)
+                return got
+
+        got = asyncio.run(main())
+        assert got == [f"m{n}" for n in range(5)]
+        stopped = run_compose("stop", "--timeout", "30")
+        assert stopped.returncode == 0, stopped.stdout + stopped.stderr
+        codes = exit_codes()
+        relays = {name: code for name, code in codes.items() if "relay" in name}
+        assert len(relays) == 2 and all(c.startswith("0 ") for c in relays.values()), codes
+    finally:
+        run_compose("down", "--volumes", "--timeout", "0")
