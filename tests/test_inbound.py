@@ -244,3 +244,18 @@ def test_a_trail_moved_back_remembers_no_id_of_a_later_offset() -> None:
     assert trail.at == Position(95, "F") and trail.retired == ("E",)
     assert trail.window() == range(37, 96)
     assert trail.known() == {1000 + n for n in range(37, 96)}
+
+
+def test_a_redis_behind_what_was_delivered_counts_nothing_lost_below_zero() -> None:
+    """Found by a loaded run: Redis's counter behind the position the check left the
+    instance at took "lost" down by the difference (a counter that must only grow)."""
+    redis = Redis()
+    counts: Counter[str] = Counter()
+    inbound, _ = receiver(redis)
+    inbound.counts = counts
+    for n in range(1, 11):
+        live(inbound, n, "E", str(n), (100 + n, 0))
+    redis.looks = [[b"E", 10, 0]]  # as LOOK saw it; the read finds the counter at 5
+    redis.streams["E"] = [Stored(n, str(n).encode(), True, 100 + n) for n in range(1, 6)]
+    asyncio.run(repaired(inbound))
+    assert counts["lost"] == 0

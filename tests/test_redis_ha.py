@@ -8,6 +8,7 @@ import itertools
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from redis.crc import key_slot
@@ -65,6 +66,11 @@ def until_metric(daemon: Daemon, line: str, timeout: float = 10) -> None:
         time.sleep(0.1)
 
 
+def warnings_of(daemon: Daemon) -> list[dict[str, Any]]:
+    """What a daemon logged above info: shown when a test fails."""
+    return [e for e in daemon.events if e.get("level") not in ("info", "debug")]
+
+
 def in_order(got: list[tuple[str, int, str, str]]) -> None:
     """Payloads (numbers) rise, each once; offsets rise within an epoch."""
     numbers = [int(payload) for kind, _, _, payload in got if kind == "m"]
@@ -114,7 +120,8 @@ def test_a_sentinel_failover_under_a_publisher_is_followed_in_order(
             await task
             got += await drain(member, str(sent))
             numbers = {int(payload) for kind, _, _, payload in got if kind == "m"}
-            assert set(range(after + 1, sent + 1)) <= numbers
+            missing = set(range(after + 1, sent + 1)) - numbers
+            assert not missing, (missing, warnings_of(one), warnings_of(two))
             return got
 
     in_order(asyncio.run(main()))

@@ -222,9 +222,8 @@ class Inbound:
                     return
                 continue
             if found.entries is None:
-                self.counts["lost"] += (
-                    found.top.offset - last.offset if (found.top.epoch == last.epoch) else 0
-                )
+                behind = found.top.offset - last.offset  # Redis may be behind, not ahead
+                self.counts["lost"] += max(0, behind) if found.top.epoch == last.epoch else 0
                 self._warn.warning(
                     "history could not fill a gap", channel=name, since=last.offset,
                     top=found.top.offset, epoch_changed=found.top.epoch != last.epoch,
