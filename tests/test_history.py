@@ -521,12 +521,8 @@ def test_history_redis_lost_behind_an_instance_becomes_a_new_epoch(
     admin = redis.Redis(port=redis_server.port)
 
     async def main() -> None:
-        member, _, epoch = await joined(f"{two.url}/feed")
+        member, epoch = await fed(one, two, 5)
         async with member:
-            await asyncio.to_thread(subscribed, two, "/feed", 0)
-            await published(f"{one.url}/feed", *(str(n) for n in range(1, 6)))
-            got = [envelope(await asyncio.wait_for(member.recv(), 10))[1] for _ in range(5)]
-            assert got == [1, 2, 3, 4, 5]
             admin.hset("wsechod:{/feed}:m", "o", 2)  # offsets 3 to 5 "lost"
             kill_sessions(admin, two)
             warned = await asyncio.to_thread(two.wait_for, DIFFERS, 20)
@@ -556,11 +552,7 @@ def test_look_finds_the_first_message_redis_holds_otherwise_and_diverge_replaces
     meta, stream = keys
 
     def append(n: int, payload: bytes, message_id: int) -> None:
-        answer = admin.eval(
-            APPEND, 2, *keys, "ch", b"t" + payload, 1000, 600, 7 * 86_400, "E", b"h",
-            "PUBLISH", message_id.to_bytes(8, "big"),
-        )  # fmt: skip
-        assert answer == [n, b"E"]
+        assert appended(admin, keys, payload, message_id, replid="A") == [n, b"E"]
 
     def look(trail: Trail) -> list[Any]:
         return admin.eval(LOOK, 2, *keys, *trail.look())  # type: ignore[no-any-return]
@@ -576,9 +568,9 @@ def test_look_finds_the_first_message_redis_holds_otherwise_and_diverge_replaces
     assert look(trail) == [b"E", 97, 98]  # 98 to 100 lost
     append(98, b"98", 5000)  # the same payload again, from another instance: not the same
     assert look(trail) == [b"E", 98, 98]
-    assert admin.eval(DIVERGE, 2, *keys, "E", 98, "F", 60, CHAIN) == 1
-    assert admin.eval(DIVERGE, 2, *keys, "E", 98, "G", 60, CHAIN) == 0  # no longer E
-    assert admin.hgetall(meta) == {b"e": b"F", b"o": b"98", b"pe": b"E 98"}
+    assert admin.eval(DIVERGE, 2, *keys, "E", 98, "F", 60, CHAIN, "") == 1
+    assert admin.eval(DIVERGE, 2, *keys, "E", 98, "G", 60, CHAIN, "") == 0  # no longer E
+    assert admin.hgetall(meta) == {b"e": b"F", b"o": b"98", b"pe": b"E 98", b"r": b"A"}
     assert admin.ttl(meta) > 86_400  # APPEND's seven days, not shortened
     # Another instance that delivered 1 to 99 follows it into F: 98 differs there too.
     assert look(trail) == [b"F", 98, 98]
@@ -602,11 +594,83 @@ def test_look_finds_the_first_message_redis_holds_otherwise_and_diverge_replaces
     assert not went_on(b"F 90 E 98", Position(97, "E"))  # differed earlier in F
     for n in range(CHAIN + 2):  # the chain keeps the newest CHAIN
         epoch: Any = admin.hget(meta, "e")
-        assert admin.eval(DIVERGE, 2, *keys, epoch, 99, f"N{n}", 60, CHAIN) == 1
+        assert admin.eval(DIVERGE, 2, *keys, epoch, 99, f"N{n}", 60, CHAIN, "") == 1
     chain: Any = admin.hget(meta, "pe")
     assert len(chain.split()) == 2 * CHAIN
     admin.delete(meta)
     assert admin.eval(LOOK, 2, *keys, *trail.look()) == []  # the hash is gone
+
+
+def appended(
+    admin: redis.Redis,
+    keys: tuple[str, str],
+    payload: bytes,
+    message_id: int,
+    *,
+    replid: str,
+    fresh: str = "E",
+) -> Any:
+    """APPEND as an instance runs it on the primary whose replication id is ``replid``
+    (``fresh``: the epoch if it starts one); its answer (the offset and the epoch)."""
+    return admin.eval(
+        APPEND, 2, *keys, "ch", b"t" + payload, 1000, 600, 7 * 86_400, fresh, b"h",
+        "PUBLISH", message_id.to_bytes(8, "big"), replid, CHAIN,
+    )  # fmt: skip
+
+
+def test_a_promoted_replica_starts_a_new_epoch_at_its_first_append(
+    redis_server: RedisServer,
+) -> None:
+    """A failover to a replica that lagged by more than the WINDOW ids an instance
+    remembers: the first APPEND on the new primary (another replication id than the last
+    append's) starts a new epoch from the offset after the last it holds, and LOOK then
+    tells an instance that delivered the lost tail that what differs starts there, below
+    every id it remembers, so that it delivers what was published since. Without another
+    append, LOOK says the same from where the stream ends."""
+    admin = redis.Redis(port=redis_server.port)
+    keys = ("wsechod:{/c}:m", "wsechod:{/c}:h")
+    trail = Trail(Position(0, "E"))
+    for n in range(1, 101):
+        assert appended(admin, keys, str(n).encode(), 1000 + n, replid="A") == [n, b"E"]
+        trail.delivered(Position(n, "E"), 1000 + n)
+    lagged(admin, "/c", 20)  # 21 to 100 lost, 80 of them
+    assert admin.eval(LOOK, 2, *keys, *trail.look()) == [b"E", 20, 21]
+    assert appended(admin, keys, b"new", 5000, replid="B", fresh="F") == [21, b"F"]
+    assert admin.hmget(keys[0], "e", "pe", "r") == [b"F", b"E 21", b"B"]
+    assert appended(admin, keys, b"next", 5001, replid="B", fresh="X") == [22, b"F"]
+    assert admin.eval(LOOK, 2, *keys, *trail.look()) == [b"F", 22, 21]
+    assert went_on(b"E 21", Position(20, "E")) and not went_on(b"E 21", Position(21, "E"))
+    assert appended(admin, keys, b"?", 5002, replid="", fresh="X") == [23, b"F"]  # no INFO
+    assert admin.eval(DIVERGE, 2, *keys, "F", 24, "G", 60, CHAIN, "C") == 1
+    assert admin.hmget(keys[0], "e", "pe", "r") == [b"G", b"F 24 E 21", b"C"]
+
+
+def test_a_redis_that_refuses_info_keeps_history_and_it_is_said(
+    start: Callable[..., Daemon], redis_server: RedisServer
+) -> None:
+    """An ACL user without INFO: the instances cannot read the primary's replication id;
+    they say so, and history works on what each remembers (LOOK)."""
+    admin = redis.Redis(port=redis_server.port)
+    admin.acl_setuser(
+        "relay", enabled=True, passwords=["+secret"], keys=["*"], channels=["*"],
+        commands=["+@all", "-info"],
+    )  # fmt: skip
+    one, two = redis_relays(start, f"redis://relay:secret@127.0.0.1:{redis_server.port}")
+    for daemon in (one, two):
+        assert "info" in daemon.wait_for("redis refused INFO: history relies on LOOK")["error"]
+
+    async def main() -> None:
+        member, epoch = await fed(one, two, 3)
+        async with member:
+            pass
+        async with await connect(f"{one.url}/feed?since=1&epoch={epoch}", subprotocols=V1) as ws:
+            assert [envelope(await ws.recv())[1:] for _ in range(2)] == [
+                (2, epoch, "2"),
+                (3, epoch, "3"),
+            ]
+
+    asyncio.run(main())
+    assert admin.hget("wsechod:{/feed}:m", "r") is None
 
 
 DIFFERS = "history in redis differs from what was delivered: a new epoch"
@@ -620,9 +684,11 @@ def kill_sessions(admin: redis.Redis, daemon: Daemon) -> None:
             admin.client_kill_filter(_id=client["id"])
 
 
-def lagged(admin: redis.Redis, channel: str, offset: int) -> None:
+def lagged(admin: redis.Redis, channel: str, offset: int, *, promoted: bool = False) -> None:
     """The channel as a replica that had received only up to ``offset`` has it (the
-    stream's last id too), promoted."""
+    stream's last id too), promoted. ``promoted``: with the last append made on another
+    primary than this one, as the hash says on a replica promoted (without: as an
+    instance that cannot read the replication id sees it)."""
     meta, stream = f"wsechod:{{{channel}}}:m", f"wsechod:{{{channel}}}:h"
     kept: Any = admin.xrange(stream, "-", f"{offset}-0")
     with admin.pipeline() as pipe:
@@ -630,7 +696,59 @@ def lagged(admin: redis.Redis, channel: str, offset: int) -> None:
         for entry_id, fields in kept:
             pipe.xadd(stream, fields, id=entry_id)
         pipe.hset(meta, "o", offset)
+        if promoted:
+            pipe.hset(meta, "r", "the old primary")
         pipe.execute()
+
+
+async def fed(one: Daemon, two: Daemon, count: int) -> tuple[ClientConnection, str]:
+    """A v1 member of "/feed" on two, and its epoch, once it has the ``count`` messages
+    published on one."""
+    member, _, epoch = await joined(f"{two.url}/feed")
+    await asyncio.to_thread(subscribed, two, "/feed", 0)
+    await published(f"{one.url}/feed", *(str(n) for n in range(1, count + 1)))
+    got = [envelope(await asyncio.wait_for(member.recv(), 10))[1] for _ in range(count)]
+    assert got == list(range(1, count + 1))
+    return member, epoch
+
+
+async def published_while_stopped(
+    admin: redis.Redis,
+    one: Daemon,
+    two: Daemon,
+    kept: int,
+    message: str,
+    *,
+    promoted: bool = False,
+    first: Callable[[], None] | None = None,
+) -> None:
+    """While instance two is stopped (SIGSTOP: it cannot look before), "/feed" fails over
+    to a replica that had up to ``kept`` (``lagged``), both instances' sessions end, and
+    once one is back (and ``first`` has passed) it publishes ``message``, which Redis
+    numbers ``kept + 1``; then two goes on."""
+
+    def sessions() -> int:
+        return sum(e["event"] == "broker connected" for e in one.events)
+
+    before = sessions()
+    os.kill(two.proc.pid, signal.SIGSTOP)
+    try:
+        lagged(admin, "/feed", kept, promoted=promoted)
+        kill_sessions(admin, two)
+        kill_sessions(admin, one)
+        await asyncio.to_thread(one.wait_for, "broker connected", 20, lambda _: sessions() > before)
+        if first is not None:
+            await asyncio.to_thread(first)
+        await published(f"{one.url}/feed", message)
+        numbered = kept + 1  # where Redis lost one, in the old epoch or a new one
+        await asyncio.to_thread(
+            wait_until,
+            lambda: bool(admin.xrange("wsechod:{/feed}:h", numbered, numbered)),
+            10,
+            "one's message in the stream",
+        )
+    finally:
+        os.kill(two.proc.pid, signal.SIGCONT)
 
 
 @pytest.mark.parametrize("new_epoch_by", ["receiver", "publisher"])
@@ -649,8 +767,9 @@ def test_a_message_numbered_where_redis_lost_one_reaches_a_member_that_had_the_l
     one, two = redis_relays(start, redis_server.url)
     admin = redis.Redis(port=redis_server.port)
 
-    def sessions(daemon: Daemon) -> int:
-        return sum(e["event"] == "broker connected" for e in daemon.events)
+    def started_first() -> None:  # one starts the new epoch: Redis lost its offset 5
+        warned = one.wait_for(DIFFERS, 20)
+        assert (warned["since"], warned["started_here"]) == (5, True)
 
     async def main() -> None:
         member, _, epoch = await joined(f"{two.url}/feed")
@@ -662,28 +781,9 @@ def test_a_message_numbered_where_redis_lost_one_reaches_a_member_that_had_the_l
             await published(f"{one.url}/feed", *(str(n) for n in range(1, 6)))
             got = [envelope(await asyncio.wait_for(member.recv(), 10))[1] for _ in range(5)]
             assert got == [1, 2, 3, 4, 5]
-            before = sessions(one)
-            os.kill(two.proc.pid, signal.SIGSTOP)
-            try:
-                lagged(admin, "/feed", 4)
-                kill_sessions(admin, two)
-                kill_sessions(admin, one)
-                await asyncio.to_thread(
-                    one.wait_for, "broker connected", 20, lambda _: sessions(one) > before
-                )
-                if other is not None:  # one starts the new epoch: Redis lost its offset 5
-                    warned = await asyncio.to_thread(one.wait_for, DIFFERS, 20)
-                    assert (warned["since"], warned["started_here"]) == (5, True)
-                await published(f"{one.url}/feed", "6")
-                numbered = 5  # where Redis lost one, in the old epoch or the new
-                await asyncio.to_thread(
-                    wait_until,
-                    lambda: bool(admin.xrange("wsechod:{/feed}:h", numbered, numbered)),
-                    10,
-                    "one's message in the stream",
-                )
-            finally:
-                os.kill(two.proc.pid, signal.SIGCONT)
+            await published_while_stopped(
+                admin, one, two, 4, "6", first=started_first if other is not None else None
+            )
             warned = await asyncio.to_thread(two.wait_for, DIFFERS, 20)
             assert (warned["since"], warned["started_here"]) == (5, other is None)
             kind, offset, new, payload = envelope(await asyncio.wait_for(member.recv(), 10))
@@ -699,6 +799,40 @@ def test_a_message_numbered_where_redis_lost_one_reaches_a_member_that_had_the_l
             assert envelope(await ws.recv()) == ("l", 6, new, "")
         async with await connect(f"{one.url}/feed?since=4&epoch={epoch}", subprotocols=V1) as ws:
             assert envelope(await ws.recv()) == ("m", 5, new, "6")
+
+    asyncio.run(main())
+
+
+def test_a_failover_that_lost_more_than_an_instance_remembers_loses_nothing_after(
+    start: Callable[..., Daemon], redis_server: RedisServer
+) -> None:
+    """A failover to a replica 80 messages behind (more than the WINDOW ids an instance
+    remembers; Redis rolled back as it would have it, with the last append made on
+    another primary), and instance one publishes on it before instance two looks (two is
+    stopped meanwhile). Before, two could not tell where what differs began: it went on at
+    the stream's end, past the new message, and dropped its live copy (found by a loaded
+    run of the Sentinel test at 200 messages a second). Now the new primary's first
+    append starts a new epoch from offset 21, two's member gets the new message there,
+    then the live stream; a resume from before 21 goes on, one from the lost tail is told."""
+    one, two = redis_relays(start, redis_server.url)
+    admin = redis.Redis(port=redis_server.port)
+
+    async def main() -> None:
+        member, epoch = await fed(one, two, 100)
+        replid = admin.info("replication")["master_replid"]
+        assert admin.hget("wsechod:{/feed}:m", "r") == replid.encode()  # the last append's
+        async with member:
+            await published_while_stopped(admin, one, two, 20, "new", promoted=True)
+            warned = await asyncio.to_thread(two.wait_for, DIFFERS, 20)
+            assert (warned["since"], warned["started_here"]) == (21, False)
+            kind, offset, new, payload = envelope(await asyncio.wait_for(member.recv(), 10))
+            assert (kind, offset, payload) == ("m", 21, "new") and new != epoch
+            await published(f"{one.url}/feed", "after")
+            assert envelope(await asyncio.wait_for(member.recv(), 10)) == ("m", 22, new, "after")
+        async with await connect(f"{one.url}/feed?since=20&epoch={epoch}", subprotocols=V1) as ws:
+            assert envelope(await ws.recv()) == ("m", 21, new, "new")
+        async with await connect(f"{one.url}/feed?since=90&epoch={epoch}", subprotocols=V1) as ws:
+            assert envelope(await ws.recv()) == ("l", 22, new, "")
 
     asyncio.run(main())
 

@@ -6,8 +6,9 @@ on one Cluster shard)::
 
     wsechod:{<path>}      the channel's Redis channel (PUBLISH, or SPUBLISH in a Cluster)
     wsechod:{<path>}:m    HASH   e: the epoch, o: the last offset given, pe: the epochs this
-                                 one replaced (DIVERGE), newest first, each with the first
-                                 offset that differed: "<epoch> <offset> ..."
+                                 one replaced (DIVERGE, APPEND), newest first, each with
+                                 the first offset that differed: "<epoch> <offset> ...",
+                                 r: the replication id of the primary of the last APPEND
     wsechod:{<path>}:h    STREAM the history: entry id <offset>-0, fields d: type + payload,
                                  i: the message's id
 
@@ -34,15 +35,44 @@ UNNUMBERED = b"0 -\n"
 META_TTL = 86_400  # seconds a channel's position outlives its last message, at least
 CHAIN = 8  # epochs a hash remembers having replaced
 
+# Lua shared by the scripts that replace an epoch: the hash's "pe" with ``epoch`` (replaced
+# from offset ``from`` on) in front, at most ``keep`` entries.
+CHAINED = """
+local function chained(epoch, from, keep)
+  local chain, n = epoch .. ' ' .. from, 1
+  for pair in string.gmatch(redis.call('HGET', KEYS[1], 'pe') or '', '%S+ %d+') do
+    if n < tonumber(keep) then
+      chain, n = chain .. ' ' .. pair, n + 1
+    end
+  end
+  return chain
+end
+"""
 # KEYS: the channel's hash and stream. ARGV: the Redis channel, the frame type and payload,
 # the stream's length, its ttl, the hash's ttl, a fresh epoch, the envelope's head, the
-# publishing command (PUBLISH; SPUBLISH in a Cluster), the message's id.
-APPEND = """
-local e = redis.call('HGET', KEYS[1], 'e')
+# publishing command (PUBLISH; SPUBLISH in a Cluster), the message's id, the replication
+# id of the primary this runs on ('': unknown), how many replaced epochs to remember. The
+# hash keeps the replication id of the last append ("r"): when it is another primary's
+# (a replica promoted after a failover, a restart), this one may have lost a tail of the
+# channel, and other instances delivered it; the channel goes on in a new epoch from the
+# offset after the last this primary holds, so that nothing published here takes an
+# offset another instance delivered another message at, whatever that instance remembers.
+APPEND = (
+    CHAINED
+    + """
+local h = redis.call('HMGET', KEYS[1], 'e', 'r')
+local e = h[1]
 if not e then
   e = ARGV[6]
   redis.call('HSET', KEYS[1], 'e', e)
   redis.call('DEL', KEYS[2])
+elseif h[2] and ARGV[10] ~= '' and h[2] ~= ARGV[10] then
+  local after = tonumber(redis.call('HGET', KEYS[1], 'o') or '0') + 1
+  redis.call('HSET', KEYS[1], 'e', ARGV[6], 'pe', chained(e, after, ARGV[11]))
+  e = ARGV[6]
+end
+if ARGV[10] ~= '' and h[2] ~= ARGV[10] then
+  redis.call('HSET', KEYS[1], 'r', ARGV[10])
 end
 local o = redis.call('HINCRBY', KEYS[1], 'o', 1)
 redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], o .. '-0', 'd', ARGV[2], 'i', ARGV[9])
@@ -51,6 +81,7 @@ redis.call('EXPIRE', KEYS[1], ARGV[5])
 redis.call(ARGV[8], ARGV[1], ARGV[7] .. o .. ' ' .. e .. '\\n' .. string.sub(ARGV[2], 2))
 return {o, e}
 """
+)
 # KEYS: the hash and the stream. ARGV: a fresh epoch, the hash's ttl, the offset to read
 # after ("": none), at most how many. Returns the epoch, the top offset, the entries, and
 # the epochs it replaced ("pe").
@@ -78,6 +109,10 @@ return {e, o, found, redis.call('HGET', KEYS[1], 'pe') or ''}
 # that differs (another message, or none though the counter went past it: lost), the
 # offset after the last delivered if only the counter is behind, or 0. The last delivered
 # is looked at first: a failover loses a tail, so when it is there, so is all before it.
+# Where the stream ends below the ids remembered, what differs starts after its end; and
+# where the epoch was replaced from an offset on (the chain, least on the way), what
+# differs starts there at the latest: messages published since on a promoted replica
+# can sit below the ids an instance remembers.
 LOOK = """
 local h = redis.call('HMGET', KEYS[1], 'e', 'o', 'pe')
 if not h[1] then
@@ -85,8 +120,12 @@ if not h[1] then
 end
 local top = tonumber(h[2] or '0')
 local related = h[1] == ARGV[1] or h[1] == ARGV[5]
-for epoch in string.gmatch(h[3] or '', '(%S+) %d+') do
-  related = related or epoch == ARGV[1]
+local since, least = 0, math.huge
+for epoch, from in string.gmatch(h[3] or '', '(%S+) (%d+)') do
+  least = math.min(least, tonumber(from))
+  if epoch == ARGV[1] and not related then
+    related, since = true, least
+  end
 end
 if not related then
   return {h[1], top}
@@ -114,6 +153,12 @@ if last >= first and differs(last) then
       break
     end
   end
+  if d == first and first > top + 1 then
+    d = top + 1
+  end
+  if since > 0 and since < d then
+    d = since
+  end
 elseif top < last then
   d = last + 1
 end
@@ -122,13 +167,16 @@ return {h[1], top, d}
 # KEYS: the hash and the stream. ARGV: the channel's epoch as LOOK saw it, the first offset
 # from which a client resuming in it cannot go on (where Redis holds other messages than
 # an instance delivered, or none; 0 if that may be earlier than the instance can tell), a
-# fresh epoch, the hash's ttl, how many replaced epochs to remember. Redis lost messages
-# (a restart from an older copy, a failover to a replica that lagged) and may have
-# numbered others with their offsets: the channel goes on in a new epoch, at the same
-# offsets (clients that resume from the old one before that offset go on; from it on,
-# they are told), and the counter is past every entry the stream ever had. Returns 0 if
-# the epoch was no longer the one given (another instance did this first), else 1.
-DIVERGE = """
+# fresh epoch, the hash's ttl, how many replaced epochs to remember, the replication id
+# of the primary ('': unknown). Redis lost messages (a restart from an older copy, a
+# failover to a replica that lagged) and may have numbered others with their offsets: the
+# channel goes on in a new epoch, at the same offsets (clients that resume from the old
+# one before that offset go on; from it on, they are told), and the counter is past every
+# entry the stream ever had. Returns 0 if the epoch was no longer the one given (another
+# instance did this first), else 1.
+DIVERGE = (
+    CHAINED
+    + """
 if redis.call('HGET', KEYS[1], 'e') ~= ARGV[1] then
   return 0
 end
@@ -141,18 +189,16 @@ if redis.call('EXISTS', KEYS[2]) == 1 then
     end
   end
 end
-local chain, n = ARGV[1] .. ' ' .. ARGV[2], 1
-for pair in string.gmatch(redis.call('HGET', KEYS[1], 'pe') or '', '%S+ %d+') do
-  if n < tonumber(ARGV[5]) then
-    chain, n = chain .. ' ' .. pair, n + 1
-  end
+redis.call('HSET', KEYS[1], 'e', ARGV[3], 'o', o, 'pe', chained(ARGV[1], ARGV[2], ARGV[5]))
+if ARGV[6] ~= '' then
+  redis.call('HSET', KEYS[1], 'r', ARGV[6])
 end
-redis.call('HSET', KEYS[1], 'e', ARGV[3], 'o', o, 'pe', chain)
 if redis.call('TTL', KEYS[1]) < 0 then
   redis.call('EXPIRE', KEYS[1], ARGV[4])
 end
 return 1
 """
+)
 SCRIPTS = (APPEND, READ, LOOK, DIVERGE)
 APPEND_SHA, READ_SHA, LOOK_SHA, DIVERGE_SHA = (
     hashlib.sha1(s.encode()).hexdigest() for s in SCRIPTS

@@ -51,6 +51,7 @@ import contextlib
 import itertools
 import math
 import os
+import re
 import time
 import urllib.parse
 from collections import deque
@@ -78,6 +79,7 @@ from wsechod.brokers.base import Deliver, Members, PresenceUnavailable, Snapshot
 from wsechod.brokers.format import (
     APPEND_SHA,
     BINARY,
+    CHAIN,
     CONTROL,
     ID_SIZE,
     MAGIC,
@@ -167,8 +169,9 @@ class _Shard:
     """One primary's part of a session: what waits for its publisher and its reader, and
     its subscriber's pings. One server and Sentinel have one; a Cluster one per primary."""
 
-    def __init__(self, node: Node) -> None:
+    def __init__(self, node: Node, replid: str) -> None:
         self.node = node
+        self.replid = replid  # the primary's replication id ('': unknown)
         self.outbox: deque[Queued] = deque()
         self.mail = asyncio.Event()  # the outbox is not empty
         self.changed = asyncio.Event()  # channels here changed
@@ -213,6 +216,7 @@ class RedisBroker:
         self.inbound = Inbound(
             self.id, self.counts, self._warn,
             subscribed=self.channels.__contains__, read=self._read_now, recover=self.recover,
+            replid=self._replid_of,
         )  # fmt: skip
         self._queued = 0  # bytes in the outboxes and in flight
         self._paused = False  # above HIGH_WATER, not yet back under LOW_WATER
@@ -254,6 +258,11 @@ class RedisBroker:
             return self._by_slot[key_slot(channel_key(channel).encode())]
         return self._shards[0] if self._shards else None
 
+    def _replid_of(self, channel: str) -> str:
+        """The replication id of the primary a channel lives on ('': unknown)."""
+        shard = self._shard_of(channel)
+        return shard.replid if shard is not None else ""
+
     def publish(
         self,
         channel: str,
@@ -287,7 +296,7 @@ class RedisBroker:
             command = (
                 "EVALSHA", APPEND_SHA, 2, *history_keys(channel), name, kind + payload,
                 history.size, ttl, max(ttl, META_TTL), new_epoch(), head,
-                "SPUBLISH" if sharded else "PUBLISH", message_id,
+                "SPUBLISH" if sharded else "PUBLISH", message_id, shard.replid, CHAIN,
             )  # fmt: skip
         size = len(payload) + 2 * len(name) + len(head) + OVERHEAD
         if self._queued + size > OUTBOX_LIMIT:
@@ -413,8 +422,7 @@ class RedisBroker:
                 for _ in range(3):
                     opened.append(await self._open(node))
                     conns.append(opened[-1])
-                await self._prepare(opened[2])
-                shards.append((_Shard(node), opened))
+                shards.append((_Shard(node, await self._prepare(opened[2])), opened))
             self.inbound.session_started()
             self._shards = [shard for shard, _ in shards]
             self._by_slot = self._slot_table() if self.topology.sharded else []
@@ -464,21 +472,32 @@ class RedisBroker:
         except (RedisError, OSError, TimeoutError) as exc:
             raise self._failure(exc, CONNECT_TIMEOUT) from None
 
-    async def _prepare(self, conn: AbstractConnection) -> None:
+    async def _prepare(self, conn: AbstractConnection) -> str:
         """That the node is one to write to (a primary), and the scripts, by their SHA-1
-        from then on (a restarted Redis has none)."""
+        from then on (a restarted Redis has none). Returns its replication id, which
+        changes when a replica is promoted or the server restarts (``APPEND``: a new
+        epoch); '' if INFO is refused (an ACL), and history then relies on what each
+        instance remembers (``LOOK``)."""
         try:
             async with asyncio.timeout(CONNECT_TIMEOUT):
                 await self.topology.check(conn)
                 for script in SCRIPTS:
                     await conn.send_command("SCRIPT", "LOAD", script, check_health=False)
                     await conn.read_response()
+                await conn.send_command("INFO", "replication", check_health=False)
+                try:
+                    info = await conn.read_response()
+                except ResponseError as exc:
+                    self._warn.warning("redis refused INFO: history relies on LOOK", error=str(exc))
+                    return ""
         except NotLocated as exc:
             raise _Down(UNREACHABLE, str(exc), "role") from None
         except TimeoutError:
-            raise _Down(UNRESPONSIVE, "no answer to SCRIPT LOAD", "timeout") from None
+            raise _Down(UNRESPONSIVE, "no answer to SCRIPT LOAD or INFO", "timeout") from None
         except (RedisError, OSError) as exc:
             raise self._failure(exc, CONNECT_TIMEOUT) from None
+        found = re.search(rb"^master_replid:(\w+)", info if isinstance(info, bytes) else b"", re.M)
+        return found[1].decode() if found else ""
 
     async def _watch(self) -> None:
         """End the session when the topology says the primaries changed."""
