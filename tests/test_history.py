@@ -552,10 +552,10 @@ def test_look_finds_the_first_message_redis_holds_otherwise_and_diverge_replaces
     meta, stream = keys
 
     def append(n: int, payload: bytes, message_id: int) -> None:
-        assert appended(admin, keys, payload, message_id, replid="A") == [n, b"E"]
+        assert appended(admin, keys, payload, message_id, run_id="A") == [n, b"E"]
 
-    def look(trail: Trail) -> list[Any]:
-        return admin.eval(LOOK, 2, *keys, *trail.look())  # type: ignore[no-any-return]
+    def look(trail: Trail) -> list[Any]:  # an instance on the same server, "A"
+        return admin.eval(LOOK, 2, *keys, *trail.look(), "A")  # type: ignore[no-any-return]
 
     trail = Trail(Position(0, "E"))
     for n in range(1, 101):
@@ -568,8 +568,8 @@ def test_look_finds_the_first_message_redis_holds_otherwise_and_diverge_replaces
     assert look(trail) == [b"E", 97, 98]  # 98 to 100 lost
     append(98, b"98", 5000)  # the same payload again, from another instance: not the same
     assert look(trail) == [b"E", 98, 98]
-    assert admin.eval(DIVERGE, 2, *keys, "E", 98, "F", 60, CHAIN, "") == 1
-    assert admin.eval(DIVERGE, 2, *keys, "E", 98, "G", 60, CHAIN, "") == 0  # no longer E
+    assert admin.eval(DIVERGE, 2, *keys, "E", 98, "F", 60, CHAIN, "A") == 1
+    assert admin.eval(DIVERGE, 2, *keys, "E", 98, "G", 60, CHAIN, "A") == 0  # no longer E
     assert admin.hgetall(meta) == {b"e": b"F", b"o": b"98", b"pe": b"E 98", b"r": b"A"}
     assert admin.ttl(meta) > 86_400  # APPEND's seven days, not shortened
     # Another instance that delivered 1 to 99 follows it into F: 98 differs there too.
@@ -578,7 +578,7 @@ def test_look_finds_the_first_message_redis_holds_otherwise_and_diverge_replaces
     for n in range(80, 98):
         behind.delivered(Position(n, "E"), 1000 + n)
     assert look(behind) == [b"F", 98, 0]  # all it had is there: it goes on in F
-    assert admin.eval(LOOK, 2, *keys, "X", 5, 1, b"", "") == [b"F", 98]  # an unrelated epoch
+    assert admin.eval(LOOK, 2, *keys, "X", 5, 1, b"", "", "A") == [b"F", 98]  # unrelated
     # Redis went back to before F (a restart from a copy taken in E): an instance in F
     # that saw E replaced compares with E, rather than taking it for a new channel.
     admin.hset(meta, mapping={"e": "E", "o": 97})
@@ -598,7 +598,7 @@ def test_look_finds_the_first_message_redis_holds_otherwise_and_diverge_replaces
     chain: Any = admin.hget(meta, "pe")
     assert len(chain.split()) == 2 * CHAIN
     admin.delete(meta)
-    assert admin.eval(LOOK, 2, *keys, *trail.look()) == []  # the hash is gone
+    assert look(trail) == []  # the hash is gone
 
 
 def appended(
@@ -607,14 +607,14 @@ def appended(
     payload: bytes,
     message_id: int,
     *,
-    replid: str,
+    run_id: str,
     fresh: str = "E",
 ) -> Any:
-    """APPEND as an instance runs it on the primary whose replication id is ``replid``
-    (``fresh``: the epoch if it starts one); its answer (the offset and the epoch)."""
+    """APPEND as an instance runs it on the server whose run id is ``run_id`` (``fresh``:
+    the epoch if it starts one); its answer (the offset and the epoch)."""
     return admin.eval(
         APPEND, 2, *keys, "ch", b"t" + payload, 1000, 600, 7 * 86_400, fresh, b"h",
-        "PUBLISH", message_id.to_bytes(8, "big"), replid, CHAIN,
+        "PUBLISH", message_id.to_bytes(8, "big"), run_id, CHAIN,
     )  # fmt: skip
 
 
@@ -622,25 +622,29 @@ def test_a_promoted_replica_starts_a_new_epoch_at_its_first_append(
     redis_server: RedisServer,
 ) -> None:
     """A failover to a replica that lagged by more than the WINDOW ids an instance
-    remembers: the first APPEND on the new primary (another replication id than the last
-    append's) starts a new epoch from the offset after the last it holds, and LOOK then
-    tells an instance that delivered the lost tail that what differs starts there, below
-    every id it remembers, so that it delivers what was published since. Without another
-    append, LOOK says the same from where the stream ends."""
+    remembers: the first APPEND on the new primary (another server's run id than the
+    last append's) starts a new epoch from the offset after the last it holds, and LOOK
+    then tells an instance that delivered the lost tail that what differs starts there,
+    below every id it remembers, so that it delivers what was published since. Before
+    another append, LOOK says the same from where the stream ends, to an instance on
+    another server than the last append's (on the same one, it cannot tell)."""
     admin = redis.Redis(port=redis_server.port)
     keys = ("wsechod:{/c}:m", "wsechod:{/c}:h")
     trail = Trail(Position(0, "E"))
     for n in range(1, 101):
-        assert appended(admin, keys, str(n).encode(), 1000 + n, replid="A") == [n, b"E"]
+        assert appended(admin, keys, str(n).encode(), 1000 + n, run_id="A") == [n, b"E"]
         trail.delivered(Position(n, "E"), 1000 + n)
     lagged(admin, "/c", 20)  # 21 to 100 lost, 80 of them
-    assert admin.eval(LOOK, 2, *keys, *trail.look()) == [b"E", 20, 21]
-    assert appended(admin, keys, b"new", 5000, replid="B", fresh="F") == [21, b"F"]
+    assert admin.eval(LOOK, 2, *keys, *trail.look(), "B") == [b"E", 20, 21]
+    assert admin.eval(LOOK, 2, *keys, *trail.look(), "A") == [b"E", 20, 37]  # unsure
+    assert admin.eval(LOOK, 2, *keys, *trail.look(), "") == [b"E", 20, 37]
+    assert appended(admin, keys, b"new", 5000, run_id="B", fresh="F") == [21, b"F"]
     assert admin.hmget(keys[0], "e", "pe", "r") == [b"F", b"E 21", b"B"]
-    assert appended(admin, keys, b"next", 5001, replid="B", fresh="X") == [22, b"F"]
-    assert admin.eval(LOOK, 2, *keys, *trail.look()) == [b"F", 22, 21]
+    assert appended(admin, keys, b"next", 5001, run_id="B", fresh="X") == [22, b"F"]
+    assert admin.eval(LOOK, 2, *keys, *trail.look(), "B") == [b"F", 22, 21]
     assert went_on(b"E 21", Position(20, "E")) and not went_on(b"E 21", Position(21, "E"))
-    assert appended(admin, keys, b"?", 5002, replid="", fresh="X") == [23, b"F"]  # no INFO
+    assert appended(admin, keys, b"?", 5002, run_id="", fresh="X") == [23, b"F"]  # no INFO
+    assert admin.hget(keys[0], "r") is None  # the server is no longer known
     assert admin.eval(DIVERGE, 2, *keys, "F", 24, "G", 60, CHAIN, "C") == 1
     assert admin.hmget(keys[0], "e", "pe", "r") == [b"G", b"F 24 E 21", b"C"]
 
@@ -648,7 +652,7 @@ def test_a_promoted_replica_starts_a_new_epoch_at_its_first_append(
 def test_a_redis_that_refuses_info_keeps_history_and_it_is_said(
     start: Callable[..., Daemon], redis_server: RedisServer
 ) -> None:
-    """An ACL user without INFO: the instances cannot read the primary's replication id;
+    """An ACL user without INFO: the instances cannot read the server's run id;
     they say so, and history works on what each remembers (LOOK)."""
     admin = redis.Redis(port=redis_server.port)
     admin.acl_setuser(
@@ -688,7 +692,7 @@ def lagged(admin: redis.Redis, channel: str, offset: int, *, promoted: bool = Fa
     """The channel as a replica that had received only up to ``offset`` has it (the
     stream's last id too), promoted. ``promoted``: with the last append made on another
     primary than this one, as the hash says on a replica promoted (without: as an
-    instance that cannot read the replication id sees it)."""
+    instance that cannot read the server's run id sees it)."""
     meta, stream = f"wsechod:{{{channel}}}:m", f"wsechod:{{{channel}}}:h"
     kept: Any = admin.xrange(stream, "-", f"{offset}-0")
     with admin.pipeline() as pipe:
@@ -819,8 +823,8 @@ def test_a_failover_that_lost_more_than_an_instance_remembers_loses_nothing_afte
 
     async def main() -> None:
         member, epoch = await fed(one, two, 100)
-        replid = admin.info("replication")["master_replid"]
-        assert admin.hget("wsechod:{/feed}:m", "r") == replid.encode()  # the last append's
+        run_id = admin.info("server")["run_id"]
+        assert admin.hget("wsechod:{/feed}:m", "r") == run_id.encode()  # the last append's
         async with member:
             await published_while_stopped(admin, one, two, 20, "new", promoted=True)
             warned = await asyncio.to_thread(two.wait_for, DIFFERS, 20)

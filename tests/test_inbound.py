@@ -46,7 +46,7 @@ class Redis:
             return self.looks.pop(0)
         assert command[1] == DIVERGE_SHA
         self.diverged.append(command[5:])
-        assert command[-2:] == (CHAIN, "R")  # and the primary's replication id
+        assert command[-2:] == (CHAIN, "R")  # and the server's run id
         self.epoch = command[7]
         self.streams[self.epoch] = self.after_divergence
         return 1
@@ -69,7 +69,7 @@ def receiver(redis: Redis, *, subscribed: bool = True) -> tuple[Inbound, list[tu
         subscribed=lambda _: subscribed,
         read=redis.read,
         recover=redis.recover,
-        replid=lambda _: "R",
+        run_id=lambda _: "R",
     )
 
     def deliver(name: str, body: bytes, text: bool, at: Position | None, origin: int) -> bool:

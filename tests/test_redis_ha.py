@@ -88,7 +88,7 @@ def test_a_sentinel_failover_under_a_publisher_is_followed_in_order(
     crosses, in order and once, and everything published after the switch, also when what
     the old primary takes until the switch (up to a second, at 200 messages a second) is
     more than the 64 message ids an instance remembers (a loaded run lost the first
-    message after the switch then, before the replication id started a new epoch)."""
+    message after the switch then, before the new server's run id started a new epoch)."""
     group = sentinel_group
     one, two = redis_relays(start, BEHIND_SENTINELS, *sentinel_args(group))
     old = f"127.0.0.1:{group.primary.port}"

@@ -8,7 +8,7 @@ on one Cluster shard)::
     wsechod:{<path>}:m    HASH   e: the epoch, o: the last offset given, pe: the epochs this
                                  one replaced (DIVERGE, APPEND), newest first, each with
                                  the first offset that differed: "<epoch> <offset> ...",
-                                 r: the replication id of the primary of the last APPEND
+                                 r: the run id of the server of the last APPEND
     wsechod:{<path>}:h    STREAM the history: entry id <offset>-0, fields d: type + payload,
                                  i: the message's id
 
@@ -35,9 +35,11 @@ UNNUMBERED = b"0 -\n"
 META_TTL = 86_400  # seconds a channel's position outlives its last message, at least
 CHAIN = 8  # epochs a hash remembers having replaced
 
-# Lua shared by the scripts that replace an epoch: the hash's "pe" with ``epoch`` (replaced
-# from offset ``from`` on) in front, at most ``keep`` entries.
-CHAINED = """
+# Lua shared by the scripts that write a channel's hash: ``chained`` is its "pe" with
+# ``epoch`` (replaced from offset ``from`` on) in front, at most ``keep`` entries;
+# ``ran_on`` records the run id of the server that wrote (the hash's "r"; none if the
+# writer could not read it, so that no one takes the server for known).
+HASH_LUA = """
 local function chained(epoch, from, keep)
   local chain, n = epoch .. ' ' .. from, 1
   for pair in string.gmatch(redis.call('HGET', KEYS[1], 'pe') or '', '%S+ %d+') do
@@ -47,18 +49,27 @@ local function chained(epoch, from, keep)
   end
   return chain
 end
+local function ran_on(recorded, run_id)
+  if run_id == '' then
+    if recorded then
+      redis.call('HDEL', KEYS[1], 'r')
+    end
+  elseif recorded ~= run_id then
+    redis.call('HSET', KEYS[1], 'r', run_id)
+  end
+end
 """
 # KEYS: the channel's hash and stream. ARGV: the Redis channel, the frame type and payload,
 # the stream's length, its ttl, the hash's ttl, a fresh epoch, the envelope's head, the
-# publishing command (PUBLISH; SPUBLISH in a Cluster), the message's id, the replication
-# id of the primary this runs on ('': unknown), how many replaced epochs to remember. The
-# hash keeps the replication id of the last append ("r"): when it is another primary's
-# (a replica promoted after a failover, a restart), this one may have lost a tail of the
-# channel, and other instances delivered it; the channel goes on in a new epoch from the
-# offset after the last this primary holds, so that nothing published here takes an
-# offset another instance delivered another message at, whatever that instance remembers.
+# publishing command (PUBLISH; SPUBLISH in a Cluster), the message's id, the run id of the
+# server this runs on ('': unknown), how many replaced epochs to remember. The hash keeps
+# the run id of the last append's server ("r"): when it is another server's (a replica
+# promoted after a failover, a restart), this one may have lost a tail of the channel
+# that other instances delivered; the channel goes on in a new epoch from the offset
+# after the last this server holds, so that nothing published here takes an offset
+# another instance delivered another message at, whatever that instance remembers.
 APPEND = (
-    CHAINED
+    HASH_LUA
     + """
 local h = redis.call('HMGET', KEYS[1], 'e', 'r')
 local e = h[1]
@@ -71,9 +82,7 @@ elseif h[2] and ARGV[10] ~= '' and h[2] ~= ARGV[10] then
   redis.call('HSET', KEYS[1], 'e', ARGV[6], 'pe', chained(e, after, ARGV[11]))
   e = ARGV[6]
 end
-if ARGV[10] ~= '' and h[2] ~= ARGV[10] then
-  redis.call('HSET', KEYS[1], 'r', ARGV[10])
-end
+ran_on(h[2], ARGV[10])
 local o = redis.call('HINCRBY', KEYS[1], 'o', 1)
 redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], o .. '-0', 'd', ARGV[2], 'i', ARGV[9])
 redis.call('EXPIRE', KEYS[2], ARGV[4])
@@ -102,28 +111,32 @@ return {e, o, found, redis.call('HGET', KEYS[1], 'pe') or ''}
 """
 # KEYS: the hash and the stream. ARGV: the epoch an instance delivered in, the last offset
 # it delivered, the first offset it remembers the message id of, those ids (8 bytes each,
-# in order), and the epoch it saw replaced by its own ('': none). Does Redis still hold
-# those messages at their offsets, in that epoch, in one that replaced it, or in the one
-# it replaced (Redis went back to before the replacement)? Returns {} if the hash is gone;
-# the epoch and last offset if the epoch is unrelated; else those and the first offset
-# that differs (another message, or none though the counter went past it: lost), the
-# offset after the last delivered if only the counter is behind, or 0. The last delivered
-# is looked at first: a failover loses a tail, so when it is there, so is all before it.
-# Where the stream ends below the ids remembered, what differs starts after its end; and
-# where the epoch was replaced from an offset on (the chain, least on the way), what
-# differs starts there at the latest: messages published since on a promoted replica
-# can sit below the ids an instance remembers.
+# in order), the epochs it saw replaced by its own (space-separated), and the run id of
+# the server ('': unknown). Does Redis still hold those messages at their offsets, in
+# that epoch, in one that replaced it, or in one it replaced (Redis went back to before
+# the replacement)? Returns {} if the hash is gone; the epoch and last offset if the
+# epoch is unrelated; else those and the first offset that differs (another message, or
+# none though the counter went past it: lost), the offset after the last delivered if
+# only the counter is behind, or 0. The last delivered is looked at first: a failover
+# loses a tail, so when it is there, so is all before it. Two things tell what differs
+# below the ids remembered: where the epoch was replaced from an offset on (the chain,
+# least on the way), what differs starts there at the latest; and where the last append
+# was on another server (nothing was numbered here since, see APPEND), what is past the
+# stream's end is lost, so what differs starts right after it.
 LOOK = """
-local h = redis.call('HMGET', KEYS[1], 'e', 'o', 'pe')
+local h = redis.call('HMGET', KEYS[1], 'e', 'o', 'pe', 'r')
 if not h[1] then
   return {}
 end
+local mine = {[ARGV[1]] = true}
+for epoch in string.gmatch(ARGV[5], '%S+') do
+  mine[epoch] = true
+end
 local top = tonumber(h[2] or '0')
-local related = h[1] == ARGV[1] or h[1] == ARGV[5]
-local since, least = 0, math.huge
+local related, since, least = mine[h[1]] or false, 0, math.huge
 for epoch, from in string.gmatch(h[3] or '', '(%S+) (%d+)') do
   least = math.min(least, tonumber(from))
-  if epoch == ARGV[1] and not related then
+  if mine[epoch] and not related then
     related, since = true, least
   end
 end
@@ -153,34 +166,35 @@ if last >= first and differs(last) then
       break
     end
   end
-  if d == first and first > top + 1 then
+  if d == first and first > top + 1 and h[4] and ARGV[6] ~= '' and h[4] ~= ARGV[6] then
     d = top + 1
-  end
-  if since > 0 and since < d then
-    d = since
   end
 elseif top < last then
   d = last + 1
+end
+if since > 0 and since <= last and (d == 0 or since < d) then
+  d = since
 end
 return {h[1], top, d}
 """
 # KEYS: the hash and the stream. ARGV: the channel's epoch as LOOK saw it, the first offset
 # from which a client resuming in it cannot go on (where Redis holds other messages than
 # an instance delivered, or none; 0 if that may be earlier than the instance can tell), a
-# fresh epoch, the hash's ttl, how many replaced epochs to remember, the replication id
-# of the primary ('': unknown). Redis lost messages (a restart from an older copy, a
-# failover to a replica that lagged) and may have numbered others with their offsets: the
-# channel goes on in a new epoch, at the same offsets (clients that resume from the old
-# one before that offset go on; from it on, they are told), and the counter is past every
+# fresh epoch, the hash's ttl, how many replaced epochs to remember, the run id of the
+# server ('': unknown). Redis lost messages (a restart from an older copy, a failover to
+# a replica that lagged) and may have numbered others with their offsets: the channel
+# goes on in a new epoch, at the same offsets (clients that resume from the old one
+# before that offset go on; from it on, they are told), and the counter is past every
 # entry the stream ever had. Returns 0 if the epoch was no longer the one given (another
 # instance did this first), else 1.
 DIVERGE = (
-    CHAINED
+    HASH_LUA
     + """
-if redis.call('HGET', KEYS[1], 'e') ~= ARGV[1] then
+local h = redis.call('HMGET', KEYS[1], 'e', 'o', 'r')
+if h[1] ~= ARGV[1] then
   return 0
 end
-local o = tonumber(redis.call('HGET', KEYS[1], 'o') or '0')
+local o = tonumber(h[2] or '0')
 if redis.call('EXISTS', KEYS[2]) == 1 then
   local info = redis.call('XINFO', 'STREAM', KEYS[2])
   for k = 1, #info, 2 do
@@ -190,9 +204,7 @@ if redis.call('EXISTS', KEYS[2]) == 1 then
   end
 end
 redis.call('HSET', KEYS[1], 'e', ARGV[3], 'o', o, 'pe', chained(ARGV[1], ARGV[2], ARGV[5]))
-if ARGV[6] ~= '' then
-  redis.call('HSET', KEYS[1], 'r', ARGV[6])
-end
+ran_on(h[3], ARGV[6])
 if redis.call('TTL', KEYS[1]) < 0 then
   redis.call('EXPIRE', KEYS[1], ARGV[4])
 end

@@ -63,7 +63,7 @@ class Inbound:
         subscribed: Callable[[str], bool],
         read: Read,
         recover: Recover,
-        replid: Callable[[str], str],
+        run_id: Callable[[str], str],
     ) -> None:
         self.instance = instance
         self.counts = counts
@@ -72,7 +72,7 @@ class Inbound:
         self._subscribed = subscribed
         self._read = read
         self._recover = recover
-        self._replid = replid
+        self._run_id = run_id
         self._trails: dict[str, Trail] = {}  # per channel with history: what was delivered
         self._repairs: dict[str, list[Held]] = {}
         self._repair_bytes: dict[str, int] = {}
@@ -262,8 +262,9 @@ class Inbound:
         keys = history_keys(name)
         for _ in range(3):  # looks again if another instance replaced the epoch meanwhile
             epoch, last, first, ids, retired = trail.look()
+            run_id = self._run_id(name)
             look = await self._read(
-                name, ("EVALSHA", LOOK_SHA, 2, *keys, epoch, last, first, ids, retired)
+                name, ("EVALSHA", LOOK_SHA, 2, *keys, epoch, last, first, ids, retired, run_id)
             )
             if not look:
                 return  # the hash is gone: the recovery finds a new epoch and looks again
@@ -272,13 +273,12 @@ class Inbound:
                 self._warn.warning("history lost by redis: a new epoch", channel=name)
                 trail.moved(Position(0, now))
                 return
-            top, differs = int(look[1]), int(look[2])
-            # Redis holds other messages at every offset of the window: others may differ
-            # before it.
-            unsure = differs == first and 1 < first <= top
-            if differs and now in (epoch, retired):  # ours, or one Redis went back to
+            differs = int(look[2])
+            # The first that differs is the first of the window: others may have before.
+            unsure = differs == first and first > 1
+            if differs and (now == epoch or now in trail.retired):  # ours, or one gone back to
                 now = new_epoch()
-                diverge = (was, 0 if unsure else differs, now, META_TTL, CHAIN, self._replid(name))
+                diverge = (was, 0 if unsure else differs, now, META_TTL, CHAIN, run_id)
                 if not await self._read(name, ("EVALSHA", DIVERGE_SHA, 2, *keys, *diverge)):
                     continue  # another instance replaced it first: look again
             elif now == epoch:

@@ -169,9 +169,9 @@ class _Shard:
     """One primary's part of a session: what waits for its publisher and its reader, and
     its subscriber's pings. One server and Sentinel have one; a Cluster one per primary."""
 
-    def __init__(self, node: Node, replid: str) -> None:
+    def __init__(self, node: Node, run_id: str) -> None:
         self.node = node
-        self.replid = replid  # the primary's replication id ('': unknown)
+        self.run_id = run_id  # the primary's server process ('': unknown)
         self.outbox: deque[Queued] = deque()
         self.mail = asyncio.Event()  # the outbox is not empty
         self.changed = asyncio.Event()  # channels here changed
@@ -216,7 +216,7 @@ class RedisBroker:
         self.inbound = Inbound(
             self.id, self.counts, self._warn,
             subscribed=self.channels.__contains__, read=self._read_now, recover=self.recover,
-            replid=self._replid_of,
+            run_id=self._run_id_of,
         )  # fmt: skip
         self._queued = 0  # bytes in the outboxes and in flight
         self._paused = False  # above HIGH_WATER, not yet back under LOW_WATER
@@ -258,10 +258,10 @@ class RedisBroker:
             return self._by_slot[key_slot(channel_key(channel).encode())]
         return self._shards[0] if self._shards else None
 
-    def _replid_of(self, channel: str) -> str:
-        """The replication id of the primary a channel lives on ('': unknown)."""
+    def _run_id_of(self, channel: str) -> str:
+        """The run id of the primary a channel lives on ('': unknown)."""
         shard = self._shard_of(channel)
-        return shard.replid if shard is not None else ""
+        return shard.run_id if shard is not None else ""
 
     def publish(
         self,
@@ -296,7 +296,7 @@ class RedisBroker:
             command = (
                 "EVALSHA", APPEND_SHA, 2, *history_keys(channel), name, kind + payload,
                 history.size, ttl, max(ttl, META_TTL), new_epoch(), head,
-                "SPUBLISH" if sharded else "PUBLISH", message_id, shard.replid, CHAIN,
+                "SPUBLISH" if sharded else "PUBLISH", message_id, shard.run_id, CHAIN,
             )  # fmt: skip
         size = len(payload) + 2 * len(name) + len(head) + OVERHEAD
         if self._queued + size > OUTBOX_LIMIT:
@@ -474,17 +474,17 @@ class RedisBroker:
 
     async def _prepare(self, conn: AbstractConnection) -> str:
         """That the node is one to write to (a primary), and the scripts, by their SHA-1
-        from then on (a restarted Redis has none). Returns its replication id, which
-        changes when a replica is promoted or the server restarts (``APPEND``: a new
-        epoch); '' if INFO is refused (an ACL), and history then relies on what each
-        instance remembers (``LOOK``)."""
+        from then on (a restarted Redis has none). Returns its run id, which is another
+        after a failover (another server) or a restart (``APPEND``: a new epoch); '' if
+        INFO is refused (an ACL), and history then relies on what each instance
+        remembers (``LOOK``)."""
         try:
             async with asyncio.timeout(CONNECT_TIMEOUT):
                 await self.topology.check(conn)
                 for script in SCRIPTS:
                     await conn.send_command("SCRIPT", "LOAD", script, check_health=False)
                     await conn.read_response()
-                await conn.send_command("INFO", "replication", check_health=False)
+                await conn.send_command("INFO", "server", check_health=False)
                 try:
                     info = await conn.read_response()
                 except ResponseError as exc:
@@ -496,7 +496,7 @@ class RedisBroker:
             raise _Down(UNRESPONSIVE, "no answer to SCRIPT LOAD or INFO", "timeout") from None
         except (RedisError, OSError) as exc:
             raise self._failure(exc, CONNECT_TIMEOUT) from None
-        found = re.search(rb"^master_replid:(\w+)", info if isinstance(info, bytes) else b"", re.M)
+        found = re.search(rb"^run_id:(\w+)", info if isinstance(info, bytes) else b"", re.M)
         return found[1].decode() if found else ""
 
     async def _watch(self) -> None:

@@ -29,8 +29,10 @@ class Trail:
 
     def delivered(self, at: Position, message_id: int) -> None:
         offset, last = at[0], self.at  # indexing: cheaper than a NamedTuple's attributes
-        if offset != last[0] + 1 or at[1] != last[1]:
+        if offset != last[0] + 1:
             self.start = offset
+        elif at[1] != last[1]:  # the same offsets go on in a new epoch (a new server's)
+            self.retire(last[1])
         self.ids[offset % WINDOW] = message_id
         self.at = at
 
@@ -61,7 +63,7 @@ class Trail:
 
     def look(self) -> tuple[str, int, int, bytes, str]:
         """LOOK's arguments: the epoch, the last offset, the window's first, its ids, the
-        epoch last replaced."""
+        epochs replaced."""
         window = self.window()
         ids = b"".join(self.ids[x % WINDOW].to_bytes(8, "big") for x in window)
-        return self.at.epoch, self.at.offset, window.start, ids, next(iter(self.retired), "")
+        return self.at.epoch, self.at.offset, window.start, ids, " ".join(self.retired)
