@@ -180,6 +180,27 @@ def test_client_ignoring_close_cannot_hold_exit_past_drain_timeout(
     assert (drained["connections"], drained["force_closed"]) == (2, 2)
 
 
+def test_a_client_ignoring_the_drain_is_cut_at_close_timeout(
+    start: Callable[..., Daemon],
+) -> None:
+    """In a drain, a connection's close deadline is the drain's own timer, one for all
+    (not one per connection): a client that never answers is cut at close_timeout (1 s,
+    the drain allows 60), while one that answers completes the closing handshake."""
+    daemon = start("--drain-timeout", "60", "--close-timeout", "1")
+    with stubborn_client(daemon.port) as stubborn, stubborn_client(daemon.port) as polite:
+        sent_at = daemon.signal(signal.SIGTERM)
+        assert rawws.read_close(polite) == (1001, "server shutting down")
+        rawws.send_frame(polite, rawws.OP_CLOSE, rawws.close_payload(1001))
+        assert rawws.until_eof(polite) == b""
+        assert rawws.read_close(stubborn) == (1001, "server shutting down")
+        with contextlib.suppress(ConnectionResetError):
+            assert rawws.until_eof(stubborn) == b""  # cut: a reset, or end of file
+        assert daemon.wait(10) == 0
+        assert 1 <= time.monotonic() - sent_at < 10
+    drained = daemon.wait_for("drained")
+    assert (drained["connections"], drained["force_closed"]) == (2, 0)
+
+
 def test_silent_tcp_client_cannot_hold_exit(start: Callable[..., Daemon]) -> None:
     # A connection that never sends its handshake is not a WebSocket client yet; it must
     # not hold the exit until open_timeout (60 s here).

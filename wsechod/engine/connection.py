@@ -92,6 +92,7 @@ class Host(Protocol):
     budget: Budget
 
     corked: list[WebSocket]  # connections with corked writes, flushed by uncork
+    closing_all: bool  # a drain: the close deadlines are the engine's
 
     def next_ping(self) -> bytes:
         """A keepalive ping's payload, unique among the pings in flight."""
@@ -803,12 +804,16 @@ class WebSocket(asyncio.Protocol):
             self._transport.close()
         return result
 
+    @property
+    def close_timeout(self) -> float:
+        return self._options.close_timeout
+
     def _close_later(self) -> None:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
         timeout = self._options.close_timeout
-        if timeout:
+        if timeout and not self._engine.closing_all:  # if so, close_all's deadline
             self._timer = self._engine.loop.call_later(timeout, self.abort)
 
     def abort(self) -> None:

@@ -104,6 +104,9 @@ class Engine:
         self.handshakes: dict[Handshake, None] = {}
         self.pending: dict[str, dict[Handshake, None]] = {}
         self.draining = False
+        # Set by close_all: the close deadlines of the connections it closed are its own
+        # (one timer for all of them, instead of one each).
+        self.closing_all = False
         self.upgrading = 0  # handshakes admitted, waiting out the test peer's accept_delay
         self.stats: Counter[str] = Counter()  # plain counts, summed up in the "drained" line
         # Closed connections by who sent the first close frame, the code sent and the code
@@ -431,13 +434,25 @@ class Engine:
 
     def close_all(self, code: int, reason: str) -> int:
         """Send every open connection a close frame at once (and a 503 to handshakes
-        that wait out accept_delay); returns how many connections."""
+        that wait out accept_delay); returns how many connections. Those that have not
+        closed at their ``close_timeout`` are cut, by one timer per value of it rather
+        than one per connection (a drain of 100,000 creates and cancels two each)."""
         for handshake in list(self.handshakes):
             handshake.refuse_if_delayed()
-        connections = list(self.connections)
-        for ws in connections:
+        self.closing_all = True
+        by_timeout: dict[float, list[WebSocket]] = {}
+        for ws in self.connections:
             ws.close(code, reason)
-        return len(connections)
+            by_timeout.setdefault(ws.close_timeout, []).append(ws)
+        for timeout, closing in by_timeout.items():
+            if timeout:
+                self.loop.call_later(timeout, self._cut, closing)
+        return sum(map(len, by_timeout.values()))
+
+    def _cut(self, closing: list[WebSocket]) -> None:
+        for ws in closing:
+            if ws in self.connections:
+                ws.abort()
 
     async def wait_closed(self, within: float, force: asyncio.Future[Any]) -> None:
         """Until the table is empty, ``within`` seconds have passed or ``force`` resolves."""
