@@ -13,7 +13,7 @@ import pytest
 import structlog
 
 from wsechod.brokers.format import CHAIN, DIVERGE_SHA, HEAD, LOOK_SHA, MAGIC, channel_key
-from wsechod.brokers.inbound import Inbound
+from wsechod.brokers.inbound import OWN_KEPT, Inbound
 from wsechod.brokers.trail import Trail
 from wsechod.history import History, Position, Recovery, Stored, continued
 from wsechod.ratelimit import RateLimitedLog
@@ -260,3 +260,16 @@ def test_a_redis_behind_what_was_delivered_counts_nothing_lost_below_zero() -> N
     redis.streams["E"] = [Stored(n, str(n).encode(), True, 100 + n) for n in range(1, 6)]
     asyncio.run(repaired(inbound))
     assert counts["lost"] == 0
+
+
+def test_own_messages_whose_copies_never_come_back_are_remembered_up_to_a_bound() -> None:
+    """This instance's messages with history are remembered until they come back from
+    Redis; a session that fails after sending them loses them on the way: the oldest are
+    forgotten past OWN_KEPT, and what comes back after is still known by its member."""
+    inbound, got = receiver(Redis())
+    for n in range(OWN_KEPT + 1000):
+        inbound.published(n, 7)
+    assert len(inbound._own) == OWN_KEPT
+    assert 999 not in inbound._own and OWN_KEPT + 999 in inbound._own
+    live(inbound, 1, "E", "mine", (OWN_KEPT + 999, 7))
+    assert got == [("mine", Position(1, "E"), 7)]
