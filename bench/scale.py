@@ -278,6 +278,19 @@ async def idle(args: argparse.Namespace, server: Server, fleets: Fleets, found: 
     )
 
 
+async def drain(server: Server) -> tuple[float, int, float]:
+    """SIGTERM, every client answering its close: the seconds to the main process's exit,
+    its exit status, and the daemon's CPU seconds meanwhile."""
+    cpu0, reaped0 = server.cpu_seconds(), reaped_cpu()
+    t0 = time.perf_counter()
+    server.proc.send_signal(signal.SIGTERM)
+    if not await client.wait_exit(server.proc, 60):
+        raise TimeoutError("the daemon did not exit within 60 s of SIGTERM")
+    took, status = time.perf_counter() - t0, server.proc.wait()
+    # The main process's whole life (its workers' too), less what it had used before.
+    return took, status, reaped_cpu() - reaped0 - cpu0
+
+
 async def restart(
     args: argparse.Namespace, servers: list[Server], fleets: Fleets, found: Figures
 ) -> None:
@@ -287,15 +300,7 @@ async def restart(
     server = servers[0]
     n, port = args.connections, server.port
     await fleets.all("reconnect")
-    cpu0, reaped0 = server.cpu_seconds(), reaped_cpu()
-    t0 = time.perf_counter()
-    server.proc.send_signal(signal.SIGTERM)
-    if not await client.wait_exit(server.proc, 60):
-        raise TimeoutError("the daemon did not exit within 60 s of SIGTERM")
-    found["drain_s"] = time.perf_counter() - t0
-    found["exit_status"] = server.proc.wait()
-    # The main process's whole life (its workers' too), less what it had used before.
-    found["drain_server_cpu_s"] = reaped_cpu() - reaped0 - cpu0
+    found["drain_s"], found["exit_status"], found["drain_server_cpu_s"] = await drain(server)
     drained = await closes(fleets)
     found["closed_1001"] = drained.get("1001", 0)
     note(
@@ -382,6 +387,9 @@ async def one_process(args: argparse.Namespace) -> Figures:
                 found["one_keepalive_core_pct_per_20k"] = 100 * cpu / args.window / (n / 20_000)
                 line += f", keepalive {found['one_keepalive_core_pct_per_20k']:.2f}% of a core"
                 line += f" per 20,000 ({pings} pings)"
+                took, _, cpu = await drain(server)
+                found["one_drain_s"], found["one_drain_us_per_connection"] = took, cpu / n * 1e6
+                line += f"; drain {took:.2f} s, {cpu / n * 1e6:.0f} µs of CPU per connection"
             note(line)
         finally:
             fleets.close()
