@@ -562,22 +562,22 @@ def test_look_finds_the_first_message_redis_holds_otherwise_and_diverge_replaces
         append(n, str(n).encode(), 1000 + n)
         trail.delivered(Position(n, "E"), 1000 + n)
     assert trail.window() == range(101 - WINDOW, 101)
-    assert look(trail) == [b"E", 100, 0]
+    assert look(trail) == [b"E", 100, 0, 0, b""]
     admin.xtrim(stream, minid="90-0")  # 37 to 89 trimmed: not a difference
     lagged(admin, "/c", 97)  # a replica that had 97, promoted
-    assert look(trail) == [b"E", 97, 98]  # 98 to 100 lost
+    assert look(trail) == [b"E", 97, 98, 0, b""]  # 98 to 100 lost
     append(98, b"98", 5000)  # the same payload again, from another instance: not the same
-    assert look(trail) == [b"E", 98, 98]
+    assert look(trail) == [b"E", 98, 98, 0, b""]
     assert admin.eval(DIVERGE, 2, *keys, "E", 98, "F", 60, CHAIN, "A") == 1
     assert admin.eval(DIVERGE, 2, *keys, "E", 98, "G", 60, CHAIN, "A") == 0  # no longer E
     assert admin.hgetall(meta) == {b"e": b"F", b"o": b"98", b"pe": b"E 98", b"r": b"A"}
     assert admin.ttl(meta) > 86_400  # APPEND's seven days, not shortened
     # Another instance that delivered 1 to 99 follows it into F: 98 differs there too.
-    assert look(trail) == [b"F", 98, 98]
+    assert look(trail) == [b"F", 98, 98, 1, b""]  # E replaced there: known
     behind = Trail(Position(0, "E"))
     for n in range(80, 98):
         behind.delivered(Position(n, "E"), 1000 + n)
-    assert look(behind) == [b"F", 98, 0]  # all it had is there: it goes on in F
+    assert look(behind) == [b"F", 98, 0, 0, b""]  # all it had is there: it goes on in F
     assert admin.eval(LOOK, 2, *keys, "X", 5, 1, b"", "", "A") == [b"F", 98]  # unrelated
     # Redis went back to before F (a restart from a copy taken in E): an instance in F
     # that saw E replaced compares with E, rather than taking it for a new channel.
@@ -587,7 +587,7 @@ def test_look_finds_the_first_message_redis_holds_otherwise_and_diverge_replaces
     for n in range(90, 101):
         moved_on.delivered(Position(n, "E" if n < 98 else "F"), 1000 + n)
     moved_on.retire("E")
-    assert look(moved_on) == [b"E", 97, 98]
+    assert look(moved_on) == [b"E", 97, 98, 0, b""]
     assert went_on(b"E 98", Position(97, "E")) and not went_on(b"E 98", Position(98, "E"))
     assert not went_on(b"F 120 E 98", Position(97, "D"))
     assert went_on(b"F 120 E 98", Position(97, "E"))
@@ -635,13 +635,13 @@ def test_a_promoted_replica_starts_a_new_epoch_at_its_first_append(
         assert appended(admin, keys, str(n).encode(), 1000 + n, run_id="A") == [n, b"E"]
         trail.delivered(Position(n, "E"), 1000 + n)
     lagged(admin, "/c", 20)  # 21 to 100 lost, 80 of them
-    assert admin.eval(LOOK, 2, *keys, *trail.look(), "B") == [b"E", 20, 21]
-    assert admin.eval(LOOK, 2, *keys, *trail.look(), "A") == [b"E", 20, 37]  # unsure
-    assert admin.eval(LOOK, 2, *keys, *trail.look(), "") == [b"E", 20, 37]
+    assert admin.eval(LOOK, 2, *keys, *trail.look(), "B") == [b"E", 20, 21, 1, b""]
+    assert admin.eval(LOOK, 2, *keys, *trail.look(), "A") == [b"E", 20, 37, 0, b""]
+    assert admin.eval(LOOK, 2, *keys, *trail.look(), "") == [b"E", 20, 37, 0, b""]
     assert appended(admin, keys, b"new", 5000, run_id="B", fresh="F") == [21, b"F"]
     assert admin.hmget(keys[0], "e", "pe", "r") == [b"F", b"E 21", b"B"]
     assert appended(admin, keys, b"next", 5001, run_id="B", fresh="X") == [22, b"F"]
-    assert admin.eval(LOOK, 2, *keys, *trail.look(), "B") == [b"F", 22, 21]
+    assert admin.eval(LOOK, 2, *keys, *trail.look(), "B") == [b"F", 22, 21, 1, b""]
     assert went_on(b"E 21", Position(20, "E")) and not went_on(b"E 21", Position(21, "E"))
     assert appended(admin, keys, b"?", 5002, run_id="", fresh="X") == [23, b"F"]  # no INFO
     assert admin.hget(keys[0], "r") is None  # the server is no longer known

@@ -42,8 +42,9 @@ class Redis:
         self.after_divergence: list[Stored] = []  # the stream DIVERGE goes on with
 
     async def read(self, channel: str, command: tuple[Any, ...]) -> Any:
-        if command[1] == LOOK_SHA:
-            return self.looks.pop(0)
+        if command[1] == LOOK_SHA:  # as scripted; not known to be the first, no chain passed
+            look = self.looks.pop(0)
+            return [*look, 0, b""] if len(look) == 3 else look
         assert command[1] == DIVERGE_SHA
         self.diverged.append(command[5:])
         assert command[-2:] == (CHAIN, "R")  # and the server's run id

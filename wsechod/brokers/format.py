@@ -115,14 +115,16 @@ return {e, o, found, redis.call('HGET', KEYS[1], 'pe') or ''}
 # the server ('': unknown). Does Redis still hold those messages at their offsets, in
 # that epoch, in one that replaced it, or in one it replaced (Redis went back to before
 # the replacement)? Returns {} if the hash is gone; the epoch and last offset if the
-# epoch is unrelated; else those and the first offset that differs (another message, or
+# epoch is unrelated; else those, the first offset that differs (another message, or
 # none though the counter went past it: lost), the offset after the last delivered if
-# only the counter is behind, or 0. The last delivered is looked at first: a failover
-# loses a tail, so when it is there, so is all before it. Two things tell what differs
-# below the ids remembered: where the epoch was replaced from an offset on (the chain,
-# least on the way), what differs starts there at the latest; and where the last append
-# was on another server (nothing was numbered here since, see APPEND), what is past the
-# stream's end is lost, so what differs starts right after it.
+# only the counter is behind, or 0; whether that offset is known to be the first (1) or
+# only the first among the ids remembered (0); and the epochs of the chain between the
+# hash's and the instance's. The last delivered is looked at first: a failover loses a
+# tail, so when it is there, so is all before it. Two things tell what differs below the
+# ids remembered: where the epoch was replaced from an offset on (the chain, least on
+# the way, entries of unknown offset left out), what differs starts there at the latest;
+# and where the last append was on another server (nothing was numbered here since, see
+# APPEND), what is past the stream's end is lost, so what differs starts right after it.
 LOOK = """
 local h = redis.call('HMGET', KEYS[1], 'e', 'o', 'pe', 'r')
 if not h[1] then
@@ -133,11 +135,17 @@ for epoch in string.gmatch(ARGV[5], '%S+') do
   mine[epoch] = true
 end
 local top = tonumber(h[2] or '0')
-local related, since, least = mine[h[1]] or false, 0, math.huge
+local related, since, least, passed = mine[h[1]] or false, 0, math.huge, {}
 for epoch, from in string.gmatch(h[3] or '', '(%S+) (%d+)') do
-  least = math.min(least, tonumber(from))
-  if mine[epoch] and not related then
-    related, since = true, least
+  if not related then
+    if tonumber(from) > 0 then
+      least = math.min(least, tonumber(from))
+    end
+    if mine[epoch] then
+      related, since = true, least < math.huge and least or 0
+    else
+      table.insert(passed, epoch)
+    end
   end
 end
 if not related then
@@ -166,16 +174,17 @@ if last >= first and differs(last) then
       break
     end
   end
-  if d == first and first > top + 1 and h[4] and ARGV[6] ~= '' and h[4] ~= ARGV[6] then
-    d = top + 1
-  end
 elseif top < last then
   d = last + 1
 end
-if since > 0 and since <= last and (d == 0 or since < d) then
-  d = since
+local sure = 0
+if d > top and h[4] and ARGV[6] ~= '' and h[4] ~= ARGV[6] then
+  d, sure = top + 1, 1
 end
-return {h[1], top, d}
+if since > 0 and since <= last and (d == 0 or since <= d) then
+  d, sure = since, 1
+end
+return {h[1], top, d, sure, table.concat(passed, ' ')}
 """
 # KEYS: the hash and the stream. ARGV: the channel's epoch as LOOK saw it, the first offset
 # from which a client resuming in it cannot go on (where Redis holds other messages than

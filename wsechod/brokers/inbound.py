@@ -273,9 +273,9 @@ class Inbound:
                 self._warn.warning("history lost by redis: a new epoch", channel=name)
                 trail.moved(Position(0, now))
                 return
-            differs = int(look[2])
+            differs, sure, passed = int(look[2]), look[3] == 1, look[4].decode().split()
             # The first that differs is the first of the window: others may have before.
-            unsure = differs == first and first > 1
+            unsure = not sure and differs == first and first > 1
             if differs and (now == epoch or now in trail.retired):  # ours, or one gone back to
                 now = new_epoch()
                 diverge = (was, 0 if unsure else differs, now, META_TTL, CHAIN, run_id)
@@ -290,4 +290,5 @@ class Inbound:
                     earlier_unknown=unsure,
                 )  # fmt: skip
             trail.replaced(now, differs or last + 1, was=was)
+            trail.retire(*passed)  # replaced on the way: Redis may go back to one of them
             return

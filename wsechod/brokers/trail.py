@@ -50,8 +50,10 @@ class Trail:
         messages than were delivered here (the ids below it stay good, those of the
         window's offsets: a slot past them may hold the id of a later offset)."""
         self.retire(self.at.epoch, was)
-        self.start = max(self.start, self.at.offset - WINDOW + 1)
-        self.at = Position(min(self.at.offset, before - 1), epoch)
+        at = min(self.at.offset, before - 1)
+        # Moved below the window, it starts again from there (its ids come as delivered).
+        self.start = min(max(self.start, self.at.offset - WINDOW + 1), at + 1)
+        self.at = Position(at, epoch)
 
     def window(self) -> range:
         """The offsets with an id, the oldest first."""

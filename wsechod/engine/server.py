@@ -441,7 +441,7 @@ class Engine:
             handshake.refuse_if_delayed()
         self.closing_all = True
         by_timeout: dict[float, list[WebSocket]] = {}
-        for ws in self.connections:
+        for ws in list(self.connections):
             ws.close(code, reason)
             by_timeout.setdefault(ws.close_timeout, []).append(ws)
         for timeout, closing in by_timeout.items():
